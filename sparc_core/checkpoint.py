@@ -1,0 +1,181 @@
+"""All checkpoint I/O: safetensors + JSON, each file written to a temp name then atomically renamed.
+
+A checkpoint directory holds:
+  config.json          model config, training config, step, and the sha256 of model.safetensors
+  model.safetensors    weights and normalisation buffers (no pickle anywhere)
+  metrics.json         the last training/validation metrics
+  train_state.safetensors  optimizer moments and dead-latent counters, for exact resume (optional)
+config.json is written last and names the weights' hash, so a torn save is detected on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .config import SparcConfig
+from .model import SparcModel
+
+FORMAT = "sparc-checkpoint"
+VERSION = 1
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+METRICS = "metrics.json"
+TRAIN_STATE = "train_state.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same directory and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    model: SparcModel,
+    path: str | Path,
+    *,
+    step: int = 0,
+    train_config: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (and optionally metrics and resumable train state) to the directory ``path``."""
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    weights = d / WEIGHTS
+    _atomic_save_tensors(weights, dict(model.state_dict()), {"format": FORMAT, "version": str(VERSION)})
+    if train_state is not None:
+        tensors, meta = train_state["tensors"], train_state["meta"]
+        _atomic_save_tensors(d / TRAIN_STATE, tensors, {"meta": json.dumps(meta)})
+    if metrics is not None:
+        atomic_write_json(d / METRICS, metrics)
+    config = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": step,
+        "model": model.cfg.model_dump(),
+        "train": train_config,
+        "weights_sha256": file_sha256(weights),
+    }
+    atomic_write_json(d / CONFIG, config)
+    return d
+
+
+def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    """The parsed and checked config.json of a checkpoint directory."""
+    d = Path(path)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: checkpoint directory not found")
+    cfg_path = d / CONFIG
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: missing (not a sparc checkpoint directory?)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: corrupt JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_path}: not a {FORMAT} config")
+    if cfg.get("version") != VERSION:
+        raise CheckpointError(f"{cfg_path}: format version {cfg.get('version')} is not supported (expected {VERSION})")
+    return cfg
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """The sha256 of the checkpoint's weights, as recorded in its config.json."""
+    return str(read_checkpoint_config(path)["weights_sha256"])
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> SparcModel:
+    """Load a SparcModel from a checkpoint directory; corrupt or mismatched files raise CheckpointError."""
+    d = Path(path)
+    cfg = read_checkpoint_config(d)
+    try:
+        model_cfg = SparcConfig.model_validate(cfg.get("model"))
+    except ValidationError as e:
+        raise CheckpointError(f"{d / CONFIG}: invalid model config: {e.errors()[0]['msg']}") from None
+    weights = d / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
+    if verify and file_sha256(weights) != cfg.get("weights_sha256"):
+        raise CheckpointError(f"{weights}: sha256 does not match {CONFIG} (truncated, corrupt or from another save)")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: unreadable safetensors file ({e})") from None
+    model = SparcModel(model_cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: tensors do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for name, t in state.items():
+        if t.shape != expected[name].shape:
+            raise CheckpointError(f"{weights}: {name} has shape {list(t.shape)}, config implies {list(expected[name].shape)}")
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{weights}: {name} contains NaN or inf")
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def load_train_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and metadata of a checkpoint's train_state.safetensors (for resume)."""
+    f = Path(path) / TRAIN_STATE
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing (the checkpoint was saved without resumable state)")
+    try:
+        tensors = load_file(f)
+        with safe_open(f, framework="pt") as sf:
+            meta = json.loads((sf.metadata() or {}).get("meta", "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: unreadable ({e})") from None
+    return tensors, meta

@@ -1,0 +1,204 @@
+"""The ``sparc`` command: parse, call the library, print.
+
+Other packages add subcommands through the ``sparc.commands`` entry-point group (a callable that
+takes the argparse subparsers object), so this module never imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointError, atomic_write_json
+from .config import ConfigError, SynthConfig, TrainConfig, build_config, load_config_file
+from .data import FeatureError
+
+
+def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values or []:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"{flag} expects NAME=PATH, got {v!r}")
+        if name in out:
+            raise ConfigError(f"{flag}: stream {name!r} given twice")
+        out[name] = path
+    return out
+
+
+def _overlay(base: dict[str, Any], args: argparse.Namespace, keys: list[str]) -> dict[str, Any]:
+    out = dict(base)
+    for k in keys:
+        v = getattr(args, k, None)
+        if v is not None:
+            out[k] = v
+    return out
+
+
+# ---- synth ------------------------------------------------------------------------------------------
+def _add_synth(sub: Any) -> None:
+    p = sub.add_parser("synth", help="write planted-concept paired streams (train/ and eval/ splits)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--config", help="YAML/JSON SynthConfig")
+    p.add_argument("--streams", help="NAME=DIM,NAME=DIM,... (default dino=1024,clip_img=768,clip_txt=768)")
+    p.add_argument("--n-train", dest="n_train", type=int)
+    p.add_argument("--n-eval", dest="n_eval", type=int)
+    p.add_argument("--n-concepts", dest="n_concepts", type=int)
+    p.add_argument("--noise", type=float)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=_cmd_synth)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from .synthetic import write_synthetic
+
+    data = load_config_file(args.config) if args.config else {}
+    data = _overlay(data, args, ["n_train", "n_eval", "n_concepts", "noise", "seed"])
+    if args.streams:
+        streams = {}
+        for part in args.streams.split(","):
+            name, _, dim = part.partition("=")
+            if not dim.isdigit():
+                raise ConfigError(f"--streams expects NAME=DIM, got {part!r}")
+            streams[name] = int(dim)
+        data["streams"] = streams
+    cfg = build_config(SynthConfig, data, args.config or "command line")
+    paths = write_synthetic(cfg, args.out)
+    print(json.dumps(paths, indent=2))
+    return 0
+
+
+# ---- train ------------------------------------------------------------------------------------------
+TRAIN_FLAGS = [
+    "labels", "out", "n_latents", "k", "steps", "batch_size", "lr", "topk", "cross_coef", "align_coef",
+    "solo_select_prob", "auxk", "seed", "device", "eval_every", "save_every", "input_norm",
+]
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a SPARC model on paired feature files")
+    p.add_argument("--features", action="append", metavar="NAME=PATH", help="one per stream (.npy, .safetensors, .h5)")
+    p.add_argument("--config", help="YAML/JSON TrainConfig; flags override it")
+    p.add_argument("--labels", help="per-sample concept labels .npy (for label-weighted Jaccard)")
+    p.add_argument("--out", help="checkpoint directory")
+    p.add_argument("--n-latents", dest="n_latents", type=int)
+    p.add_argument("--k", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--topk", choices=["global", "local"])
+    p.add_argument("--cross-coef", dest="cross_coef", type=float, help="lambda of the cross-reconstruction loss")
+    p.add_argument("--align-coef", dest="align_coef", type=float, help="weight of the one-stream agreement loss")
+    p.add_argument("--solo-select-prob", dest="solo_select_prob", type=float)
+    p.add_argument("--auxk", type=int)
+    p.add_argument("--input-norm", dest="input_norm", choices=["l2", "scale", "none"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--eval-every", dest="eval_every", type=int)
+    p.add_argument("--save-every", dest="save_every", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from an optional config file overlaid with command-line flags."""
+    data = load_config_file(args.config) if args.config else {}
+    data = _overlay(data, args, TRAIN_FLAGS)
+    feats = _pairs(args.features, "--features")
+    if feats:
+        data["features"] = feats
+    if args.quiet:
+        data["progress"] = False
+    return build_config(TrainConfig, data, args.config or "command line")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = train_config_from_args(args)
+    out = train(cfg, resume=args.resume)
+    print(f"checkpoint: {out}")
+    return 0
+
+
+# ---- eval -------------------------------------------------------------------------------------------
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint (each stream encoded alone) and write a JSON report")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--features", action="append", required=True, metavar="NAME=PATH")
+    p.add_argument("--labels", help="per-sample concept labels .npy")
+    p.add_argument("--gallery", type=int, default=2000, help="gallery size for retrieval metrics")
+    p.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows")
+    p.add_argument("--out", help="report path (default CHECKPOINT/eval_report.json)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .data import PairedFeatures
+    from .metrics import evaluate
+    from .report import format_report
+    from .train import pick_device
+
+    model = load_checkpoint(args.checkpoint, device=pick_device())
+    data = PairedFeatures(_pairs(args.features, "--features"), args.labels)
+    data.validate(dims={s: d for s, d in model.cfg.streams.items() if s in data.stores})
+    n = data.n_rows if args.max_rows is None else min(args.max_rows, data.n_rows)
+    feats = data.read_range(0, n)
+    labels = None if data.labels is None else data.labels[:n]
+    report = evaluate(model, feats, labels=labels, gallery=args.gallery)
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval_report.json"
+    atomic_write_json(out, report)
+    print(format_report({"model": report}))
+    print(f"report: {out}")
+    return 0
+
+
+# ---- demo -------------------------------------------------------------------------------------------
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="synthesise data, train SPARC and the Local-TopK baseline on CPU, compare")
+    p.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, steps=args.steps, progress=not args.quiet)
+    return 0
+
+
+# ---- entry ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``sparc`` parser, including subcommands registered by other installed packages."""
+    parser = argparse.ArgumentParser(prog="sparc", description="SPARC: one sparse concept space shared by many models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_synth, _add_train, _add_eval, _add_demo):
+        add(sub)
+    for ep in entry_points(group="sparc.commands"):
+        ep.load()(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``sparc`` command; user errors print one clear line and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FeatureError, CheckpointError, FileNotFoundError) as e:
+        print(f"sparc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Pydantic configs for the model, the training run and the synthetic data, validated on load."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STREAM_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file or value that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SparcConfig(_Strict):
+    """Shape of a SPARC model: its streams, latent width and sparsity."""
+
+    streams: dict[str, int]  # stream name -> input dim, in a fixed order
+    n_latents: int = Field(4096, ge=2)  # width of the shared latent space
+    k: int = Field(32, ge=1)  # active latents per sample
+    topk: Literal["global", "local"] = "global"  # shared selection (SPARC) or per-stream (baseline)
+    auxk: int = Field(256, ge=0)  # dead latents used by the AuxK loss per stream; 0 disables it
+    input_norm: Literal["l2", "scale", "none"] = "scale"  # per-stream input normalisation
+    sparse_kernels: bool = True  # O(k*d) gather decoding; False uses dense matmuls (reference)
+
+    @field_validator("streams")
+    @classmethod
+    def _check_streams(cls, v: dict[str, int]) -> dict[str, int]:
+        if len(v) < 2:
+            raise ValueError(f"need at least 2 streams, got {len(v)}: {list(v)}")
+        for name, dim in v.items():
+            if not STREAM_NAME.match(name):
+                raise ValueError(f"stream name {name!r} must match {STREAM_NAME.pattern}")
+            if dim < 1:
+                raise ValueError(f"stream {name!r} has dim {dim}; dims must be >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _check_k(self) -> SparcConfig:
+        if self.k > self.n_latents:
+            raise ValueError(f"k={self.k} is larger than n_latents={self.n_latents}")
+        if self.auxk > self.n_latents:
+            raise ValueError(f"auxk={self.auxk} is larger than n_latents={self.n_latents}")
+        return self
+
+
+class TrainConfig(_Strict):
+    """One training run: data, optimisation, the single-stream alignment recipe, logging."""
+
+    features: dict[str, str] = {}  # stream name -> feature file (.npy, .safetensors, .h5[:dataset])
+    labels: str | None = None  # optional per-sample concept labels (.npy), for label-weighted Jaccard
+    out: str = "runs/sparc"  # checkpoint directory
+    n_latents: int = Field(4096, ge=2)
+    k: int = Field(32, ge=1)
+    topk: Literal["global", "local"] = "global"
+    auxk: int = Field(256, ge=0)
+    input_norm: Literal["l2", "scale", "none"] = "scale"
+    sparse_kernels: bool = True
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)  # linear LR warm-up
+    cross_coef: float = Field(1.0, ge=0)  # lambda: weight of cross-reconstruction
+    auxk_coef: float = Field(1 / 32, ge=0)
+    solo_select_prob: float = Field(0.5, ge=0, le=1)  # share of samples whose indices come from one stream
+    align_coef: float = Field(1.0, ge=0)  # weight of the one-stream code agreement loss
+    align_ramp: float = Field(0.3, ge=0, le=1)  # share of steps over which align_coef ramps up from 0
+    dead_after: int = Field(20_000, ge=1)  # samples without firing before a latent counts as dead
+    revive_after: int = Field(100_000, ge=1)  # samples dead before the encoder row is re-initialised
+    block_size: int = Field(4096, ge=1)  # rows per contiguous block for block-shuffled reading
+    shuffle_blocks: int = Field(8, ge=1)  # blocks mixed together in one shuffle window
+    val_rows: int = Field(2048, ge=0)  # rows held out from the end of the data for validation
+    eval_every: int = Field(250, ge=1)
+    save_every: int = Field(1000, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.k > self.n_latents:
+            raise ValueError(f"k={self.k} is larger than n_latents={self.n_latents}")
+        if self.revive_after < self.dead_after:
+            raise ValueError("revive_after must be >= dead_after")
+        return self
+
+    def model_config_for(self, dims: dict[str, int]) -> SparcConfig:
+        """The model config this run trains, given each stream's input dim."""
+        return SparcConfig(
+            streams=dims,
+            n_latents=self.n_latents,
+            k=self.k,
+            topk=self.topk,
+            auxk=min(self.auxk, self.n_latents),
+            input_norm=self.input_norm,
+            sparse_kernels=self.sparse_kernels,
+        )
+
+
+class SynthConfig(_Strict):
+    """Planted-concept data: what is generated and how hard it is."""
+
+    streams: dict[str, int] = {"dino": 1024, "clip_img": 768, "clip_txt": 768}
+    unit_norm: list[str] = ["clip_img", "clip_txt"]  # CLIP-like streams get unit-norm rows
+    n_train: int = Field(50_000, ge=1)
+    n_eval: int = Field(5_000, ge=0)
+    n_concepts: int = Field(384, ge=2)
+    concepts_per_sample: float = Field(4.0, gt=0)  # mean of the Poisson number of concepts (at least 1)
+    zipf_exponent: float = Field(0.8, ge=0)
+    shared_fraction: float = Field(0.85, ge=0, le=1)  # concepts visible to every stream
+    noise: float = Field(0.05, ge=0)  # noise norm relative to the signal norm
+    modality_gap: float = Field(0.5, ge=0)  # per-stream offset norm relative to the signal norm
+    raw_scale: float = Field(30.0, gt=0)  # mean row norm of streams that are not unit-norm
+    seed: int = 0
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a dict; errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def build_config(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
+    """Validate ``data`` as ``cls``; unknown keys and bad values raise a ConfigError naming them."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {loc}: {msg}")
+        raise ConfigError(f"{source}: invalid {cls.__name__}:\n" + "\n".join(lines)) from None

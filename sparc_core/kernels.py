@@ -1,0 +1,93 @@
+"""Sparse kernels: encoder logits at k chosen latents and k-sparse decoding, O(k*d) per row with gradients.
+
+Both have a dense reference (``*_dense``) used by the parity tests and by the dense-decoding variant.
+They run on any device torch runs on; nothing here needs Triton or CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _scatter_outer(idx: Tensor, g: Tensor, x: Tensor, n_latents: int) -> Tensor:
+    """sum_b sum_j g[b, j] * outer(e_{idx[b, j]}, x[b]) -> [n_latents, d], i.e. G^T x for a k-sparse G.
+
+    Few columns per row: a sparse CSR matmul, O(B*k*d). Many (AuxK can gather hundreds): scattering
+    into a dense [B, N] and one GEMM is faster than any gather-based kernel on CPU.
+    """
+    B, k = idx.shape
+    if 8 * k < n_latents:
+        rows = torch.arange(B, device=idx.device).repeat_interleave(k)
+        G_t = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), g.reshape(-1), (n_latents, B), check_invariants=False)
+        return torch.sparse.mm(G_t.coalesce(), x)
+    G = g.new_zeros(B, n_latents).scatter_add_(1, idx, g)
+    return G.T @ x
+
+
+class _GatherLogits(torch.autograd.Function):
+    """``logits.gather(1, idx)`` where ``logits = x_c @ W_enc.T + b_enc`` was computed without a graph.
+
+    The backward touches only the gathered entries: dW_enc[i] += g * x_c and dx_c += g * W_enc[i]
+    for each chosen latent i, so it costs O(B*k*d) instead of the O(B*n_latents*d) of a dense matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, x_c: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x_c, W_enc, idx)
+        ctx.n_latents = b_enc.shape[0]
+        return logits.gather(1, idx)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        x_c, W_enc, idx = ctx.saved_tensors
+        g = g.contiguous()
+        grad_x = grad_W = grad_b = None
+        flat_idx = idx.reshape(-1)
+        if ctx.needs_input_grad[1]:
+            grad_x = F.embedding_bag(idx, W_enc, per_sample_weights=g.to(W_enc.dtype), mode="sum")
+        if ctx.needs_input_grad[2]:
+            grad_W = _scatter_outer(idx, g, x_c, ctx.n_latents).to(W_enc.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_b = torch.zeros(ctx.n_latents, dtype=g.dtype, device=g.device).index_add_(0, flat_idx, g.reshape(-1))
+        return None, grad_x, grad_W, grad_b, None
+
+
+def gather_logits(logits: Tensor, x_c: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor) -> Tensor:
+    """Encoder logits at ``idx`` [B, k] with gradients to x_c, W_enc, b_enc; ``logits`` is a no-grad [B, N]."""
+    return _GatherLogits.apply(logits, x_c, W_enc, b_enc, idx)
+
+
+def gather_logits_dense(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor) -> Tensor:
+    """Reference: the full logits matmul with autograd, then gather."""
+    return F.linear(x_c, W_enc, b_enc).gather(1, idx)
+
+
+def sparse_decode(idx: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
+    """sum_j values[:, j] * W_dec[idx[:, j]] -> [B, d]; O(k*d) per row (embedding_bag)."""
+    if idx.shape[1] == 0:
+        return values.new_zeros(idx.shape[0], W_dec.shape[1])
+    return F.embedding_bag(idx, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+
+
+def sparse_decode_many(parts: list[tuple[Tensor, Tensor]], W_dec: Tensor) -> list[Tensor]:
+    """Decode several codes (of any widths) by the same decoder in ONE embedding_bag call.
+
+    One call means one dense gradient for W_dec instead of one per code, which is what keeps the
+    backward of a multi-stream step cheap. parts: [(idx [B_i, k_i], values [B_i, k_i])] -> [[B_i, d]].
+    """
+    flat_idx = torch.cat([i.reshape(-1) for i, _ in parts])
+    flat_val = torch.cat([v.reshape(-1) for _, v in parts]).to(W_dec.dtype)
+    offsets, base = [], 0
+    for i, _ in parts:
+        offsets.append(torch.arange(i.shape[0], device=i.device) * i.shape[1] + base)
+        base += i.numel()
+    out = F.embedding_bag(flat_idx, W_dec, torch.cat(offsets), mode="sum", per_sample_weights=flat_val)
+    return list(out.split([i.shape[0] for i, _ in parts]))
+
+
+def dense_decode(idx: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
+    """Reference: scatter the code into [B, N] and multiply by the whole decoder."""
+    dense = values.new_zeros(idx.shape[0], W_dec.shape[0]).scatter(1, idx, values)
+    return dense @ W_dec

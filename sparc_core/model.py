@@ -1,0 +1,331 @@
+"""SparcModel: per-stream affine encoders, a Global (or Local) TopK, per-stream decoders; and SparseCode."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import SparcConfig
+from .kernels import dense_decode, gather_logits, gather_logits_dense, sparse_decode, sparse_decode_many
+from .losses import auxk_loss, cross_reconstruction, normalized_mse
+
+
+class SparseCode(NamedTuple):
+    """The k chosen latents of each row: indices and values, never a dense [n, n_latents] tensor."""
+
+    indices: Tensor
+    """[n, k] int64 latent ids (unique within a row)."""
+    values: Tensor
+    """[n, k] float activations, >= 0; a latent is active where its value is > 0."""
+    n_latents: int
+    """Width of the latent space the indices point into."""
+
+    def to_dense(self) -> Tensor:
+        """[n, n_latents] dense code."""
+        out = self.values.new_zeros(self.values.shape[0], self.n_latents)
+        return out.scatter(1, self.indices, self.values)
+
+    @property
+    def active(self) -> Tensor:
+        """[n, k] bool: which chosen latents actually fire."""
+        return self.values > 0
+
+    def l0(self) -> Tensor:
+        """[n] number of active latents per row."""
+        return self.active.sum(-1)
+
+    def to(self, device: torch.device | str) -> SparseCode:
+        """The same code on another device."""
+        return SparseCode(self.indices.to(device), self.values.to(device), self.n_latents)
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+
+class SparcOutput(NamedTuple):
+    """What one training forward pass produces."""
+
+    codes: dict[str, SparseCode]
+    """Per stream, the code used for reconstruction (shared indices under Global TopK)."""
+    self_loss: Tensor
+    """Mean over streams of the self-reconstruction nMSE."""
+    cross_loss: Tensor
+    """Mean over ordered pairs s != t of the nMSE of code s decoded by stream t's decoder."""
+    auxk_loss: Tensor
+    """Mean over streams of the AuxK nMSE (zero when no latent is dead)."""
+    align_loss: Tensor
+    """Mean over streams of the disagreement between the one-stream code and the shared code."""
+    stream_nmse: dict[str, Tensor]
+    """Detached per-stream self-reconstruction nMSE."""
+    fired: dict[str, Tensor]
+    """[n_latents] bool per stream: latents active when that stream is encoded alone."""
+    solo_l0: Tensor
+    """Detached mean number of active latents when a stream is encoded alone."""
+
+
+class StreamCodec(nn.Module):
+    """One stream's affine encoder and decoder (sparsify's names: W_enc, b_enc, W_dec, b_dec)."""
+
+    def __init__(self, d_in: int, n_latents: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(d_in)
+        W = torch.empty(n_latents, d_in).uniform_(-bound, bound, generator=generator)
+        self.W_enc = nn.Parameter(W.clone())
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        # Decoder rows are latent directions: initialised as the (row-normalised) encoder transpose.
+        self.W_dec = nn.Parameter(W / W.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))  # b_pre: subtracted before encoding, added after decoding
+        self.register_buffer("input_scale", torch.ones(()))  # per-stream input normalisation (mode "scale")
+
+
+class SparcModel(nn.Module):
+    """A SPARC sparse autoencoder over several streams sharing one latent space."""
+
+    def __init__(self, cfg: SparcConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(seed)
+        self.codecs = nn.ModuleDict({s: StreamCodec(d, cfg.n_latents, g) for s, d in cfg.streams.items()})
+
+    # ---- shape ------------------------------------------------------------------------------------
+    @property
+    def streams(self) -> list[str]:
+        """Stream names, in config order."""
+        return list(self.cfg.streams)
+
+    @property
+    def n_latents(self) -> int:
+        return self.cfg.n_latents
+
+    @property
+    def k(self) -> int:
+        return self.cfg.k
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ---- input normalisation ----------------------------------------------------------------------
+    def normalize(self, stream: str, x: Tensor) -> Tensor:
+        """The stream's stored input transform (the same in training, evaluation and serving)."""
+        if self.cfg.input_norm == "l2":
+            return F.normalize(x, dim=-1)
+        if self.cfg.input_norm == "scale":
+            return x * self.codecs[stream].input_scale
+        return x
+
+    @torch.no_grad()
+    def fit_input_norm(self, sample: dict[str, Tensor]) -> None:
+        """Estimate per-stream scales (mean row norm -> 1) and set b_dec to the normalised mean."""
+        for s, x in sample.items():
+            c = self.codecs[s]
+            x = x.to(c.b_dec)
+            if self.cfg.input_norm == "scale":
+                c.input_scale.fill_(1.0 / x.norm(dim=-1).mean().clamp_min(1e-8).item())
+            c.b_dec.copy_(self.normalize(s, x).mean(0))
+
+    # ---- encoding ---------------------------------------------------------------------------------
+    def _check_inputs(self, inputs: dict[str, Tensor]) -> list[str]:
+        if not inputs:
+            raise ValueError("encode needs at least one stream")
+        present = []
+        for s, x in inputs.items():
+            if s not in self.codecs:
+                raise KeyError(f"unknown stream {s!r}; this model has {self.streams}")
+            d = self.cfg.streams[s]
+            if x.ndim != 2 or x.shape[1] != d:
+                raise ValueError(f"stream {s!r} expects input of shape [n, {d}], got {list(x.shape)}")
+            present.append(s)
+        n = {x.shape[0] for x in inputs.values()}
+        if len(n) != 1:
+            raise ValueError(f"streams have different row counts: { {s: x.shape[0] for s, x in inputs.items()} }")
+        return [s for s in self.streams if s in present]
+
+    def _centered(self, stream: str, x: Tensor) -> Tensor:
+        c = self.codecs[stream]
+        return self.normalize(stream, x.to(c.W_enc.dtype)) - c.b_dec
+
+    def logits(self, stream: str, x: Tensor) -> Tensor:
+        """Pre-activation logits h_s = W_enc (norm(x) - b_dec) + b_enc, [n, n_latents]."""
+        c = self.codecs[stream]
+        return F.linear(self._centered(stream, x), c.W_enc, c.b_enc)
+
+    @torch.no_grad()
+    def encode_streams(self, inputs: dict[str, Tensor]) -> dict[str, SparseCode]:
+        """Per-stream codes; under Global TopK all present streams share one set of indices."""
+        streams = self._check_inputs(inputs)
+        h = {s: self.logits(s, inputs[s]) for s in streams}
+        if self.cfg.topk == "global":
+            idx = torch.stack(list(h.values())).sum(0).topk(self.k, dim=1, sorted=False).indices
+            return {s: SparseCode(idx, h[s].gather(1, idx).relu(), self.n_latents) for s in streams}
+        out = {}
+        for s in streams:
+            top = h[s].topk(self.k, dim=1, sorted=False)
+            out[s] = SparseCode(top.indices, top.values.relu(), self.n_latents)
+        return out
+
+    @torch.no_grad()
+    def encode(self, inputs: dict[str, Tensor]) -> SparseCode:
+        """The shared sparse code of each row, from any non-empty subset of streams.
+
+        One stream alone is the query case. With several streams the indices come from the summed
+        logits (Global TopK) and the values are the mean of the streams' activations.
+        """
+        codes = self.encode_streams(inputs)
+        if len(codes) == 1:
+            return next(iter(codes.values()))
+        if self.cfg.topk == "local":
+            raise ValueError("a Local-TopK model has no joint code: encode one stream at a time")
+        first = next(iter(codes.values()))
+        values = torch.stack([c.values for c in codes.values()]).mean(0)
+        return SparseCode(first.indices, values, self.n_latents)
+
+    # ---- decoding ---------------------------------------------------------------------------------
+    def decode(self, code: SparseCode, stream: str) -> Tensor:
+        """Reconstruct ``stream``'s (normalised) features from a code: W_dec z + b_dec, [n, d_stream]."""
+        if stream not in self.codecs:
+            raise KeyError(f"unknown stream {stream!r}; this model has {self.streams}")
+        if code.n_latents != self.n_latents:
+            raise ValueError(f"code has n_latents={code.n_latents}, model has {self.n_latents}")
+        c = self.codecs[stream]
+        decode = sparse_decode if self.cfg.sparse_kernels else dense_decode
+        return decode(code.indices, code.values, c.W_dec) + c.b_dec
+
+    # ---- training ---------------------------------------------------------------------------------
+    def _gather(self, stream: str, h: Tensor, x_c: Tensor, idx: Tensor) -> Tensor:
+        c = self.codecs[stream]
+        if self.cfg.sparse_kernels:
+            return gather_logits(h, x_c, c.W_enc, c.b_enc, idx)
+        return gather_logits_dense(x_c, c.W_enc, c.b_enc, idx)
+
+    def forward(
+        self,
+        inputs: dict[str, Tensor],
+        dead: dict[str, Tensor] | None = None,
+        solo_select: Tensor | None = None,
+        cross: bool = True,
+        align: bool = True,
+    ) -> SparcOutput:
+        """One training pass over a paired batch.
+
+        dead: per stream, [n_latents] bool of latents counted dead (they feed AuxK).
+        solo_select: [B] long; row b takes its shared indices from stream ``streams[solo_select[b]]``
+            alone where >= 0, from the summed logits otherwise.
+        """
+        streams = self._check_inputs(inputs)
+        xs = {s: self.normalize(s, inputs[s].to(self.codecs[s].W_enc.dtype)) for s in streams}
+        xc = {s: xs[s] - self.codecs[s].b_dec for s in streams}
+        with torch.no_grad():
+            h = {s: F.linear(xc[s], self.codecs[s].W_enc, self.codecs[s].b_enc) for s in streams}
+            solo_idx = {s: h[s].topk(self.k, dim=1, sorted=False).indices for s in streams}
+            if self.cfg.topk == "global":
+                stacked = torch.stack([h[s] for s in streams])
+                total = stacked.sum(0)
+                if solo_select is not None and bool((solo_select >= 0).any()):
+                    rows = torch.arange(total.shape[0], device=total.device)
+                    picked = stacked[solo_select.clamp_min(0), rows]
+                    total = torch.where((solo_select >= 0).unsqueeze(1), picked, total)
+                shared = total.topk(self.k, dim=1, sorted=False).indices
+                sel = {s: shared for s in streams}
+            else:
+                sel = solo_idx
+
+        k = self.k
+        aux_idx: dict[str, Tensor] = {}
+        if dead is not None and self.cfg.auxk > 0:
+            with torch.no_grad():
+                for s in streams:
+                    n_dead = int(dead[s].sum())
+                    if n_dead:
+                        masked = h[s].masked_fill(~dead[s], float("-inf"))
+                        aux_idx[s] = masked.topk(min(self.cfg.auxk, n_dead), dim=1, sorted=False).indices
+        do_align = align and self.cfg.topk == "global" and len(streams) > 1
+        # One gather per stream for everything the loss reads from the logits: the code, the
+        # one-stream selection (alignment) and the AuxK latents -> one sparse W_enc gradient.
+        codes, solo_vals, aux_vals = {}, {}, {}
+        for s in streams:
+            parts = [sel[s]] + ([solo_idx[s]] if do_align else []) + ([aux_idx[s]] if s in aux_idx else [])
+            vals = self._gather(s, h[s], xc[s], torch.cat(parts, dim=1)).relu()
+            codes[s] = SparseCode(sel[s], vals[:, :k], self.n_latents)
+            if do_align:
+                solo_vals[s] = vals[:, k : 2 * k]
+            if s in aux_idx:
+                aux_vals[s] = vals[:, vals.shape[1] - aux_idx[s].shape[1] :]
+
+        # One decode call per target stream: every source's code plus the target's AuxK code.
+        recon: dict[tuple[str, str], Tensor] = {}
+        aux_hat: dict[str, Tensor] = {}
+        for t in streams:
+            sources = [s for s in streams if s == t or cross]
+            parts = [(codes[s].indices, codes[s].values) for s in sources]
+            if t in aux_idx:
+                parts.append((aux_idx[t], aux_vals[t]))
+            c = self.codecs[t]
+            if self.cfg.sparse_kernels:
+                outs = sparse_decode_many(parts, c.W_dec)
+            else:
+                outs = [dense_decode(i, v, c.W_dec) for i, v in parts]
+            for s, o in zip(sources, outs):
+                recon[(s, t)] = o + c.b_dec
+            if t in aux_idx:
+                aux_hat[t] = outs[-1]
+
+        self_terms = {s: normalized_mse(recon[(s, s)], xs[s]) for s in streams}
+        self_loss = torch.stack(list(self_terms.values())).mean()
+        zero = self_loss.new_zeros(())
+        cross_loss = cross_reconstruction(recon, xs) if cross and len(streams) > 1 else zero
+        aux_terms = [auxk_loss(aux_hat[s], (xs[s] - recon[(s, s)]).detach()) for s in aux_hat]
+        aux = torch.stack(aux_terms).mean() if aux_terms else zero
+
+        align_terms = []
+        if do_align:
+            with torch.no_grad():
+                consensus_vals = torch.stack([codes[s].values for s in streams]).mean(0)
+                consensus = consensus_vals.new_zeros(consensus_vals.shape[0], self.n_latents)
+                consensus.scatter_(1, shared, consensus_vals)
+            for s in streams:
+                pred = torch.cat([codes[s].values, solo_vals[s]], dim=1)
+                target = torch.cat([consensus_vals, consensus.gather(1, solo_idx[s])], dim=1)
+                # Normalised by the batch's target energy (not per row): rows whose consensus is ~0
+                # must not blow the loss up.
+                align_terms.append((pred - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-6))
+        align_loss = torch.stack(align_terms).mean() if align_terms else zero
+
+        with torch.no_grad():
+            fired, l0 = {}, []
+            for s in streams:
+                vals = h[s].gather(1, solo_idx[s])
+                f = torch.zeros(self.n_latents, dtype=torch.bool, device=vals.device)
+                f[solo_idx[s][vals > 0]] = True
+                fired[s] = f
+                l0.append((vals > 0).sum(-1).float().mean())
+        return SparcOutput(
+            codes=codes,
+            self_loss=self_loss,
+            cross_loss=cross_loss,
+            auxk_loss=aux,
+            align_loss=align_loss,
+            stream_nmse={s: v.detach() for s, v in self_terms.items()},
+            fired=fired,
+            solo_l0=torch.stack(l0).mean(),
+        )
+
+    # ---- decoder geometry -------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        """Renormalise every decoder row (latent direction) to unit L2 norm."""
+        for c in self.codecs.values():
+            c.W_dec.div_(c.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Project out of W_dec's gradient the component along each (unit) decoder row."""
+        for c in self.codecs.values():
+            if c.W_dec.grad is None:
+                continue
+            parallel = (c.W_dec.grad * c.W_dec).sum(1, keepdim=True)
+            c.W_dec.grad.sub_(parallel * c.W_dec)

@@ -1,0 +1,330 @@
+"""The training loop: decoder norm, dead-latent revival, validation, checkpoints, exact resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_train_state,
+    read_checkpoint_config,
+    save_checkpoint,
+)
+from .config import TrainConfig
+from .data import BlockBatcher, PairedFeatures, Prefetcher
+from .metrics import evaluate
+from .model import SparcModel
+
+METRICS_LOG = "metrics.jsonl"
+CURVES = "training_curves.png"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """CUDA when present (for "auto"), else CPU; or exactly the device named."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class _Dist:
+    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), a no-op otherwise."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
+        if not self.enabled:
+            return
+        for t in tensors:
+            dist.all_reduce(t)
+            t.div_(self.world)
+
+    def all_reduce_or(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return t
+        x = t.to(torch.int32)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return x.bool()
+
+    def broadcast(self, tensors: list[torch.Tensor]) -> None:
+        if self.enabled:
+            for t in tensors:
+                dist.broadcast(t, src=0)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, constant, then linear decay to 0 over the last 20% of steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_start = int(cfg.steps * 0.8)
+    if step >= decay_start:
+        return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - decay_start))
+    return cfg.lr
+
+
+def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+    return g
+
+
+def _optimizer_state_tensors(opt: torch.optim.Optimizer, model: SparcModel) -> tuple[dict[str, torch.Tensor], list]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {}
+    for p, st in opt.state.items():
+        for key, val in st.items():
+            tensors[f"opt.{names[id(p)]}.{key}"] = torch.as_tensor(val).detach().cpu()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return tensors, groups
+
+
+def _load_optimizer_state(opt: torch.optim.Optimizer, model: SparcModel, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for key, val in tensors.items():
+        if not key.startswith("opt."):
+            continue
+        name, field = key[4:].rsplit(".", 1)
+        if name not in params:
+            raise CheckpointError(f"optimizer state names unknown parameter {name!r}")
+        p = params[name]
+        opt.state[p][field] = val.to(p.device) if field != "step" else val.clone()
+
+
+class Trainer:
+    """Trains a SparcModel on paired features according to a TrainConfig."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.dist = _Dist(self.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        self.out = Path(cfg.out)
+        if not cfg.features:
+            raise ValueError("no features given: pass --features NAME=PATH for each stream (at least 2)")
+        self.data = PairedFeatures(cfg.features, cfg.labels)
+        self.data.validate(progress=cfg.progress and self.dist.is_main)
+        n = self.data.n_rows
+        self.val_rows = min(cfg.val_rows, n // 5)
+        train_rows = np.arange(n - self.val_rows)
+        self.batcher = BlockBatcher(train_rows, cfg.batch_size, cfg.block_size, cfg.shuffle_blocks, cfg.seed)
+        self.start_step = 0
+        self.dead_counters: dict[str, torch.Tensor] = {}
+        if resume:
+            self._resume()
+        else:
+            self.model = SparcModel(cfg.model_config_for(self.data.dims), seed=cfg.seed)
+            rng = np.random.default_rng(cfg.seed)
+            sample_rows = np.sort(rng.choice(len(train_rows), size=min(8192, len(train_rows)), replace=False))
+            sample = {s: torch.from_numpy(x) for s, x in self.data.read(sample_rows).items()}
+            self.model.fit_input_norm(sample)
+            self.model.set_decoder_norm_to_unit_norm()
+            self.model.to(self.device)
+            self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+            self.dead_counters = {s: torch.zeros(cfg.n_latents, dtype=torch.long, device=self.device) for s in self.model.streams}
+        self.dist.broadcast([p.data for p in self.model.parameters()])
+
+    def _resume(self) -> None:
+        ckpt = read_checkpoint_config(self.out)
+        saved = ckpt.get("train") or {}
+        for key in ("n_latents", "k", "topk", "input_norm"):
+            if key in saved and saved[key] != getattr(self.cfg, key):
+                raise CheckpointError(f"{self.out}: cannot resume, checkpoint has {key}={saved[key]!r}, config has {getattr(self.cfg, key)!r}")
+        self.model = load_checkpoint(self.out, device=self.device)
+        if self.model.cfg.streams != self.data.dims:
+            raise CheckpointError(f"{self.out}: checkpoint streams {self.model.cfg.streams} differ from the features {self.data.dims}")
+        self.model.train()
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
+        tensors, meta = load_train_state(self.out)
+        _load_optimizer_state(self.opt, self.model, tensors)
+        self.dead_counters = {s: tensors[f"dead.{s}"].to(self.device) for s in self.model.streams}
+        self.start_step = int(meta["step"])
+        log = self.out / METRICS_LOG
+        if self.dist.is_main and log.is_file():  # drop log lines from after the checkpoint
+            keep = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= self.start_step]
+            log.write_text("".join(ln + "\n" for ln in keep))
+
+    # ------------------------------------------------------------------------------------------------
+    def _solo_select(self, step: int, batch_rows: int) -> torch.Tensor | None:
+        p = self.cfg.solo_select_prob
+        if p <= 0 or self.cfg.topk != "global":
+            return None
+        g = _step_generator(self.cfg.seed, step, torch.device("cpu"))
+        total = len(self.batcher.batch(step))
+        coin = torch.rand(total, generator=g) < p
+        which = torch.randint(len(self.model.streams), (total,), generator=g)
+        sel = torch.where(coin, which, torch.full_like(which, -1))
+        return sel[self.dist.rank :: self.dist.world][:batch_rows].to(self.device)
+
+    @torch.no_grad()
+    def _revive(self, step: int, batch: dict[str, torch.Tensor], out: Any) -> int:
+        """Re-initialise encoder/decoder rows of latents dead for longer than revive_after samples."""
+        revived = 0
+        g = _step_generator(self.cfg.seed + 7, step, torch.device("cpu"))
+        for s in self.model.streams:
+            rows = (self.dead_counters[s] > self.cfg.revive_after).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            c = self.model.codecs[s]
+            if self.dist.is_main:
+                x = self.model.normalize(s, batch[s])
+                residual = (x - self.model.decode(out.codes[s], s)).cpu()
+                weights = residual.pow(2).sum(1) + 1e-12
+                pick = torch.multinomial(weights, len(rows), replacement=True, generator=g)
+                directions = torch.nn.functional.normalize(residual[pick], dim=1).to(c.W_dec)
+                alive = self.dead_counters[s] <= self.cfg.dead_after
+                enc_norm = c.W_enc[alive].norm(dim=1).mean() if alive.any() else c.W_enc.norm(dim=1).mean()
+                c.W_dec[rows] = directions
+                c.W_enc[rows] = directions * enc_norm * 0.5
+                c.b_enc[rows] = 0.0
+            self.dist.broadcast([c.W_dec.data, c.W_enc.data, c.b_enc.data])
+            for p in (c.W_enc, c.b_enc, c.W_dec):
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in self.opt.state.get(p, {}):
+                        self.opt.state[p][key][rows] = 0.0
+            self.dead_counters[s][rows] = 0
+            revived += len(rows)
+        return revived
+
+    def _validate(self) -> dict[str, Any]:
+        if self.val_rows == 0:
+            return {}
+        n = self.data.n_rows
+        feats = self.data.read_range(n - self.val_rows, n)
+        labels = None if self.data.labels is None else np.asarray(self.data.labels[n - self.val_rows : n])
+        self.model.eval()
+        report = evaluate(self.model, feats, labels=labels, gallery=min(1000, self.val_rows))
+        self.model.train()
+        return report
+
+    def _save(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        tensors, groups = _optimizer_state_tensors(self.opt, self.model)
+        for s, cnt in self.dead_counters.items():
+            tensors[f"dead.{s}"] = cnt
+        save_checkpoint(
+            self.model,
+            self.out,
+            step=step,
+            train_config=self.cfg.model_dump(),
+            metrics=metrics,
+            train_state={"tensors": tensors, "meta": {"step": step, "param_groups": groups}},
+        )
+        from .plots import plot_training_curves
+
+        plot_training_curves(self.out / METRICS_LOG, self.out / CURVES)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / METRICS_LOG, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        """Train from start_step to cfg.steps; returns the checkpoint directory."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.model.train()
+        streams = self.model.streams
+        prefetch = Prefetcher(self.data, self.batcher, self.start_step, self.dist.rank, self.dist.world)
+        bar = tqdm(
+            total=cfg.steps, initial=self.start_step, desc="train", unit="step",
+            disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True,
+        )
+        last_val: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        global_batch = self.batcher.batch_size
+        try:
+            for step in range(self.start_step, cfg.steps):
+                raw = prefetch.get(step)
+                batch = {s: torch.from_numpy(raw[s]).to(self.device, non_blocking=True) for s in streams}
+                lr = _lr_at(cfg, step)
+                for group in self.opt.param_groups:
+                    group["lr"] = lr
+                dead = {s: self.dead_counters[s] > cfg.dead_after for s in streams}
+                out = self.model(
+                    batch,
+                    dead=dead,
+                    solo_select=self._solo_select(step, len(raw[streams[0]])),
+                    cross=cfg.cross_coef > 0,
+                    align=cfg.align_coef > 0,
+                )
+                align_w = cfg.align_coef * min(1.0, step / max(1.0, cfg.align_ramp * cfg.steps))
+                loss = out.self_loss + cfg.cross_coef * out.cross_loss + cfg.auxk_coef * out.auxk_loss + align_w * out.align_loss
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.dist.all_reduce_mean([p.grad for p in self.model.parameters() if p.grad is not None])
+                self.model.remove_gradient_parallel_to_decoder_directions()
+                self.opt.step()
+                self.model.set_decoder_norm_to_unit_norm()
+                for s in streams:
+                    fired = self.dist.all_reduce_or(out.fired[s])
+                    self.dead_counters[s] += global_batch
+                    self.dead_counters[s][fired] = 0
+                revived = self._revive(step, batch, out)
+
+                done = step + 1
+                dead_pct = {s: 100.0 * float((self.dead_counters[s] > cfg.dead_after).float().mean()) for s in streams}
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    record = {
+                        "kind": "train", "step": done, "lr": lr, "loss": float(loss),
+                        "self": float(out.self_loss), "cross": float(out.cross_loss),
+                        "auxk": float(out.auxk_loss), "align": float(out.align_loss),
+                        "l0_alone": float(out.solo_l0), "revived": revived,
+                        "nmse": {s: float(v) for s, v in out.stream_nmse.items()},
+                        "dead_pct": dead_pct, "elapsed_s": time.perf_counter() - t0,
+                    }
+                    self._log(record)
+                    bar.set_postfix(loss=f"{float(loss):.4f}", L0=f"{float(out.solo_l0):.1f}", dead=f"{max(dead_pct.values()):.1f}%")
+                if self.dist.is_main and (done % cfg.eval_every == 0 or done == cfg.steps):
+                    report = self._validate()
+                    if report:
+                        last_val = report["summary"] | {"streams": report["streams"]}
+                        self._log({"kind": "val", "step": done, **last_val})
+                if done % cfg.save_every == 0 or done == cfg.steps:
+                    self._save(done, {"step": done, "val": last_val})
+                    self.dist.barrier()
+                bar.update(1)
+                if not math.isfinite(float(loss.detach())):
+                    raise FloatingPointError(f"loss became {float(loss.detach())} at step {done}; lower --lr")
+        finally:
+            bar.close()
+            prefetch.close()
+        return self.out
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train (or resume) a SPARC model; returns the checkpoint directory."""
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.run()
+    finally:
+        trainer.data.close()
+        if trainer.dist.enabled and dist.is_initialized():
+            dist.destroy_process_group()
