@@ -121,7 +121,7 @@ def cross_decoded(model: SparcModel, code: SparseCode, target: str, batch_size: 
 @torch.no_grad()
 def centred_features(model: SparcModel, stream: str, x: np.ndarray | Tensor) -> Tensor:
     """The stream's normalised features minus its b_dec: the space cross-decoded retrieval searches."""
-    xt = torch.as_tensor(np.asarray(x), device=model.device)
+    xt = torch.tensor(np.asarray(x), device=model.device)
     return (model.normalize(stream, xt.float()) - model.codecs[stream].b_dec).cpu()
 
 
@@ -137,7 +137,7 @@ def evaluate(
     streams = [s for s in model.streams if s in features]
     n = len(next(iter(features.values())))
     codes = encode_alone(model, {s: features[s] for s in streams})
-    normed = {s: model.normalize(s, torch.as_tensor(np.asarray(features[s]), device=model.device).float()).cpu() for s in streams}
+    normed = {s: model.normalize(s, torch.tensor(np.asarray(features[s]), device=model.device).float()).cpu() for s in streams}
     g = min(gallery, n)
     report: dict[str, Any] = {"n_samples": n, "gallery": g, "streams": {}, "pairs": {}}
 
@@ -145,7 +145,7 @@ def evaluate(
     joint_nmse = {s: [] for s in streams}
     if len(streams) > 1 and model.cfg.topk == "global":
         for sl in _batches(n, 2048):
-            batch = {s: torch.as_tensor(np.asarray(features[s][sl]), device=model.device) for s in streams}
+            batch = {s: torch.tensor(np.asarray(features[s][sl]), device=model.device) for s in streams}
             joint = model.encode_streams(batch)
             for s in streams:
                 x = normed[s][sl]

@@ -58,7 +58,8 @@ class SparcOutput(NamedTuple):
     auxk_loss: Tensor
     """Mean over streams of the AuxK nMSE (zero when no latent is dead)."""
     align_loss: Tensor
-    """Mean over streams of the disagreement between the one-stream code and the shared code."""
+    """Mean over streams of the distance between the stream's logits and the cross-stream mean, at the
+    shared and every one-stream selection (so one-stream top-k sets agree)."""
     stream_nmse: dict[str, Tensor]
     """Detached per-stream self-reconstruction nMSE."""
     fired: dict[str, Tensor]
@@ -244,17 +245,20 @@ class SparcModel(nn.Module):
                         masked = h[s].masked_fill(~dead[s], float("-inf"))
                         aux_idx[s] = masked.topk(min(self.cfg.auxk, n_dead), dim=1, sorted=False).indices
         do_align = align and self.cfg.topk == "global" and len(streams) > 1
+        # Alignment reads every stream's raw logits at the same positions: the shared selection and
+        # each stream's own one-stream selection (what it would pick if encoded alone).
+        align_pos = torch.cat([shared] + [solo_idx[s] for s in streams], dim=1) if do_align else None
         # One gather per stream for everything the loss reads from the logits: the code, the
-        # one-stream selection (alignment) and the AuxK latents -> one sparse W_enc gradient.
-        codes, solo_vals, aux_vals = {}, {}, {}
+        # alignment positions and the AuxK latents -> one sparse W_enc gradient per stream.
+        codes, align_logits, aux_vals = {}, {}, {}
         for s in streams:
-            parts = [sel[s]] + ([solo_idx[s]] if do_align else []) + ([aux_idx[s]] if s in aux_idx else [])
-            vals = self._gather(s, h[s], xc[s], torch.cat(parts, dim=1)).relu()
-            codes[s] = SparseCode(sel[s], vals[:, :k], self.n_latents)
-            if do_align:
-                solo_vals[s] = vals[:, k : 2 * k]
+            parts = [sel[s]] + ([align_pos] if align_pos is not None else []) + ([aux_idx[s]] if s in aux_idx else [])
+            raw = self._gather(s, h[s], xc[s], torch.cat(parts, dim=1))
+            codes[s] = SparseCode(sel[s], raw[:, :k].relu(), self.n_latents)
+            if align_pos is not None:
+                align_logits[s] = raw[:, k : k + align_pos.shape[1]]
             if s in aux_idx:
-                aux_vals[s] = vals[:, vals.shape[1] - aux_idx[s].shape[1] :]
+                aux_vals[s] = raw[:, raw.shape[1] - aux_idx[s].shape[1] :].relu()
 
         # One decode call per target stream: every source's code plus the target's AuxK code.
         recon: dict[tuple[str, str], Tensor] = {}
@@ -282,17 +286,14 @@ class SparcModel(nn.Module):
         aux = torch.stack(aux_terms).mean() if aux_terms else zero
 
         align_terms = []
-        if do_align:
+        if align_logits:
+            # Pull every stream's logits at those positions towards their cross-stream mean: equal
+            # logits give equal one-stream top-k sets. Raw logits (not ReLU'd) have no trivial
+            # all-zero optimum, and normalising by the batch's target energy keeps the scale free.
             with torch.no_grad():
-                consensus_vals = torch.stack([codes[s].values for s in streams]).mean(0)
-                consensus = consensus_vals.new_zeros(consensus_vals.shape[0], self.n_latents)
-                consensus.scatter_(1, shared, consensus_vals)
-            for s in streams:
-                pred = torch.cat([codes[s].values, solo_vals[s]], dim=1)
-                target = torch.cat([consensus_vals, consensus.gather(1, solo_idx[s])], dim=1)
-                # Normalised by the batch's target energy (not per row): rows whose consensus is ~0
-                # must not blow the loss up.
-                align_terms.append((pred - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-6))
+                target = torch.stack([align_logits[s] for s in streams]).mean(0)
+                energy = target.pow(2).sum().clamp_min(1e-6)
+            align_terms = [(align_logits[s] - target).pow(2).sum() / energy for s in streams]
         align_loss = torch.stack(align_terms).mean() if align_terms else zero
 
         with torch.no_grad():

@@ -77,8 +77,9 @@ class _Dist:
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up, constant, then linear decay to 0 over the last 20% of steps."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    warmup = min(cfg.warmup_steps, cfg.steps // 10)
+    if warmup and step < warmup:
+        return cfg.lr * (step + 1) / warmup
     decay_start = int(cfg.steps * 0.8)
     if step >= decay_start:
         return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - decay_start))
@@ -111,6 +112,36 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, model: SparcModel, tensors
             raise CheckpointError(f"optimizer state names unknown parameter {name!r}")
         p = params[name]
         opt.state[p][field] = val.to(p.device) if field != "step" else val.clone()
+
+
+def train_step(
+    model: SparcModel,
+    opt: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    cfg: TrainConfig,
+    step: int,
+    dead: dict[str, torch.Tensor] | None = None,
+    solo_select: torch.Tensor | None = None,
+    dist_ctx: _Dist | None = None,
+) -> tuple[torch.Tensor, Any]:
+    """One optimisation step: loss, backward, gradient all-reduce, decoder projection, update, renorm."""
+    out = model(
+        batch,
+        dead=dead,
+        solo_select=solo_select,
+        cross=cfg.cross_coef > 0,
+        align=cfg.align_coef > 0,
+    )
+    align_w = cfg.align_coef * min(1.0, step / max(1.0, cfg.align_ramp * cfg.steps))
+    loss = out.self_loss + cfg.cross_coef * out.cross_loss + cfg.auxk_coef * out.auxk_loss + align_w * out.align_loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if dist_ctx is not None:
+        dist_ctx.all_reduce_mean([p.grad for p in model.parameters() if p.grad is not None])
+    model.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    model.set_decoder_norm_to_unit_norm()
+    return loss.detach(), out
 
 
 class Trainer:
@@ -182,24 +213,37 @@ class Trainer:
 
     @torch.no_grad()
     def _revive(self, step: int, batch: dict[str, torch.Tensor], out: Any) -> int:
-        """Re-initialise encoder/decoder rows of latents dead for longer than revive_after samples."""
-        revived = 0
-        g = _step_generator(self.cfg.seed + 7, step, torch.device("cpu"))
+        """Re-initialise latents dead for longer than revive_after samples in any stream.
+
+        A revived latent gets, in EVERY stream, the residual direction of the same (paired) sample,
+        so it is born meaning the same thing everywhere; its encoder scale puts that sample's logit
+        at the current selection threshold, so it competes for a slot without taking over.
+        """
+        long_dead = torch.zeros(self.model.n_latents, dtype=torch.bool, device=self.device)
         for s in self.model.streams:
-            rows = (self.dead_counters[s] > self.cfg.revive_after).nonzero().flatten()
-            if len(rows) == 0:
-                continue
+            long_dead |= self.dead_counters[s] > self.cfg.revive_after
+        rows = long_dead.nonzero().flatten()
+        if len(rows) == 0:
+            return 0
+        g = _step_generator(self.cfg.seed + 7, step, torch.device("cpu"))
+        residual, threshold = {}, {}
+        for s in self.model.streams:
+            x = self.model.normalize(s, batch[s])
+            residual[s] = (x - self.model.decode(out.codes[s], s)).float().cpu()
+            threshold[s] = float(out.codes[s].values.min(dim=1).values.clamp_min(1e-3).mean())
+        energy = torch.nan_to_num(sum(r.pow(2).sum(1) for r in residual.values()), 0.0, 0.0, 0.0) + 1e-12
+        pick = torch.multinomial(energy, len(rows), replacement=True, generator=g)
+        for s in self.model.streams:
             c = self.model.codecs[s]
             if self.dist.is_main:
-                x = self.model.normalize(s, batch[s])
-                residual = (x - self.model.decode(out.codes[s], s)).cpu()
-                weights = residual.pow(2).sum(1) + 1e-12
-                pick = torch.multinomial(weights, len(rows), replacement=True, generator=g)
-                directions = torch.nn.functional.normalize(residual[pick], dim=1).to(c.W_dec)
-                alive = self.dead_counters[s] <= self.cfg.dead_after
-                enc_norm = c.W_enc[alive].norm(dim=1).mean() if alive.any() else c.W_enc.norm(dim=1).mean()
-                c.W_dec[rows] = directions
-                c.W_enc[rows] = directions * enc_norm * 0.5
+                directions = torch.nn.functional.normalize(residual[s][pick], dim=1)
+                x_c = (self.model.normalize(s, batch[s]) - c.b_dec).float().cpu()[pick]
+                # The sample's projection on its own residual; floored so that a tiny projection
+                # cannot produce a huge encoder row.
+                proj = torch.maximum((directions * x_c).sum(1, keepdim=True), 0.25 * x_c.norm(dim=1, keepdim=True))
+                proj = proj.clamp_min(1e-3)
+                c.W_dec[rows] = directions.to(c.W_dec)
+                c.W_enc[rows] = (directions * threshold[s] / proj).to(c.W_enc)
                 c.b_enc[rows] = 0.0
             self.dist.broadcast([c.W_dec.data, c.W_enc.data, c.b_enc.data])
             for p in (c.W_enc, c.b_enc, c.W_dec):
@@ -207,8 +251,7 @@ class Trainer:
                     if key in self.opt.state.get(p, {}):
                         self.opt.state[p][key][rows] = 0.0
             self.dead_counters[s][rows] = 0
-            revived += len(rows)
-        return revived
+        return len(rows)
 
     def _validate(self) -> dict[str, Any]:
         if self.val_rows == 0:
@@ -268,21 +311,8 @@ class Trainer:
                 for group in self.opt.param_groups:
                     group["lr"] = lr
                 dead = {s: self.dead_counters[s] > cfg.dead_after for s in streams}
-                out = self.model(
-                    batch,
-                    dead=dead,
-                    solo_select=self._solo_select(step, len(raw[streams[0]])),
-                    cross=cfg.cross_coef > 0,
-                    align=cfg.align_coef > 0,
-                )
-                align_w = cfg.align_coef * min(1.0, step / max(1.0, cfg.align_ramp * cfg.steps))
-                loss = out.self_loss + cfg.cross_coef * out.cross_loss + cfg.auxk_coef * out.auxk_loss + align_w * out.align_loss
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.dist.all_reduce_mean([p.grad for p in self.model.parameters() if p.grad is not None])
-                self.model.remove_gradient_parallel_to_decoder_directions()
-                self.opt.step()
-                self.model.set_decoder_norm_to_unit_norm()
+                solo = self._solo_select(step, len(raw[streams[0]]))
+                loss, out = train_step(self.model, self.opt, batch, cfg, step, dead, solo, self.dist)
                 for s in streams:
                     fired = self.dist.all_reduce_or(out.fired[s])
                     self.dead_counters[s] += global_batch
@@ -311,8 +341,8 @@ class Trainer:
                     self._save(done, {"step": done, "val": last_val})
                     self.dist.barrier()
                 bar.update(1)
-                if not math.isfinite(float(loss.detach())):
-                    raise FloatingPointError(f"loss became {float(loss.detach())} at step {done}; lower --lr")
+                if not math.isfinite(float(loss)):
+                    raise FloatingPointError(f"loss became {float(loss)} at step {done}; lower --lr")
         finally:
             bar.close()
             prefetch.close()

@@ -1,0 +1,89 @@
+"""Planted-concept data, metrics on hand-made codes, and config validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sparc_core import ConfigError, SparseCode, SynthConfig, TrainConfig
+from sparc_core.config import build_config, load_config_file
+from sparc_core.metrics import dead_fraction, label_weighted_jaccard, per_sample_jaccard, retrieval_scores
+from sparc_core.synthetic import PlantedConcepts
+
+
+def test_synthetic_streams_are_paired_scaled_and_labelled():
+    cfg = SynthConfig(n_concepts=50, concepts_per_sample=3.0, shared_fraction=0.8)
+    world = PlantedConcepts(cfg)
+    feats, labels = world.sample(400, seed=1)
+    assert {s: x.shape for s, x in feats.items()} == {"dino": (400, 1024), "clip_img": (400, 768), "clip_txt": (400, 768)}
+    for s in ("clip_img", "clip_txt"):
+        np.testing.assert_allclose(np.linalg.norm(feats[s], axis=1), 1.0, rtol=1e-5)
+    assert np.linalg.norm(feats["dino"], axis=1).mean() == pytest.approx(cfg.raw_scale, rel=1e-3)
+    assert labels.shape == (400, 50) and labels.sum(1).min() >= 1
+    assert world.visible.all(0).sum() == 40  # 80% of concepts seen by every stream
+    assert (world.visible.sum(0) >= 1).all()
+    # Zipf-like: the most frequent concept is much commoner than the rarest.
+    counts = labels.sum(0)
+    assert counts[:5].mean() > 3 * counts[-5:].mean()
+    # Same seed, same data; another seed, other samples from the same world.
+    again, _ = world.sample(400, seed=1)
+    np.testing.assert_array_equal(again["dino"], feats["dino"])
+    other, _ = world.sample(400, seed=2)
+    assert not np.allclose(other["dino"], feats["dino"])
+
+
+def test_paired_streams_share_their_concepts():
+    world = PlantedConcepts(SynthConfig(n_concepts=30, shared_fraction=1.0, noise=0.0, modality_gap=0.0))
+    feats, labels = world.sample(300, seed=0)
+    # With every concept shared and no noise, a linear map recovers clip_txt from clip_img exactly enough.
+    a, b = feats["clip_img"], feats["clip_txt"]
+    w, *_ = np.linalg.lstsq(a, b, rcond=None)
+    assert np.mean((a @ w - b) ** 2) / np.mean(b**2) < 1e-3
+
+
+def _code(rows: list[list[int]], vals: list[list[float]] | None = None, n: int = 10) -> SparseCode:
+    idx = torch.tensor(rows)
+    v = torch.tensor(vals) if vals is not None else torch.ones(idx.shape)
+    return SparseCode(idx, v, n)
+
+
+def test_per_sample_jaccard_counts_only_active_latents():
+    a = _code([[0, 1, 2], [3, 4, 5]])
+    b = _code([[0, 1, 7], [3, 4, 5]], [[1, 1, 1], [1, 1, 0]])  # latent 5 is chosen but not active
+    assert per_sample_jaccard(a, b) == pytest.approx((2 / 4 + 2 / 3) / 2)
+
+
+def test_dead_fraction_and_label_weighted_jaccard():
+    a = _code([[0, 1], [0, 2]])
+    assert dead_fraction(a) == pytest.approx(0.7)
+    labels = np.array([[1, 0], [0, 1]])
+    same = label_weighted_jaccard(a, a, labels)
+    assert same == pytest.approx(1.0)
+    swapped = _code([[0, 2], [0, 1]])  # latents 1 and 2 mean the other concept in the second stream
+    assert label_weighted_jaccard(a, swapped, labels) == pytest.approx((1.0 + 0 + 0) / 3)
+
+
+def test_retrieval_scores_are_tie_pessimistic():
+    s = torch.tensor([[0.9, 0.1, 0.0], [0.5, 0.4, 0.6], [0.2, 0.2, 0.2]])
+    r = retrieval_scores(s)
+    # ranks: query 0 -> 1, query 1 -> 3, query 2 -> 3 (ties count against it)
+    assert r["R@1"] == pytest.approx(1 / 3)
+    assert r["MRR"] == pytest.approx((1 + 1 / 3 + 1 / 3) / 3)
+    assert r["R@5"] == 1.0
+
+
+def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
+    with pytest.raises(ConfigError, match="learning_rat: unknown key"):
+        build_config(TrainConfig, {"learning_rat": 1})
+    with pytest.raises(ConfigError, match="k=90 is larger than n_latents=64"):
+        build_config(TrainConfig, {"k": 90, "n_latents": 64})
+    p = tmp_path / "c.yaml"
+    p.write_text("steps: 5\nfeatures:\n  a: x.npy\n  b: y.npy\n")
+    cfg = build_config(TrainConfig, load_config_file(p), str(p))
+    assert cfg.steps == 5 and cfg.features == {"a": "x.npy", "b": "y.npy"}
+    p.write_text("steps: [")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config_file(p)
+    with pytest.raises(ValueError, match="need at least 2 streams"):
+        TrainConfig().model_config_for({"only": 3})
