@@ -1,0 +1,19 @@
+"""index: index bundles over SPARC's shared sparse code, searched by sparse postings or FAISS."""
+
+from .bundle import Bundle, BundleError, Manifest, append_to_bundle, build_bundle, read_manifest
+from .faiss_backend import DenseIndexError
+from .searcher import DEFAULT_PATH, Explanation, Searcher, SearchResult
+
+__all__ = [
+    "DEFAULT_PATH",
+    "Bundle",
+    "BundleError",
+    "DenseIndexError",
+    "Explanation",
+    "Manifest",
+    "SearchResult",
+    "Searcher",
+    "append_to_bundle",
+    "build_bundle",
+    "read_manifest",
+]

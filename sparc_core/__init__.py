@@ -1,7 +1,7 @@
 """sparc_core: train, checkpoint and evaluate SPARC, a sparse latent space shared by several streams."""
 
 from .checkpoint import CheckpointError, checkpoint_hash, load_checkpoint, save_checkpoint
-from .config import ConfigError, SparcConfig, SynthConfig, TrainConfig
+from .config import ConfigError, SparcConfig, SparcError, SynthConfig, TrainConfig
 from .data import FeatureError, PairedFeatures
 from .metrics import evaluate
 from .model import SparcModel, SparseCode
@@ -13,6 +13,7 @@ __all__ = [
     "FeatureError",
     "PairedFeatures",
     "SparcConfig",
+    "SparcError",
     "SparcModel",
     "SparseCode",
     "SynthConfig",

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import SparcConfig
+from .config import SparcConfig, SparcError
 from .model import SparcModel
 
 FORMAT = "sparc-checkpoint"
@@ -33,7 +33,7 @@ METRICS = "metrics.json"
 TRAIN_STATE = "train_state.safetensors"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SparcError, RuntimeError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 

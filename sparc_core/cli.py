@@ -13,9 +13,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, atomic_write_json
-from .config import ConfigError, SynthConfig, TrainConfig, build_config, load_config_file
-from .data import FeatureError
+from .checkpoint import atomic_write_json
+from .config import ConfigError, SparcError, SynthConfig, TrainConfig, build_config, load_config_file
 
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
@@ -192,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FeatureError, CheckpointError, FileNotFoundError) as e:
+    except (SparcError, FileNotFoundError) as e:
         print(f"sparc {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,7 +16,11 @@ STREAM_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
 C = TypeVar("C", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class SparcError(Exception):
+    """Base of every error caused by the user's input (files, configs, arguments); the CLI prints these."""
+
+
+class ConfigError(SparcError, ValueError):
     """A config file or value that cannot be used; the message names the file and the field."""
 
 

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .config import SparcError
+
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 _ST_DTYPES = {"F16": np.float16, "BF16": None, "F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32}
 
 
-class FeatureError(ValueError):
+class FeatureError(SparcError, ValueError):
     """Feature data that cannot be trained or evaluated on; the message names the file and the problem."""
 
 
@@ -136,7 +138,7 @@ class FeatureStore:
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
         """float32 rows [start, stop)."""
-        return np.asarray(self._array[start:stop], dtype=np.float32)
+        return np.array(self._array[start:stop], dtype=np.float32)
 
     def close(self) -> None:
         if self._h5 is not None:

@@ -323,9 +323,9 @@ class Trainer:
                 dead_pct = {s: 100.0 * float((self.dead_counters[s] > cfg.dead_after).float().mean()) for s in streams}
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     record = {
-                        "kind": "train", "step": done, "lr": lr, "loss": float(loss),
-                        "self": float(out.self_loss), "cross": float(out.cross_loss),
-                        "auxk": float(out.auxk_loss), "align": float(out.align_loss),
+                        "kind": "train", "step": done, "lr": lr, "loss": loss.item(),
+                        "self": out.self_loss.item(), "cross": out.cross_loss.item(),
+                        "auxk": out.auxk_loss.item(), "align": out.align_loss.item(),
                         "l0_alone": float(out.solo_l0), "revived": revived,
                         "nmse": {s: float(v) for s, v in out.stream_nmse.items()},
                         "dead_pct": dead_pct, "elapsed_s": time.perf_counter() - t0,

@@ -1,0 +1,100 @@
+"""``sparc index build|add|info|search``: registered into the sparc command via the sparc.commands entry point."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import numpy as np
+
+
+def register(sub: Any) -> None:
+    """Add the ``index`` command group to the sparc parser."""
+    p = sub.add_parser("index", help="build, extend, inspect and query index bundles")
+    isub = p.add_subparsers(dest="index_command", required=True)
+
+    b = isub.add_parser("build", help="encode one stream's gallery and write an index bundle")
+    b.add_argument("--checkpoint", required=True)
+    b.add_argument("--stream", required=True, help="the gallery's stream, e.g. dino")
+    b.add_argument("--features", required=True, help=".npy, .safetensors or .h5 gallery features")
+    b.add_argument("--ids", help="item ids: .npy (ints or strings) or text, one per line (default: row numbers)")
+    b.add_argument("--out", required=True, help="bundle directory")
+    b.add_argument("--faiss", default="Flat", help="FAISS factory string for the dense path (default exact Flat)")
+    b.add_argument("--no-dense", action="store_true", help="sparse latent search only (no FAISS index)")
+    b.add_argument("--shard", default="0/1", help="build shard I/N of the rows (default 0/1)")
+    b.add_argument("--batch-size", type=int, default=8192)
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=_build)
+
+    a = isub.add_parser("add", help="append items to a bundle")
+    a.add_argument("--bundle", required=True)
+    a.add_argument("--features", required=True)
+    a.add_argument("--ids")
+    a.add_argument("--checkpoint", help="default: the checkpoint the bundle records")
+    a.add_argument("--quiet", action="store_true")
+    a.set_defaults(func=_add)
+
+    i = isub.add_parser("info", help="print a bundle's manifest")
+    i.add_argument("bundle")
+    i.set_defaults(func=_info)
+
+    s = isub.add_parser("search", help="query bundles with raw vectors of any stream (one .npy row per query)")
+    s.add_argument("--bundle", action="append", required=True, help="repeat for every shard")
+    s.add_argument("--stream", required=True, help="the queries' stream")
+    s.add_argument("--queries", required=True, help=".npy [nq, d]")
+    s.add_argument("--top-k", type=int, default=10)
+    s.add_argument("--path", choices=["sparse", "dense"])
+    s.add_argument("--nprobe", type=int)
+    s.add_argument("--explain", action="store_true")
+    s.set_defaults(func=_search)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .bundle import BundleError, build_bundle
+
+    try:
+        i, n = (int(x) for x in args.shard.split("/"))
+    except ValueError:
+        raise BundleError(f"--shard expects I/N, got {args.shard!r}") from None
+    out = build_bundle(args.checkpoint, args.stream, args.features, args.out, ids=args.ids, dense=not args.no_dense,
+                       faiss_factory=args.faiss, shard=(i, n), batch_size=args.batch_size, progress=not args.quiet)
+    print(f"bundle: {args.out} (version {out.name})")
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    from .bundle import append_to_bundle, read_manifest
+
+    append_to_bundle(args.bundle, args.features, ids=args.ids, checkpoint=args.checkpoint, progress=not args.quiet)
+    print(f"bundle: {args.bundle} now holds {read_manifest(args.bundle).n_items} items")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .bundle import read_manifest
+
+    print(json.dumps(read_manifest(args.bundle).model_dump(), indent=2))
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .searcher import Searcher
+
+    searcher = Searcher(args.bundle)
+    xq = np.load(args.queries, allow_pickle=False)
+    if xq.ndim == 1:
+        xq = xq[None]
+    code = searcher.encode(args.stream, xq)
+    res = searcher.search(code, top_k=args.top_k, path=args.path, nprobe=args.nprobe)
+    for q, (ids, scores) in enumerate(zip(res.ids, res.scores)):
+        hits = []
+        for item, score in zip(ids, scores):
+            hit: dict[str, Any] = {"id": item, "score": round(score, 6)}
+            if args.explain:
+                hit["shared_latents"] = [e.__dict__ for e in searcher.explain(code, item, row=q)]
+            hits.append(hit)
+        json.dump({"query": q, "path": res.path, "hits": hits}, sys.stdout)
+        sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,96 @@
+"""Sparse latent search: an inverted index over latents (posting lists of item, value).
+
+Memory is k * (4 + 2) bytes per item (int32 item number + float16 value per active latent), never a dense
+[n_items, n_latents] matrix. Scoring a query touches only the posting lists of its k latents.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+
+class Postings:
+    """CSR-by-latent posting lists: for latent j, items[offsets[j]:offsets[j+1]] and their values."""
+
+    def __init__(self, offsets: np.ndarray, items: np.ndarray, values: np.ndarray, n_items: int) -> None:
+        self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        self.items = np.ascontiguousarray(items, dtype=np.int32)
+        self.values = np.ascontiguousarray(values, dtype=np.float16)
+        self.n_items = int(n_items)
+        with warnings.catch_warnings():  # memory-mapped, read-only: torch only ever reads these
+            warnings.simplefilter("ignore", UserWarning)
+            self._items_t = torch.from_numpy(self.items)
+            self._values_t = torch.from_numpy(self.values)
+
+    @property
+    def n_latents(self) -> int:
+        return len(self.offsets) - 1
+
+    @classmethod
+    def from_codes(cls, indices: np.ndarray, values: np.ndarray, n_latents: int, first_item: int = 0) -> Postings:
+        """Build from item codes [n, k] (indices, values); only active (value > 0) entries are kept."""
+        n, k = indices.shape
+        active = values > 0
+        lat = indices[active].astype(np.int64)
+        item = np.broadcast_to(np.arange(first_item, first_item + n, dtype=np.int32)[:, None], (n, k))[active]
+        val = values[active]
+        order = np.argsort(lat, kind="stable")  # stable: items stay ascending inside each list
+        counts = np.bincount(lat, minlength=n_latents)
+        offsets = np.zeros(n_latents + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return cls(offsets, item[order], val[order], first_item + n)
+
+    @staticmethod
+    def concat(parts: list[Postings]) -> Postings:
+        """Merge posting lists of consecutive item ranges (parts[i+1] numbers items after parts[i])."""
+        n_latents = parts[0].n_latents
+        items, values, counts = [], [], np.zeros(n_latents, dtype=np.int64)
+        for j in range(n_latents):
+            for p in parts:
+                a, b = p.offsets[j], p.offsets[j + 1]
+                items.append(p.items[a:b])
+                values.append(p.values[a:b])
+                counts[j] += b - a
+        offsets = np.zeros(n_latents + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return Postings(offsets, np.concatenate(items), np.concatenate(values), parts[-1].n_items)
+
+    def nbytes(self) -> int:
+        return self.offsets.nbytes + self.items.nbytes + self.values.nbytes
+
+    def search(self, q_idx: np.ndarray, q_val: np.ndarray, k: int, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k inner products <query code, item code>. q_idx, q_val: [nq, kq] -> (D, I) [nq, k].
+
+        Missing results (fewer than k items share a latent with the query) are I = -1, D = -inf.
+        """
+        nq = q_idx.shape[0]
+        k_eff = min(k, self.n_items)
+        D = np.full((nq, k), -np.inf, dtype=np.float32)
+        I = np.full((nq, k), -1, dtype=np.int64)
+        if nq == 0 or self.n_items == 0 or k_eff == 0:
+            return D, I
+        starts, ends = self.offsets[q_idx], self.offsets[q_idx + 1]
+        for c0 in range(0, nq, chunk):
+            c1 = min(nq, c0 + chunk)
+            flat_idx, flat_w = [], []
+            for r in range(c0, c1):
+                for j in range(q_idx.shape[1]):
+                    a, b = starts[r, j], ends[r, j]
+                    if b > a and q_val[r, j] > 0:
+                        flat_idx.append((r - c0) * self.n_items + self._items_t[a:b].long())
+                        flat_w.append(self._values_t[a:b].float() * float(q_val[r, j]))
+            scores = torch.zeros((c1 - c0) * self.n_items, dtype=torch.float32)
+            if flat_idx:
+                scores.index_add_(0, torch.cat(flat_idx), torch.cat(flat_w))
+            scores = scores.view(c1 - c0, self.n_items)
+            hits = (scores > 0).sum(1)
+            top = scores.topk(k_eff, dim=1)
+            d, i = top.values.numpy(), top.indices.numpy()
+            for r in range(c1 - c0):
+                m = min(int(hits[r]), k_eff)
+                D[c0 + r, :m] = d[r, :m]
+                I[c0 + r, :m] = i[r, :m]
+        return D, I

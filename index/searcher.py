@@ -1,0 +1,232 @@
+"""Searcher: one logical gallery (one or many shards), two search paths, latent filters, explanations.
+
+Paths:
+  "sparse": exact cosine between the query's k-sparse code and every item's code, over posting lists.
+  "dense":  the query code decoded by the gallery stream's decoder (cross-reconstruction), then inner
+            product against the items' centred unit features with FAISS (exact Flat, or the bundle's
+            approximate factory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from sparc_core import SparcModel, SparseCode, load_checkpoint
+
+from .bundle import Bundle, BundleError
+from .faiss_backend import DenseSearcher
+
+SearchPath = Literal["sparse", "dense"]
+DEFAULT_PATH: SearchPath = "sparse"  # faster and smaller at every gallery size measured (bench/index_search.py)
+
+
+@dataclass
+class Explanation:
+    """One shared latent's part in a hit's score."""
+
+    latent: int
+    query_value: float
+    item_value: float
+    contribution: float
+
+
+@dataclass
+class SearchResult:
+    """Top-k hits of a batch of queries: ids[q] and scores[q] are best first (shorter when fewer hits)."""
+
+    ids: list[list[Any]]
+    scores: list[list[float]]
+    path: SearchPath
+    shards: list[list[int]] = field(default_factory=list)  # which shard each hit came from
+
+
+def _unit_code(code: SparseCode) -> tuple[np.ndarray, np.ndarray]:
+    vals = torch.nn.functional.normalize(code.values.float(), dim=1)
+    return code.indices.cpu().numpy(), vals.cpu().numpy()
+
+
+class Searcher:
+    """Search one gallery (all shards of one bundle family) with queries from any stream."""
+
+    def __init__(
+        self,
+        bundles: list[str | Path] | str | Path,
+        model: SparcModel | None = None,
+        checkpoint: str | Path | None = None,
+        use_gpu: bool | None = None,
+        mmap: bool = True,
+    ) -> None:
+        paths = [bundles] if isinstance(bundles, (str, Path)) else list(bundles)
+        if not paths:
+            raise BundleError("no bundles given")
+        first = Bundle(paths[0], mmap=mmap)
+        expected = first.manifest.checkpoint_sha256
+        self.shards = [first] + [Bundle(p, expected_checkpoint=expected, mmap=mmap) for p in paths[1:]]
+        m = first.manifest
+        for b in self.shards[1:]:
+            bm = b.manifest
+            if (bm.stream, bm.n_latents, bm.k, bm.dim, bm.id_kind) != (m.stream, m.n_latents, m.k, m.dim, m.id_kind):
+                raise BundleError(f"{b.path}: shard does not match {first.path} (stream, latents, k, dim or id kind)")
+        if model is None:
+            if checkpoint is None:
+                checkpoint = m.checkpoint_path
+            from sparc_core import checkpoint_hash
+
+            if checkpoint_hash(checkpoint) != expected:
+                raise BundleError(f"{checkpoint}: is not the checkpoint the index was built with ({expected[:12]})")
+            model = load_checkpoint(checkpoint)
+        if model.n_latents != m.n_latents or m.stream not in model.streams:
+            raise BundleError(f"{first.path}: built for stream {m.stream!r} with {m.n_latents} latents; the model does not match")
+        self.model = model
+        self.stream = m.stream
+        self.manifest = m
+        self.dense = [DenseSearcher(b.dense_index, use_gpu=use_gpu) if b.dense_index is not None else None for b in self.shards]
+        ids_all = [i for b in self.shards for i in b.ids.tolist()]
+        if len(set(ids_all)) != len(ids_all):
+            raise BundleError("the same item id appears in more than one shard")
+
+    @property
+    def n_items(self) -> int:
+        return sum(b.manifest.n_items for b in self.shards)
+
+    # ---- queries ----------------------------------------------------------------------------------
+    def encode(self, stream: str, vectors: np.ndarray | torch.Tensor) -> SparseCode:
+        """The shared sparse code of raw feature vectors of ``stream``."""
+        x = torch.as_tensor(np.asarray(vectors, dtype=np.float32)).to(self.model.device)
+        return self.model.encode({stream: x})
+
+    def _dense_queries(self, code: SparseCode) -> np.ndarray:
+        codec = self.model.codecs[self.stream]
+        decoded = self.model.decode(code.to(self.model.device), self.stream) - codec.b_dec
+        return torch.nn.functional.normalize(decoded.float(), dim=1).detach().cpu().numpy()
+
+    def search(
+        self,
+        query: SparseCode | tuple[str, np.ndarray],
+        top_k: int = 10,
+        path: SearchPath | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        require: list[int] | None = None,
+        exclude: list[int] | None = None,
+        boost: dict[int, float] | None = None,
+    ) -> SearchResult:
+        """Top-k items for each query (a SparseCode, or (stream, vectors) to encode first).
+
+        require / exclude: latents an item must / must not have active. boost: latent -> weight added
+        to the query's (unit) code before scoring (sparse path) or decoding (dense path).
+        """
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        code = query if isinstance(query, SparseCode) else self.encode(*query)
+        path = path or DEFAULT_PATH
+        if path not in ("sparse", "dense"):
+            raise ValueError(f"unknown search path {path!r} (use 'sparse' or 'dense')")
+        if path == "dense" and any(d is None for d in self.dense):
+            raise BundleError(f"{self.shards[0].path}: built without a dense index; use the sparse path")
+        for lat in [*(require or []), *(exclude or []), *((boost or {}).keys())]:
+            if not 0 <= int(lat) < self.model.n_latents:
+                raise ValueError(f"latent {lat} is out of range [0, {self.model.n_latents})")
+        q_idx, q_val = _unit_code(code)
+        if boost:
+            q_idx, q_val = _boosted(q_idx, q_val, boost)
+        filtering = bool(require or exclude)
+        fetch = top_k * 4 if filtering else top_k
+        while True:
+            D, refs = self._search_all(q_idx, q_val, fetch, path, nprobe, ef_search)
+            if not filtering:
+                break
+            keep = self._filter(refs, set(map(int, require or [])), set(map(int, exclude or [])))
+            enough = all(int(k.sum()) >= top_k for k in keep) or fetch >= self.n_items
+            if enough:
+                D = [d[k] for d, k in zip(D, keep)]
+                refs = [r[k] for r, k in zip(refs, keep)]
+                break
+            fetch = min(self.n_items, fetch * 4)
+        ids, scores, shards = [], [], []
+        for d, r in zip(D, refs):
+            d, r = d[:top_k], r[:top_k]
+            ids.append([self.shards[s].ids[row].item() for s, row in r])
+            scores.append([float(x) for x in d])
+            shards.append([int(s) for s, _ in r])
+        return SearchResult(ids=ids, scores=scores, path=path, shards=shards)
+
+    def _search_all(self, q_idx, q_val, k, path, nprobe, ef_search) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Search every shard and merge: per query, scores desc and (shard, row) refs."""
+        per_shard = []
+        xq = None
+        for s, b in enumerate(self.shards):
+            kk = min(k, b.manifest.n_items)
+            if path == "sparse":
+                D, I = b.postings.search(q_idx.astype(np.int64), q_val, kk)
+            else:
+                if xq is None:
+                    n = self.model.n_latents
+                    xq = self._dense_queries(SparseCode(torch.from_numpy(q_idx.astype(np.int64)), torch.from_numpy(q_val), n))
+                D, I = self.dense[s].search(xq, kk, nprobe=nprobe, ef_search=ef_search)
+            per_shard.append((s, D, I))
+        out_D, out_R = [], []
+        for q in range(q_idx.shape[0]):
+            d_parts, r_parts = [], []
+            for s, D, I in per_shard:
+                valid = I[q] >= 0
+                d_parts.append(D[q][valid])
+                r_parts.append(np.stack([np.full(int(valid.sum()), s), I[q][valid]], axis=1))
+            d = np.concatenate(d_parts)
+            r = np.concatenate(r_parts) if r_parts else np.zeros((0, 2), dtype=np.int64)
+            order = np.argsort(-d, kind="stable")[:k]
+            out_D.append(d[order])
+            out_R.append(r[order].astype(np.int64))
+        return out_D, out_R
+
+    def _filter(self, refs: list[np.ndarray], require: set[int], exclude: set[int]) -> list[np.ndarray]:
+        keep = []
+        for r in refs:
+            mask = np.ones(len(r), dtype=bool)
+            for i, (s, row) in enumerate(r):
+                b = self.shards[s]
+                active = set(b.codes_idx[row][b.codes_val[row] > 0].tolist())
+                mask[i] = require <= active and not (exclude & active)
+            keep.append(mask)
+        return keep
+
+    # ---- explanations -----------------------------------------------------------------------------
+    def item_code(self, item_id: Any) -> tuple[np.ndarray, np.ndarray]:
+        """An item's stored code (latent ids, unit values)."""
+        for b in self.shards:
+            try:
+                row = b.row_of(item_id)
+            except (KeyError, ValueError):
+                continue
+            return np.asarray(b.codes_idx[row], dtype=np.int64), np.asarray(b.codes_val[row], dtype=np.float32)
+        raise KeyError(f"item {item_id!r} is not in this index")
+
+    def explain(self, query: SparseCode, item_id: Any, top: int = 5, row: int = 0) -> list[Explanation]:
+        """The shared latents that contribute most to the (sparse) score of ``item_id`` for query ``row``."""
+        q_idx, q_val = _unit_code(SparseCode(query.indices[row : row + 1], query.values[row : row + 1], query.n_latents))
+        i_idx, i_val = self.item_code(item_id)
+        item = dict(zip(i_idx.tolist(), i_val.tolist()))
+        shared = []
+        for lat, qv in zip(q_idx[0].tolist(), q_val[0].tolist()):
+            iv = item.get(lat, 0.0)
+            if qv > 0 and iv > 0:
+                shared.append(Explanation(lat, qv, iv, qv * iv))
+        shared.sort(key=lambda e: -e.contribution)
+        return shared[:top]
+
+
+def _boosted(q_idx: np.ndarray, q_val: np.ndarray, boost: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
+    extra = np.array(sorted(boost), dtype=q_idx.dtype)
+    idx = np.concatenate([q_idx, np.broadcast_to(extra, (len(q_idx), len(extra)))], axis=1)
+    val = np.concatenate([q_val, np.zeros((len(q_val), len(extra)), dtype=q_val.dtype)], axis=1)
+    for j, lat in enumerate(extra.tolist()):
+        col = q_idx.shape[1] + j
+        present = q_idx == lat
+        val[:, col] = boost[lat] + np.where(present.any(1), (q_val * present).sum(1), 0.0)
+        val[:, : q_idx.shape[1]][present] = 0.0
+    return idx, val

@@ -1,0 +1,287 @@
+"""Index bundles: build/search correctness against brute force, atomic rebuilds, errors, shards, explanations."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from index import Bundle, BundleError, Searcher, append_to_bundle, build_bundle, read_manifest
+from index.faiss_backend import gpu_available
+from sparc_core import SparcConfig, SparcModel, save_checkpoint
+
+from .conftest import MEDIUM
+
+
+@pytest.fixture(scope="module")
+def random_ckpt(tmp_path_factory) -> Path:
+    model = SparcModel(SparcConfig(streams={"img": 32, "txt": 24}, n_latents=128, k=8, auxk=8), seed=1)
+    return save_checkpoint(model, tmp_path_factory.mktemp("rand") / "ckpt")
+
+
+def _feats(tmp_path: Path, n: int, d: int, seed: int = 0, name: str = "g.npy") -> Path:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    np.save(tmp_path / name, x)
+    return tmp_path / name
+
+
+def test_cross_stream_search_finds_the_paired_item(trained_checkpoint, medium_synth, tmp_path):
+    out = build_bundle(trained_checkpoint, "dino", medium_synth / "eval" / "dino.npy", tmp_path / "b", progress=False)
+    assert out.parent == tmp_path / "b"
+    searcher = Searcher(tmp_path / "b")
+    xq = np.load(medium_synth / "eval" / "clip_txt.npy")
+    n = len(xq)
+    for path in ("sparse", "dense"):
+        res = searcher.search(("clip_txt", xq), top_k=10, path=path)
+        top1 = np.mean([ids[0] == i for i, ids in enumerate(res.ids)])
+        top10 = np.mean([i in ids for i, ids in enumerate(res.ids)])
+        assert top1 > 0.5, (path, top1)  # text query -> its own image, 600 items, chance is 0.0017
+        assert top10 > 0.8, (path, top10)
+        assert all(len(ids) == 10 for ids in res.ids) and len(res.ids) == n
+
+
+def test_both_paths_match_numpy_brute_force(random_ckpt, tmp_path):
+    from sparc_core import load_checkpoint
+
+    feats = _feats(tmp_path, 500, 32)
+    build_bundle(random_ckpt, "img", feats, tmp_path / "b", progress=False)
+    model = load_checkpoint(random_ckpt)
+    searcher = Searcher(tmp_path / "b")
+    xq = np.random.default_rng(5).standard_normal((20, 24)).astype(np.float32)
+    code = searcher.encode("txt", xq)
+    # sparse: cosine between codes (values stored in float16)
+    gal = model.encode({"img": torch.from_numpy(np.load(feats))})
+    g_dense = torch.nn.functional.normalize(gal.values, dim=1).half().float()
+    G = torch.zeros(500, 128).scatter(1, gal.indices, g_dense).numpy()
+    Q = torch.nn.functional.normalize(code.to_dense(), dim=1).numpy()
+    expected = Q @ G.T
+    res = searcher.search(code, top_k=5, path="sparse")
+    for q in range(20):
+        np.testing.assert_allclose(res.scores[q], np.sort(expected[q])[::-1][: len(res.scores[q])], rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(expected[q][res.ids[q]], res.scores[q], rtol=1e-3, atol=1e-4)
+    # dense: inner product of the cross-decoded query with the centred unit gallery features
+    c = model.codecs["img"]
+    xb = torch.nn.functional.normalize(model.normalize("img", torch.from_numpy(np.load(feats))) - c.b_dec, dim=1)
+    xqd = torch.nn.functional.normalize(model.decode(code, "img") - c.b_dec, dim=1)
+    exp_d = (xqd @ xb.T).detach().numpy()
+    res = searcher.search(code, top_k=5, path="dense")
+    for q in range(20):
+        np.testing.assert_allclose(res.scores[q], np.sort(exp_d[q])[::-1][:5], rtol=1e-4, atol=1e-5)
+
+
+def test_ids_are_preserved_and_validated(random_ckpt, tmp_path):
+    feats = _feats(tmp_path, 50, 32)
+    ids = np.array([f"img-{i:03d}" for i in range(50)])
+    np.save(tmp_path / "ids.npy", ids)
+    build_bundle(random_ckpt, "img", feats, tmp_path / "b", ids=tmp_path / "ids.npy", progress=False)
+    s = Searcher(tmp_path / "b")
+    res = s.search(("img", np.load(feats)[:5]), top_k=3, path="dense")
+    assert [ids[0] for ids in res.ids] == [f"img-{i:03d}" for i in range(5)]  # an item finds itself first
+    dup = ids.copy()
+    dup[7] = dup[3]
+    np.save(tmp_path / "dup.npy", dup)
+    with pytest.raises(BundleError, match="duplicate item ids, e.g. \\['img-003'\\]"):
+        build_bundle(random_ckpt, "img", feats, tmp_path / "c", ids=tmp_path / "dup.npy", progress=False)
+    with pytest.raises(BundleError, match="dim 32, but stream 'txt' of the checkpoint expects 24"):
+        build_bundle(random_ckpt, "txt", feats, tmp_path / "c", progress=False)
+    with pytest.raises(BundleError, match="stream 'audio' is not in checkpoint"):
+        build_bundle(random_ckpt, "audio", feats, tmp_path / "c", progress=False)
+    np.save(tmp_path / "empty.npy", np.zeros((0, 32), dtype=np.float32))
+    with pytest.raises(BundleError, match="holds no rows"):
+        build_bundle(random_ckpt, "img", tmp_path / "empty.npy", tmp_path / "c", progress=False)
+
+
+def test_corrupt_manifest_truncated_file_and_wrong_checkpoint(random_ckpt, tmp_path):
+    feats = _feats(tmp_path, 40, 32)
+    build_bundle(random_ckpt, "img", feats, tmp_path / "b", progress=False)
+    vdir = Bundle(tmp_path / "b").vdir
+    manifest = vdir / "manifest.json"
+    good = manifest.read_text()
+    manifest.write_text(good[:-20])
+    with pytest.raises(BundleError, match="manifest.json: corrupt JSON"):
+        Bundle(tmp_path / "b")
+    manifest.write_text(good)
+    post = vdir / "post_items.npy"
+    data = post.read_bytes()
+    post.write_bytes(data[:-8])
+    with pytest.raises(BundleError, match="post_items.npy: .* bytes, manifest says .* \\(truncated or corrupt\\)"):
+        Bundle(tmp_path / "b")
+    post.write_bytes(data)
+    dense = vdir / "dense.faiss"
+    dense_bytes = dense.read_bytes()
+    other = SparcModel(SparcConfig(streams={"img": 32, "txt": 24}, n_latents=128, k=8, auxk=8), seed=99)
+    other_ckpt = save_checkpoint(other, tmp_path / "other")
+    with pytest.raises(BundleError, match="is not the checkpoint the index was built with"):
+        Searcher(tmp_path / "b", checkpoint=other_ckpt)
+    with pytest.raises(BundleError, match="built with checkpoint .* rebuild the index"):
+        Bundle(tmp_path / "b", expected_checkpoint="0" * 64)
+    assert Bundle(tmp_path / "b").dense_index.ntotal == 40 and dense.read_bytes() == dense_bytes
+    (tmp_path / "b" / "CURRENT").write_text("v-nope\n")
+    with pytest.raises(BundleError, match="names version 'v-nope', which does not exist"):
+        Bundle(tmp_path / "b")
+    with pytest.raises(BundleError, match="index bundle not found"):
+        Bundle(tmp_path / "missing")
+
+
+KILL_SCRIPT = """
+import sys, time
+import index.bundle as b
+real = b._save_npy
+def slow(path, arr):
+    real(path, arr)
+    print("WRITING", flush=True)
+    time.sleep(60)
+b._save_npy = slow
+b.build_bundle(sys.argv[1], "img", sys.argv[2], sys.argv[3], progress=False)
+"""
+
+
+def test_killed_build_leaves_previous_bundle_loadable(random_ckpt, tmp_path):
+    feats = _feats(tmp_path, 60, 32)
+    build_bundle(random_ckpt, "img", feats, tmp_path / "b", progress=False)
+    before = Searcher(tmp_path / "b").search(("img", np.load(feats)[:4]), top_k=3)
+    new_feats = _feats(tmp_path, 90, 32, seed=1, name="new.npy")
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(random_ckpt), str(new_feats), str(tmp_path / "b")],
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "WRITING"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert read_manifest(tmp_path / "b").n_items == 60
+    after = Searcher(tmp_path / "b").search(("img", np.load(feats)[:4]), top_k=3)
+    assert after.ids == before.ids and after.scores == before.scores
+    # The next build cleans the half-written version away and succeeds.
+    build_bundle(random_ckpt, "img", new_feats, tmp_path / "b", progress=False)
+    assert read_manifest(tmp_path / "b").n_items == 90
+    assert not list((tmp_path / "b").glob(".building-*"))
+    assert len(list((tmp_path / "b").glob("v-*"))) == 1
+
+
+def test_shard_merge_equals_unsharded(random_ckpt, tmp_path):
+    feats = _feats(tmp_path, 301, 32)
+    build_bundle(random_ckpt, "img", feats, tmp_path / "all", progress=False)
+    shards = []
+    for i in range(3):
+        build_bundle(random_ckpt, "img", feats, tmp_path / f"s{i}", shard=(i, 3), progress=False)
+        shards.append(tmp_path / f"s{i}")
+    assert [read_manifest(s).shard.row_start for s in shards] == [0, 101, 202]
+    xq = np.random.default_rng(3).standard_normal((15, 24)).astype(np.float32)
+    whole, split = Searcher(tmp_path / "all"), Searcher(shards)
+    assert split.n_items == 301
+    for path in ("sparse", "dense"):
+        a = whole.search(("txt", xq), top_k=7, path=path)
+        b = split.search(("txt", xq), top_k=7, path=path)
+        np.testing.assert_allclose(np.array(a.scores), np.array(b.scores), rtol=1e-6)
+        for ia, ib, sa in zip(a.ids, b.ids, a.scores):
+            distinct = len(set(np.round(sa, 5))) == len(sa)
+            if distinct:  # with ties the order among equal scores may differ
+                assert ia == ib
+
+
+def test_explanations_add_up_to_the_sparse_score(random_ckpt, tmp_path):
+    feats = _feats(tmp_path, 100, 32)
+    build_bundle(random_ckpt, "img", feats, tmp_path / "b", progress=False)
+    s = Searcher(tmp_path / "b")
+    code = s.encode("txt", np.random.default_rng(1).standard_normal((3, 24)).astype(np.float32))
+    res = s.search(code, top_k=4, path="sparse")
+    for q in range(3):
+        for item, score in zip(res.ids[q], res.scores[q]):
+            parts = s.explain(code, item, top=100, row=q)
+            assert parts and sum(p.contribution for p in parts) == pytest.approx(score, rel=1e-3, abs=1e-4)
+            assert [p.contribution for p in parts] == sorted((p.contribution for p in parts), reverse=True)
+            assert all(p.latent in code.indices[q].tolist() for p in parts)
+
+
+def test_latent_filters(random_ckpt, tmp_path):
+    feats = _feats(tmp_path, 200, 32)
+    build_bundle(random_ckpt, "img", feats, tmp_path / "b", progress=False)
+    s = Searcher(tmp_path / "b")
+    code = s.encode("txt", np.random.default_rng(2).standard_normal((2, 24)).astype(np.float32))
+    target = int(code.indices[0][code.values[0].argmax()])
+    for path in ("sparse", "dense"):
+        req = s.search(code, top_k=5, path=path, require=[target])
+        exc = s.search(code, top_k=5, path=path, exclude=[target])
+        for item in req.ids[0]:
+            idx, val = s.item_code(item)
+            assert target in idx[val > 0].tolist()
+        for item in exc.ids[0]:
+            idx, val = s.item_code(item)
+            assert target not in idx[val > 0].tolist()
+    boosted = s.search(code, top_k=5, path="sparse", boost={target: 10.0})
+    for item in boosted.ids[0]:
+        idx, val = s.item_code(item)
+        assert target in idx[val > 0].tolist()
+    with pytest.raises(ValueError, match="latent 999 is out of range"):
+        s.search(code, require=[999])
+
+
+def test_add_appends_and_keeps_ids_unique(random_ckpt, tmp_path):
+    build_bundle(random_ckpt, "img", _feats(tmp_path, 30, 32), tmp_path / "b", progress=False)
+    extra = _feats(tmp_path, 10, 32, seed=4, name="extra.npy")
+    append_to_bundle(tmp_path / "b", extra, progress=False)
+    m = read_manifest(tmp_path / "b")
+    assert m.n_items == 40
+    s = Searcher(tmp_path / "b")
+    res = s.search(("img", np.load(extra)), top_k=1, path="dense")
+    assert [r[0] for r in res.ids] == list(range(30, 40))
+    np.save(tmp_path / "clash.npy", np.arange(5, 15))
+    with pytest.raises(BundleError, match="duplicate item ids"):
+        append_to_bundle(tmp_path / "b", extra, ids=tmp_path / "clash.npy", progress=False)
+
+
+def test_approximate_factory_and_per_call_nprobe(random_ckpt, tmp_path):
+    feats = _feats(tmp_path, 2000, 32)
+    build_bundle(random_ckpt, "img", feats, tmp_path / "ivf", faiss_factory="IVF16,Flat", progress=False)
+    s = Searcher(tmp_path / "ivf")
+    xq = np.load(feats)[:50]
+    exact = s.search(("img", xq), top_k=1, path="dense", nprobe=16)
+    assert np.mean([ids[0] == i for i, ids in enumerate(exact.ids)]) == 1.0
+    s.search(("img", xq), top_k=1, path="dense", nprobe=1)
+    from index.faiss_backend import DenseIndexError
+
+    assert faiss_nprobe(s) == 1  # the shared index was not mutated by the per-call nprobe
+    with pytest.raises(DenseIndexError, match="invalid FAISS factory string 'IVFxx'"):
+        build_bundle(random_ckpt, "img", feats, tmp_path / "bad", faiss_factory="IVFxx", progress=False)
+
+
+def faiss_nprobe(searcher: Searcher) -> int:
+    import faiss
+
+    return faiss.extract_index_ivf(searcher.dense[0].index).nprobe
+
+
+def test_cli_build_info_search(random_ckpt, tmp_path, capsys):
+    from sparc_core.cli import main
+
+    feats = _feats(tmp_path, 40, 32)
+    assert main(["index", "build", "--checkpoint", str(random_ckpt), "--stream", "img", "--features", str(feats),
+                 "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert main(["index", "info", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    info = json.loads(out[out.index("{"):])
+    assert info["n_items"] == 40 and info["stream"] == "img"
+    np.save(tmp_path / "q.npy", np.load(feats)[:2])
+    assert main(["index", "search", "--bundle", str(tmp_path / "b"), "--stream", "img", "--queries",
+                 str(tmp_path / "q.npy"), "--top-k", "2", "--explain"]) == 0
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert lines[0]["hits"][0]["id"] == 0 and lines[1]["hits"][0]["id"] == 1
+    assert main(["index", "info", str(tmp_path / "nope")]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs faiss-gpu and a CUDA device")
+def test_gpu_dense_search_matches_cpu(random_ckpt, tmp_path):
+    feats = _feats(tmp_path, 500, 32)
+    build_bundle(random_ckpt, "img", feats, tmp_path / "b", progress=False)
+    xq = np.load(feats)[:20]
+    cpu = Searcher(tmp_path / "b", use_gpu=False).search(("img", xq), top_k=5, path="dense")
+    gpu = Searcher(tmp_path / "b", use_gpu=True).search(("img", xq), top_k=5, path="dense")
+    assert gpu.ids == cpu.ids
+    np.testing.assert_allclose(gpu.scores, cpu.scores, rtol=1e-4)
