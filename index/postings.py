@@ -1,6 +1,6 @@
 """Sparse latent search: an inverted index over latents (posting lists of item, value).
 
-Memory is k * (4 + 2) bytes per item (int32 item number + float16 value per active latent), never a dense
+Memory is k * (4 + 4) bytes per item (int32 item number + float32 value per active latent), never a dense
 [n_items, n_latents] matrix. Scoring a query touches only the posting lists of its k latents.
 """
 
@@ -18,7 +18,7 @@ class Postings:
     def __init__(self, offsets: np.ndarray, items: np.ndarray, values: np.ndarray, n_items: int) -> None:
         self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
         self.items = np.ascontiguousarray(items, dtype=np.int32)
-        self.values = np.ascontiguousarray(values, dtype=np.float16)
+        self.values = np.ascontiguousarray(values, dtype=np.float32)
         self.n_items = int(n_items)
         with warnings.catch_warnings():  # memory-mapped, read-only: torch only ever reads these
             warnings.simplefilter("ignore", UserWarning)
@@ -58,39 +58,39 @@ class Postings:
         np.cumsum(counts, out=offsets[1:])
         return Postings(offsets, np.concatenate(items), np.concatenate(values), parts[-1].n_items)
 
+    def posting(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
+        """Items (row numbers) and values of one latent's posting list."""
+        a, b = self.offsets[latent], self.offsets[latent + 1]
+        return self.items[a:b], self.values[a:b]
+
     def nbytes(self) -> int:
         return self.offsets.nbytes + self.items.nbytes + self.values.nbytes
 
-    def search(self, q_idx: np.ndarray, q_val: np.ndarray, k: int, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, q_idx: np.ndarray, q_val: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k inner products <query code, item code>. q_idx, q_val: [nq, kq] -> (D, I) [nq, k].
 
-        Missing results (fewer than k items share a latent with the query) are I = -1, D = -inf.
+        Each query accumulates its k posting lists into one dense score buffer (index_add_ with the
+        query weight as alpha: no temporaries), then takes a top-k. Items sharing no active latent with
+        the query are not hits: fewer than k hits leave I = -1, D = -inf.
         """
         nq = q_idx.shape[0]
-        k_eff = min(k, self.n_items)
         D = np.full((nq, k), -np.inf, dtype=np.float32)
         I = np.full((nq, k), -1, dtype=np.int64)
-        if nq == 0 or self.n_items == 0 or k_eff == 0:
+        k_eff = min(k, self.n_items)
+        if nq == 0 or k_eff == 0:
             return D, I
+        scores = torch.empty(self.n_items, dtype=torch.float32)
         starts, ends = self.offsets[q_idx], self.offsets[q_idx + 1]
-        for c0 in range(0, nq, chunk):
-            c1 = min(nq, c0 + chunk)
-            flat_idx, flat_w = [], []
-            for r in range(c0, c1):
-                for j in range(q_idx.shape[1]):
-                    a, b = starts[r, j], ends[r, j]
-                    if b > a and q_val[r, j] > 0:
-                        flat_idx.append((r - c0) * self.n_items + self._items_t[a:b].long())
-                        flat_w.append(self._values_t[a:b].float() * float(q_val[r, j]))
-            scores = torch.zeros((c1 - c0) * self.n_items, dtype=torch.float32)
-            if flat_idx:
-                scores.index_add_(0, torch.cat(flat_idx), torch.cat(flat_w))
-            scores = scores.view(c1 - c0, self.n_items)
-            hits = (scores > 0).sum(1)
-            top = scores.topk(k_eff, dim=1)
+        for r in range(nq):
+            scores.zero_()
+            for j in range(q_idx.shape[1]):
+                a, b, w = int(starts[r, j]), int(ends[r, j]), float(q_val[r, j])
+                if b > a and w != 0.0:
+                    scores.index_add_(0, self._items_t[a:b], self._values_t[a:b], alpha=w)
+            top = scores.topk(k_eff)
             d, i = top.values.numpy(), top.indices.numpy()
-            for r in range(c1 - c0):
-                m = min(int(hits[r]), k_eff)
-                D[c0 + r, :m] = d[r, :m]
-                I[c0 + r, :m] = i[r, :m]
+            hit = d > 0
+            m = int(hit.sum())
+            D[r, :m] = d[hit]
+            I[r, :m] = i[hit]
         return D, I

@@ -37,6 +37,7 @@ class SparcConfig(_Strict):
     topk: Literal["global", "local"] = "global"  # shared selection (SPARC) or per-stream (baseline)
     auxk: int = Field(256, ge=0)  # dead latents used by the AuxK loss per stream; 0 disables it
     input_norm: Literal["l2", "scale", "none"] = "scale"  # per-stream input normalisation
+    min_rel_activation: float = Field(0.0, ge=0, lt=1)  # drop activations below this x the row's max
     sparse_kernels: bool = True  # O(k*d) gather decoding; False uses dense matmuls (reference)
 
     @field_validator("streams")
@@ -71,6 +72,7 @@ class TrainConfig(_Strict):
     topk: Literal["global", "local"] = "global"
     auxk: int = Field(256, ge=0)
     input_norm: Literal["l2", "scale", "none"] = "scale"
+    min_rel_activation: float = Field(0.0, ge=0, lt=1)
     sparse_kernels: bool = True
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(256, ge=1)
@@ -80,6 +82,7 @@ class TrainConfig(_Strict):
     auxk_coef: float = Field(1 / 32, ge=0)
     solo_select_prob: float = Field(0.5, ge=0, le=1)  # share of samples whose indices come from one stream
     align_coef: float = Field(1.0, ge=0)  # weight of the one-stream code agreement loss
+    align_mode: Literal["values", "logits"] = "logits"  # what the one-stream codes are pulled together by
     align_ramp: float = Field(0.3, ge=0, le=1)  # share of steps over which align_coef ramps up from 0
     dead_after: int = Field(20_000, ge=1)  # samples without firing before a latent counts as dead
     revive_after: int = Field(100_000, ge=1)  # samples dead before the encoder row is re-initialised
@@ -110,6 +113,7 @@ class TrainConfig(_Strict):
             topk=self.topk,
             auxk=min(self.auxk, self.n_latents),
             input_norm=self.input_norm,
+            min_rel_activation=self.min_rel_activation,
             sparse_kernels=self.sparse_kernels,
         )
 

@@ -130,6 +130,19 @@ class SparcModel(nn.Module):
             c.b_dec.copy_(self.normalize(s, x).mean(0))
 
     # ---- encoding ---------------------------------------------------------------------------------
+    def activate(self, selected: Tensor) -> Tensor:
+        """ReLU of the k selected logits, minus those weaker than min_rel_activation x the row's strongest.
+
+        The relative floor gives each sample as many active latents as it has clear concepts (at most k)
+        and drops the weak tail, where one-stream codes of the same item disagree most.
+        """
+        values = selected.relu()
+        rho = self.cfg.min_rel_activation
+        if rho > 0:
+            floor = rho * values.detach().amax(dim=1, keepdim=True)
+            values = values * (values >= floor)
+        return values
+
     def _check_inputs(self, inputs: dict[str, Tensor]) -> list[str]:
         if not inputs:
             raise ValueError("encode needs at least one stream")
@@ -162,11 +175,11 @@ class SparcModel(nn.Module):
         h = {s: self.logits(s, inputs[s]) for s in streams}
         if self.cfg.topk == "global":
             idx = torch.stack(list(h.values())).sum(0).topk(self.k, dim=1, sorted=False).indices
-            return {s: SparseCode(idx, h[s].gather(1, idx).relu(), self.n_latents) for s in streams}
+            return {s: SparseCode(idx, self.activate(h[s].gather(1, idx)), self.n_latents) for s in streams}
         out = {}
         for s in streams:
             top = h[s].topk(self.k, dim=1, sorted=False)
-            out[s] = SparseCode(top.indices, top.values.relu(), self.n_latents)
+            out[s] = SparseCode(top.indices, self.activate(top.values), self.n_latents)
         return out
 
     @torch.no_grad()
@@ -210,6 +223,7 @@ class SparcModel(nn.Module):
         solo_select: Tensor | None = None,
         cross: bool = True,
         align: bool = True,
+        align_mode: str = "values",
     ) -> SparcOutput:
         """One training pass over a paired batch.
 
@@ -254,7 +268,7 @@ class SparcModel(nn.Module):
         for s in streams:
             parts = [sel[s]] + ([align_pos] if align_pos is not None else []) + ([aux_idx[s]] if s in aux_idx else [])
             raw = self._gather(s, h[s], xc[s], torch.cat(parts, dim=1))
-            codes[s] = SparseCode(sel[s], raw[:, :k].relu(), self.n_latents)
+            codes[s] = SparseCode(sel[s], self.activate(raw[:, :k]), self.n_latents)
             if align_pos is not None:
                 align_logits[s] = raw[:, k : k + align_pos.shape[1]]
             if s in aux_idx:
@@ -286,20 +300,29 @@ class SparcModel(nn.Module):
         aux = torch.stack(aux_terms).mean() if aux_terms else zero
 
         align_terms = []
-        if align_logits:
+        if align_logits and align_mode == "logits":
             # Pull every stream's logits at those positions towards their cross-stream mean: equal
-            # logits give equal one-stream top-k sets. Raw logits (not ReLU'd) have no trivial
-            # all-zero optimum, and normalising by the batch's target energy keeps the scale free.
+            # logits give equal one-stream top-k sets. Normalising by the batch's target energy
+            # (not per row) keeps the scale free without blowing up on rows with tiny targets.
             with torch.no_grad():
                 target = torch.stack([align_logits[s] for s in streams]).mean(0)
                 energy = target.pow(2).sum().clamp_min(1e-6)
             align_terms = [(align_logits[s] - target).pow(2).sum() / energy for s in streams]
+        elif align_logits:
+            # Pull every stream's activations towards the shared code: the mean activation where
+            # the shared selection put a latent, zero where only some stream's own top-k did.
+            with torch.no_grad():
+                shared_vals = torch.stack([codes[s].values for s in streams]).mean(0)
+                consensus = shared_vals.new_zeros(shared_vals.shape[0], self.n_latents).scatter_(1, shared, shared_vals)
+                target = consensus.gather(1, align_pos)
+                energy = target.pow(2).sum().clamp_min(1e-6)
+            align_terms = [(align_logits[s].relu() - target).pow(2).sum() / energy for s in streams]
         align_loss = torch.stack(align_terms).mean() if align_terms else zero
 
         with torch.no_grad():
             fired, l0 = {}, []
             for s in streams:
-                vals = h[s].gather(1, solo_idx[s])
+                vals = self.activate(h[s].gather(1, solo_idx[s]))
                 f = torch.zeros(self.n_latents, dtype=torch.bool, device=vals.device)
                 f[solo_idx[s][vals > 0]] = True
                 fired[s] = f

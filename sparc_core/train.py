@@ -131,6 +131,7 @@ def train_step(
         solo_select=solo_select,
         cross=cfg.cross_coef > 0,
         align=cfg.align_coef > 0,
+        align_mode=cfg.align_mode,
     )
     align_w = cfg.align_coef * min(1.0, step / max(1.0, cfg.align_ramp * cfg.steps))
     loss = out.self_loss + cfg.cross_coef * out.cross_loss + cfg.auxk_coef * out.auxk_loss + align_w * out.align_loss
@@ -217,7 +218,7 @@ class Trainer:
 
         A revived latent gets, in EVERY stream, the residual direction of the same (paired) sample,
         so it is born meaning the same thing everywhere; its encoder scale puts that sample's logit
-        at the current selection threshold, so it competes for a slot without taking over.
+        at the median active value, so it wins a slot there without taking over other samples.
         """
         long_dead = torch.zeros(self.model.n_latents, dtype=torch.bool, device=self.device)
         for s in self.model.streams:
@@ -230,7 +231,10 @@ class Trainer:
         for s in self.model.streams:
             x = self.model.normalize(s, batch[s])
             residual[s] = (x - self.model.decode(out.codes[s], s)).float().cpu()
-            threshold[s] = float(out.codes[s].values.min(dim=1).values.clamp_min(1e-3).mean())
+            # the typical active value: a revived latent fires at this strength on its source sample
+            vals = out.codes[s].values
+            active = vals[vals > 0]
+            threshold[s] = float(active.median()) if active.numel() else 1e-3
         energy = torch.nan_to_num(sum(r.pow(2).sum(1) for r in residual.values()), 0.0, 0.0, 0.0) + 1e-12
         pick = torch.multinomial(energy, len(rows), replacement=True, generator=g)
         for s in self.model.streams:

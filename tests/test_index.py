@@ -43,8 +43,8 @@ def test_cross_stream_search_finds_the_paired_item(trained_checkpoint, medium_sy
         res = searcher.search(("clip_txt", xq), top_k=10, path=path)
         top1 = np.mean([ids[0] == i for i, ids in enumerate(res.ids)])
         top10 = np.mean([i in ids for i, ids in enumerate(res.ids)])
-        assert top1 > 0.5, (path, top1)  # text query -> its own image, 600 items, chance is 0.0017
-        assert top10 > 0.8, (path, top10)
+        assert top1 > 0.3, (path, top1)  # text query -> its own image, 600 items, chance is 0.0017
+        assert top10 > 0.7, (path, top10)
         assert all(len(ids) == 10 for ids in res.ids) and len(res.ids) == n
 
 

@@ -1,0 +1,76 @@
+"""``sparc serve``: registered into the sparc command via the sparc.commands entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+DEMO_ROOT = Path("runs/demo")
+DEMO_INDEXES = {"demo-dino": "dino", "demo-clip-img": "clip_img"}  # index name -> gallery stream
+
+
+def register(sub: Any) -> None:
+    """Add the ``serve`` command to the sparc parser."""
+    p = sub.add_parser("serve", help="run the gRPC retrieval service (default: the demo's model and indexes)")
+    p.add_argument("--config", help="YAML/JSON ServiceSettings (env SPARC_* and flags override it)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--metrics-port", dest="metrics_port", type=int, help="Prometheus /metrics port (0 disables)")
+    p.add_argument("--checkpoint")
+    p.add_argument("--index", action="append", metavar="NAME=DIR[,DIR...]", help="an index and its shard bundles")
+    p.add_argument("--token", help="require this bearer token (or set SPARC_AUTH_TOKEN)")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=_serve)
+
+
+def demo_artefacts(root: Path = DEMO_ROOT) -> dict[str, list[str]]:
+    """Train the demo model and build its indexes over the held-out gallery, unless already there."""
+    from index import build_bundle
+    from index.bundle import BundleError, read_manifest
+    from sparc_core import checkpoint_hash
+    from sparc_core.demo import demo_paths, run_demo
+
+    paths = demo_paths(root)
+    if not (paths["sparc"] / "config.json").is_file():
+        run_demo(root)
+    indexes = {}
+    for name, stream in DEMO_INDEXES.items():
+        out = root / "indexes" / name
+        try:
+            fresh = read_manifest(out).checkpoint_sha256 == checkpoint_hash(paths["sparc"])
+        except BundleError:
+            fresh = False
+        if not fresh:
+            print(f"building index {name} from {stream} features of the held-out demo data -> {out}")
+            build_bundle(paths["sparc"], stream, paths["data"] / "eval" / f"{stream}.npy", out)
+        indexes[name] = [str(out)]
+    return indexes
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from sparc_core.config import ConfigError
+
+    from .server import SparcServer
+    from .settings import load_settings
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    overrides: dict[str, Any] = {"host": args.host, "port": args.port, "metrics_port": args.metrics_port,
+                                 "checkpoint": args.checkpoint, "auth_token": args.token}
+    if args.index:
+        indexes = {}
+        for spec in args.index:
+            name, sep, dirs = spec.partition("=")
+            if not sep or not name or not dirs:
+                raise ConfigError(f"--index expects NAME=DIR[,DIR...], got {spec!r}")
+            indexes[name] = dirs.split(",")
+        overrides["indexes"] = indexes
+    settings = load_settings(args.config, overrides)
+    if not settings.indexes and args.config is None and args.checkpoint is None:
+        settings = settings.model_copy(update={"indexes": demo_artefacts(), "checkpoint": str(DEMO_ROOT / "sparc")})
+    server = SparcServer(settings).start()
+    print(f"sparc serving {sorted(settings.indexes)} on {settings.host}:{server.port}"
+          + (f", metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else ""), flush=True)
+    server.serve_forever()
+    return 0

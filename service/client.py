@@ -1,0 +1,154 @@
+"""A small typed Python client for the sparc gRPC service.
+
+    from service.client import SparcClient
+    with SparcClient("127.0.0.1:50051") as c:
+        hits = c.search_vector("clip_txt", vec, indexes=["images"], top_k=5, explain=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .protogen import ensure_stubs
+
+ensure_stubs()
+from ._proto.sparc.v1 import sparc_pb2 as pb  # noqa: E402
+from ._proto.sparc.v1 import sparc_pb2_grpc as pb_grpc  # noqa: E402
+
+PATHS = {None: pb.SEARCH_PATH_DEFAULT, "sparse": pb.SEARCH_PATH_SPARSE, "dense": pb.SEARCH_PATH_DENSE}
+
+
+@dataclass
+class SharedLatent:
+    latent: int
+    query_value: float
+    item_value: float
+    contribution: float
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    rank: int
+    index: str
+    explanation: list[SharedLatent] = field(default_factory=list)
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    path: str
+    query_stream: str
+    query_code: tuple[list[int], list[float]] | None = None
+
+
+def _result(r: pb.SearchResponse) -> SearchResult:
+    hits = [Hit(h.id, h.score, h.rank, h.index,
+                [SharedLatent(e.latent, e.query_value, e.item_value, e.contribution) for e in h.explanation]) for h in r.hits]
+    code = (list(r.query_code.indices), list(r.query_code.values)) if r.HasField("query_code") else None
+    return SearchResult(hits, r.path, r.query_stream, code)
+
+
+def make_query(text: str | None = None, image: bytes | None = None, stream: str | None = None,
+               vector: Sequence[float] | np.ndarray | None = None) -> pb.Query:
+    """A Query message from exactly one of text, image bytes, or (stream, vector)."""
+    given = [x is not None for x in (text, image, vector)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of text, image or vector")
+    if text is not None:
+        return pb.Query(text=text)
+    if image is not None:
+        return pb.Query(image=image)
+    return pb.Query(vector=pb.Vector(stream=stream or "", values=np.asarray(vector, dtype=np.float32).tolist()))
+
+
+def search_request(query: pb.Query, indexes: Sequence[str], top_k: int = 10, path: str | None = None,
+                   explain: bool = False, return_code: bool = False, require: Sequence[int] = (),
+                   exclude: Sequence[int] = (), boost: dict[int, float] | None = None, nprobe: int = 0) -> pb.SearchRequest:
+    """A SearchRequest message."""
+    return pb.SearchRequest(query=query, indexes=list(indexes), top_k=top_k, path=PATHS[path], explain=explain,
+                            return_code=return_code, nprobe=nprobe,
+                            filter=pb.LatentFilter(require=list(require), exclude=list(exclude), boost=boost or {}))
+
+
+class SparcClient:
+    """Blocking client; every call takes an optional ``timeout`` (seconds) that becomes the gRPC deadline."""
+
+    def __init__(self, target: str, token: str | None = None, root_certificates: bytes | None = None,
+                 max_message_bytes: int = 16 * 1024 * 1024) -> None:
+        options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+        if root_certificates is not None:
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.stub = pb_grpc.SparcStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    def __enter__(self) -> SparcClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def health(self, service: str = "", timeout: float = 5.0) -> str:
+        """SERVING, NOT_SERVING, ... for the whole server ("") or a service name."""
+        r = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server reports SERVING."""
+        import time
+
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                if self.health(timeout=1.0) == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > end:
+                raise TimeoutError(f"server not SERVING after {timeout}s")
+            time.sleep(0.05)
+
+    def search(self, request: pb.SearchRequest, timeout: float | None = None) -> SearchResult:
+        return _result(self.stub.Search(request, timeout=timeout, metadata=self.metadata))
+
+    def search_vector(self, stream: str, vector: Sequence[float] | np.ndarray, indexes: Sequence[str], top_k: int = 10,
+                      path: str | None = None, explain: bool = False, timeout: float | None = None, **kw) -> SearchResult:
+        """Search with one raw feature vector of ``stream``."""
+        req = search_request(make_query(stream=stream, vector=vector), indexes, top_k, path, explain, **kw)
+        return self.search(req, timeout)
+
+    def search_text(self, text: str, indexes: Sequence[str], top_k: int = 10, timeout: float | None = None, **kw) -> SearchResult:
+        return self.search(search_request(make_query(text=text), indexes, top_k, **kw), timeout)
+
+    def search_batch(self, requests: Sequence[pb.SearchRequest], timeout: float | None = None) -> list[SearchResult]:
+        r = self.stub.SearchBatch(pb.SearchBatchRequest(requests=list(requests)), timeout=timeout, metadata=self.metadata)
+        return [_result(x) for x in r.responses]
+
+    def search_stream(self, requests: Iterable[pb.SearchRequest], timeout: float | None = None) -> Iterator[SearchResult]:
+        for r in self.stub.SearchStream(iter(requests), timeout=timeout, metadata=self.metadata):
+            yield _result(r)
+
+    def encode(self, query: pb.Query, decode_stream: str = "", timeout: float | None = None) -> pb.EncodeResponse:
+        return self.stub.Encode(pb.EncodeRequest(query=query, decode_stream=decode_stream), timeout=timeout, metadata=self.metadata)
+
+    def list_indexes(self, timeout: float | None = None) -> list[pb.IndexInfo]:
+        return list(self.stub.ListIndexes(pb.ListIndexesRequest(), timeout=timeout, metadata=self.metadata).indexes)
+
+    def get_index(self, name: str, timeout: float | None = None) -> pb.IndexInfo:
+        return self.stub.GetIndex(pb.GetIndexRequest(name=name), timeout=timeout, metadata=self.metadata)
+
+    def get_latent(self, latent: int, index: str, top_k: int = 10, timeout: float | None = None) -> pb.GetLatentResponse:
+        return self.stub.GetLatent(pb.GetLatentRequest(latent=latent, index=index, top_k=top_k), timeout=timeout,
+                                   metadata=self.metadata)

@@ -1,0 +1,260 @@
+"""The retrieval engine behind the gRPC surface: validates requests, batches encodes, calls sparc_core and
+index, and raises ServiceError with a status name. It holds no model maths and no search maths.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from index import Searcher
+from sparc_core import SparseCode, checkpoint_hash, load_checkpoint
+from sparc_core.train import pick_device
+
+from .settings import ServiceSettings
+
+
+class ServiceError(Exception):
+    """A request the service refuses; ``code`` is a grpc.StatusCode name (mapped in server.py only)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class QuerySpec:
+    """A validated query: its stream and feature vector."""
+
+    stream: str
+    vector: np.ndarray
+
+
+@dataclass
+class SearchSpec:
+    """A validated search request."""
+
+    query: QuerySpec
+    indexes: list[str]
+    top_k: int
+    path: str
+    require: list[int] = field(default_factory=list)
+    exclude: list[int] = field(default_factory=list)
+    boost: dict[int, float] = field(default_factory=dict)
+    explain: bool = False
+    return_code: bool = False
+    nprobe: int | None = None
+
+
+@dataclass
+class Hit:
+    id: Any
+    score: float
+    rank: int
+    index: str
+    explanation: list[Any]
+
+
+class EncodeBatcher:
+    """Micro-batching: concurrent queries of one stream are encoded by one model call.
+
+    A query waits at most ``max_wait_ms`` for company; a batch holds at most ``max_size`` queries.
+    """
+
+    def __init__(self, model: Any, max_size: int, max_wait_ms: float) -> None:
+        self.model, self.max_size, self.max_wait = model, max_size, max_wait_ms / 1000.0
+        self._q: queue.Queue[tuple[str, np.ndarray, Future] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="encode-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, stream: str, vectors: np.ndarray) -> Future:
+        """Future of the SparseCode for ``vectors`` [n, d] of ``stream``."""
+        fut: Future = Future()
+        self._q.put((stream, vectors, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            first = self._q.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait
+            rows = len(first[1])
+            while rows < self.max_size:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                try:
+                    item = self._q.get(timeout=timeout)
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._q.put(None)
+                    break
+                batch.append(item)
+                rows += len(item[1])
+            by_stream: dict[str, list[tuple[np.ndarray, Future]]] = {}
+            for stream, vec, fut in batch:
+                by_stream.setdefault(stream, []).append((vec, fut))
+            for stream, items in by_stream.items():
+                try:
+                    x = torch.from_numpy(np.concatenate([v for v, _ in items])).to(self.model.device)
+                    code = self.model.encode({stream: x}).to("cpu")
+                    start = 0
+                    for v, fut in items:
+                        n = len(v)
+                        fut.set_result(SparseCode(code.indices[start : start + n], code.values[start : start + n], code.n_latents))
+                        start += n
+                except Exception as e:  # noqa: BLE001 - delivered to every waiting caller
+                    for _, fut in items:
+                        if not fut.done():
+                            fut.set_exception(e)
+
+    def close(self) -> None:
+        self._q.put(None)
+
+
+class Engine:
+    """Loaded checkpoint, index searchers and (optional) query encoders."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.model = load_checkpoint(settings.checkpoint, device=pick_device(settings.device))
+        self.checkpoint_sha256 = checkpoint_hash(settings.checkpoint)
+        self.searchers: dict[str, Searcher] = {}
+        for name, bundles in settings.indexes.items():
+            s = Searcher(bundles, model=self.model)
+            if s.manifest.checkpoint_sha256 != self.checkpoint_sha256:
+                raise ServiceError(
+                    "FAILED_PRECONDITION",
+                    f"index {name!r} ({bundles[0]}) was built with checkpoint {s.manifest.checkpoint_sha256[:12]}, "
+                    f"the service runs {self.checkpoint_sha256[:12]}; rebuild it with `sparc index build`",
+                )
+            self.searchers[name] = s
+        self.batcher = EncodeBatcher(self.model, settings.batch_max_size, settings.batch_max_wait_ms)
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    # ---- validation -------------------------------------------------------------------------------
+    def query_spec(self, kind: str | None, text: str = "", image: bytes = b"", stream: str = "",
+                   values: list[float] | np.ndarray | None = None) -> QuerySpec:
+        """Check one query; raises ServiceError naming what is wrong."""
+        s = self.settings
+        if kind is None:
+            raise ServiceError("INVALID_ARGUMENT", "empty query: set exactly one of text, image or vector")
+        if kind == "text":
+            if not text.strip():
+                raise ServiceError("INVALID_ARGUMENT", "empty text query")
+            if len(text) > s.max_text_chars:
+                raise ServiceError("INVALID_ARGUMENT", f"text query of {len(text)} characters exceeds {s.max_text_chars}")
+            raise ServiceError("FAILED_PRECONDITION", "text queries need a text encoder, and none is configured on this "
+                               "server; send a vector query (stream + features) instead")
+        if kind == "image":
+            if not image:
+                raise ServiceError("INVALID_ARGUMENT", "empty image query")
+            if len(image) > s.max_image_bytes:
+                raise ServiceError("INVALID_ARGUMENT", f"image of {len(image)} bytes exceeds {s.max_image_bytes}")
+            raise ServiceError("FAILED_PRECONDITION", "image queries need an image encoder, and none is configured on "
+                               "this server; send a vector query (stream + features) instead")
+        if not stream:
+            raise ServiceError("INVALID_ARGUMENT", "vector query without a stream name")
+        if stream not in self.model.cfg.streams:
+            raise ServiceError("INVALID_ARGUMENT", f"unknown stream {stream!r}; this model has {self.model.streams}")
+        vec = np.asarray(values if values is not None else [], dtype=np.float32)
+        dim = self.model.cfg.streams[stream]
+        if vec.ndim != 1 or len(vec) != dim:
+            raise ServiceError("INVALID_ARGUMENT", f"stream {stream!r} takes {dim} values, got {vec.size}")
+        if not np.isfinite(vec).all():
+            raise ServiceError("INVALID_ARGUMENT", "vector contains NaN or inf")
+        if not np.any(vec):
+            raise ServiceError("INVALID_ARGUMENT", "vector is all zeros")
+        return QuerySpec(stream, vec)
+
+    def check_search(self, spec: SearchSpec) -> None:
+        """Check indexes, top_k, path and filters of a search."""
+        if not spec.indexes:
+            raise ServiceError("INVALID_ARGUMENT", "no index named: set indexes to one or more of " + str(sorted(self.searchers)))
+        for name in spec.indexes:
+            if name not in self.searchers:
+                raise ServiceError("NOT_FOUND", f"unknown index {name!r}; this server has {sorted(self.searchers)}")
+            if spec.path == "dense" and any(d is None for d in self.searchers[name].dense):
+                raise ServiceError("FAILED_PRECONDITION", f"index {name!r} was built without a dense index; use the sparse path")
+        if not 1 <= spec.top_k <= self.settings.max_top_k:
+            raise ServiceError("INVALID_ARGUMENT", f"top_k must be in [1, {self.settings.max_top_k}], got {spec.top_k}")
+        n = self.model.n_latents
+        for lat in [*spec.require, *spec.exclude, *spec.boost]:
+            if not 0 <= lat < n:
+                raise ServiceError("INVALID_ARGUMENT", f"latent {lat} is out of range [0, {n})")
+        for lat, w in spec.boost.items():
+            if not np.isfinite(w):
+                raise ServiceError("INVALID_ARGUMENT", f"boost of latent {lat} is not finite")
+
+    # ---- work -------------------------------------------------------------------------------------
+    def encode(self, specs: list[QuerySpec]) -> list[SparseCode]:
+        """Codes of validated queries, through the micro-batcher."""
+        futures = [self.batcher.submit(q.stream, q.vector[None, :]) for q in specs]
+        return [f.result() for f in futures]
+
+    def decode(self, code: SparseCode, stream: str) -> np.ndarray:
+        if stream not in self.model.cfg.streams:
+            raise ServiceError("INVALID_ARGUMENT", f"unknown decode stream {stream!r}; this model has {self.model.streams}")
+        with torch.no_grad():
+            return self.model.decode(code.to(self.model.device), stream).cpu().numpy()
+
+    def search(self, specs: list[SearchSpec]) -> list[tuple[SparseCode, list[Hit]]]:
+        """Run validated searches; requests with equal settings share one batched index call."""
+        for spec in specs:
+            self.check_search(spec)
+        codes = self.encode([s.query for s in specs])
+        results: list[list[Hit]] = [[] for _ in specs]
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(specs):
+            key = (tuple(s.indexes), s.top_k, s.path, tuple(s.require), tuple(s.exclude), tuple(sorted(s.boost.items())), s.nprobe)
+            groups.setdefault(key, []).append(i)
+        for members in groups.values():
+            spec = specs[members[0]]
+            batch = SparseCode(torch.cat([codes[i].indices for i in members]), torch.cat([codes[i].values for i in members]),
+                               self.model.n_latents)
+            merged: list[list[tuple[float, str, Any]]] = [[] for _ in members]
+            for name in spec.indexes:
+                res = self.searchers[name].search(batch, top_k=spec.top_k, path=spec.path, nprobe=spec.nprobe,
+                                                  require=spec.require or None, exclude=spec.exclude or None,
+                                                  boost=spec.boost or None)
+                for j in range(len(members)):
+                    merged[j].extend((sc, name, item) for item, sc in zip(res.ids[j], res.scores[j]))
+            for j, i in enumerate(members):
+                best = sorted(merged[j], key=lambda t: -t[0])[: spec.top_k]
+                hits = []
+                for rank, (score, name, item) in enumerate(best, start=1):
+                    expl = self.searchers[name].explain(codes[i], item, top=8) if specs[i].explain else []
+                    hits.append(Hit(item, score, rank, name, expl))
+                results[i] = hits
+        return list(zip(codes, results))
+
+    def latent_top_items(self, latent: int, index: str, top_k: int) -> tuple[int, list[tuple[Any, float]]]:
+        """The items of ``index`` with the largest activation of ``latent`` (and how many it fires on)."""
+        if index not in self.searchers:
+            raise ServiceError("NOT_FOUND", f"unknown index {index!r}; this server has {sorted(self.searchers)}")
+        if not 0 <= latent < self.model.n_latents:
+            raise ServiceError("INVALID_ARGUMENT", f"latent {latent} is out of range [0, {self.model.n_latents})")
+        if not 1 <= top_k <= self.settings.max_top_k:
+            raise ServiceError("INVALID_ARGUMENT", f"top_k must be in [1, {self.settings.max_top_k}], got {top_k}")
+        found: list[tuple[float, Any]] = []
+        n_active = 0
+        for shard in self.searchers[index].shards:
+            items, values = shard.postings.posting(latent)
+            n_active += len(items)
+            top = np.argsort(-values, kind="stable")[:top_k]
+            found.extend((float(values[t]), shard.ids[items[t]].item()) for t in top)
+        found.sort(key=lambda t: -t[0])
+        return n_active, [(item, v) for v, item in found[:top_k]]

@@ -1,0 +1,289 @@
+"""The gRPC service over a real channel on a loopback port: every RPC, errors, auth, health, reflection."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from index import build_bundle
+from service.client import SparcClient, make_query, search_request
+from service.server import SparcServer, pb
+from service.settings import load_settings
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def bundles(trained_checkpoint, medium_synth, tmp_path_factory) -> dict[str, list[str]]:
+    root = tmp_path_factory.mktemp("bundles")
+    build_bundle(trained_checkpoint, "dino", medium_synth / "eval" / "dino.npy", root / "dino", progress=False)
+    build_bundle(trained_checkpoint, "clip_img", medium_synth / "eval" / "clip_img.npy", root / "img", progress=False,
+                 dense=False)
+    return {"dino": [str(root / "dino")], "img-sparse": [str(root / "img")]}
+
+
+@pytest.fixture(scope="module")
+def server(trained_checkpoint, bundles):
+    s = load_settings(overrides={"checkpoint": str(trained_checkpoint), "indexes": bundles, "port": 0,
+                                 "metrics_port": 0, "max_top_k": 100, "max_batch": 64, "max_text_chars": 50,
+                                 "max_image_bytes": 1000}, environ={})
+    srv = SparcServer(s).start()
+    yield srv
+    srv.stop(0)
+
+
+@pytest.fixture
+def client(server):
+    with SparcClient(f"127.0.0.1:{server.port}") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def queries(medium_synth) -> np.ndarray:
+    return np.load(medium_synth / "eval" / "clip_txt.npy")
+
+
+def test_health_and_index_listing(client, bundles):
+    assert client.health() == "SERVING"
+    assert client.health("sparc.v1.Sparc") == "SERVING"
+    infos = {i.name: i for i in client.list_indexes()}
+    assert set(infos) == set(bundles)
+    assert infos["dino"].stream == "dino" and infos["dino"].n_items == 600 and infos["dino"].dense
+    assert not infos["img-sparse"].dense
+    assert client.get_index("dino").checkpoint_sha256 == infos["dino"].checkpoint_sha256
+    with pytest.raises(grpc.RpcError) as e:
+        client.get_index("nope")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "unknown index 'nope'" in e.value.details()
+
+
+def test_text_stream_vector_queries_find_the_paired_image(client, queries):
+    found = 0
+    for i in range(100):
+        res = client.search_vector("clip_txt", queries[i], indexes=["dino"], top_k=5)
+        assert [h.rank for h in res.hits] == [1, 2, 3, 4, 5]
+        found += res.hits[0].id == str(i)
+    assert found > 30  # 600 items: chance is 1/600
+
+
+def test_search_explains_and_returns_code(client, queries):
+    res = client.search_vector("clip_txt", queries[3], indexes=["dino"], top_k=3, explain=True, return_code=True,
+                               path="sparse")
+    idx, vals = res.query_code
+    assert len(idx) == len(vals) > 0 and all(v > 0 for v in vals)
+    top = res.hits[0]
+    assert top.explanation and sum(e.contribution for e in top.explanation) == pytest.approx(top.score, rel=1e-2)
+    assert all(e.latent in idx for e in top.explanation)
+
+
+def test_search_over_several_indexes_merges_by_score(client, queries):
+    res = client.search_vector("clip_txt", queries[5], indexes=["dino", "img-sparse"], top_k=6, path="sparse")
+    scores = [h.score for h in res.hits]
+    assert scores == sorted(scores, reverse=True) and {h.index for h in res.hits} <= {"dino", "img-sparse"}
+    dense_req = search_request(make_query(stream="clip_txt", vector=queries[5]), ["img-sparse"], path="dense")
+    with pytest.raises(grpc.RpcError) as e:
+        client.search(dense_req)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_batch_and_stream_match_single_calls(client, queries):
+    reqs = [search_request(make_query(stream="clip_txt", vector=queries[i]), ["dino"], top_k=4) for i in range(20)]
+    singles = [client.search(r) for r in reqs]
+    batch = client.search_batch(reqs)
+    stream = list(client.search_stream(reqs))
+    for a, b, c in zip(singles, batch, stream):
+        assert [h.id for h in a.hits] == [h.id for h in b.hits] == [h.id for h in c.hits]
+        np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in c.hits], rtol=1e-5)
+
+
+def test_encode_and_cross_decode(client, queries):
+    r = client.encode(make_query(stream="clip_txt", vector=queries[0]), decode_stream="dino")
+    assert r.stream == "clip_txt" and len(r.code.indices) > 0
+    assert r.decoded.stream == "dino" and len(r.decoded.values) == 64
+
+
+def test_get_latent_concept_browser(client, queries):
+    code = client.encode(make_query(stream="clip_txt", vector=queries[0])).code
+    latent = code.indices[int(np.argmax(code.values))]
+    r = client.get_latent(latent, "dino", top_k=5)
+    assert r.n_active >= len(r.items) > 0
+    vals = [i.value for i in r.items]
+    assert vals == sorted(vals, reverse=True)
+
+
+BAD = [
+    (pb.SearchRequest(indexes=["dino"]), grpc.StatusCode.INVALID_ARGUMENT, "empty query"),
+    (pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="clip_txt", values=[1.0] * 5)), indexes=["dino"]),
+     grpc.StatusCode.INVALID_ARGUMENT, "takes 48 values, got 5"),
+    (pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="clip_txt", values=[float("nan")] * 48)), indexes=["dino"]),
+     grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
+    (pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="audio", values=[1.0] * 48)), indexes=["dino"]),
+     grpc.StatusCode.INVALID_ARGUMENT, "unknown stream 'audio'"),
+    (pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="clip_txt", values=[1.0] * 48)), indexes=["dino"], top_k=101),
+     grpc.StatusCode.INVALID_ARGUMENT, "top_k must be in"),
+    (pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="clip_txt", values=[1.0] * 48)), indexes=["zzz"]),
+     grpc.StatusCode.NOT_FOUND, "unknown index 'zzz'"),
+    (pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="clip_txt", values=[1.0] * 48))),
+     grpc.StatusCode.INVALID_ARGUMENT, "no index named"),
+    (pb.SearchRequest(query=pb.Query(text="a dog on a beach"), indexes=["dino"]),
+     grpc.StatusCode.FAILED_PRECONDITION, "text queries need a text encoder"),
+    (pb.SearchRequest(query=pb.Query(text="x" * 51), indexes=["dino"]), grpc.StatusCode.INVALID_ARGUMENT, "exceeds 50"),
+    (pb.SearchRequest(query=pb.Query(image=b"\x89PNG" + b"\0" * 2000), indexes=["dino"]),
+     grpc.StatusCode.INVALID_ARGUMENT, "exceeds 1000"),
+    (pb.SearchRequest(query=pb.Query(image=b"not an image"), indexes=["dino"]),
+     grpc.StatusCode.FAILED_PRECONDITION, "image queries need an image encoder"),
+    (pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="clip_txt", values=[1.0] * 48)), indexes=["dino"],
+                      filter=pb.LatentFilter(require=[10_000])), grpc.StatusCode.INVALID_ARGUMENT, "latent 10000 is out of range"),
+]
+
+
+@pytest.mark.parametrize("request_,code,text", BAD)
+def test_bad_inputs_get_the_right_status(client, request_, code, text):
+    with pytest.raises(grpc.RpcError) as e:
+        client.search(request_)
+    assert e.value.code() == code
+    assert text in e.value.details()
+    assert client.health() == "SERVING"
+
+
+def test_batch_errors_name_the_request_and_limits(client, queries):
+    good = search_request(make_query(stream="clip_txt", vector=queries[0]), ["dino"])
+    with pytest.raises(grpc.RpcError) as e:
+        client.search_batch([good, pb.SearchRequest(indexes=["dino"])])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "requests[1]: empty query" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        client.search_batch([good] * 65)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_deadline_is_honoured(client, queries):
+    req = search_request(make_query(stream="clip_txt", vector=queries[0]), ["dino"])
+    with pytest.raises(grpc.RpcError) as e:
+        client.search(req, timeout=1e-6)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_reflection_lists_the_services(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in resp.list_services_response.service}
+    assert {"sparc.v1.Sparc", "grpc.health.v1.Health"} <= names
+
+
+def test_bearer_token_is_required(trained_checkpoint, bundles, queries):
+    s = load_settings(overrides={"checkpoint": str(trained_checkpoint), "indexes": bundles, "port": 0,
+                                 "metrics_port": 0, "auth_token": TOKEN}, environ={})
+    srv = SparcServer(s).start()
+    try:
+        target = f"127.0.0.1:{srv.port}"
+        with SparcClient(target) as anon, SparcClient(target, token="wrong") as bad, SparcClient(target, token=TOKEN) as ok:
+            assert anon.health() == "SERVING"  # health stays open for load balancers
+            for c in (anon, bad):
+                with pytest.raises(grpc.RpcError) as e:
+                    c.search_vector("clip_txt", queries[0], ["dino"])
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(grpc.RpcError) as e:
+                    list(c.search_stream([search_request(make_query(stream="clip_txt", vector=queries[0]), ["dino"])]))
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert ok.search_vector("clip_txt", queries[0], ["dino"]).hits
+    finally:
+        srv.stop(0)
+
+
+def test_metrics_endpoint_counts_requests(trained_checkpoint, bundles, queries):
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        mport = sock.getsockname()[1]
+    s = load_settings(overrides={"checkpoint": str(trained_checkpoint), "indexes": bundles, "port": 0,
+                                 "metrics_port": mport}, environ={})
+    srv = SparcServer(s).start()
+    try:
+        with SparcClient(f"127.0.0.1:{srv.port}") as c:
+            c.search_vector("clip_txt", queries[0], ["dino"])
+            with pytest.raises(grpc.RpcError):
+                c.get_index("missing")
+        text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+        assert 'sparc_requests_total{code="OK",method="Search"} 1.0' in text
+        assert 'sparc_requests_total{code="NOT_FOUND",method="GetIndex"} 1.0' in text
+        assert 'sparc_index_items{index="dino"} 600.0' in text
+    finally:
+        srv.stop(0)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    stream=st.sampled_from(["clip_txt", "dino", "", "x" * 300]),
+    values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=80),
+    indexes=st.lists(st.sampled_from(["dino", "img-sparse", "", "nope"]), max_size=3),
+    top_k=st.integers(min_value=0, max_value=5000),
+    path=st.integers(min_value=0, max_value=5),
+    require=st.lists(st.integers(min_value=0, max_value=4000), max_size=3),
+    text=st.one_of(st.none(), st.text(max_size=60)),
+)
+def test_fuzzed_requests_never_break_the_server(client, stream, values, indexes, top_k, path, require, text):
+    q = pb.Query(text=text) if text is not None else pb.Query(vector=pb.Vector(stream=stream, values=values))
+    req = pb.SearchRequest(query=q, indexes=indexes, top_k=top_k, path=path, filter=pb.LatentFilter(require=require))
+    try:
+        client.search(req, timeout=10)
+    except grpc.RpcError as e:
+        assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                            grpc.StatusCode.FAILED_PRECONDITION), (e.code(), e.details())
+    assert client.health() == "SERVING"
+
+
+SLOW_SERVER = """
+import sys, time
+from service.server import SparcServer, SparcServicer
+from service.settings import load_settings
+orig = SparcServicer._responses
+def slow(self, specs, context):
+    time.sleep(2.0)
+    return orig(self, specs, context)
+SparcServicer._responses = slow
+import json
+s = load_settings(overrides={"checkpoint": sys.argv[1], "indexes": json.loads(sys.argv[2]), "port": 0, "metrics_port": 0,
+                             "grace_seconds": 10}, environ={})
+srv = SparcServer(s).start()
+print(srv.port, flush=True)
+srv.serve_forever()
+print("STOPPED", flush=True)
+"""
+
+
+def test_sigterm_drains_an_in_flight_call(trained_checkpoint, bundles, queries):
+    import json
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(trained_checkpoint), json.dumps(bundles)],
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        port = int(proc.stdout.readline())
+        result = {}
+        with SparcClient(f"127.0.0.1:{port}") as c:
+            c.wait_ready()
+            t = threading.Thread(target=lambda: result.setdefault("r", c.search_vector("clip_txt", queries[0], ["dino"])))
+            t.start()
+            time.sleep(0.5)  # the call is in flight (the server sleeps 2 s in it)
+            os.kill(proc.pid, signal.SIGTERM)
+            t.join(timeout=20)
+        assert result["r"].hits  # the in-flight call completed
+        assert proc.wait(timeout=20) == 0
+        assert "STOPPED" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
