@@ -72,7 +72,7 @@ class TrainConfig(_Strict):
     topk: Literal["global", "local"] = "global"
     auxk: int = Field(256, ge=0)
     input_norm: Literal["l2", "scale", "none"] = "scale"
-    min_rel_activation: float = Field(0.0, ge=0, lt=1)
+    min_rel_activation: float = Field(0.15, ge=0, lt=1)  # drop activations below this x the row's max
     sparse_kernels: bool = True
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(256, ge=1)
@@ -84,8 +84,8 @@ class TrainConfig(_Strict):
     align_coef: float = Field(1.0, ge=0)  # weight of the one-stream code agreement loss
     align_mode: Literal["values", "logits"] = "logits"  # what the one-stream codes are pulled together by
     align_ramp: float = Field(0.3, ge=0, le=1)  # share of steps over which align_coef ramps up from 0
-    dead_after: int = Field(20_000, ge=1)  # samples without firing before a latent counts as dead
-    revive_after: int = Field(100_000, ge=1)  # samples dead before the encoder row is re-initialised
+    dead_after: int = Field(10_000, ge=1)  # samples without firing before a latent counts as dead
+    revive_after: int = Field(20_000, ge=1)  # samples dead before the encoder row is re-initialised
     block_size: int = Field(4096, ge=1)  # rows per contiguous block for block-shuffled reading
     shuffle_blocks: int = Field(8, ge=1)  # blocks mixed together in one shuffle window
     val_rows: int = Field(2048, ge=0)  # rows held out from the end of the data for validation
@@ -125,8 +125,8 @@ class SynthConfig(_Strict):
     unit_norm: list[str] = ["clip_img", "clip_txt"]  # CLIP-like streams get unit-norm rows
     n_train: int = Field(50_000, ge=1)
     n_eval: int = Field(5_000, ge=0)
-    n_concepts: int = Field(384, ge=2)
-    concepts_per_sample: float = Field(4.0, gt=0)  # mean of the Poisson number of concepts (at least 1)
+    n_concepts: int = Field(512, ge=2)
+    concepts_per_sample: float = Field(8.0, gt=0)  # mean of the Poisson number of concepts (at least 1)
     zipf_exponent: float = Field(0.8, ge=0)
     shared_fraction: float = Field(0.85, ge=0, le=1)  # concepts visible to every stream
     noise: float = Field(0.05, ge=0)  # noise norm relative to the signal norm

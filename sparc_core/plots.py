@@ -28,7 +28,7 @@ def plot_training_curves(log_path: str | Path, png_path: str | Path) -> Path | N
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     ax = axes[0, 0]
     for key in ("loss", "self", "cross", "align", "auxk"):
-        ax.plot(steps, [max(r[key], 1e-8) for r in train], label=key)
+        ax.plot(steps, [r[key] if r[key] > 0 else float("nan") for r in train], label=key)
     ax.set_yscale("log")
     ax.set_title("training losses")
     ax.legend()

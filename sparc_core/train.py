@@ -218,7 +218,7 @@ class Trainer:
 
         A revived latent gets, in EVERY stream, the residual direction of the same (paired) sample,
         so it is born meaning the same thing everywhere; its encoder scale puts that sample's logit
-        at the median active value, so it wins a slot there without taking over other samples.
+        at the current selection threshold, so it competes for a slot without taking over.
         """
         long_dead = torch.zeros(self.model.n_latents, dtype=torch.bool, device=self.device)
         for s in self.model.streams:
@@ -231,10 +231,7 @@ class Trainer:
         for s in self.model.streams:
             x = self.model.normalize(s, batch[s])
             residual[s] = (x - self.model.decode(out.codes[s], s)).float().cpu()
-            # the typical active value: a revived latent fires at this strength on its source sample
-            vals = out.codes[s].values
-            active = vals[vals > 0]
-            threshold[s] = float(active.median()) if active.numel() else 1e-3
+            threshold[s] = float(out.codes[s].values.min(dim=1).values.clamp_min(1e-3).mean())
         energy = torch.nan_to_num(sum(r.pow(2).sum(1) for r in residual.values()), 0.0, 0.0, 0.0) + 1e-12
         pick = torch.multinomial(energy, len(rows), replacement=True, generator=g)
         for s in self.model.streams:

@@ -287,3 +287,43 @@ def test_sigterm_drains_an_in_flight_call(trained_checkpoint, bundles, queries):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_settings_file_env_and_flags_layer(tmp_path):
+    cfg = tmp_path / "service.yaml"
+    cfg.write_text("port: 6000\nmax_top_k: 50\nindexes:\n  a: [x]\n")
+    s = load_settings(cfg, overrides={"max_top_k": 70}, environ={"SPARC_PORT": "7000", "SPARC_INDEXES": '{"b": ["y"]}'})
+    assert (s.port, s.max_top_k, s.indexes) == (7000, 70, {"b": ["y"]})
+    cfg.write_text("prot: 1\n")
+    from sparc_core import ConfigError
+
+    with pytest.raises(ConfigError, match="prot: unknown key"):
+        load_settings(cfg, environ={})
+
+
+def test_docker_entrypoint_serves_and_passes_its_healthcheck(trained_checkpoint, bundles):
+    """What the Dockerfile runs: `sparc serve` configured by SPARC_* env vars, probed by its HEALTHCHECK."""
+    import json
+    import re
+
+    dockerfile = (Path(__file__).parents[1] / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["sparc", "serve"]' in dockerfile
+    probe = re.search(r'CMD python -c "(.*?)"\n', dockerfile.replace("\\\n", "")).group(1)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = os.environ | {"SPARC_HOST": "127.0.0.1", "SPARC_PORT": str(port), "SPARC_METRICS_PORT": "0",
+                        "SPARC_CHECKPOINT": str(trained_checkpoint), "SPARC_INDEXES": json.dumps(bundles)}
+    sparc = Path(sys.executable).parent / "sparc"
+    proc = subprocess.Popen([str(sparc), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(20):  # structured log lines come first
+            if "sparc serving" in proc.stdout.readline():
+                break
+        else:
+            pytest.fail("server did not report serving")
+        check = subprocess.run([sys.executable, "-c", probe.replace("50051", str(port))], timeout=30)
+        assert check.returncode == 0
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0

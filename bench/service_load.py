@@ -1,0 +1,143 @@
+"""Load benchmark of the gRPC service on loopback: N concurrent clients for a bounded time.
+
+A 100k-item DINO bundle is built from the demo world, a server runs in its own process (`sparc serve`),
+and client processes send CLIP-text vector queries through SearchBatch or SearchStream for each search
+path. Reported per row: queries/s, per-call p50/p99 latency, the in-process search time of the same
+batch (the RPC overhead is the difference) and the server's RSS at start and end of the run.
+
+    python bench/service_load.py --checkpoint runs/demo/sparc --items 100000 --clients 4 --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _client(target: str, queries: np.ndarray, mode: str, path: str, batch: int, seconds: float, out: mp.Queue) -> None:
+    from service.client import SparcClient, make_query, search_request
+
+    reqs = [search_request(make_query(stream="clip_txt", vector=q), ["bench"], top_k=10, path=path) for q in queries]
+    lat, n = [], 0
+    with SparcClient(target) as c:
+        end = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < end:
+            chunk = [reqs[(i + j) % len(reqs)] for j in range(batch)]
+            i += batch
+            t0 = time.perf_counter()
+            if mode == "batch":
+                c.search_batch(chunk, timeout=30)
+            else:
+                for _ in c.search_stream(chunk, timeout=30):
+                    pass
+            lat.append(time.perf_counter() - t0)
+            n += batch
+    out.put((n, lat))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="runs/demo/sparc")
+    p.add_argument("--items", type=int, default=100_000)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--batch", type=int, default=64, help="queries per SearchBatch call / per stream burst")
+    p.add_argument("--seconds", type=float, default=20.0, help="per row")
+    p.add_argument("--soak", type=float, default=0.0, help="extra seconds of SearchBatch load to watch memory")
+    args = p.parse_args()
+
+    from index import Searcher, build_bundle
+    from index_search import synth_gallery
+
+    work = Path(tempfile.mkdtemp(prefix="sparc-load-"))
+    gal, _, xq = synth_gallery(args.items, work)
+    build_bundle(args.checkpoint, "dino", gal, work / "bundle", progress=False)
+    searcher = Searcher(work / "bundle")
+    port = _free_port()
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "sparc_core.cli", "serve", "--checkpoint", args.checkpoint,
+                               "--index", f"bench={work / 'bundle'}", "--port", str(port), "--metrics-port", "0",
+                               "--log-level", "WARNING"], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    target = f"127.0.0.1:{port}"
+    try:
+        from service.client import SparcClient
+
+        with SparcClient(target) as c:
+            c.wait_ready(120)
+        code = searcher.encode("clip_txt", xq[: args.batch])
+        print(f"{args.items} items, {args.clients} client processes, {args.batch} queries per call, "
+              f"{args.seconds:.0f} s per row, server pid {server.pid}")
+        print("mode | path | qps | p50_ms/call | p99_ms/call | in-process_ms/call | server_rss_MB start->end")
+        print("--- | --- | --- | --- | --- | --- | ---")
+        for path in ("sparse", "dense"):
+            t0 = time.perf_counter()
+            reps = 5
+            for _ in range(reps):
+                searcher.search(code, top_k=10, path=path)
+            inproc = (time.perf_counter() - t0) / reps * 1e3
+            for mode in ("batch", "stream"):
+                rss0 = _rss_mb(server.pid)
+                q: mp.Queue = mp.Queue()
+                procs = [mp.Process(target=_client, args=(target, xq, mode, path, args.batch, args.seconds, q))
+                         for _ in range(args.clients)]
+                t_start = time.perf_counter()
+                for pr in procs:
+                    pr.start()
+                results = [q.get() for _ in procs]
+                for pr in procs:
+                    pr.join()
+                wall = time.perf_counter() - t_start
+                n = sum(r[0] for r in results)
+                lat = np.concatenate([r[1] for r in results]) * 1e3
+                print(f"{mode} | {path} | {n / wall:.0f} | {np.percentile(lat, 50):.1f} | {np.percentile(lat, 99):.1f} | "
+                      f"{inproc:.1f} | {rss0:.0f}->{_rss_mb(server.pid):.0f}", flush=True)
+        if args.soak:
+            rss = [_rss_mb(server.pid)]
+            q = mp.Queue()
+            procs = [mp.Process(target=_client, args=(target, xq, "batch", "sparse", args.batch, args.soak, q))
+                     for _ in range(args.clients)]
+            for pr in procs:
+                pr.start()
+            end = time.monotonic() + args.soak
+            while time.monotonic() < end:
+                time.sleep(min(10, args.soak / 6))
+                rss.append(_rss_mb(server.pid))
+            results = [q.get() for _ in procs]
+            for pr in procs:
+                pr.join()
+            print(f"soak {args.soak:.0f} s: {sum(r[0] for r in results)} queries; server RSS MB every ~10 s: "
+                  + ", ".join(f"{x:.0f}" for x in rss))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
