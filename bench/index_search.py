@@ -60,7 +60,11 @@ def timed(fn, xq: np.ndarray, batch: int, max_queries: int, budget_s: float) -> 
         lat.append(time.perf_counter() - t0)
         i += batch
     lat_a = np.array(lat)
-    return {"qps": batch * len(lat) / lat_a.sum(), "p50_ms": 1e3 * np.percentile(lat_a, 50), "p99_ms": 1e3 * np.percentile(lat_a, 99)}
+    return {
+        "qps": batch * len(lat) / lat_a.sum(),
+        "p50_ms": 1e3 * np.percentile(lat_a, 50),
+        "p99_ms": 1e3 * np.percentile(lat_a, 99),
+    }
 
 
 def recall_at(ids_a: list[list], ids_b: list[list], k: int = 10) -> float:
@@ -91,14 +95,26 @@ def run_size(n: int, args: argparse.Namespace, model, work: Path) -> list[dict]:
     for path in ("sparse", "dense"):
         for batch in (1, 256):
             t = timed(run(path), xq_raw, batch, 256 if batch == 1 else 1024, budget)
-            rows.append({"n": n, "method": f"sparc {path} exact", "batch": batch, **t, "recall@10": 1.0,
-                         "mem_B/item": mem[path] / n, "disk_B/item": (sparse_disk if path == "sparse" else disk - sparse_disk + 8 * n) / n,
-                         "build_s": build_s, "build_items/s": n / build_s})
+            rows.append(
+                {
+                    "n": n,
+                    "method": f"sparc {path} exact",
+                    "batch": batch,
+                    **t,
+                    "recall@10": 1.0,
+                    "mem_B/item": mem[path] / n,
+                    "disk_B/item": (sparse_disk if path == "sparse" else disk - sparse_disk + 8 * n) / n,
+                    "build_s": build_s,
+                    "build_items/s": n / build_s,
+                }
+            )
     # Approximate dense setting against exact dense.
     if n >= 100_000 and args.ivf:
         nlist = int(4 * np.sqrt(n))
         t0 = time.perf_counter()
-        build_bundle(args.checkpoint, GALLERY, gal_path, work / "ivf", faiss_factory=f"IVF{nlist},Flat", progress=False, model=model)
+        build_bundle(
+            args.checkpoint, GALLERY, gal_path, work / "ivf", faiss_factory=f"IVF{nlist},Flat", progress=False, model=model
+        )
         ivf_build = time.perf_counter() - t0
         ivf = Searcher(work / "ivf", model=model)
         for nprobe in (8, 32):
@@ -106,9 +122,19 @@ def run_size(n: int, args: argparse.Namespace, model, work: Path) -> list[dict]:
             fn = lambda q, nprobe=nprobe: ivf.search(head(q), top_k=10, path="dense", nprobe=nprobe)  # noqa: E731
             for batch in (1, 256):
                 t = timed(fn, xq_raw, batch, 256 if batch == 1 else 1024, budget)
-                rows.append({"n": n, "method": f"sparc dense IVF{nlist} nprobe={nprobe}", "batch": batch, **t,
-                             "recall@10": recall_at(approx, exact["dense"]), "mem_B/item": np.nan, "disk_B/item": np.nan,
-                             "build_s": ivf_build, "build_items/s": n / ivf_build})
+                rows.append(
+                    {
+                        "n": n,
+                        "method": f"sparc dense IVF{nlist} nprobe={nprobe}",
+                        "batch": batch,
+                        **t,
+                        "recall@10": recall_at(approx, exact["dense"]),
+                        "mem_B/item": np.nan,
+                        "disk_B/item": np.nan,
+                        "build_s": ivf_build,
+                        "build_items/s": n / ivf_build,
+                    }
+                )
     # Baseline: exact inner product over the raw CLIP image features, queried with raw CLIP text.
     xb = np.load(base_path, mmap_mode="r")
     t0 = time.perf_counter()
@@ -118,9 +144,19 @@ def run_size(n: int, args: argparse.Namespace, model, work: Path) -> list[dict]:
     base_build = time.perf_counter() - t0
     for batch in (1, 256):
         t = timed(lambda q: flat.search(np.ascontiguousarray(q), 10), xq_raw, batch, 64 if batch == 1 else 512, budget)
-        rows.append({"n": n, "method": "baseline FAISS Flat raw CLIP 768-d", "batch": batch, **t, "recall@10": 1.0,
-                     "mem_B/item": 4 * xb.shape[1] + 8, "disk_B/item": 4 * xb.shape[1] + 8, "build_s": base_build,
-                     "build_items/s": n / base_build})
+        rows.append(
+            {
+                "n": n,
+                "method": "baseline FAISS Flat raw CLIP 768-d",
+                "batch": batch,
+                **t,
+                "recall@10": 1.0,
+                "mem_B/item": 4 * xb.shape[1] + 8,
+                "disk_B/item": 4 * xb.shape[1] + 8,
+                "build_s": base_build,
+                "build_items/s": n / base_build,
+            }
+        )
     base_qps = {r["batch"]: r["qps"] for r in rows if r["method"].startswith("baseline")}
     for r in rows:
         r["x_baseline_qps"] = r["qps"] / base_qps[r["batch"]]
@@ -136,10 +172,24 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed after)")
     args = p.parse_args()
     model = load_checkpoint(args.checkpoint)
-    print(f"checkpoint {args.checkpoint}: n_latents {model.n_latents}, k {model.k}; faiss {faiss.__version__}; "
-          f"threads {faiss.omp_get_max_threads()}")
-    header = ["n", "method", "batch", "qps", "x_baseline_qps", "p50_ms", "p99_ms", "recall@10", "mem_B/item",
-              "disk_B/item", "build_s", "build_items/s"]
+    print(
+        f"checkpoint {args.checkpoint}: n_latents {model.n_latents}, k {model.k}; faiss {faiss.__version__}; "
+        f"threads {faiss.omp_get_max_threads()}"
+    )
+    header = [
+        "n",
+        "method",
+        "batch",
+        "qps",
+        "x_baseline_qps",
+        "p50_ms",
+        "p99_ms",
+        "recall@10",
+        "mem_B/item",
+        "disk_B/item",
+        "build_s",
+        "build_items/s",
+    ]
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     for n in (int(x) for x in args.sizes.split(",")):

@@ -73,8 +73,9 @@ def main() -> None:
     p.add_argument("--soak", type=float, default=0.0, help="extra seconds of SearchBatch load to watch memory")
     args = p.parse_args()
 
-    from index import Searcher, build_bundle
     from index_search import synth_gallery
+
+    from index import Searcher, build_bundle
 
     work = Path(tempfile.mkdtemp(prefix="sparc-load-"))
     gal, _, xq = synth_gallery(args.items, work)
@@ -82,9 +83,28 @@ def main() -> None:
     searcher = Searcher(work / "bundle")
     port = _free_port()
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "sparc_core.cli", "serve", "--checkpoint", args.checkpoint,
-                               "--index", f"bench={work / 'bundle'}", "--port", str(port), "--metrics-port", "0",
-                               "--log-level", "WARNING"], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sparc_core.cli",
+            "serve",
+            "--checkpoint",
+            args.checkpoint,
+            "--index",
+            f"bench={work / 'bundle'}",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--log-level",
+            "WARNING",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     target = f"127.0.0.1:{port}"
     try:
         from service.client import SparcClient
@@ -92,8 +112,10 @@ def main() -> None:
         with SparcClient(target) as c:
             c.wait_ready(120)
         code = searcher.encode("clip_txt", xq[: args.batch])
-        print(f"{args.items} items, {args.clients} client processes, {args.batch} queries per call, "
-              f"{args.seconds:.0f} s per row, server pid {server.pid}")
+        print(
+            f"{args.items} items, {args.clients} client processes, {args.batch} queries per call, "
+            f"{args.seconds:.0f} s per row, server pid {server.pid}"
+        )
         print("mode | path | qps | p50_ms/call | p99_ms/call | in-process_ms/call | server_rss_MB start->end")
         print("--- | --- | --- | --- | --- | --- | ---")
         for path in ("sparse", "dense"):
@@ -105,8 +127,10 @@ def main() -> None:
             for mode in ("batch", "stream"):
                 rss0 = _rss_mb(server.pid)
                 q: mp.Queue = mp.Queue()
-                procs = [mp.Process(target=_client, args=(target, xq, mode, path, args.batch, args.seconds, q))
-                         for _ in range(args.clients)]
+                procs = [
+                    mp.Process(target=_client, args=(target, xq, mode, path, args.batch, args.seconds, q))
+                    for _ in range(args.clients)
+                ]
                 t_start = time.perf_counter()
                 for pr in procs:
                     pr.start()
@@ -116,13 +140,18 @@ def main() -> None:
                 wall = time.perf_counter() - t_start
                 n = sum(r[0] for r in results)
                 lat = np.concatenate([r[1] for r in results]) * 1e3
-                print(f"{mode} | {path} | {n / wall:.0f} | {np.percentile(lat, 50):.1f} | {np.percentile(lat, 99):.1f} | "
-                      f"{inproc:.1f} | {rss0:.0f}->{_rss_mb(server.pid):.0f}", flush=True)
+                print(
+                    f"{mode} | {path} | {n / wall:.0f} | {np.percentile(lat, 50):.1f} | {np.percentile(lat, 99):.1f} | "
+                    f"{inproc:.1f} | {rss0:.0f}->{_rss_mb(server.pid):.0f}",
+                    flush=True,
+                )
         if args.soak:
             rss = [_rss_mb(server.pid)]
             q = mp.Queue()
-            procs = [mp.Process(target=_client, args=(target, xq, "batch", "sparse", args.batch, args.soak, q))
-                     for _ in range(args.clients)]
+            procs = [
+                mp.Process(target=_client, args=(target, xq, "batch", "sparse", args.batch, args.soak, q))
+                for _ in range(args.clients)
+            ]
             for pr in procs:
                 pr.start()
             end = time.monotonic() + args.soak
@@ -132,8 +161,10 @@ def main() -> None:
             results = [q.get() for _ in procs]
             for pr in procs:
                 pr.join()
-            print(f"soak {args.soak:.0f} s: {sum(r[0] for r in results)} queries; server RSS MB every ~10 s: "
-                  + ", ".join(f"{x:.0f}" for x in rss))
+            print(
+                f"soak {args.soak:.0f} s: {sum(r[0] for r in results)} queries; server RSS MB every ~10 s: "
+                + ", ".join(f"{x:.0f}" for x in rss)
+            )
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -56,8 +56,10 @@ def main() -> None:
     device = pick_device(args.device)
     dense = measure(False, args, device)
     sparse = measure(True, args, device)
-    print(f"device {device}, threads {torch.get_num_threads()}, n_latents {args.n_latents}, k {args.k}, "
-          f"auxk {args.auxk}, batch {args.batch_size}, dims 1024/768/768, {args.steps} timed steps")
+    print(
+        f"device {device}, threads {torch.get_num_threads()}, n_latents {args.n_latents}, k {args.k}, "
+        f"auxk {args.auxk}, batch {args.batch_size}, dims 1024/768/768, {args.steps} timed steps"
+    )
     print(f"{'variant':<26}{'ms/step':>10}{'steps/s':>10}{'speed-up':>10}")
     print(f"{'dense decoding (baseline)':<26}{dense * 1e3:>10.1f}{1 / dense:>10.2f}{1.0:>10.2f}")
     print(f"{'sparse kernels':<26}{sparse * 1e3:>10.1f}{1 / sparse:>10.2f}{dense / sparse:>10.2f}")

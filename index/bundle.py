@@ -142,6 +142,23 @@ def _normalise_ids(ids: np.ndarray, source: str) -> np.ndarray:
     raise BundleError(f"{source}: ids must be integers or strings, got {ids.dtype}")
 
 
+def _item_ids(ids: str | Path | np.ndarray | None, store: FeatureStore, first_default: int | None) -> np.ndarray:
+    """Ids given (array or file), else the feature file's own ids, else consecutive ints from first_default."""
+    if isinstance(ids, np.ndarray):
+        out = _normalise_ids(ids, "ids")
+    elif ids is not None:
+        out = load_ids(ids)
+    elif store.ids is not None:
+        out = _normalise_ids(store.ids, str(store.path))
+    elif first_default is None:
+        raise BundleError("this bundle has string ids: pass --ids for the new items")
+    else:
+        out = np.arange(first_default, first_default + store.n_rows, dtype=np.int64)
+    if len(out) != store.n_rows:
+        raise BundleError(f"{len(out)} ids for {store.n_rows} feature rows in {store.path}")
+    return out
+
+
 def _check_unique(ids: np.ndarray, source: str) -> None:
     uniq, counts = np.unique(ids, return_counts=True)
     if len(uniq) != len(ids):
@@ -151,8 +168,14 @@ def _check_unique(ids: np.ndarray, source: str) -> None:
 
 @torch.no_grad()
 def encode_gallery(
-    model: SparcModel, stream: str, store: FeatureStore, start: int, stop: int, batch_size: int = 8192,
-    dense: bool = True, progress: bool = True,
+    model: SparcModel,
+    stream: str,
+    store: FeatureStore,
+    start: int,
+    stop: int,
+    batch_size: int = 8192,
+    dense: bool = True,
+    progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Codes (idx, L2-normalised float16 values) and, if ``dense``, the centred unit feature vectors."""
     n = stop - start
@@ -242,7 +265,9 @@ def build_bundle(
         raise BundleError(f"stream {stream!r} is not in checkpoint {checkpoint} (it has {model.streams})")
     store = FeatureStore(features)
     if store.dim != model.cfg.streams[stream]:
-        raise BundleError(f"{store.path}: dim {store.dim}, but stream {stream!r} of the checkpoint expects {model.cfg.streams[stream]}")
+        raise BundleError(
+            f"{store.path}: dim {store.dim}, but stream {stream!r} of the checkpoint expects {model.cfg.streams[stream]}"
+        )
     i, n_shards = shard
     if not 0 <= i < n_shards:
         raise BundleError(f"shard {i} of {n_shards} does not exist")
@@ -250,33 +275,35 @@ def build_bundle(
     start, stop = min(i * per, store.n_rows), min((i + 1) * per, store.n_rows)
     if stop <= start:
         raise BundleError(f"{store.path}: shard {i}/{n_shards} holds no rows ({store.n_rows} rows in all)")
-    if isinstance(ids, np.ndarray):
-        all_ids = _normalise_ids(ids, "ids")
-    elif ids is not None:
-        all_ids = load_ids(ids)
-    elif store.ids is not None:
-        all_ids = _normalise_ids(store.ids, str(store.path))
-    else:
-        all_ids = np.arange(store.n_rows, dtype=np.int64)
-    if len(all_ids) != store.n_rows:
-        raise BundleError(f"{len(all_ids)} ids for {store.n_rows} feature rows in {store.path}")
+    all_ids = _item_ids(ids, store, first_default=0)
     item_ids = all_ids[start:stop]
     _check_unique(item_ids, "ids")
     codes_idx, codes_val, vectors = encode_gallery(model, stream, store, start, stop, batch_size, dense, progress)
     post = Postings.from_codes(codes_idx, codes_val.astype(np.float32), model.n_latents)
     dense_index = build_dense_index(vectors, faiss_factory) if vectors is not None else None
     manifest = {
-        "stream": stream, "n_latents": model.n_latents, "k": model.k, "dim": store.dim, "n_items": stop - start,
-        "checkpoint_sha256": ckpt_hash, "checkpoint_path": str(Path(checkpoint).resolve()),
-        "id_kind": "int" if item_ids.dtype.kind == "i" else "str", "dense": dense,
+        "stream": stream,
+        "n_latents": model.n_latents,
+        "k": model.k,
+        "dim": store.dim,
+        "n_items": stop - start,
+        "checkpoint_sha256": ckpt_hash,
+        "checkpoint_path": str(Path(checkpoint).resolve()),
+        "id_kind": "int" if item_ids.dtype.kind == "i" else "str",
+        "dense": dense,
         "faiss_factory": faiss_factory if dense else None,
         "shard": {"index": i, "count": n_shards, "row_start": start, "row_stop": stop},
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "build_seconds": round(time.perf_counter() - t0, 3), "source": str(Path(features).resolve()),
+        "build_seconds": round(time.perf_counter() - t0, 3),
+        "source": str(Path(features).resolve()),
     }
     arrays = {
-        "ids": item_ids, "codes_idx": codes_idx, "codes_val": codes_val,
-        "post_offsets": post.offsets, "post_items": post.items, "post_values": post.values,
+        "ids": item_ids,
+        "codes_idx": codes_idx,
+        "codes_val": codes_val,
+        "post_offsets": post.offsets,
+        "post_items": post.items,
+        "post_values": post.values,
     }
     return _write_version(Path(out), manifest, arrays, dense_index)
 
@@ -334,8 +361,12 @@ class Bundle:
 
 
 def append_to_bundle(
-    path: str | Path, features: str | Path, ids: str | Path | np.ndarray | None = None,
-    checkpoint: str | Path | None = None, batch_size: int = 8192, progress: bool = True,
+    path: str | Path,
+    features: str | Path,
+    ids: str | Path | np.ndarray | None = None,
+    checkpoint: str | Path | None = None,
+    batch_size: int = 8192,
+    progress: bool = True,
 ) -> Path:
     """Add items to a bundle: writes a new version holding the old items followed by the new ones."""
     old = Bundle(path, mmap=False)
@@ -349,19 +380,8 @@ def append_to_bundle(
     store = FeatureStore(features)
     if store.dim != m.dim:
         raise BundleError(f"{store.path}: dim {store.dim}, bundle holds dim {m.dim}")
-    if isinstance(ids, np.ndarray):
-        new_ids = _normalise_ids(ids, "ids")
-    elif ids is not None:
-        new_ids = load_ids(ids)
-    elif store.ids is not None:
-        new_ids = _normalise_ids(store.ids, str(store.path))
-    else:
-        if m.id_kind != "int":
-            raise BundleError("this bundle has string ids: pass --ids for the new items")
-        base = int(old.ids.max()) + 1 if len(old.ids) else 0
-        new_ids = np.arange(base, base + store.n_rows, dtype=np.int64)
-    if len(new_ids) != store.n_rows:
-        raise BundleError(f"{len(new_ids)} ids for {store.n_rows} feature rows in {store.path}")
+    next_int = (int(old.ids.max()) + 1 if len(old.ids) else 0) if m.id_kind == "int" else None
+    new_ids = _item_ids(ids, store, first_default=next_int)
     if (new_ids.dtype.kind == "i") != (m.id_kind == "int"):
         raise BundleError(f"new ids are {'int' if new_ids.dtype.kind == 'i' else 'str'}, the bundle's are {m.id_kind}")
     all_ids = np.concatenate([old.ids, new_ids])
@@ -374,11 +394,16 @@ def append_to_bundle(
     if dense_index is not None and vectors is not None:
         dense_index.add(vectors)
     manifest = m.model_dump() | {
-        "n_items": len(all_ids), "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "n_items": len(all_ids),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     manifest.pop("files")
     arrays = {
-        "ids": all_ids, "codes_idx": codes_idx, "codes_val": codes_val,
-        "post_offsets": post.offsets, "post_items": post.items, "post_values": post.values,
+        "ids": all_ids,
+        "codes_idx": codes_idx,
+        "codes_val": codes_val,
+        "post_offsets": post.offsets,
+        "post_items": post.items,
+        "post_values": post.values,
     }
     return _write_version(Path(path), manifest, arrays, dense_index)

@@ -58,8 +58,18 @@ def _build(args: argparse.Namespace) -> int:
         i, n = (int(x) for x in args.shard.split("/"))
     except ValueError:
         raise BundleError(f"--shard expects I/N, got {args.shard!r}") from None
-    out = build_bundle(args.checkpoint, args.stream, args.features, args.out, ids=args.ids, dense=not args.no_dense,
-                       faiss_factory=args.faiss, shard=(i, n), batch_size=args.batch_size, progress=not args.quiet)
+    out = build_bundle(
+        args.checkpoint,
+        args.stream,
+        args.features,
+        args.out,
+        ids=args.ids,
+        dense=not args.no_dense,
+        faiss_factory=args.faiss,
+        shard=(i, n),
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
     print(f"bundle: {args.out} (version {out.name})")
     return 0
 

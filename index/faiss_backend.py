@@ -84,7 +84,9 @@ class DenseSearcher:
             self.on_gpu = True
         self.index = index
 
-    def search(self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(D, I) for queries [nq, d]; search parameters apply to this call only."""
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         params = search_parameters(self.index, nprobe, ef_search)

@@ -56,8 +56,13 @@ def _serve(args: argparse.Namespace) -> int:
     from .settings import load_settings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    overrides: dict[str, Any] = {"host": args.host, "port": args.port, "metrics_port": args.metrics_port,
-                                 "checkpoint": args.checkpoint, "auth_token": args.token}
+    overrides: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "metrics_port": args.metrics_port,
+        "checkpoint": args.checkpoint,
+        "auth_token": args.token,
+    }
     if args.index:
         indexes = {}
         for spec in args.index:
@@ -70,7 +75,10 @@ def _serve(args: argparse.Namespace) -> int:
     if not settings.indexes and args.config is None and args.checkpoint is None:
         settings = settings.model_copy(update={"indexes": demo_artefacts(), "checkpoint": str(DEMO_ROOT / "sparc")})
     server = SparcServer(settings).start()
-    print(f"sparc serving {sorted(settings.indexes)} on {settings.host}:{server.port}"
-          + (f", metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else ""), flush=True)
+    print(
+        f"sparc serving {sorted(settings.indexes)} on {settings.host}:{server.port}"
+        + (f", metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else ""),
+        flush=True,
+    )
     server.serve_forever()
     return 0

@@ -1,8 +1,8 @@
 """A small typed Python client for the sparc gRPC service.
 
-    from service.client import SparcClient
-    with SparcClient("127.0.0.1:50051") as c:
-        hits = c.search_vector("clip_txt", vec, indexes=["images"], top_k=5, explain=True)
+from service.client import SparcClient
+with SparcClient("127.0.0.1:50051") as c:
+    hits = c.search_vector("clip_txt", vec, indexes=["images"], top_k=5, explain=True)
 """
 
 from __future__ import annotations
@@ -49,14 +49,26 @@ class SearchResult:
 
 
 def _result(r: pb.SearchResponse) -> SearchResult:
-    hits = [Hit(h.id, h.score, h.rank, h.index,
-                [SharedLatent(e.latent, e.query_value, e.item_value, e.contribution) for e in h.explanation]) for h in r.hits]
+    hits = [
+        Hit(
+            h.id,
+            h.score,
+            h.rank,
+            h.index,
+            [SharedLatent(e.latent, e.query_value, e.item_value, e.contribution) for e in h.explanation],
+        )
+        for h in r.hits
+    ]
     code = (list(r.query_code.indices), list(r.query_code.values)) if r.HasField("query_code") else None
     return SearchResult(hits, r.path, r.query_stream, code)
 
 
-def make_query(text: str | None = None, image: bytes | None = None, stream: str | None = None,
-               vector: Sequence[float] | np.ndarray | None = None) -> pb.Query:
+def make_query(
+    text: str | None = None,
+    image: bytes | None = None,
+    stream: str | None = None,
+    vector: Sequence[float] | np.ndarray | None = None,
+) -> pb.Query:
     """A Query message from exactly one of text, image bytes, or (stream, vector)."""
     given = [x is not None for x in (text, image, vector)]
     if sum(given) != 1:
@@ -68,20 +80,41 @@ def make_query(text: str | None = None, image: bytes | None = None, stream: str 
     return pb.Query(vector=pb.Vector(stream=stream or "", values=np.asarray(vector, dtype=np.float32).tolist()))
 
 
-def search_request(query: pb.Query, indexes: Sequence[str], top_k: int = 10, path: str | None = None,
-                   explain: bool = False, return_code: bool = False, require: Sequence[int] = (),
-                   exclude: Sequence[int] = (), boost: dict[int, float] | None = None, nprobe: int = 0) -> pb.SearchRequest:
+def search_request(
+    query: pb.Query,
+    indexes: Sequence[str],
+    top_k: int = 10,
+    path: str | None = None,
+    explain: bool = False,
+    return_code: bool = False,
+    require: Sequence[int] = (),
+    exclude: Sequence[int] = (),
+    boost: dict[int, float] | None = None,
+    nprobe: int = 0,
+) -> pb.SearchRequest:
     """A SearchRequest message."""
-    return pb.SearchRequest(query=query, indexes=list(indexes), top_k=top_k, path=PATHS[path], explain=explain,
-                            return_code=return_code, nprobe=nprobe,
-                            filter=pb.LatentFilter(require=list(require), exclude=list(exclude), boost=boost or {}))
+    return pb.SearchRequest(
+        query=query,
+        indexes=list(indexes),
+        top_k=top_k,
+        path=PATHS[path],
+        explain=explain,
+        return_code=return_code,
+        nprobe=nprobe,
+        filter=pb.LatentFilter(require=list(require), exclude=list(exclude), boost=boost or {}),
+    )
 
 
 class SparcClient:
     """Blocking client; every call takes an optional ``timeout`` (seconds) that becomes the gRPC deadline."""
 
-    def __init__(self, target: str, token: str | None = None, root_certificates: bytes | None = None,
-                 max_message_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        max_message_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
         options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
         if root_certificates is not None:
             self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=options)
@@ -123,8 +156,17 @@ class SparcClient:
     def search(self, request: pb.SearchRequest, timeout: float | None = None) -> SearchResult:
         return _result(self.stub.Search(request, timeout=timeout, metadata=self.metadata))
 
-    def search_vector(self, stream: str, vector: Sequence[float] | np.ndarray, indexes: Sequence[str], top_k: int = 10,
-                      path: str | None = None, explain: bool = False, timeout: float | None = None, **kw) -> SearchResult:
+    def search_vector(
+        self,
+        stream: str,
+        vector: Sequence[float] | np.ndarray,
+        indexes: Sequence[str],
+        top_k: int = 10,
+        path: str | None = None,
+        explain: bool = False,
+        timeout: float | None = None,
+        **kw,
+    ) -> SearchResult:
         """Search with one raw feature vector of ``stream``."""
         req = search_request(make_query(stream=stream, vector=vector), indexes, top_k, path, explain, **kw)
         return self.search(req, timeout)
@@ -141,7 +183,9 @@ class SparcClient:
             yield _result(r)
 
     def encode(self, query: pb.Query, decode_stream: str = "", timeout: float | None = None) -> pb.EncodeResponse:
-        return self.stub.Encode(pb.EncodeRequest(query=query, decode_stream=decode_stream), timeout=timeout, metadata=self.metadata)
+        return self.stub.Encode(
+            pb.EncodeRequest(query=query, decode_stream=decode_stream), timeout=timeout, metadata=self.metadata
+        )
 
     def list_indexes(self, timeout: float | None = None) -> list[pb.IndexInfo]:
         return list(self.stub.ListIndexes(pb.ListIndexesRequest(), timeout=timeout, metadata=self.metadata).indexes)
@@ -150,5 +194,6 @@ class SparcClient:
         return self.stub.GetIndex(pb.GetIndexRequest(name=name), timeout=timeout, metadata=self.metadata)
 
     def get_latent(self, latent: int, index: str, top_k: int = 10, timeout: float | None = None) -> pb.GetLatentResponse:
-        return self.stub.GetLatent(pb.GetLatentRequest(latent=latent, index=index, top_k=top_k), timeout=timeout,
-                                   metadata=self.metadata)
+        return self.stub.GetLatent(
+            pb.GetLatentRequest(latent=latent, index=index, top_k=top_k), timeout=timeout, metadata=self.metadata
+        )

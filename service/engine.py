@@ -112,7 +112,9 @@ class EncodeBatcher:
                     start = 0
                     for v, fut in items:
                         n = len(v)
-                        fut.set_result(SparseCode(code.indices[start : start + n], code.values[start : start + n], code.n_latents))
+                        fut.set_result(
+                            SparseCode(code.indices[start : start + n], code.values[start : start + n], code.n_latents)
+                        )
                         start += n
                 except Exception as e:  # noqa: BLE001 - delivered to every waiting caller
                     for _, fut in items:
@@ -146,8 +148,14 @@ class Engine:
         self.batcher.close()
 
     # ---- validation -------------------------------------------------------------------------------
-    def query_spec(self, kind: str | None, text: str = "", image: bytes = b"", stream: str = "",
-                   values: list[float] | np.ndarray | None = None) -> QuerySpec:
+    def query_spec(
+        self,
+        kind: str | None,
+        text: str = "",
+        image: bytes = b"",
+        stream: str = "",
+        values: list[float] | np.ndarray | None = None,
+    ) -> QuerySpec:
         """Check one query; raises ServiceError naming what is wrong."""
         s = self.settings
         if kind is None:
@@ -157,15 +165,21 @@ class Engine:
                 raise ServiceError("INVALID_ARGUMENT", "empty text query")
             if len(text) > s.max_text_chars:
                 raise ServiceError("INVALID_ARGUMENT", f"text query of {len(text)} characters exceeds {s.max_text_chars}")
-            raise ServiceError("FAILED_PRECONDITION", "text queries need a text encoder, and none is configured on this "
-                               "server; send a vector query (stream + features) instead")
+            raise ServiceError(
+                "FAILED_PRECONDITION",
+                "text queries need a text encoder, and none is configured on this "
+                "server; send a vector query (stream + features) instead",
+            )
         if kind == "image":
             if not image:
                 raise ServiceError("INVALID_ARGUMENT", "empty image query")
             if len(image) > s.max_image_bytes:
                 raise ServiceError("INVALID_ARGUMENT", f"image of {len(image)} bytes exceeds {s.max_image_bytes}")
-            raise ServiceError("FAILED_PRECONDITION", "image queries need an image encoder, and none is configured on "
-                               "this server; send a vector query (stream + features) instead")
+            raise ServiceError(
+                "FAILED_PRECONDITION",
+                "image queries need an image encoder, and none is configured on "
+                "this server; send a vector query (stream + features) instead",
+            )
         if not stream:
             raise ServiceError("INVALID_ARGUMENT", "vector query without a stream name")
         if stream not in self.model.cfg.streams:
@@ -219,17 +233,34 @@ class Engine:
         results: list[list[Hit]] = [[] for _ in specs]
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(specs):
-            key = (tuple(s.indexes), s.top_k, s.path, tuple(s.require), tuple(s.exclude), tuple(sorted(s.boost.items())), s.nprobe)
+            key = (
+                tuple(s.indexes),
+                s.top_k,
+                s.path,
+                tuple(s.require),
+                tuple(s.exclude),
+                tuple(sorted(s.boost.items())),
+                s.nprobe,
+            )
             groups.setdefault(key, []).append(i)
         for members in groups.values():
             spec = specs[members[0]]
-            batch = SparseCode(torch.cat([codes[i].indices for i in members]), torch.cat([codes[i].values for i in members]),
-                               self.model.n_latents)
+            batch = SparseCode(
+                torch.cat([codes[i].indices for i in members]),
+                torch.cat([codes[i].values for i in members]),
+                self.model.n_latents,
+            )
             merged: list[list[tuple[float, str, Any]]] = [[] for _ in members]
             for name in spec.indexes:
-                res = self.searchers[name].search(batch, top_k=spec.top_k, path=spec.path, nprobe=spec.nprobe,
-                                                  require=spec.require or None, exclude=spec.exclude or None,
-                                                  boost=spec.boost or None)
+                res = self.searchers[name].search(
+                    batch,
+                    top_k=spec.top_k,
+                    path=spec.path,
+                    nprobe=spec.nprobe,
+                    require=spec.require or None,
+                    exclude=spec.exclude or None,
+                    boost=spec.boost or None,
+                )
                 for j in range(len(members)):
                     merged[j].extend((sc, name, item) for item, sc in zip(res.ids[j], res.scores[j]))
             for j, i in enumerate(members):

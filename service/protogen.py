@@ -41,8 +41,15 @@ def generate(proto_root: Path = PROTO_ROOT, out: Path = OUT) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix="._proto-", dir=out.parent))
     try:
         include = Path(protoc.__file__).parent / "_proto"
-        args = ["protoc", f"-I{proto_root}", f"-I{include}", f"--python_out={tmp}", f"--pyi_out={tmp}",
-                f"--grpc_python_out={tmp}", *[str(proto_root / p) for p in PROTO_FILES]]
+        args = [
+            "protoc",
+            f"-I{proto_root}",
+            f"-I{include}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *[str(proto_root / p) for p in PROTO_FILES],
+        ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {PROTO_FILES} in {proto_root}")
         for d in [tmp, *[p for p in tmp.rglob("*") if p.is_dir()]]:

@@ -40,10 +40,16 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("sparc_requests_total", "RPCs by method and status", ["method", "code"], registry=self.registry)
-        self.latency = Histogram("sparc_request_seconds", "RPC latency by method", ["method"], registry=self.registry,
-                                 buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
-        self.query_l0 = Histogram("sparc_query_l0", "active latents per query code", registry=self.registry,
-                                  buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.latency = Histogram(
+            "sparc_request_seconds",
+            "RPC latency by method",
+            ["method"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )
+        self.query_l0 = Histogram(
+            "sparc_query_l0", "active latents per query code", registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+        )
         self.index_items = Gauge("sparc_index_items", "items per index", ["index"], registry=self.registry)
 
 
@@ -133,9 +139,16 @@ class SparcServicer(pb_grpc.SparcServicer):
             resp = pb.SearchResponse(path=spec.path, query_stream=spec.query.stream)
             for h in hits:
                 resp.hits.add(
-                    id=str(h.id), score=h.score, rank=h.rank, index=h.index,
-                    explanation=[pb.SharedLatent(latent=e.latent, query_value=e.query_value, item_value=e.item_value,
-                                                 contribution=e.contribution) for e in h.explanation],
+                    id=str(h.id),
+                    score=h.score,
+                    rank=h.rank,
+                    index=h.index,
+                    explanation=[
+                        pb.SharedLatent(
+                            latent=e.latent, query_value=e.query_value, item_value=e.item_value, contribution=e.contribution
+                        )
+                        for e in h.explanation
+                    ],
                 )
             if spec.return_code:
                 resp.query_code.CopyFrom(_code_pb(code))
@@ -152,7 +165,9 @@ class SparcServicer(pb_grpc.SparcServicer):
             if n == 0:
                 raise ServiceError("INVALID_ARGUMENT", "SearchBatch with no requests")
             if n > self.engine.settings.max_batch:
-                raise ServiceError("RESOURCE_EXHAUSTED", f"batch of {n} queries exceeds max_batch {self.engine.settings.max_batch}")
+                raise ServiceError(
+                    "RESOURCE_EXHAUSTED", f"batch of {n} queries exceeds max_batch {self.engine.settings.max_batch}"
+                )
             specs = []
             for i, r in enumerate(request.requests):
                 try:
@@ -213,18 +228,27 @@ class SparcServicer(pb_grpc.SparcServicer):
     def _info(self, name: str) -> pb.IndexInfo:
         s = self.engine.searchers[name]
         m = s.manifest
-        return pb.IndexInfo(name=name, stream=m.stream, n_items=s.n_items, shards=len(s.shards),
-                            checkpoint_sha256=m.checkpoint_sha256, manifest_json=m.model_dump_json(),
-                            dense=all(d is not None for d in s.dense))
+        return pb.IndexInfo(
+            name=name,
+            stream=m.stream,
+            n_items=s.n_items,
+            shards=len(s.shards),
+            checkpoint_sha256=m.checkpoint_sha256,
+            manifest_json=m.model_dump_json(),
+            dense=all(d is not None for d in s.dense),
+        )
 
     def ListIndexes(self, request, context):
-        return self._call("ListIndexes", context,
-                          lambda: pb.ListIndexesResponse(indexes=[self._info(n) for n in sorted(self.engine.searchers)]))
+        return self._call(
+            "ListIndexes", context, lambda: pb.ListIndexesResponse(indexes=[self._info(n) for n in sorted(self.engine.searchers)])
+        )
 
     def GetIndex(self, request, context):
         def run():
             if request.name not in self.engine.searchers:
-                raise ServiceError("NOT_FOUND", f"unknown index {request.name!r}; this server has {sorted(self.engine.searchers)}")
+                raise ServiceError(
+                    "NOT_FOUND", f"unknown index {request.name!r}; this server has {sorted(self.engine.searchers)}"
+                )
             return self._info(request.name)
 
         return self._call("GetIndex", context, run)
@@ -232,8 +256,12 @@ class SparcServicer(pb_grpc.SparcServicer):
     def GetLatent(self, request, context):
         def run():
             n_active, items = self.engine.latent_top_items(request.latent, request.index, request.top_k or 10)
-            return pb.GetLatentResponse(latent=request.latent, index=request.index, n_active=n_active,
-                                        items=[pb.LatentItem(id=str(i), value=v) for i, v in items])
+            return pb.GetLatentResponse(
+                latent=request.latent,
+                index=request.index,
+                n_active=n_active,
+                items=[pb.LatentItem(id=str(i), value=v) for i, v in items],
+            )
 
         return self._call("GetLatent", context, run)
 
@@ -272,12 +300,17 @@ class SparcServer:
         self.health = health.HealthServicer()
         self.metrics = Metrics()
         interceptors = [BearerAuth(settings.auth_token)] if settings.auth_token else []
-        options = [("grpc.max_receive_message_length", settings.max_message_bytes),
-                   ("grpc.max_send_message_length", settings.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-                                  interceptors=interceptors, options=options,
-                                  maximum_concurrent_rpcs=settings.max_in_flight * 2)
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
+            interceptors=interceptors,
+            options=options,
+            maximum_concurrent_rpcs=settings.max_in_flight * 2,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -308,8 +341,9 @@ class SparcServer:
         for name, s in self.engine.searchers.items():
             self.metrics.index_items.labels(name).set(s.n_items)
         if self.settings.metrics_port:
-            self._metrics_server, _ = start_http_server(self.settings.metrics_port, addr=self.settings.host,
-                                                        registry=self.metrics.registry)
+            self._metrics_server, _ = start_http_server(
+                self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
+            )
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(json.dumps({"event": "serving", "port": self.port, "indexes": sorted(self.engine.searchers)}))

@@ -48,8 +48,9 @@ class ServiceSettings(BaseModel):
         return v
 
 
-def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                  environ: dict[str, str] | None = None) -> ServiceSettings:
+def load_settings(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None
+) -> ServiceSettings:
     """Settings from an optional file, SPARC_* environment variables and explicit overrides, validated."""
     data: dict[str, Any] = load_config_file(path) if path else {}
     env = os.environ if environ is None else environ

@@ -73,8 +73,23 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 # ---- train ------------------------------------------------------------------------------------------
 TRAIN_FLAGS = [
-    "labels", "out", "n_latents", "k", "steps", "batch_size", "lr", "topk", "cross_coef", "align_coef",
-    "solo_select_prob", "auxk", "seed", "device", "eval_every", "save_every", "input_norm",
+    "labels",
+    "out",
+    "n_latents",
+    "k",
+    "steps",
+    "batch_size",
+    "lr",
+    "topk",
+    "cross_coef",
+    "align_coef",
+    "solo_select_prob",
+    "auxk",
+    "seed",
+    "device",
+    "eval_every",
+    "save_every",
+    "input_norm",
 ]
 
 

@@ -82,7 +82,6 @@ class TrainConfig(_Strict):
     auxk_coef: float = Field(1 / 32, ge=0)
     solo_select_prob: float = Field(0.5, ge=0, le=1)  # share of samples whose indices come from one stream
     align_coef: float = Field(1.0, ge=0)  # weight of the one-stream code agreement loss
-    align_mode: Literal["values", "logits"] = "logits"  # what the one-stream codes are pulled together by
     align_ramp: float = Field(0.3, ge=0, le=1)  # share of steps over which align_coef ramps up from 0
     dead_after: int = Field(10_000, ge=1)  # samples without firing before a latent counts as dead
     revive_after: int = Field(20_000, ge=1)  # samples dead before the encoder row is re-initialised

@@ -53,7 +53,10 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: 
             continue
         print(f"[{i}/4] training {title} for {n_steps} steps on CPU -> {paths[key]}")
         cfg = TrainConfig(
-            features=train_feats, labels=labels, out=str(paths[key]), progress=progress,
+            features=train_feats,
+            labels=labels,
+            out=str(paths[key]),
+            progress=progress,
             **(DEMO_MODEL | {"steps": n_steps, "eval_every": max(1, n_steps // 5), "save_every": n_steps} | extra),
         )
         train(cfg)

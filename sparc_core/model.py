@@ -60,6 +60,10 @@ class SparcOutput(NamedTuple):
     align_loss: Tensor
     """Mean over streams of the distance between the stream's logits and the cross-stream mean, at the
     shared and every one-stream selection (so one-stream top-k sets agree)."""
+    align_err: Tensor
+    """Sum over rows (mean over streams) of the alignment squared error: align_loss's numerator."""
+    align_energy: Tensor
+    """Detached sum over rows of the alignment target's energy: align_loss's denominator."""
     stream_nmse: dict[str, Tensor]
     """Detached per-stream self-reconstruction nMSE."""
     fired: dict[str, Tensor]
@@ -223,7 +227,6 @@ class SparcModel(nn.Module):
         solo_select: Tensor | None = None,
         cross: bool = True,
         align: bool = True,
-        align_mode: str = "values",
     ) -> SparcOutput:
         """One training pass over a paired batch.
 
@@ -299,25 +302,16 @@ class SparcModel(nn.Module):
         aux_terms = [auxk_loss(aux_hat[s], (xs[s] - recon[(s, s)]).detach()) for s in aux_hat]
         aux = torch.stack(aux_terms).mean() if aux_terms else zero
 
-        align_terms = []
-        if align_logits and align_mode == "logits":
+        align_err, align_energy = zero, self_loss.new_ones(())
+        if align_logits:
             # Pull every stream's logits at those positions towards their cross-stream mean: equal
-            # logits give equal one-stream top-k sets. Normalising by the batch's target energy
-            # (not per row) keeps the scale free without blowing up on rows with tiny targets.
+            # logits give equal one-stream top-k sets. The loss is err / energy with the batch's
+            # target energy (not per row, which blows up on rows with tiny targets); both are sums
+            # over rows, so data-parallel ranks can add them up exactly.
             with torch.no_grad():
                 target = torch.stack([align_logits[s] for s in streams]).mean(0)
-                energy = target.pow(2).sum().clamp_min(1e-6)
-            align_terms = [(align_logits[s] - target).pow(2).sum() / energy for s in streams]
-        elif align_logits:
-            # Pull every stream's activations towards the shared code: the mean activation where
-            # the shared selection put a latent, zero where only some stream's own top-k did.
-            with torch.no_grad():
-                shared_vals = torch.stack([codes[s].values for s in streams]).mean(0)
-                consensus = shared_vals.new_zeros(shared_vals.shape[0], self.n_latents).scatter_(1, shared, shared_vals)
-                target = consensus.gather(1, align_pos)
-                energy = target.pow(2).sum().clamp_min(1e-6)
-            align_terms = [(align_logits[s].relu() - target).pow(2).sum() / energy for s in streams]
-        align_loss = torch.stack(align_terms).mean() if align_terms else zero
+                align_energy = target.pow(2).sum().clamp_min(1e-6)
+            align_err = torch.stack([(align_logits[s] - target).pow(2).sum() for s in streams]).mean()
 
         with torch.no_grad():
             fired, l0 = {}, []
@@ -332,7 +326,9 @@ class SparcModel(nn.Module):
             self_loss=self_loss,
             cross_loss=cross_loss,
             auxk_loss=aux,
-            align_loss=align_loss,
+            align_loss=align_err / align_energy,
+            align_err=align_err,
+            align_energy=align_energy,
             stream_nmse={s: v.detach() for s, v in self_terms.items()},
             fired=fired,
             solo_l0=torch.stack(l0).mean(),

@@ -40,7 +40,7 @@ def plot_training_curves(log_path: str | Path, png_path: str | Path) -> Path | N
     ax = axes[1, 0]
     for s in train[0]["nmse"]:
         ax.plot(steps, [r["nmse"][s] for r in train], label=f"train {s}")
-    for s in (val[0]["streams"] if val else {}):
+    for s in val[0]["streams"] if val else {}:
         ax.plot([r["step"] for r in val], [r["streams"][s]["nmse_self"] for r in val], "o--", label=f"val alone {s}")
     ax.set_yscale("log")
     ax.set_title("self-reconstruction nMSE")

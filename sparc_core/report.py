@@ -36,17 +36,19 @@ def format_report(reports: dict[str, dict[str, Any]]) -> str:
     for n in names:
         pair_rows = []
         for pair, e in reports[n]["pairs"].items():
-            pair_rows.append([
-                pair,
-                f"{e['jaccard']:.3f}",
-                f"{e['nmse_cross']:.4f}",
-                f"{e['retrieval_latent']['R@1']:.3f}",
-                f"{e['retrieval_latent']['R@10']:.3f}",
-                f"{e['retrieval_latent']['MRR']:.3f}",
-                f"{e['retrieval_xrecon']['R@1']:.3f}",
-                f"{e['retrieval_xrecon']['R@10']:.3f}",
-                f"{e['retrieval_xrecon']['MRR']:.3f}",
-            ])
+            pair_rows.append(
+                [
+                    pair,
+                    f"{e['jaccard']:.3f}",
+                    f"{e['nmse_cross']:.4f}",
+                    f"{e['retrieval_latent']['R@1']:.3f}",
+                    f"{e['retrieval_latent']['R@10']:.3f}",
+                    f"{e['retrieval_latent']['MRR']:.3f}",
+                    f"{e['retrieval_xrecon']['R@1']:.3f}",
+                    f"{e['retrieval_xrecon']['R@10']:.3f}",
+                    f"{e['retrieval_xrecon']['MRR']:.3f}",
+                ]
+            )
         header = ["pair (" + n + ")", "jaccard", "x-nMSE", "lat R@1", "lat R@10", "lat MRR", "xdec R@1", "xdec R@10", "xdec MRR"]
         out += ["", _table(header, pair_rows)]
     return "\n".join(out)

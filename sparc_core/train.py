@@ -131,10 +131,15 @@ def train_step(
         solo_select=solo_select,
         cross=cfg.cross_coef > 0,
         align=cfg.align_coef > 0,
-        align_mode=cfg.align_mode,
     )
     align_w = cfg.align_coef * min(1.0, step / max(1.0, cfg.align_ramp * cfg.steps))
-    loss = out.self_loss + cfg.cross_coef * out.cross_loss + cfg.auxk_coef * out.auxk_loss + align_w * out.align_loss
+    align = out.align_loss
+    if dist_ctx is not None and dist_ctx.enabled:
+        # err / energy over the GLOBAL batch: sum the energies, scale so the gradient mean is exact
+        energy = out.align_energy.clone()
+        dist_ctx.all_reduce_mean([energy])  # mean over ranks: err_r / mean = world * err_r / total
+        align = out.align_err / energy
+    loss = out.self_loss + cfg.cross_coef * out.cross_loss + cfg.auxk_coef * out.auxk_loss + align_w * align
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if dist_ctx is not None:
@@ -185,10 +190,14 @@ class Trainer:
         saved = ckpt.get("train") or {}
         for key in ("n_latents", "k", "topk", "input_norm"):
             if key in saved and saved[key] != getattr(self.cfg, key):
-                raise CheckpointError(f"{self.out}: cannot resume, checkpoint has {key}={saved[key]!r}, config has {getattr(self.cfg, key)!r}")
+                raise CheckpointError(
+                    f"{self.out}: cannot resume, checkpoint has {key}={saved[key]!r}, config has {getattr(self.cfg, key)!r}"
+                )
         self.model = load_checkpoint(self.out, device=self.device)
         if self.model.cfg.streams != self.data.dims:
-            raise CheckpointError(f"{self.out}: checkpoint streams {self.model.cfg.streams} differ from the features {self.data.dims}")
+            raise CheckpointError(
+                f"{self.out}: checkpoint streams {self.model.cfg.streams} differ from the features {self.data.dims}"
+            )
         self.model.train()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
         tensors, meta = load_train_state(self.out)
@@ -298,8 +307,12 @@ class Trainer:
         streams = self.model.streams
         prefetch = Prefetcher(self.data, self.batcher, self.start_step, self.dist.rank, self.dist.world)
         bar = tqdm(
-            total=cfg.steps, initial=self.start_step, desc="train", unit="step",
-            disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True,
+            total=cfg.steps,
+            initial=self.start_step,
+            desc="train",
+            unit="step",
+            disable=not (cfg.progress and self.dist.is_main),
+            dynamic_ncols=True,
         )
         last_val: dict[str, Any] = {}
         t0 = time.perf_counter()
@@ -324,15 +337,24 @@ class Trainer:
                 dead_pct = {s: 100.0 * float((self.dead_counters[s] > cfg.dead_after).float().mean()) for s in streams}
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     record = {
-                        "kind": "train", "step": done, "lr": lr, "loss": loss.item(),
-                        "self": out.self_loss.item(), "cross": out.cross_loss.item(),
-                        "auxk": out.auxk_loss.item(), "align": out.align_loss.item(),
-                        "l0_alone": float(out.solo_l0), "revived": revived,
+                        "kind": "train",
+                        "step": done,
+                        "lr": lr,
+                        "loss": loss.item(),
+                        "self": out.self_loss.item(),
+                        "cross": out.cross_loss.item(),
+                        "auxk": out.auxk_loss.item(),
+                        "align": out.align_loss.item(),
+                        "l0_alone": float(out.solo_l0),
+                        "revived": revived,
                         "nmse": {s: float(v) for s, v in out.stream_nmse.items()},
-                        "dead_pct": dead_pct, "elapsed_s": time.perf_counter() - t0,
+                        "dead_pct": dead_pct,
+                        "elapsed_s": time.perf_counter() - t0,
                     }
                     self._log(record)
-                    bar.set_postfix(loss=f"{float(loss):.4f}", L0=f"{float(out.solo_l0):.1f}", dead=f"{max(dead_pct.values()):.1f}%")
+                    bar.set_postfix(
+                        loss=f"{float(loss):.4f}", L0=f"{float(out.solo_l0):.1f}", dead=f"{max(dead_pct.values()):.1f}%"
+                    )
                 if self.dist.is_main and (done % cfg.eval_every == 0 or done == cfg.steps):
                     report = self._validate()
                     if report:

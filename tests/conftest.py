@@ -32,8 +32,9 @@ def batch() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth")
-    cfg = SynthConfig(streams=STREAMS, unit_norm=["clip_img", "clip_txt"], n_train=3000, n_eval=500, n_concepts=24,
-                      concepts_per_sample=2.0)
+    cfg = SynthConfig(
+        streams=STREAMS, unit_norm=["clip_img", "clip_txt"], n_train=3000, n_eval=500, n_concepts=24, concepts_per_sample=2.0
+    )
     write_synthetic(cfg, out)
     return out
 
@@ -45,8 +46,9 @@ MEDIUM = {"dino": 64, "clip_img": 48, "clip_txt": 48}
 def medium_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Planted-concept data big enough for a small model to learn real cross-stream retrieval."""
     out = tmp_path_factory.mktemp("medium")
-    cfg = SynthConfig(streams=MEDIUM, unit_norm=["clip_img", "clip_txt"], n_train=6000, n_eval=600, n_concepts=48,
-                      concepts_per_sample=3.0)
+    cfg = SynthConfig(
+        streams=MEDIUM, unit_norm=["clip_img", "clip_txt"], n_train=6000, n_eval=600, n_concepts=48, concepts_per_sample=3.0
+    )
     write_synthetic(cfg, out)
     return out
 
@@ -57,9 +59,23 @@ def trained_checkpoint(medium_synth: Path, tmp_path_factory: pytest.TempPathFact
     from sparc_core import TrainConfig, train
 
     out = tmp_path_factory.mktemp("ckpt") / "sparc"
-    cfg = TrainConfig(features={s: str(medium_synth / "train" / f"{s}.npy") for s in MEDIUM}, out=str(out),
-                      n_latents=192, k=8, auxk=32, steps=300, batch_size=128, lr=4e-3, val_rows=300, eval_every=300,
-                      save_every=300, block_size=1024, dead_after=3000, revive_after=6000, progress=False)
+    cfg = TrainConfig(
+        features={s: str(medium_synth / "train" / f"{s}.npy") for s in MEDIUM},
+        out=str(out),
+        n_latents=192,
+        k=8,
+        auxk=32,
+        steps=300,
+        batch_size=128,
+        lr=4e-3,
+        val_rows=300,
+        eval_every=300,
+        save_every=300,
+        block_size=1024,
+        dead_after=3000,
+        revive_after=6000,
+        progress=False,
+    )
     return train(cfg)
 
 

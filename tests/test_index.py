@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,6 @@ import torch
 from index import Bundle, BundleError, Searcher, append_to_bundle, build_bundle, read_manifest
 from index.faiss_backend import gpu_available
 from sparc_core import SparcConfig, SparcModel, save_checkpoint
-
-from .conftest import MEDIUM
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +146,12 @@ def test_killed_build_leaves_previous_bundle_loadable(random_ckpt, tmp_path):
     build_bundle(random_ckpt, "img", feats, tmp_path / "b", progress=False)
     before = Searcher(tmp_path / "b").search(("img", np.load(feats)[:4]), top_k=3)
     new_feats = _feats(tmp_path, 90, 32, seed=1, name="new.npy")
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(random_ckpt), str(new_feats), str(tmp_path / "b")],
-                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(random_ckpt), str(new_feats), str(tmp_path / "b")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "WRITING"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -261,15 +262,47 @@ def test_cli_build_info_search(random_ckpt, tmp_path, capsys):
     from sparc_core.cli import main
 
     feats = _feats(tmp_path, 40, 32)
-    assert main(["index", "build", "--checkpoint", str(random_ckpt), "--stream", "img", "--features", str(feats),
-                 "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--checkpoint",
+                str(random_ckpt),
+                "--stream",
+                "img",
+                "--features",
+                str(feats),
+                "--out",
+                str(tmp_path / "b"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert main(["index", "info", str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
-    info = json.loads(out[out.index("{"):])
+    info = json.loads(out[out.index("{") :])
     assert info["n_items"] == 40 and info["stream"] == "img"
     np.save(tmp_path / "q.npy", np.load(feats)[:2])
-    assert main(["index", "search", "--bundle", str(tmp_path / "b"), "--stream", "img", "--queries",
-                 str(tmp_path / "q.npy"), "--top-k", "2", "--explain"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "search",
+                "--bundle",
+                str(tmp_path / "b"),
+                "--stream",
+                "img",
+                "--queries",
+                str(tmp_path / "q.npy"),
+                "--top-k",
+                "2",
+                "--explain",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert lines[0]["hits"][0]["id"] == 0 and lines[1]["hits"][0]["id"] == 1
     assert main(["index", "info", str(tmp_path / "nope")]) == 2

@@ -24,20 +24,43 @@ from service.settings import load_settings
 TOKEN = "s3cret-token"
 
 
+def _free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (held open together so the kernel cannot hand out one twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 @pytest.fixture(scope="module")
 def bundles(trained_checkpoint, medium_synth, tmp_path_factory) -> dict[str, list[str]]:
     root = tmp_path_factory.mktemp("bundles")
     build_bundle(trained_checkpoint, "dino", medium_synth / "eval" / "dino.npy", root / "dino", progress=False)
-    build_bundle(trained_checkpoint, "clip_img", medium_synth / "eval" / "clip_img.npy", root / "img", progress=False,
-                 dense=False)
+    build_bundle(
+        trained_checkpoint, "clip_img", medium_synth / "eval" / "clip_img.npy", root / "img", progress=False, dense=False
+    )
     return {"dino": [str(root / "dino")], "img-sparse": [str(root / "img")]}
 
 
 @pytest.fixture(scope="module")
 def server(trained_checkpoint, bundles):
-    s = load_settings(overrides={"checkpoint": str(trained_checkpoint), "indexes": bundles, "port": 0,
-                                 "metrics_port": 0, "max_top_k": 100, "max_batch": 64, "max_text_chars": 50,
-                                 "max_image_bytes": 1000}, environ={})
+    s = load_settings(
+        overrides={
+            "checkpoint": str(trained_checkpoint),
+            "indexes": bundles,
+            "port": 0,
+            "metrics_port": 0,
+            "max_top_k": 100,
+            "max_batch": 64,
+            "max_text_chars": 50,
+            "max_image_bytes": 1000,
+        },
+        environ={},
+    )
     srv = SparcServer(s).start()
     yield srv
     srv.stop(0)
@@ -77,8 +100,7 @@ def test_text_stream_vector_queries_find_the_paired_image(client, queries):
 
 
 def test_search_explains_and_returns_code(client, queries):
-    res = client.search_vector("clip_txt", queries[3], indexes=["dino"], top_k=3, explain=True, return_code=True,
-                               path="sparse")
+    res = client.search_vector("clip_txt", queries[3], indexes=["dino"], top_k=3, explain=True, return_code=True, path="sparse")
     idx, vals = res.query_code
     assert len(idx) == len(vals) > 0 and all(v > 0 for v in vals)
     top = res.hits[0]
@@ -123,27 +145,61 @@ def test_get_latent_concept_browser(client, queries):
 
 BAD = [
     (pb.SearchRequest(indexes=["dino"]), grpc.StatusCode.INVALID_ARGUMENT, "empty query"),
-    (pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="clip_txt", values=[1.0] * 5)), indexes=["dino"]),
-     grpc.StatusCode.INVALID_ARGUMENT, "takes 48 values, got 5"),
-    (pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="clip_txt", values=[float("nan")] * 48)), indexes=["dino"]),
-     grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
-    (pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="audio", values=[1.0] * 48)), indexes=["dino"]),
-     grpc.StatusCode.INVALID_ARGUMENT, "unknown stream 'audio'"),
-    (pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="clip_txt", values=[1.0] * 48)), indexes=["dino"], top_k=101),
-     grpc.StatusCode.INVALID_ARGUMENT, "top_k must be in"),
-    (pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="clip_txt", values=[1.0] * 48)), indexes=["zzz"]),
-     grpc.StatusCode.NOT_FOUND, "unknown index 'zzz'"),
-    (pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="clip_txt", values=[1.0] * 48))),
-     grpc.StatusCode.INVALID_ARGUMENT, "no index named"),
-    (pb.SearchRequest(query=pb.Query(text="a dog on a beach"), indexes=["dino"]),
-     grpc.StatusCode.FAILED_PRECONDITION, "text queries need a text encoder"),
+    (
+        pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="clip_txt", values=[1.0] * 5)), indexes=["dino"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "takes 48 values, got 5",
+    ),
+    (
+        pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="clip_txt", values=[float("nan")] * 48)), indexes=["dino"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "NaN",
+    ),
+    (
+        pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="audio", values=[1.0] * 48)), indexes=["dino"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown stream 'audio'",
+    ),
+    (
+        pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="clip_txt", values=[1.0] * 48)), indexes=["dino"], top_k=101),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_k must be in",
+    ),
+    (
+        pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="clip_txt", values=[1.0] * 48)), indexes=["zzz"]),
+        grpc.StatusCode.NOT_FOUND,
+        "unknown index 'zzz'",
+    ),
+    (
+        pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="clip_txt", values=[1.0] * 48))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "no index named",
+    ),
+    (
+        pb.SearchRequest(query=pb.Query(text="a dog on a beach"), indexes=["dino"]),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "text queries need a text encoder",
+    ),
     (pb.SearchRequest(query=pb.Query(text="x" * 51), indexes=["dino"]), grpc.StatusCode.INVALID_ARGUMENT, "exceeds 50"),
-    (pb.SearchRequest(query=pb.Query(image=b"\x89PNG" + b"\0" * 2000), indexes=["dino"]),
-     grpc.StatusCode.INVALID_ARGUMENT, "exceeds 1000"),
-    (pb.SearchRequest(query=pb.Query(image=b"not an image"), indexes=["dino"]),
-     grpc.StatusCode.FAILED_PRECONDITION, "image queries need an image encoder"),
-    (pb.SearchRequest(query=pb.Query(vector=pb.Vector(stream="clip_txt", values=[1.0] * 48)), indexes=["dino"],
-                      filter=pb.LatentFilter(require=[10_000])), grpc.StatusCode.INVALID_ARGUMENT, "latent 10000 is out of range"),
+    (
+        pb.SearchRequest(query=pb.Query(image=b"\x89PNG" + b"\0" * 2000), indexes=["dino"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "exceeds 1000",
+    ),
+    (
+        pb.SearchRequest(query=pb.Query(image=b"not an image"), indexes=["dino"]),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "image queries need an image encoder",
+    ),
+    (
+        pb.SearchRequest(
+            query=pb.Query(vector=pb.Vector(stream="clip_txt", values=[1.0] * 48)),
+            indexes=["dino"],
+            filter=pb.LatentFilter(require=[10_000]),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "latent 10000 is out of range",
+    ),
 ]
 
 
@@ -184,8 +240,10 @@ def test_reflection_lists_the_services(server):
 
 
 def test_bearer_token_is_required(trained_checkpoint, bundles, queries):
-    s = load_settings(overrides={"checkpoint": str(trained_checkpoint), "indexes": bundles, "port": 0,
-                                 "metrics_port": 0, "auth_token": TOKEN}, environ={})
+    s = load_settings(
+        overrides={"checkpoint": str(trained_checkpoint), "indexes": bundles, "port": 0, "metrics_port": 0, "auth_token": TOKEN},
+        environ={},
+    )
     srv = SparcServer(s).start()
     try:
         target = f"127.0.0.1:{srv.port}"
@@ -206,11 +264,10 @@ def test_bearer_token_is_required(trained_checkpoint, bundles, queries):
 def test_metrics_endpoint_counts_requests(trained_checkpoint, bundles, queries):
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        mport = sock.getsockname()[1]
-    s = load_settings(overrides={"checkpoint": str(trained_checkpoint), "indexes": bundles, "port": 0,
-                                 "metrics_port": mport}, environ={})
+    gport, mport = _free_ports(2)
+    s = load_settings(
+        overrides={"checkpoint": str(trained_checkpoint), "indexes": bundles, "port": gport, "metrics_port": mport}, environ={}
+    )
     srv = SparcServer(s).start()
     try:
         with SparcClient(f"127.0.0.1:{srv.port}") as c:
@@ -241,8 +298,10 @@ def test_fuzzed_requests_never_break_the_server(client, stream, values, indexes,
     try:
         client.search(req, timeout=10)
     except grpc.RpcError as e:
-        assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-                            grpc.StatusCode.FAILED_PRECONDITION), (e.code(), e.details())
+        assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION), (
+            e.code(),
+            e.details(),
+        )
     assert client.health() == "SERVING"
 
 
@@ -269,8 +328,12 @@ def test_sigterm_drains_an_in_flight_call(trained_checkpoint, bundles, queries):
     import json
     import threading
 
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(trained_checkpoint), json.dumps(bundles)],
-                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SERVER, str(trained_checkpoint), json.dumps(bundles)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
     try:
         port = int(proc.stdout.readline())
         result = {}
@@ -312,8 +375,13 @@ def test_docker_entrypoint_serves_and_passes_its_healthcheck(trained_checkpoint,
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = os.environ | {"SPARC_HOST": "127.0.0.1", "SPARC_PORT": str(port), "SPARC_METRICS_PORT": "0",
-                        "SPARC_CHECKPOINT": str(trained_checkpoint), "SPARC_INDEXES": json.dumps(bundles)}
+    env = os.environ | {
+        "SPARC_HOST": "127.0.0.1",
+        "SPARC_PORT": str(port),
+        "SPARC_METRICS_PORT": "0",
+        "SPARC_CHECKPOINT": str(trained_checkpoint),
+        "SPARC_INDEXES": json.dumps(bundles),
+    }
     sparc = Path(sys.executable).parent / "sparc"
     proc = subprocess.Popen([str(sparc), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

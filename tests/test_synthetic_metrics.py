@@ -34,12 +34,15 @@ def test_synthetic_streams_are_paired_scaled_and_labelled():
 
 
 def test_paired_streams_share_their_concepts():
-    world = PlantedConcepts(SynthConfig(n_concepts=30, shared_fraction=1.0, noise=0.0, modality_gap=0.0))
-    feats, labels = world.sample(300, seed=0)
-    # With every concept shared and no noise, a linear map recovers clip_txt from clip_img exactly enough.
+    world = PlantedConcepts(SynthConfig(n_concepts=30, concepts_per_sample=4.0, shared_fraction=1.0))
+    feats, _ = world.sample(3000, seed=0)
     a, b = feats["clip_img"], feats["clip_txt"]
-    w, *_ = np.linalg.lstsq(a, b, rcond=None)
-    assert np.mean((a @ w - b) ** 2) / np.mean(b**2) < 1e-3
+    # A linear map fitted on 2,500 pairs predicts held-out clip_txt rows from their clip_img rows far
+    # better than from shuffled (unpaired) rows: the streams carry the same concepts.
+    w, *_ = np.linalg.lstsq(a[:2500], b[:2500], rcond=None)
+    paired = np.mean((a[2500:] @ w - b[2500:]) ** 2)
+    shuffled = np.mean((a[2500:][::-1] @ w - b[2500:]) ** 2)
+    assert paired < 0.2 * shuffled
 
 
 def _code(rows: list[list[int]], vals: list[list[float]] | None = None, n: int = 10) -> SparseCode:
