@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -395,3 +396,49 @@ def test_docker_entrypoint_serves_and_passes_its_healthcheck(trained_checkpoint,
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command to make a test certificate")
+def test_tls(trained_checkpoint, bundles, queries, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    s = load_settings(
+        overrides={
+            "checkpoint": str(trained_checkpoint),
+            "indexes": bundles,
+            "port": 0,
+            "metrics_port": 0,
+            "tls_cert": str(cert),
+            "tls_key": str(key),
+        },
+        environ={},
+    )
+    srv = SparcServer(s).start()
+    try:
+        with SparcClient(f"127.0.0.1:{srv.port}", root_certificates=cert.read_bytes()) as c:
+            assert c.search_vector("clip_txt", queries[0], ["dino"]).hits
+        with SparcClient(f"127.0.0.1:{srv.port}") as plain, pytest.raises(grpc.RpcError):
+            plain.health(timeout=2)
+    finally:
+        srv.stop(0)
