@@ -16,7 +16,7 @@ import time
 import torch
 
 from sparc_core import SparcConfig, SparcModel, TrainConfig
-from sparc_core.train import pick_device, train_step
+from sparc_core.train import make_optimizer, pick_device, train_step
 
 
 def measure(sparse: bool, args: argparse.Namespace, device: torch.device) -> float:
@@ -25,7 +25,7 @@ def measure(sparse: bool, args: argparse.Namespace, device: torch.device) -> flo
     cfg = SparcConfig(streams=streams, n_latents=args.n_latents, k=args.k, auxk=args.auxk, sparse_kernels=sparse)
     tcfg = TrainConfig(n_latents=args.n_latents, k=args.k, steps=10**6, align_ramp=0.0)
     model = SparcModel(cfg, seed=0).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = make_optimizer(model, 1e-3)
     g = torch.Generator().manual_seed(0)
     batches = [{s: torch.randn(args.batch_size, d, generator=g).to(device) for s, d in streams.items()} for _ in range(2)]
     # A realistic share of dead latents keeps the AuxK path busy in both variants.
