@@ -347,5 +347,5 @@ class SparcModel(nn.Module):
         for c in self.codecs.values():
             if c.W_dec.grad is None:
                 continue
-            parallel = (c.W_dec.grad * c.W_dec).sum(1, keepdim=True)
-            c.W_dec.grad.sub_(parallel * c.W_dec)
+            parallel = torch.linalg.vecdot(c.W_dec.grad, c.W_dec).unsqueeze(1)
+            c.W_dec.grad.addcmul_(parallel, c.W_dec, value=-1.0)

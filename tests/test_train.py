@@ -192,3 +192,20 @@ def test_two_process_data_parallel_matches_single_process(synth_dir, tmp_path):
     ps, pd = _params(single), _params(out)
     for name in ps:  # the same global batch split over 2 ranks, gradients averaged: the same model
         assert_close(pd[name], ps[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cli_eval_writes_a_report(trained_checkpoint, medium_synth, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    args = ["eval", "--checkpoint", str(trained_checkpoint), "--gallery", "300", "--out", str(out)]
+    for s in ("dino", "clip_img", "clip_txt"):
+        args += ["--features", f"{s}={medium_synth / 'eval' / f'{s}.npy'}"]
+    assert main([*args, "--labels", str(medium_synth / "eval" / "labels.npy")]) == 0
+    report = json.loads(out.read_text())
+    assert report["n_samples"] == 600 and report["gallery"] == 300
+    pair = report["pairs"]["clip_txt->dino"]
+    assert {"nmse_cross", "jaccard", "label_jaccard", "retrieval_latent", "retrieval_xrecon"} <= set(pair)
+    assert pair["retrieval_latent"]["R@1"] > 0.1  # chance is 1/300
+    assert "cross-stream R@1, latent cosine" in capsys.readouterr().out
+    bad = ["eval", "--checkpoint", str(trained_checkpoint), "--features", f"dino={medium_synth / 'eval' / 'clip_txt.npy'}"]
+    assert main(bad) == 2
+    assert "stream 'dino' has dim 48, expected 64" in capsys.readouterr().err
