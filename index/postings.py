@@ -7,6 +7,7 @@ Memory is k * (4 + 4) bytes per item (int32 item number + float32 value per acti
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -66,31 +67,53 @@ class Postings:
     def nbytes(self) -> int:
         return self.offsets.nbytes + self.items.nbytes + self.values.nbytes
 
-    def search(self, q_idx: np.ndarray, q_val: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_one(self, q_idx: np.ndarray, q_val: np.ndarray, k: int, scores: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """One query: accumulate its posting lists into ``scores`` (all zero on entry and on return)."""
+        lists = []
+        for j in range(len(q_idx)):
+            a, b, w = int(self.offsets[q_idx[j]]), int(self.offsets[q_idx[j] + 1]), float(q_val[j])
+            if b > a and w > 0.0:
+                scores.index_add_(0, self._items_t[a:b], self._values_t[a:b], alpha=w)
+                lists.append(self._items_t[a:b])
+        if not lists:
+            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
+        # Only touched items can score > 0: take the top among them, not over the whole gallery. An
+        # item appears once per shared latent, so k * len(lists) candidates hold k distinct items.
+        touched = torch.cat(lists)
+        cand_scores = scores[touched]
+        scores[touched] = 0.0
+        top = cand_scores.topk(min(len(touched), k * len(lists)))
+        items = touched[top.indices].numpy()
+        _, first = np.unique(items, return_index=True)
+        keep = np.sort(first)[:k]  # distinct items, best first
+        return top.values.numpy()[keep], items[keep].astype(np.int64)
+
+    def search(self, q_idx: np.ndarray, q_val: np.ndarray, k: int, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k inner products <query code, item code>. q_idx, q_val: [nq, kq] -> (D, I) [nq, k].
 
-        Each query accumulates its k posting lists into one dense score buffer (index_add_ with the
-        query weight as alpha: no temporaries), then takes a top-k. Items sharing no active latent with
+        Each query accumulates its posting lists into a dense score buffer (index_add_ with the query
+        weight as alpha, no temporaries) and takes the top-k among the items it touched. Batches run
+        on ``threads`` worker threads (torch releases the GIL). Items sharing no active latent with
         the query are not hits: fewer than k hits leave I = -1, D = -inf.
         """
         nq = q_idx.shape[0]
         D = np.full((nq, k), -np.inf, dtype=np.float32)
         I = np.full((nq, k), -1, dtype=np.int64)
-        k_eff = min(k, self.n_items)
-        if nq == 0 or k_eff == 0:
+        if nq == 0 or k == 0 or self.n_items == 0:
             return D, I
-        scores = torch.empty(self.n_items, dtype=torch.float32)
-        starts, ends = self.offsets[q_idx], self.offsets[q_idx + 1]
-        for r in range(nq):
-            scores.zero_()
-            for j in range(q_idx.shape[1]):
-                a, b, w = int(starts[r, j]), int(ends[r, j]), float(q_val[r, j])
-                if b > a and w != 0.0:
-                    scores.index_add_(0, self._items_t[a:b], self._values_t[a:b], alpha=w)
-            top = scores.topk(k_eff)
-            d, i = top.values.numpy(), top.indices.numpy()
-            hit = d > 0
-            m = int(hit.sum())
-            D[r, :m] = d[hit]
-            I[r, :m] = i[hit]
+        threads = min(nq, threads or torch.get_num_threads())
+
+        def run(rows: range) -> None:
+            scores = torch.zeros(self.n_items, dtype=torch.float32)
+            for r in rows:
+                d, i = self._search_one(q_idx[r], q_val[r], k, scores)
+                hit = d > 0
+                m = int(hit.sum())
+                D[r, :m], I[r, :m] = d[hit], i[hit]
+
+        if threads <= 1:
+            run(range(nq))
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(run, [range(t, nq, threads) for t in range(threads)]))
         return D, I
