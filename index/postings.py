@@ -67,51 +67,48 @@ class Postings:
     def nbytes(self) -> int:
         return self.offsets.nbytes + self.items.nbytes + self.values.nbytes
 
-    def _search_one(self, q_idx: np.ndarray, q_val: np.ndarray, k: int, scores: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """One query: accumulate its posting lists into ``scores`` (all zero on entry and on return)."""
-        lists = []
-        for j in range(len(q_idx)):
-            a, b, w = int(self.offsets[q_idx[j]]), int(self.offsets[q_idx[j] + 1]), float(q_val[j])
-            if b > a and w > 0.0:
-                scores.index_add_(0, self._items_t[a:b], self._values_t[a:b], alpha=w)
-                lists.append(self._items_t[a:b])
-        if not lists:
+    def _search_one(self, lat: np.ndarray, w: np.ndarray, k: int, scores: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """One query (its active latents and weights): scores over its posting lists, then the top-k.
+
+        ``scores`` is all zero on entry and is left all zero.
+        """
+        starts, ends = self.offsets[lat], self.offsets[lat + 1]
+        touched = False
+        for a, b, wj in zip(starts.tolist(), ends.tolist(), w.tolist()):
+            if b > a:
+                scores.index_add_(0, self._items_t[a:b], self._values_t[a:b], alpha=wj)
+                touched = True
+        if not touched:
             return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
-        # Only touched items can score > 0: take the top among them, not over the whole gallery. An
-        # item appears once per shared latent, so k * len(lists) candidates hold k distinct items.
-        touched = torch.cat(lists)
-        cand_scores = scores[touched]
-        scores[touched] = 0.0
-        top = cand_scores.topk(min(len(touched), k * len(lists)))
-        items = touched[top.indices].numpy()
-        _, first = np.unique(items, return_index=True)
-        keep = np.sort(first)[:k]  # distinct items, best first
-        return top.values.numpy()[keep], items[keep].astype(np.int64)
+        top = scores.topk(min(k, self.n_items))  # one pass over the buffer beats gathering touched items
+        scores.zero_()
+        return top.values.numpy(), top.indices.numpy().astype(np.int64)
 
     def search(self, q_idx: np.ndarray, q_val: np.ndarray, k: int, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k inner products <query code, item code>. q_idx, q_val: [nq, kq] -> (D, I) [nq, k].
 
         Each query accumulates its posting lists into a dense score buffer (index_add_ with the query
-        weight as alpha, no temporaries) and takes the top-k among the items it touched. Batches run
-        on ``threads`` worker threads (torch releases the GIL). Items sharing no active latent with
-        the query are not hits: fewer than k hits leave I = -1, D = -inf.
+        weight as alpha, no temporaries) and takes its top-k. Large batches over large galleries run
+        on worker threads (torch releases the GIL). Items sharing no active latent with the query are
+        not hits: fewer than k hits leave I = -1, D = -inf.
         """
         nq = q_idx.shape[0]
         D = np.full((nq, k), -np.inf, dtype=np.float32)
         I = np.full((nq, k), -1, dtype=np.int64)
         if nq == 0 or k == 0 or self.n_items == 0:
             return D, I
-        threads = min(nq, threads or torch.get_num_threads())
+        active = q_val > 0
 
         def run(rows: range) -> None:
             scores = torch.zeros(self.n_items, dtype=torch.float32)
             for r in rows:
-                d, i = self._search_one(q_idx[r], q_val[r], k, scores)
+                d, i = self._search_one(q_idx[r][active[r]], q_val[r][active[r]], k, scores)
                 hit = d > 0
                 m = int(hit.sum())
                 D[r, :m], I[r, :m] = d[hit], i[hit]
 
-        if threads <= 1:
+        threads = min(nq, threads or torch.get_num_threads())
+        if threads <= 1 or nq * self.n_items < 16 * 200_000:  # small work: threads cost more than they give
             run(range(nq))
         else:
             with ThreadPoolExecutor(threads) as pool:

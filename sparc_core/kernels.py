@@ -14,11 +14,12 @@ from torch import Tensor
 def _scatter_outer(idx: Tensor, g: Tensor, x: Tensor, n_latents: int) -> Tensor:
     """sum_b sum_j g[b, j] * outer(e_{idx[b, j]}, x[b]) -> [n_latents, d], i.e. G^T x for a k-sparse G.
 
-    Few columns per row: a sparse CSR matmul, O(B*k*d). Many (AuxK can gather hundreds): scattering
-    into a dense [B, N] and one GEMM is faster than any gather-based kernel on CPU.
+    Few columns per row: a sparse matmul, O(B*k*d). Many (alignment and AuxK gather hundreds): the
+    sparse kernel's index sort costs more than scattering into a dense [B, N] and one GEMM (measured
+    crossover on CPU near k = N/64).
     """
     B, k = idx.shape
-    if 8 * k < n_latents:
+    if 64 * k < n_latents:
         rows = torch.arange(B, device=idx.device).repeat_interleave(k)
         G_t = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), g.reshape(-1), (n_latents, B), check_invariants=False)
         return torch.sparse.mm(G_t.coalesce(), x)

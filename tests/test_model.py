@@ -120,7 +120,7 @@ def test_sparse_kernels_match_dense_reference_values_and_gradients(small_cfg, ba
         assert_close(grads_s[name], grads_d[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("k,n_latents", [(3, 64), (40, 64)])  # the sparse-matmul and the dense-scatter branch
+@pytest.mark.parametrize("k,n_latents", [(1, 128), (40, 64)])  # the sparse-matmul and the dense-scatter branch
 def test_gather_logits_kernel_matches_autograd(k, n_latents):
     g = torch.Generator().manual_seed(k)
     x = torch.randn(7, 10, generator=g, requires_grad=True)
