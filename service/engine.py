@@ -160,25 +160,19 @@ class Engine:
         s = self.settings
         if kind is None:
             raise ServiceError("INVALID_ARGUMENT", "empty query: set exactly one of text, image or vector")
-        if kind == "text":
-            if not text.strip():
-                raise ServiceError("INVALID_ARGUMENT", "empty text query")
-            if len(text) > s.max_text_chars:
-                raise ServiceError("INVALID_ARGUMENT", f"text query of {len(text)} characters exceeds {s.max_text_chars}")
-            raise ServiceError(
-                "FAILED_PRECONDITION",
-                "text queries need a text encoder, and none is configured on this "
-                "server; send a vector query (stream + features) instead",
+        if kind in ("text", "image"):
+            payload, limit, unit = (
+                (text.strip(), s.max_text_chars, "characters") if kind == "text" else (image, s.max_image_bytes, "bytes")
             )
-        if kind == "image":
-            if not image:
-                raise ServiceError("INVALID_ARGUMENT", "empty image query")
-            if len(image) > s.max_image_bytes:
-                raise ServiceError("INVALID_ARGUMENT", f"image of {len(image)} bytes exceeds {s.max_image_bytes}")
+            size = len(text) if kind == "text" else len(image)
+            if not payload:
+                raise ServiceError("INVALID_ARGUMENT", f"empty {kind} query")
+            if size > limit:
+                raise ServiceError("INVALID_ARGUMENT", f"{kind} query of {size} {unit} exceeds {limit}")
             raise ServiceError(
                 "FAILED_PRECONDITION",
-                "image queries need an image encoder, and none is configured on "
-                "this server; send a vector query (stream + features) instead",
+                f"{kind} queries need {'an' if kind == 'image' else 'a'} {kind} encoder, and none is configured on this server; "
+                "send a vector query (stream + features) instead",
             )
         if not stream:
             raise ServiceError("INVALID_ARGUMENT", "vector query without a stream name")

@@ -25,6 +25,12 @@ from service.settings import load_settings
 TOKEN = "s3cret-token"
 
 
+def _settings(checkpoint, bundles, **extra):
+    """Service settings for a test server on a free loopback port, ignoring the environment."""
+    base = {"checkpoint": str(checkpoint), "indexes": bundles, "port": 0, "metrics_port": 0}
+    return load_settings(overrides=base | extra, environ={})
+
+
 def _free_ports(n: int) -> list[int]:
     """n distinct free loopback ports (held open together so the kernel cannot hand out one twice)."""
     socks = [socket.socket() for _ in range(n)]
@@ -49,19 +55,7 @@ def bundles(trained_checkpoint, medium_synth, tmp_path_factory) -> dict[str, lis
 
 @pytest.fixture(scope="module")
 def server(trained_checkpoint, bundles):
-    s = load_settings(
-        overrides={
-            "checkpoint": str(trained_checkpoint),
-            "indexes": bundles,
-            "port": 0,
-            "metrics_port": 0,
-            "max_top_k": 100,
-            "max_batch": 64,
-            "max_text_chars": 50,
-            "max_image_bytes": 1000,
-        },
-        environ={},
-    )
+    s = _settings(trained_checkpoint, bundles, max_top_k=100, max_batch=64, max_text_chars=50, max_image_bytes=1000)
     srv = SparcServer(s).start()
     yield srv
     srv.stop(0)
@@ -241,10 +235,7 @@ def test_reflection_lists_the_services(server):
 
 
 def test_bearer_token_is_required(trained_checkpoint, bundles, queries):
-    s = load_settings(
-        overrides={"checkpoint": str(trained_checkpoint), "indexes": bundles, "port": 0, "metrics_port": 0, "auth_token": TOKEN},
-        environ={},
-    )
+    s = _settings(trained_checkpoint, bundles, auth_token=TOKEN)
     srv = SparcServer(s).start()
     try:
         target = f"127.0.0.1:{srv.port}"
@@ -266,9 +257,7 @@ def test_metrics_endpoint_counts_requests(trained_checkpoint, bundles, queries):
     import urllib.request
 
     gport, mport = _free_ports(2)
-    s = load_settings(
-        overrides={"checkpoint": str(trained_checkpoint), "indexes": bundles, "port": gport, "metrics_port": mport}, environ={}
-    )
+    s = _settings(trained_checkpoint, bundles, port=gport, metrics_port=mport)
     srv = SparcServer(s).start()
     try:
         with SparcClient(f"127.0.0.1:{srv.port}") as c:
@@ -423,17 +412,7 @@ def test_tls(trained_checkpoint, bundles, queries, tmp_path):
         check=True,
         capture_output=True,
     )
-    s = load_settings(
-        overrides={
-            "checkpoint": str(trained_checkpoint),
-            "indexes": bundles,
-            "port": 0,
-            "metrics_port": 0,
-            "tls_cert": str(cert),
-            "tls_key": str(key),
-        },
-        environ={},
-    )
+    s = _settings(trained_checkpoint, bundles, tls_cert=str(cert), tls_key=str(key))
     srv = SparcServer(s).start()
     try:
         with SparcClient(f"127.0.0.1:{srv.port}", root_certificates=cert.read_bytes()) as c:
