@@ -103,8 +103,3 @@ def write_synthetic(cfg: SynthConfig, out: str | Path) -> dict[str, dict[str, st
     }
     atomic_write_json(out / "synth.json", meta)
     return paths
-
-
-def load_json(path: str | Path) -> dict:
-    """Read a JSON file (used for synth.json)."""
-    return json.loads(Path(path).read_text())
