@@ -9,7 +9,6 @@ raw scale, as DINOv2 features have. Most concepts are visible to every stream, s
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
