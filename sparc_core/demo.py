@@ -13,7 +13,7 @@ from .metrics import evaluate
 from .report import format_report
 
 DEMO_SYNTH = SynthConfig(n_train=30_000, n_eval=5_000)
-DEMO_MODEL = {"n_latents": 384, "k": 32, "steps": 1500, "batch_size": 256}
+DEMO_MODEL = {"n_latents": 384, "k": 32, "steps": 2000, "batch_size": 256}
 BASELINE = {"topk": "local", "cross_coef": 0.0, "align_coef": 0.0, "solo_select_prob": 0.0, "min_rel_activation": 0.0}
 
 
