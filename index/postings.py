@@ -44,21 +44,6 @@ class Postings:
         np.cumsum(counts, out=offsets[1:])
         return cls(offsets, item[order], val[order], first_item + n)
 
-    @staticmethod
-    def concat(parts: list[Postings]) -> Postings:
-        """Merge posting lists of consecutive item ranges (parts[i+1] numbers items after parts[i])."""
-        n_latents = parts[0].n_latents
-        items, values, counts = [], [], np.zeros(n_latents, dtype=np.int64)
-        for j in range(n_latents):
-            for p in parts:
-                a, b = p.offsets[j], p.offsets[j + 1]
-                items.append(p.items[a:b])
-                values.append(p.values[a:b])
-                counts[j] += b - a
-        offsets = np.zeros(n_latents + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        return Postings(offsets, np.concatenate(items), np.concatenate(values), parts[-1].n_items)
-
     def posting(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
         """Items (row numbers) and values of one latent's posting list."""
         a, b = self.offsets[latent], self.offsets[latent + 1]
