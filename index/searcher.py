@@ -86,9 +86,10 @@ class Searcher:
         self.stream = m.stream
         self.manifest = m
         self.dense = [DenseSearcher(b.dense_index, use_gpu=use_gpu) if b.dense_index is not None else None for b in self.shards]
-        ids_all = [i for b in self.shards for i in b.ids.tolist()]
-        if len(set(ids_all)) != len(ids_all):
-            raise BundleError("the same item id appears in more than one shard")
+        if len(self.shards) > 1:
+            ids_all = np.concatenate([b.ids for b in self.shards])
+            if len(np.unique(ids_all)) != len(ids_all):
+                raise BundleError("the same item id appears in more than one shard")
 
     @property
     def n_items(self) -> int:
