@@ -10,10 +10,12 @@ config.json is written last and names the weights' hash, so a torn save is detec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +39,31 @@ class CheckpointError(SparcError, RuntimeError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and an atomic rename."""
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temp path beside ``path``, fsynced and renamed onto it when the block succeeds, removed if it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the result from other users
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same directory and an atomic rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -57,18 +71,10 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Atomically write ``tensors`` as a safetensors file."""
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def file_sha256(path: Path) -> str:
@@ -93,10 +99,10 @@ def save_checkpoint(
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     weights = d / WEIGHTS
-    _atomic_save_tensors(weights, dict(model.state_dict()), {"format": FORMAT, "version": str(VERSION)})
+    atomic_save_tensors(weights, dict(model.state_dict()), {"format": FORMAT, "version": str(VERSION)})
     if train_state is not None:
         tensors, meta = train_state["tensors"], train_state["meta"]
-        _atomic_save_tensors(d / TRAIN_STATE, tensors, {"meta": json.dumps(meta)})
+        atomic_save_tensors(d / TRAIN_STATE, tensors, {"meta": json.dumps(meta)})
     if metrics is not None:
         atomic_write_json(d / METRICS, metrics)
     config = {

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_json
-from .config import ConfigError, SparcError, SynthConfig, TrainConfig, build_config, load_config_file
+from .config import ConfigError, ExtractConfig, SparcError, SynthConfig, TrainConfig, build_config, load_config_file
 
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
@@ -173,6 +173,76 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- extract ----------------------------------------------------------------------------------------
+def _add_extract(sub: Any) -> None:
+    p = sub.add_parser(
+        "extract",
+        help="extract paired DINOv2 / CLIP image / CLIP text features from images + captions (local weights only)",
+    )
+    p.add_argument("--config", help="YAML/JSON ExtractConfig; flags override it")
+    p.add_argument("--images", help="image folder (caption-file paths are relative to it)")
+    p.add_argument("--captions", help="CSV/TSV/JSON Lines (image_path, caption[, id]) or COCO captions JSON")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--clip-model", help="open_clip model name (e.g. ViT-L-14) or a model-config .json")
+    p.add_argument("--clip-weights", help="open_clip checkpoint file or model directory (or $SPARC_CLIP_WEIGHTS)")
+    p.add_argument("--no-clip", action="store_true", help="skip the CLIP streams")
+    p.add_argument("--dino-model", help="timm DINOv2 architecture (default vit_large_patch14_reg4_dinov2)")
+    p.add_argument("--dino-weights", help="official DINOv2 .pth, timm state dict or model directory (or $SPARC_DINO_WEIGHTS)")
+    p.add_argument("--dino-model-args", help="extra timm arguments as JSON, e.g. '{\"embed_dim\": 384}'")
+    p.add_argument("--dino-image-size", type=int, help="DINOv2 input side in pixels (default 224)")
+    p.add_argument("--dino-patch-tokens", action="store_true", help="also write the patch tokens (float16)")
+    p.add_argument("--no-dino", action="store_true", help="skip the DINOv2 stream")
+    p.add_argument("--all-captions", action="store_true", help="one row per caption instead of per image")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int, help="image-decoding processes (default 4)")
+    p.add_argument("--chunk-size", type=int, help="rows per resumable chunk (default 4096)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--keep-chunks", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_extract)
+
+
+def extract_config_from_args(args: argparse.Namespace) -> ExtractConfig:
+    """ExtractConfig from an optional config file overlaid with command-line flags."""
+    data = load_config_file(args.config) if args.config else {}
+    data = _overlay(data, args, ["images", "captions", "out", "batch_size", "workers", "chunk_size"])
+    enc = dict(data.get("encoders") or {})
+    enc = _overlay(enc, args, ["device", "precision"])
+    clip = dict(enc.get("clip") or {})
+    clip.update({k: v for k, v in {"model": args.clip_model, "weights": args.clip_weights}.items() if v is not None})
+    dino = dict(enc.get("dino") or {})
+    dino_flags = {"model": args.dino_model, "weights": args.dino_weights, "image_size": args.dino_image_size}
+    dino.update({k: v for k, v in dino_flags.items() if v is not None})
+    if args.dino_model_args:
+        try:
+            dino["model_args"] = json.loads(args.dino_model_args)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--dino-model-args: not valid JSON ({e.msg})") from None
+    if args.dino_patch_tokens:
+        dino["patch_tokens"] = True
+    enc["clip"] = None if args.no_clip else clip
+    enc["dino"] = None if args.no_dino else dino
+    data["encoders"] = enc
+    for flag in ("all_captions", "keep_chunks"):
+        if getattr(args, flag):
+            data[flag] = True
+    if args.quiet:
+        data["progress"] = False
+    return build_config(ExtractConfig, data, args.config or "command line")
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from .extract import extract
+
+    cfg = extract_config_from_args(args)
+    manifest = extract(cfg)
+    out = cfg.out
+    streams = ", ".join(f"{s} {v['dim']}-d" for s, v in manifest["streams"].items())
+    print(f"{manifest['rows']} rows ({streams}), {manifest['rejected']} rejected -> {out}")
+    return 0
+
+
 # ---- demo -------------------------------------------------------------------------------------------
 def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="synthesise data, train SPARC and the Local-TopK baseline on CPU, compare")
@@ -194,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full ``sparc`` parser, including subcommands registered by other installed packages."""
     parser = argparse.ArgumentParser(prog="sparc", description="SPARC: one sparse concept space shared by many models")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_synth, _add_train, _add_eval, _add_demo):
+    for add in (_add_synth, _add_extract, _add_train, _add_eval, _add_demo):
         add(sub)
     for ep in entry_points(group="sparc.commands"):
         ep.load()(sub)

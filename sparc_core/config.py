@@ -134,6 +134,56 @@ class SynthConfig(_Strict):
     seed: int = 0
 
 
+class ClipConfig(_Strict):
+    """An open_clip model from local weights: its image tower feeds one stream, its text tower another."""
+
+    model: str = "ViT-L-14"  # open_clip model name, or a model-config .json (ignored when weights is a directory)
+    weights: str | None = None  # checkpoint file (.safetensors/.bin/.pt), or a directory with open_clip_config.json
+    image_stream: str | None = "clip_img"  # stream fed by the image tower; None skips it
+    text_stream: str | None = "clip_txt"  # stream fed by the text tower; None skips it
+
+
+class DinoConfig(_Strict):
+    """A DINOv2 ViT from local weights (official or timm layout) feeding one stream with its CLS token."""
+
+    model: str = "vit_large_patch14_reg4_dinov2"  # timm architecture (ignored when weights is a directory)
+    weights: str | None = None  # official .pth, timm .safetensors/.bin, or a timm directory with config.json
+    stream: str = "dino"
+    model_args: dict[str, Any] = {}  # extra timm constructor arguments, for a custom ViT
+    image_size: int = Field(224, ge=14)  # square input side; a multiple of the patch size
+    patch_tokens: bool = False  # also keep the patch tokens (float16) for localisation work
+
+
+class EncodersConfig(_Strict):
+    """The feature encoders of a run or a server, and where they run."""
+
+    clip: ClipConfig | None = None
+    dino: DinoConfig | None = None
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16/fp16 autocast on GPU, fp32 on CPU
+
+
+class ExtractConfig(_Strict):
+    """One feature-extraction run: images + captions in, one paired feature file per stream out."""
+
+    images: str  # image folder; caption-file paths are relative to it
+    captions: str  # CSV / JSON Lines (image_path, caption[, id]) or a COCO captions JSON
+    out: str  # output directory
+    encoders: EncodersConfig = EncodersConfig()
+    all_captions: bool = False  # one row per caption (COCO has ~5 per image) instead of the first caption only
+    batch_size: int = Field(64, ge=1)
+    workers: int = Field(4, ge=0)  # DataLoader processes decoding images
+    chunk_size: int = Field(4096, ge=1)  # rows per chunk file; a crash loses at most one chunk
+    keep_chunks: bool = False  # keep the chunk files after assembling the final arrays
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> ExtractConfig:
+        if self.encoders.clip is None and self.encoders.dino is None:
+            raise ValueError("configure at least one encoder (clip and/or dino)")
+        return self
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON config file into a dict; errors name the file."""
     p = Path(path)

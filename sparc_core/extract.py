@@ -1,0 +1,369 @@
+"""Batch feature extraction: images + captions in, one paired feature file per stream out.
+
+Work is cut into chunks of ``chunk_size`` rows; each finished chunk is one safetensors file written
+atomically, so a crash loses at most the chunk in progress and re-running the same command resumes.
+Batches never cross a chunk boundary, so a resumed run computes exactly what an uninterrupted one does.
+An image that cannot be read drops its whole row from every stream (pairing is kept) and is recorded
+in ``rejects.jsonl``. When every chunk is done the chunks are assembled into::
+
+    OUT/<stream>.npy       float32 [rows, dim], one per stream, rows paired by position
+    OUT/<stream>_patches.npy  float16 [rows, n_patches, dim] (DINOv2 patch tokens, when asked for)
+    OUT/ids.txt            one id per row
+    OUT/rejects.jsonl      the rows left out, with the reason
+    OUT/extract.json       what was run (written last: its presence means the run is complete)
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_path, atomic_save_tensors, atomic_write_bytes, atomic_write_json
+from .config import ExtractConfig, SparcError
+from .encoders import DinoEncoder, FeatureEncoder, load_encoders
+
+log = logging.getLogger(__name__)
+MANIFEST = "extract.json"
+CHUNKS = "chunks"
+_IMAGE_KEYS = ("image_path", "image", "file_name", "filepath", "path")
+_CAPTION_KEYS = ("caption", "text")
+
+
+class ExtractError(SparcError, ValueError):
+    """Input that cannot be extracted (caption file, image folder, output directory); names the problem."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One row to extract: an image (relative to the image folder), its caption and its id."""
+
+    image: str
+    caption: str
+    id: str
+
+
+# ---- captions ----------------------------------------------------------------------------------------
+def _pick(row: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    return next((row[k] for k in keys if row.get(k) not in (None, "")), None)
+
+
+def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(where, record) pairs of a CSV, JSON Lines or plain JSON list file."""
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() in (".csv", ".tsv"):
+        reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        return [(f"{path}:{i + 2}", dict(r)) for i, r in enumerate(reader)]
+    if path.suffix.lower() == ".jsonl":
+        out = []
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    out.append((f"{path}:{i + 1}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ExtractError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
+        return out
+    raise ExtractError(f"{path}: unsupported caption file (use .csv, .tsv, .jsonl or a COCO captions .json)")
+
+
+def _coco(path: Path, data: dict[str, Any], all_captions: bool) -> list[Item]:
+    try:
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+        anns = sorted(data["annotations"], key=lambda a: (a["image_id"], a.get("id", 0)))
+    except (KeyError, TypeError) as e:
+        raise ExtractError(f"{path}: not a COCO captions file (missing {e})") from None
+    items, seen = [], set()
+    for a in anns:
+        if a["image_id"] not in files:
+            raise ExtractError(f"{path}: annotation {a.get('id')} names unknown image_id {a['image_id']}")
+        if not all_captions and a["image_id"] in seen:
+            continue
+        seen.add(a["image_id"])
+        ident = str(a.get("id", a["image_id"])) if all_captions else str(a["image_id"])
+        items.append(Item(files[a["image_id"]], str(a["caption"]).strip(), ident))
+    return items
+
+
+def read_captions(path: str | Path, all_captions: bool = False) -> list[Item]:
+    """The rows to extract from a CSV/TSV/JSON Lines file (image_path, caption[, id]) or a COCO captions JSON.
+
+    Without ``all_captions`` an image listed with several captions keeps its first one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExtractError(f"caption file not found: {path}")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as e:
+            raise ExtractError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if isinstance(data, dict):
+            items = _coco(path, data, all_captions)
+            return _check_ids(path, items)
+        records = [(f"{path}[{i}]", r) for i, r in enumerate(data)] if isinstance(data, list) else []
+    else:
+        records = _records(path)
+    items, per_image = [], {}
+    for where, r in records:
+        if not isinstance(r, dict):
+            raise ExtractError(f"{where}: expected an object with image_path and caption")
+        image, caption = _pick(r, _IMAGE_KEYS), _pick(r, _CAPTION_KEYS)
+        if image is None:
+            raise ExtractError(f"{where}: no image path (one of the columns {list(_IMAGE_KEYS)})")
+        if caption is None or not str(caption).strip():
+            raise ExtractError(f"{where}: empty caption for {image}")
+        n = per_image.get(image, 0)
+        per_image[image] = n + 1
+        if n and not all_captions:
+            continue
+        ident = r.get("id")
+        ident = str(ident) if ident not in (None, "") else (image if not all_captions else f"{image}#{n}")
+        items.append(Item(str(image), str(caption).strip(), ident))
+    return _check_ids(path, items)
+
+
+def _check_ids(path: Path, items: list[Item]) -> list[Item]:
+    if not items:
+        raise ExtractError(f"{path}: no rows")
+    seen: set[str] = set()
+    for it in items:
+        if it.id in seen:
+            raise ExtractError(f"{path}: id {it.id!r} appears twice; ids must be unique")
+        if "\n" in it.id:
+            raise ExtractError(f"{path}: id {it.id!r} contains a newline")
+        seen.add(it.id)
+    return items
+
+
+# ---- decoding ------------------------------------------------------------------------------------------
+class _Images(Dataset):
+    """Decodes one row's image and applies every image encoder's transform; failures come back as a reason."""
+
+    def __init__(self, root: Path, items: list[Item], transforms: dict[str, Callable]) -> None:
+        self.root, self.items, self.transforms = root, items, transforms
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, dict[str, torch.Tensor] | None, str]:
+        try:
+            with Image.open(self.root / self.items[i].image) as im:
+                im = im.convert("RGB")
+            return i, {s: t(im) for s, t in self.transforms.items()}, ""
+        except Exception as e:  # unreadable, truncated, not an image, too large: the row is rejected
+            return i, None, f"{type(e).__name__}: {e}"
+
+
+def _collate(batch: list) -> tuple[list[int], dict[str, torch.Tensor], list[tuple[int, str]]]:
+    ok = [(i, px) for i, px, _ in batch if px is not None]
+    rows = [i for i, _ in ok]
+    pixels = {s: torch.stack([px[s] for _, px in ok]) for s in (ok[0][1] if ok else {})}
+    return rows, pixels, [(i, err) for i, px, err in batch if px is None]
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+def _fingerprint(cfg: ExtractConfig, items: list[Item], encoders: dict[str, FeatureEncoder]) -> dict[str, Any]:
+    """Everything the output depends on; a resumed run must match it exactly."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.image, it.caption, it.id]).encode())
+    weights = []
+    for e in encoders.values():
+        path = getattr(e, "weights", None)
+        if path is not None:
+            st = path.stat()
+            weights.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    return {
+        "rows_sha256": h.hexdigest(),
+        "images": str(Path(cfg.images).resolve()),
+        "encoders": cfg.encoders.model_dump(),
+        "weights": weights,
+        "streams": {s: [e.name, e.dim] for s, e in encoders.items()},
+        "chunk_size": cfg.chunk_size,
+        "batch_size": cfg.batch_size,
+    }
+
+
+def _chunk_path(out: Path, c: int) -> Path:
+    return out / CHUNKS / f"chunk_{c:06d}.safetensors"
+
+
+def _chunk_done(path: Path, fp_hash: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("fingerprint") == fp_hash
+    except Exception:  # a torn file from a crash is redone
+        return False
+
+
+def _encode_batch(
+    encoders: dict[str, FeatureEncoder], rows: list[int], pixels: dict[str, torch.Tensor], items: list[Item]
+) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for s, enc in encoders.items():
+        if enc.modality == "text":
+            out[s] = enc.encode_texts([items[i].caption for i in rows])
+        elif isinstance(enc, DinoEncoder) and enc.patch_tokens:
+            out[s], patches = enc.tokens(pixels[s])
+            out[f"{s}_patches"] = patches.half()
+        else:
+            out[s] = enc.encode_pixels(pixels[s])
+    return out
+
+
+def extract(cfg: ExtractConfig, encoders: dict[str, FeatureEncoder] | None = None) -> dict[str, Any]:
+    """Run (or resume) an extraction; returns the manifest of the assembled files."""
+    out = Path(cfg.out)
+    root = Path(cfg.images)
+    if not root.is_dir():
+        raise ExtractError(f"image folder not found: {root}")
+    items = read_captions(cfg.captions, cfg.all_captions)
+    encoders = load_encoders(cfg.encoders) if encoders is None else encoders
+    if not encoders:
+        raise ExtractError("no encoder configured")
+    fp = _fingerprint(cfg, items, encoders)
+    fp_hash = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("fingerprint") == fp_hash:
+            log.info("%s: already complete", out)
+            return manifest
+        raise ExtractError(f"{out} already holds features extracted with other inputs or settings; choose another --out")
+    fp_file = out / CHUNKS / "fingerprint.json"
+    if fp_file.is_file() and json.loads(fp_file.read_text()).get("hash") != fp_hash:
+        raise ExtractError(
+            f"{out} holds a partial extraction with other inputs or settings (captions, models, weights, "
+            "chunk or batch size); re-run it with the same ones, or choose another --out"
+        )
+    atomic_write_json(fp_file, {"hash": fp_hash, **fp})
+
+    n_chunks = -(-len(items) // cfg.chunk_size)
+    pending = [c for c in range(n_chunks) if not _chunk_done(_chunk_path(out, c), fp_hash)]
+    batches, owner = [], []  # batches stay inside one chunk, so resuming changes no batch
+    for c in pending:
+        lo, hi = c * cfg.chunk_size, min((c + 1) * cfg.chunk_size, len(items))
+        for b in range(lo, hi, cfg.batch_size):
+            batches.append(list(range(b, min(b + cfg.batch_size, hi))))
+            owner.append(c)
+    transforms = {s: e.preprocess for s, e in encoders.items() if e.modality == "image"}
+    loader = DataLoader(
+        _Images(root, items, transforms),
+        batch_sampler=batches,
+        num_workers=cfg.workers if batches else 0,
+        collate_fn=_collate,
+        pin_memory=any(e.device.type == "cuda" for e in encoders.values()),
+        persistent_workers=False,
+    )
+    done_rows = len(items) - sum(len(b) for b in batches)
+    bar = tqdm(total=len(items), initial=done_rows, unit="img", desc="extract", disable=not cfg.progress)
+    acc: dict[str, list[torch.Tensor]] = {}
+    acc_rows: list[int] = []
+    rejects: list[dict[str, Any]] = []
+    for n, (rows, pixels, failed) in enumerate(loader):
+        for i, err in failed:
+            log.warning("skipping %s: %s", items[i].image, err)
+            rejects.append({"row": i, "id": items[i].id, "image": items[i].image, "error": err})
+        if rows:
+            for key, feats in _encode_batch(encoders, rows, pixels, items).items():
+                acc.setdefault(key, []).append(feats)
+            acc_rows.extend(rows)
+        bar.update(len(rows) + len(failed))
+        if n + 1 == len(batches) or owner[n + 1] != owner[n]:
+            _write_chunk(out, owner[n], encoders, acc, acc_rows, rejects, fp_hash)
+            acc, acc_rows, rejects = {}, [], []
+    bar.close()
+    return _assemble(out, cfg, items, encoders, n_chunks, fp, fp_hash)
+
+
+def _write_chunk(
+    out: Path,
+    c: int,
+    encoders: dict[str, FeatureEncoder],
+    acc: dict[str, list[torch.Tensor]],
+    rows: list[int],
+    rejects: list[dict[str, Any]],
+    fp_hash: str,
+) -> None:
+    tensors = {"row": torch.tensor(rows, dtype=torch.int64)}
+    for s, e in encoders.items():
+        tensors[s] = torch.cat(acc[s]) if s in acc else torch.empty(0, e.dim)
+        if isinstance(e, DinoEncoder) and e.patch_tokens:
+            key = f"{s}_patches"
+            tensors[key] = torch.cat(acc[key]) if key in acc else torch.empty(0, 0, e.dim, dtype=torch.float16)
+    atomic_save_tensors(_chunk_path(out, c), tensors, {"fingerprint": fp_hash, "rejects": json.dumps(rejects)})
+
+
+def _assemble(
+    out: Path,
+    cfg: ExtractConfig,
+    items: list[Item],
+    encoders: dict[str, FeatureEncoder],
+    n_chunks: int,
+    fp: dict[str, Any],
+    fp_hash: str,
+) -> dict[str, Any]:
+    """Concatenate the chunks into the final per-stream arrays, ids and rejects; the manifest is written last."""
+    paths = [_chunk_path(out, c) for c in range(n_chunks)]
+    rows, rejects, shapes = [], [], {}
+    for p in paths:
+        with safe_open(str(p), "pt") as f:
+            rows.append(f.get_tensor("row").numpy())
+            rejects.extend(json.loads(f.metadata()["rejects"]))
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                if key != "row" and shape[0]:
+                    shapes.setdefault(key, shape[1:])
+    rows_all = np.concatenate(rows)
+    n = len(rows_all)
+    if n == 0:
+        raise ExtractError(f"every image was rejected; see the warnings (first: {rejects[0]['error'] if rejects else '?'})")
+    files = {}
+    for key, shape in shapes.items():
+        dtype = np.float16 if key.endswith("_patches") else np.float32
+        final = out / f"{key}.npy"
+        with atomic_path(final) as tmp:
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, *shape))
+            at = 0
+            for p in paths:
+                with safe_open(str(p), "np") as f:
+                    block = f.get_tensor(key)
+                arr[at : at + len(block)] = block
+                at += len(block)
+            arr.flush()
+            del arr
+        files[key] = final.name
+    atomic_write_bytes(out / "ids.txt", "".join(items[i].id + "\n" for i in rows_all).encode())
+    atomic_write_bytes(out / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects).encode())
+    manifest = {
+        "format": "sparc-features",
+        "version": 1,
+        "rows": n,
+        "rejected": len(rejects),
+        "captions": str(Path(cfg.captions).resolve()),
+        "streams": {s: {"file": files[s], "dim": e.dim, "encoder": e.name, "modality": e.modality} for s, e in encoders.items()},
+        "extra_files": {k: v for k, v in files.items() if k not in encoders},
+        "ids": "ids.txt",
+        "rejects": "rejects.jsonl",
+        "fingerprint": fp_hash,
+        "settings": fp,
+    }
+    atomic_write_json(out / MANIFEST, manifest)
+    if not cfg.keep_chunks:
+        shutil.rmtree(out / CHUNKS, ignore_errors=True)
+    return manifest
