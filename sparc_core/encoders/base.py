@@ -28,9 +28,17 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``; None means plain fp32."""
-    if device.type != "cuda" or precision == "fp32":
+    """The autocast dtype for ``precision`` on ``device``; None means plain fp32.
+
+    "auto" is bf16 (or fp16) on CUDA and fp32 on CPU; bf16 may be asked for on CPU too (faster where the
+    CPU has bf16 instructions, slightly less exact).
+    """
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
+    if device.type != "cuda":
+        if precision == "fp16":
+            raise EncoderError("fp16 autocast needs a CUDA device; use bf16 or fp32 on CPU")
+        return torch.bfloat16
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
