@@ -21,6 +21,10 @@ def register(sub: Any) -> None:
     p.add_argument("--checkpoint")
     p.add_argument("--index", action="append", metavar="NAME=DIR[,DIR...]", help="an index and its shard bundles")
     p.add_argument("--token", help="require this bearer token (or set SPARC_AUTH_TOKEN)")
+    p.add_argument("--clip-model", help="open_clip model name or model-config .json, for text/image queries")
+    p.add_argument("--clip-weights", help="open_clip checkpoint file or model directory (local)")
+    p.add_argument("--dino-model", help="timm DINOv2 architecture (default vit_large_patch14_reg4_dinov2)")
+    p.add_argument("--dino-weights", help="DINOv2 weights (official .pth, timm file or directory), for image queries")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_serve)
 
@@ -52,6 +56,7 @@ def demo_artefacts(root: Path = DEMO_ROOT) -> dict[str, list[str]]:
 def _serve(args: argparse.Namespace) -> int:
     from sparc_core.config import ConfigError
 
+    from .engine import ServiceError
     from .server import SparcServer
     from .settings import load_settings
 
@@ -72,9 +77,19 @@ def _serve(args: argparse.Namespace) -> int:
             indexes[name] = dirs.split(",")
         overrides["indexes"] = indexes
     settings = load_settings(args.config, overrides)
+    encoders = settings.encoders.model_dump() if settings.encoders is not None else {}
+    for family, flags in (("clip", (args.clip_model, args.clip_weights)), ("dino", (args.dino_model, args.dino_weights))):
+        given = {k: v for k, v in zip(("model", "weights"), flags) if v is not None}
+        if given:
+            encoders[family] = {**(encoders.get(family) or {}), **given}
+    if encoders:
+        settings = load_settings(args.config, {**overrides, "encoders": encoders})
     if not settings.indexes and args.config is None and args.checkpoint is None:
         settings = settings.model_copy(update={"indexes": demo_artefacts(), "checkpoint": str(DEMO_ROOT / "sparc")})
-    server = SparcServer(settings).start()
+    try:
+        server = SparcServer(settings).start()
+    except ServiceError as e:
+        raise ConfigError(f"cannot start: {e.message}") from None
     print(
         f"sparc serving {sorted(settings.indexes)} on {settings.host}:{server.port}"
         + (f", metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else ""),

@@ -4,6 +4,7 @@ index, and raises ServiceError with a status name. It holds no model maths and n
 
 from __future__ import annotations
 
+import io
 import queue
 import threading
 import time
@@ -13,9 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from index import Searcher
 from sparc_core import SparseCode, checkpoint_hash, load_checkpoint
+from sparc_core.encoders import FeatureEncoder, load_encoders
 from sparc_core.train import pick_device
 
 from .settings import ServiceSettings
@@ -30,12 +33,25 @@ class ServiceError(Exception):
         self.message = message
 
 
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
 @dataclass
 class QuerySpec:
-    """A validated query: its stream and feature vector."""
+    """A validated query: its stream and exactly one payload (features, a text, or preprocessed pixels)."""
 
     stream: str
-    vector: np.ndarray
+    vector: np.ndarray | None = None  # [d] raw features of ``stream``
+    text: str | None = None  # for the stream's text encoder
+    pixels: torch.Tensor | None = None  # [3, H, W] preprocessed for the stream's image encoder
+
+    def payload(self) -> tuple[str, Any]:
+        """(kind, one-row payload) for the encode batcher."""
+        if self.text is not None:
+            return "text", [self.text]
+        if self.pixels is not None:
+            return "pixels", self.pixels[None]
+        return "vector", self.vector[None, :]
 
 
 @dataclass
@@ -64,22 +80,30 @@ class Hit:
 
 
 class EncodeBatcher:
-    """Micro-batching: concurrent queries of one stream are encoded by one model call.
+    """Micro-batching: concurrent queries of one stream and kind share one encoder call and one model call.
 
-    A query waits at most ``max_wait_ms`` for company; a batch holds at most ``max_size`` queries.
+    A query waits at most ``max_wait_ms`` for company; a batch holds at most ``max_size`` queries. Texts and
+    images go through the stream's feature encoder first; one thread owns the models (GPU-safe).
     """
 
-    def __init__(self, model: Any, max_size: int, max_wait_ms: float) -> None:
-        self.model, self.max_size, self.max_wait = model, max_size, max_wait_ms / 1000.0
-        self._q: queue.Queue[tuple[str, np.ndarray, Future] | None] = queue.Queue()
+    def __init__(self, model: Any, encoders: dict[str, FeatureEncoder], max_size: int, max_wait_ms: float) -> None:
+        self.model, self.encoders, self.max_size, self.max_wait = model, encoders, max_size, max_wait_ms / 1000.0
+        self._q: queue.Queue[tuple[str, str, Any, Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="encode-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, stream: str, vectors: np.ndarray) -> Future:
-        """Future of the SparseCode for ``vectors`` [n, d] of ``stream``."""
+    def submit(self, stream: str, kind: str, payload: Any) -> Future:
+        """Future of the SparseCode of ``payload``: features [n, d], texts (list), or pixels [n, 3, H, W]."""
         fut: Future = Future()
-        self._q.put((stream, vectors, fut))
+        self._q.put((stream, kind, payload, fut))
         return fut
+
+    def _features(self, stream: str, kind: str, payloads: list[Any]) -> torch.Tensor:
+        if kind == "text":
+            return self.encoders[stream].encode_texts([t for p in payloads for t in p])
+        if kind == "pixels":
+            return self.encoders[stream].encode_pixels(torch.cat(payloads))
+        return torch.from_numpy(np.concatenate(payloads))
 
     def _run(self) -> None:
         while True:
@@ -88,7 +112,7 @@ class EncodeBatcher:
                 return
             batch = [first]
             deadline = time.monotonic() + self.max_wait
-            rows = len(first[1])
+            rows = len(first[2])
             while rows < self.max_size:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
@@ -101,17 +125,17 @@ class EncodeBatcher:
                     self._q.put(None)
                     break
                 batch.append(item)
-                rows += len(item[1])
-            by_stream: dict[str, list[tuple[np.ndarray, Future]]] = {}
-            for stream, vec, fut in batch:
-                by_stream.setdefault(stream, []).append((vec, fut))
-            for stream, items in by_stream.items():
+                rows += len(item[2])
+            groups: dict[tuple[str, str], list[tuple[Any, Future]]] = {}
+            for stream, kind, payload, fut in batch:
+                groups.setdefault((stream, kind), []).append((payload, fut))
+            for (stream, kind), items in groups.items():
                 try:
-                    x = torch.from_numpy(np.concatenate([v for v, _ in items])).to(self.model.device)
+                    x = self._features(stream, kind, [p for p, _ in items]).to(self.model.device)
                     code = self.model.encode({stream: x}).to("cpu")
                     start = 0
-                    for v, fut in items:
-                        n = len(v)
+                    for p, fut in items:
+                        n = len(p)
                         fut.set_result(
                             SparseCode(code.indices[start : start + n], code.values[start : start + n], code.n_latents)
                         )
@@ -123,6 +147,23 @@ class EncodeBatcher:
 
     def close(self) -> None:
         self._q.put(None)
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """An RGB image from JPEG/PNG/WebP bytes; anything else, or one over ``max_pixels``, is INVALID_ARGUMENT."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format not in IMAGE_FORMATS:
+                raise ServiceError("INVALID_ARGUMENT", f"image format {im.format} is not supported (JPEG, PNG or WebP)")
+            if im.width * im.height > max_pixels:
+                raise ServiceError(
+                    "INVALID_ARGUMENT", f"image of {im.width}x{im.height} pixels exceeds max_image_pixels {max_pixels}"
+                )
+            return im.convert("RGB")
+    except ServiceError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or not an image at all
+        raise ServiceError("INVALID_ARGUMENT", f"undecodable image ({type(e).__name__}: {e})") from None
 
 
 class Engine:
@@ -142,7 +183,40 @@ class Engine:
                     f"the service runs {self.checkpoint_sha256[:12]}; rebuild it with `sparc index build`",
                 )
             self.searchers[name] = s
-        self.batcher = EncodeBatcher(self.model, settings.batch_max_size, settings.batch_max_wait_ms)
+        self.encoders = load_encoders(settings.encoders) if settings.encoders is not None else {}
+        for stream, enc in self.encoders.items():
+            dim = self.model.cfg.streams.get(stream)
+            if dim != enc.dim:
+                raise ServiceError(
+                    "FAILED_PRECONDITION",
+                    f"encoder {enc.name} feeds stream {stream!r} with {enc.dim}-d features, but the checkpoint "
+                    + (f"takes {dim}-d for it" if dim else f"has no such stream (it has {self.model.streams})"),
+                )
+        self.default_stream = {
+            kind: self._default_stream(kind, getattr(settings, f"{kind}_stream")) for kind in ("text", "image")
+        }
+        self.batcher = EncodeBatcher(self.model, self.encoders, settings.batch_max_size, settings.batch_max_wait_ms)
+
+    def _default_stream(self, kind: str, wanted: str | None) -> str | None:
+        streams = [s for s, e in self.encoders.items() if e.modality == kind]
+        if wanted is not None and wanted not in streams:
+            raise ServiceError("FAILED_PRECONDITION", f"{kind}_stream {wanted!r} has no {kind} encoder (configured: {streams})")
+        return wanted or (streams[0] if streams else None)
+
+    def _encoder_for(self, kind: str, stream: str) -> FeatureEncoder:
+        streams = [s for s, e in self.encoders.items() if e.modality == kind]
+        if not streams:
+            what = "a CLIP model (encoders.clip)" if kind == "text" else "a CLIP or DINOv2 model (encoders.clip / encoders.dino)"
+            raise ServiceError(
+                "FAILED_PRECONDITION",
+                f"{kind} queries need {'an' if kind == 'image' else 'a'} {kind} encoder, and none is configured on this "
+                f"server: set {what} with local "
+                "weights in the service settings, or send a vector query (stream + features) instead",
+            )
+        stream = stream or self.default_stream[kind]
+        if stream not in streams:
+            raise ServiceError("INVALID_ARGUMENT", f"no {kind} encoder feeds stream {stream!r}; {kind} encoders: {streams}")
+        return self.encoders[stream]
 
     def close(self) -> None:
         self.batcher.close()
@@ -155,25 +229,28 @@ class Engine:
         image: bytes = b"",
         stream: str = "",
         values: list[float] | np.ndarray | None = None,
+        encoder_stream: str = "",
     ) -> QuerySpec:
-        """Check one query; raises ServiceError naming what is wrong."""
+        """Check one query (and decode an image); raises ServiceError naming what is wrong."""
         s = self.settings
         if kind is None:
             raise ServiceError("INVALID_ARGUMENT", "empty query: set exactly one of text, image or vector")
-        if kind in ("text", "image"):
-            payload, limit, unit = (
-                (text.strip(), s.max_text_chars, "characters") if kind == "text" else (image, s.max_image_bytes, "bytes")
-            )
-            size = len(text) if kind == "text" else len(image)
-            if not payload:
-                raise ServiceError("INVALID_ARGUMENT", f"empty {kind} query")
-            if size > limit:
-                raise ServiceError("INVALID_ARGUMENT", f"{kind} query of {size} {unit} exceeds {limit}")
-            raise ServiceError(
-                "FAILED_PRECONDITION",
-                f"{kind} queries need {'an' if kind == 'image' else 'a'} {kind} encoder, and none is configured on this server; "
-                "send a vector query (stream + features) instead",
-            )
+        if kind == "text":
+            if not text.strip():
+                raise ServiceError("INVALID_ARGUMENT", "empty text query")
+            if len(text) > s.max_text_chars:
+                raise ServiceError("INVALID_ARGUMENT", f"text query of {len(text)} characters exceeds {s.max_text_chars}")
+            enc = self._encoder_for("text", encoder_stream)
+            return QuerySpec(enc.stream, text=text)
+        if kind == "image":
+            if not image:
+                raise ServiceError("INVALID_ARGUMENT", "empty image query")
+            if len(image) > s.max_image_bytes:
+                raise ServiceError("INVALID_ARGUMENT", f"image query of {len(image)} bytes exceeds {s.max_image_bytes}")
+            enc = self._encoder_for("image", encoder_stream)
+            return QuerySpec(enc.stream, pixels=enc.preprocess(decode_image(image, s.max_image_pixels)))
+        if encoder_stream:
+            raise ServiceError("INVALID_ARGUMENT", "encoder_stream is for text and image queries; a vector names its stream")
         if not stream:
             raise ServiceError("INVALID_ARGUMENT", "vector query without a stream name")
         if stream not in self.model.cfg.streams:
@@ -186,7 +263,7 @@ class Engine:
             raise ServiceError("INVALID_ARGUMENT", "vector contains NaN or inf")
         if not np.any(vec):
             raise ServiceError("INVALID_ARGUMENT", "vector is all zeros")
-        return QuerySpec(stream, vec)
+        return QuerySpec(stream, vector=vec)
 
     def check_search(self, spec: SearchSpec) -> None:
         """Check indexes, top_k, path and filters of a search."""
@@ -210,7 +287,7 @@ class Engine:
     # ---- work -------------------------------------------------------------------------------------
     def encode(self, specs: list[QuerySpec]) -> list[SparseCode]:
         """Codes of validated queries, through the micro-batcher."""
-        futures = [self.batcher.submit(q.stream, q.vector[None, :]) for q in specs]
+        futures = [self.batcher.submit(q.stream, *q.payload()) for q in specs]
         return [f.result() for f in futures]
 
     def decode(self, code: SparseCode, stream: str) -> np.ndarray:

@@ -109,8 +109,10 @@ class SparcServicer(pb_grpc.SparcServicer):
     def _query(self, q: pb.Query):
         kind = q.WhichOneof("kind")
         if kind == "vector":
-            return self.engine.query_spec("vector", stream=q.vector.stream, values=list(q.vector.values))
-        return self.engine.query_spec(kind, text=q.text, image=q.image)
+            return self.engine.query_spec(
+                "vector", stream=q.vector.stream, values=list(q.vector.values), encoder_stream=q.encoder_stream
+            )
+        return self.engine.query_spec(kind, text=q.text, image=q.image, encoder_stream=q.encoder_stream)
 
     def _spec(self, r: pb.SearchRequest) -> SearchSpec:
         if not r.HasField("query"):

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sparc_core.config import build_config, load_config_file
+from sparc_core.config import EncodersConfig, build_config, load_config_file
 
 ENV_PREFIX = "SPARC_"
 
@@ -38,6 +38,10 @@ class ServiceSettings(BaseModel):
     tls_key: str | None = None
     grace_seconds: float = Field(10.0, ge=0)  # SIGTERM: in-flight calls get this long to finish
     device: str = "auto"
+    encoders: EncodersConfig | None = None  # CLIP / DINOv2 local weights; without them only vector queries are served
+    text_stream: str | None = None  # default stream for text queries (default: the only text encoder's)
+    image_stream: str | None = None  # default stream for image queries (default: the first image encoder's)
+    max_image_pixels: int = Field(40_000_000, ge=1)  # larger images are refused before decoding
 
     @field_validator("indexes")
     @classmethod

@@ -1,0 +1,203 @@
+"""Text and image queries end to end: tiny local CLIP / DINOv2 weights -> sparc extract -> train -> index -> gRPC."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from index import Searcher, build_bundle
+from service.client import SparcClient, make_query, search_request
+from service.engine import Engine, ServiceError
+from service.server import SparcServer, pb
+from service.settings import load_settings
+from sparc_core import TrainConfig, load_checkpoint, train
+from sparc_core.config import ClipConfig, DinoConfig, EncodersConfig, ExtractConfig
+from sparc_core.encoders import load_encoders
+from sparc_core.extract import extract
+from tests import tiny_models as tm
+
+N = 80
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2e")
+    captions = tm.write_images(d / "images", N, seed=3)
+    dino = DinoConfig(
+        model=tm.DINO_ARCH, weights=str(tm.write_dino_official(d / "dino.pth")), model_args=tm.DINO_ARGS, image_size=28
+    )
+    encoders = EncodersConfig(clip=ClipConfig(weights=str(tm.write_clip_dir(d / "clip"))), dino=dino, device="cpu")
+    feats = d / "features"
+    extract(
+        ExtractConfig(
+            images=str(d / "images"), captions=str(captions), out=str(feats), encoders=encoders, workers=0, progress=False
+        )
+    )
+    ckpt = train(
+        TrainConfig(
+            features={s: str(feats / f"{s}.npy") for s in ("dino", "clip_img", "clip_txt")},
+            out=str(d / "ckpt"), n_latents=64, k=6, auxk=16, steps=80, batch_size=32, val_rows=16, eval_every=40,
+            progress=False, device="cpu",
+        )
+    )  # fmt: skip
+    bundles = {}
+    for name, stream in (("images-dino", "dino"), ("images-clip", "clip_img")):
+        build_bundle(ckpt, stream, feats / f"{stream}.npy", d / name, ids=feats / "ids.txt", progress=False)
+        bundles[name] = [str(d / name)]
+    return {"dir": d, "ckpt": ckpt, "bundles": bundles, "encoders": encoders, "features": feats}
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    s = load_settings(
+        overrides={
+            "checkpoint": str(world["ckpt"]), "indexes": world["bundles"], "port": 0, "metrics_port": 0,
+            "encoders": world["encoders"].model_dump(), "max_image_pixels": 100_000,
+        },
+        environ={},
+    )  # fmt: skip
+    srv = SparcServer(s).start()
+    yield srv
+    srv.stop(0)
+
+
+@pytest.fixture
+def client(server):
+    with SparcClient(f"127.0.0.1:{server.port}") as c:
+        yield c
+
+
+def _encoded(path, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_text_query_searches_the_dino_index_end_to_end(world, client):
+    model = load_checkpoint(world["ckpt"])
+    enc = load_encoders(world["encoders"])
+    caption = "a photo of thing 7 with blue light"
+    res = client.search(search_request(make_query(text=caption), ["images-dino"], top_k=5, explain=True, return_code=True))
+    assert res.query_stream == "clip_txt" and len(res.hits) == 5
+    want = model.encode({"clip_txt": enc["clip_txt"].encode_texts([caption])})
+    got = {i: v for i, v in zip(*res.query_code) if v > 0}
+    ref_code = {int(i): float(v) for i, v in zip(want.indices[0], want.values[0]) if v > 0}
+    assert got.keys() == ref_code.keys() and got
+    np.testing.assert_allclose([got[i] for i in ref_code], list(ref_code.values()), rtol=1e-5, atol=1e-6)
+    ref = Searcher(world["bundles"]["images-dino"], model=model).search(want, top_k=5)
+    assert [h.id for h in res.hits] == [str(i) for i in ref.ids[0]]
+    np.testing.assert_allclose([h.score for h in res.hits], ref.scores[0], rtol=1e-5)
+    assert all(h.explanation for h in res.hits if h.score > 0)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_image_query_matches_in_process_search_and_finds_its_own_item(world, client, fmt):
+    data = _encoded(world["dir"] / "images" / "img_0011.jpg", fmt)
+    model, enc = load_checkpoint(world["ckpt"]), load_encoders(world["encoders"])
+    decoded = Image.open(io.BytesIO(data))
+    for stream, index in (("dino", "images-dino"), ("clip_img", "images-clip")):
+        query = pb.Query(image=data, encoder_stream=stream if stream == "dino" else "")  # clip_img is the default
+        res = client.search(search_request(query, [index], top_k=3))
+        assert res.query_stream == stream
+        ref = Searcher(world["bundles"][index], model=model).search(
+            model.encode({stream: enc[stream].encode_images([decoded])}), top_k=3
+        )
+        assert [h.id for h in res.hits] == [str(i) for i in ref.ids[0]]
+        if fmt == "PNG":  # lossless: the very pixels the item was indexed from, so the item itself comes first
+            assert res.hits[0].id == "item-11" and res.hits[0].score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_batch_mixing_texts_images_and_vectors_matches_single_calls(world, client):
+    data = _encoded(world["dir"] / "images" / "img_0003.png", "PNG")
+    vec = np.load(world["features"] / "clip_img.npy")[5]
+    reqs = [
+        search_request(make_query(text="a photo of thing 1 with blue light"), ["images-dino"], top_k=4),
+        search_request(pb.Query(image=data, encoder_stream="dino"), ["images-dino"], top_k=4),
+        search_request(make_query(stream="clip_img", vector=vec), ["images-dino", "images-clip"], top_k=4),
+        search_request(make_query(text="green light"), ["images-clip"], top_k=4),
+    ]
+    batch = client.search_batch(reqs)
+    stream = list(client.search_stream(reqs))
+    for r, b, s in zip(reqs, batch, stream):
+        one = client.search(r)
+        assert [h.id for h in b.hits] == [h.id for h in one.hits] == [h.id for h in s.hits]
+        np.testing.assert_allclose([h.score for h in b.hits], [h.score for h in one.hits], rtol=1e-5, atol=1e-6)
+
+
+def test_encode_text_and_cross_decode_into_dino(world, client):
+    r = client.encode(make_query(text="a photo of thing 2"), decode_stream="dino")
+    assert r.stream == "clip_txt" and 1 <= len(r.code.indices) <= 6
+    assert r.decoded.stream == "dino" and len(r.decoded.values) == 32
+
+
+BAD = [
+    (pb.Query(image=b"definitely not an image"), grpc.StatusCode.INVALID_ARGUMENT, "undecodable image"),
+    (pb.Query(image=b"\x89PNG\r\n\x1a\n" + b"\0" * 64), grpc.StatusCode.INVALID_ARGUMENT, "undecodable image"),
+    (pb.Query(text="hello", encoder_stream="dino"), grpc.StatusCode.INVALID_ARGUMENT, "no text encoder feeds stream 'dino'"),
+    (pb.Query(image=b"x", encoder_stream="clip_txt"), grpc.StatusCode.INVALID_ARGUMENT, "no image encoder feeds stream"),
+    (
+        pb.Query(vector=pb.Vector(stream="dino", values=[1.0] * 32), encoder_stream="dino"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "encoder_stream is for text and image",
+    ),
+]
+
+
+@pytest.mark.parametrize("query,code,text", BAD)
+def test_bad_image_and_encoder_queries(client, query, code, text):
+    with pytest.raises(grpc.RpcError) as e:
+        client.search(pb.SearchRequest(query=query, indexes=["images-dino"]))
+    assert e.value.code() == code and text in e.value.details()
+    assert client.health() == "SERVING"
+
+
+def test_unsupported_formats_and_oversized_images_are_refused(world, client):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="GIF")
+    with pytest.raises(grpc.RpcError) as e:
+        client.search(search_request(make_query(image=buf.getvalue()), ["images-clip"]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "format GIF is not supported" in e.value.details()
+    buf = io.BytesIO()
+    Image.new("RGB", (400, 400)).save(buf, format="PNG")  # 160,000 pixels > max_image_pixels 100,000
+    with pytest.raises(grpc.RpcError) as e:
+        client.search(search_request(make_query(image=buf.getvalue()), ["images-clip"]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exceeds max_image_pixels" in e.value.details()
+    truncated = (world["dir"] / "images" / "img_0001.jpg").read_bytes()[:200]
+    with pytest.raises(grpc.RpcError) as e:
+        client.search(search_request(make_query(image=truncated), ["images-clip"]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.search(search_request(make_query(text="still serving"), ["images-clip"])).hits
+
+
+def test_encoders_that_do_not_fit_the_checkpoint_stop_startup(world):
+    clip = ClipConfig(weights=world["encoders"].clip.weights, text_stream="dino", image_stream=None)
+    s = load_settings(overrides={"checkpoint": str(world["ckpt"]), "encoders": {"clip": clip.model_dump()}}, environ={})
+    with pytest.raises(ServiceError, match=r"feeds stream 'dino' with 16-d features, but the checkpoint takes 32-d"):
+        Engine(s)
+    overrides = {"checkpoint": str(world["ckpt"]), "encoders": world["encoders"].model_dump(), "text_stream": "clip_img"}
+    with pytest.raises(ServiceError, match="text_stream 'clip_img' has no text encoder"):
+        Engine(load_settings(overrides=overrides, environ={}))
+
+
+def test_settings_take_encoders_from_the_environment(world):
+    env = {"SPARC_ENCODERS": json.dumps(world["encoders"].model_dump()), "SPARC_IMAGE_STREAM": "dino"}
+    s = load_settings(overrides={"checkpoint": str(world["ckpt"])}, environ=env)
+    assert s.encoders.clip.weights == world["encoders"].clip.weights and s.image_stream == "dino"
+    engine = Engine(s)
+    try:
+        assert engine.default_stream == {"text": "clip_txt", "image": "dino"}
+        spec = engine.query_spec("image", image=(world["dir"] / "images" / "img_0000.png").read_bytes())
+        assert spec.stream == "dino" and spec.pixels.shape == (3, 28, 28)
+        code = engine.encode([spec])[0]
+        image = Image.open(world["dir"] / "images" / "img_0000.png")
+        want = engine.model.encode({"dino": engine.encoders["dino"].encode_images([image])})
+        assert code.indices.tolist() == want.indices.tolist()
+        torch.testing.assert_close(code.values, want.values)
+    finally:
+        engine.close()
