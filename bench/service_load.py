@@ -5,7 +5,7 @@ and client processes send CLIP-text vector queries through SearchBatch or Search
 path. Reported per row: queries/s, per-call p50/p99 latency, the in-process search time of the same
 batch (the RPC overhead is the difference) and the server's RSS at start and end of the run.
 
-    python bench/service_load.py --checkpoint runs/demo/sparc --items 100000 --clients 4 --seconds 30
+    python bench/service_load.py --checkpoint runs/demo/sparc --items 100000 --clients 2 --batch 6 --soak 120
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -67,9 +68,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/demo/sparc")
     p.add_argument("--items", type=int, default=100_000)
-    p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--batch", type=int, default=64, help="queries per SearchBatch call / per stream burst")
+    p.add_argument("--clients", type=int, default=2)
+    p.add_argument("--batch", type=int, default=6, help="queries per SearchBatch call / per stream burst")
     p.add_argument("--seconds", type=float, default=20.0, help="per row")
+    p.add_argument("--paths", default="sparse,dense")
+    p.add_argument("--modes", default="batch,stream")
     p.add_argument("--soak", type=float, default=0.0, help="extra seconds of SearchBatch load to watch memory")
     args = p.parse_args()
 
@@ -118,13 +121,13 @@ def main() -> None:
         )
         print("mode | path | qps | p50_ms/call | p99_ms/call | in-process_ms/call | server_rss_MB start->end")
         print("--- | --- | --- | --- | --- | --- | ---")
-        for path in ("sparse", "dense"):
+        for path in args.paths.split(","):
             t0 = time.perf_counter()
             reps = 5
             for _ in range(reps):
                 searcher.search(code, top_k=10, path=path)
             inproc = (time.perf_counter() - t0) / reps * 1e3
-            for mode in ("batch", "stream"):
+            for mode in args.modes.split(","):
                 rss0 = _rss_mb(server.pid)
                 q: mp.Queue = mp.Queue()
                 procs = [
@@ -168,6 +171,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,9 @@ class Hit:
 class EncodeBatcher:
     """Micro-batching: concurrent queries of one stream and kind share one encoder call and one model call.
 
-    A query waits at most ``max_wait_ms`` for company; a batch holds at most ``max_size`` queries. Texts and
+    Everything already queued joins the batch at once; a query then waits at most ``max_wait_ms`` for more
+    company (0: never wait, batch only what piles up while the models are busy); a batch holds at most
+    ``max_size`` queries. Texts and
     images go through the stream's feature encoder first; one thread owns the models (GPU-safe).
     """
 
@@ -115,10 +117,8 @@ class EncodeBatcher:
             rows = len(first[2])
             while rows < self.max_size:
                 timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    break
-                try:
-                    item = self._q.get(timeout=timeout)
+                try:  # whatever is queued already joins at once; then wait for company until the deadline
+                    item = self._q.get_nowait() if timeout <= 0 else self._q.get(timeout=timeout)
                 except queue.Empty:
                     break
                 if item is None:

@@ -31,7 +31,7 @@ class ServiceSettings(BaseModel):
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_in_flight: int = Field(256, ge=1)  # concurrent calls before RESOURCE_EXHAUSTED
     batch_max_size: int = Field(256, ge=1)  # micro-batching: queries encoded together
-    batch_max_wait_ms: float = Field(2.0, ge=0)  # micro-batching: how long a query waits for company
+    batch_max_wait_ms: float = Field(0.0, ge=0)  # micro-batching: extra wait for company (0: batch what is queued)
     default_path: Literal["sparse", "dense"] = "sparse"
     auth_token: str | None = None  # if set, calls need "authorization: Bearer <token>"
     tls_cert: str | None = None
