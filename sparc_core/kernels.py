@@ -28,41 +28,44 @@ def _scatter_outer(idx: Tensor, g: Tensor, x: Tensor, n_latents: int) -> Tensor:
 
 
 class _GatherLogits(torch.autograd.Function):
-    """``logits.gather(1, idx)`` where ``logits = x_c @ W_enc.T + b_enc`` was computed without a graph.
+    """``logits.gather(1, idx)`` where ``logits = (x - b_dec) @ W_enc.T + b_enc`` was computed without a graph.
 
-    The backward touches only the gathered entries: dW_enc[i] += g * x_c and dx_c += g * W_enc[i]
-    for each chosen latent i, so it costs O(B*k*d) instead of the O(B*n_latents*d) of a dense matmul.
+    The backward touches only the gathered entries: dW_enc[i] += g * (x - b_dec) for each chosen latent i,
+    so it costs O(B*k*d) instead of the O(B*n_latents*d) of a dense matmul. The b_dec gradient needs no
+    per-row work: it is -(sum of g per latent) @ W_enc, the b_enc gradient times W_enc.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, x_c: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x_c, W_enc, idx)
+    def forward(ctx, logits: Tensor, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, b_dec, W_enc, idx)
         ctx.n_latents = b_enc.shape[0]
         return logits.gather(1, idx)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        x_c, W_enc, idx = ctx.saved_tensors
+        x, b_dec, W_enc, idx = ctx.saved_tensors
         g = g.contiguous()
-        grad_x = grad_W = grad_b = None
-        flat_idx = idx.reshape(-1)
+        grad_x = grad_b_dec = grad_W = grad_b = None
         if ctx.needs_input_grad[1]:
             grad_x = F.embedding_bag(idx, W_enc, per_sample_weights=g.to(W_enc.dtype), mode="sum")
-        if ctx.needs_input_grad[2]:
-            grad_W = _scatter_outer(idx, g, x_c, ctx.n_latents).to(W_enc.dtype)
         if ctx.needs_input_grad[3]:
-            grad_b = torch.zeros(ctx.n_latents, dtype=g.dtype, device=g.device).index_add_(0, flat_idx, g.reshape(-1))
-        return None, grad_x, grad_W, grad_b, None
+            grad_W = _scatter_outer(idx, g, x - b_dec, ctx.n_latents).to(W_enc.dtype)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
+            per_latent = torch.zeros(ctx.n_latents, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
+            grad_b = per_latent if ctx.needs_input_grad[4] else None
+            if ctx.needs_input_grad[2]:
+                grad_b_dec = -(per_latent.to(W_enc.dtype) @ W_enc)
+        return None, grad_x, grad_b_dec, grad_W, grad_b, None
 
 
-def gather_logits(logits: Tensor, x_c: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor) -> Tensor:
-    """Encoder logits at ``idx`` [B, k] with gradients to x_c, W_enc, b_enc; ``logits`` is a no-grad [B, N]."""
-    return _GatherLogits.apply(logits, x_c, W_enc, b_enc, idx)
+def gather_logits(logits: Tensor, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor) -> Tensor:
+    """Encoder logits at ``idx`` [B, k] with gradients to x, b_dec, W_enc, b_enc; ``logits`` is a no-grad [B, N]."""
+    return _GatherLogits.apply(logits, x, b_dec, W_enc, b_enc, idx)
 
 
-def gather_logits_dense(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor) -> Tensor:
+def gather_logits_dense(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor) -> Tensor:
     """Reference: the full logits matmul with autograd, then gather."""
-    return F.linear(x_c, W_enc, b_enc).gather(1, idx)
+    return F.linear(x - b_dec, W_enc, b_enc).gather(1, idx)
 
 
 def sparse_decode(idx: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:

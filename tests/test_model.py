@@ -124,16 +124,17 @@ def test_sparse_kernels_match_dense_reference_values_and_gradients(small_cfg, ba
 def test_gather_logits_kernel_matches_autograd(k, n_latents):
     g = torch.Generator().manual_seed(k)
     x = torch.randn(7, 10, generator=g, requires_grad=True)
+    b_dec = torch.randn(10, generator=g, requires_grad=True)
     W = torch.randn(n_latents, 10, generator=g, requires_grad=True)
     b = torch.randn(n_latents, generator=g, requires_grad=True)
     idx = torch.rand(7, n_latents, generator=g).topk(k, dim=1).indices
     w = torch.randn(7, k, generator=g)
-    ref = gather_logits_dense(x, W, b, idx)
-    grads_ref = torch.autograd.grad((ref * w).sum(), (x, W, b))
+    ref = gather_logits_dense(x, b_dec, W, b, idx)
+    grads_ref = torch.autograd.grad((ref * w).sum(), (x, b_dec, W, b))
     with torch.no_grad():
-        logits = torch.nn.functional.linear(x, W, b)
-    out = gather_logits(logits, x, W, b, idx)
-    grads = torch.autograd.grad((out * w).sum(), (x, W, b))
+        logits = torch.nn.functional.linear(x - b_dec, W, b)
+    out = gather_logits(logits, x, b_dec, W, b, idx)
+    grads = torch.autograd.grad((out * w).sum(), (x, b_dec, W, b))
     assert_close(out, ref)
     for a, r in zip(grads, grads_ref):
         assert_close(a, r, atol=1e-5, rtol=1e-5)
