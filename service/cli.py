@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from sparc_core.cli import add_encoder_flags, encoder_overrides
+
 DEMO_ROOT = Path("runs/demo")
 DEMO_INDEXES = {"demo-dino": "dino", "demo-clip-img": "clip_img"}  # index name -> gallery stream
 
@@ -21,10 +23,7 @@ def register(sub: Any) -> None:
     p.add_argument("--checkpoint")
     p.add_argument("--index", action="append", metavar="NAME=DIR[,DIR...]", help="an index and its shard bundles")
     p.add_argument("--token", help="require this bearer token (or set SPARC_AUTH_TOKEN)")
-    p.add_argument("--clip-model", help="open_clip model name or model-config .json, for text/image queries")
-    p.add_argument("--clip-weights", help="open_clip checkpoint file or model directory (local)")
-    p.add_argument("--dino-model", help="timm DINOv2 architecture (default vit_large_patch14_reg4_dinov2)")
-    p.add_argument("--dino-weights", help="DINOv2 weights (official .pth, timm file or directory), for image queries")
+    add_encoder_flags(p)  # local CLIP / DINOv2 weights for text and image queries
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_serve)
 
@@ -77,11 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
             indexes[name] = dirs.split(",")
         overrides["indexes"] = indexes
     settings = load_settings(args.config, overrides)
-    encoders = settings.encoders.model_dump() if settings.encoders is not None else {}
-    for family, flags in (("clip", (args.clip_model, args.clip_weights)), ("dino", (args.dino_model, args.dino_weights))):
-        given = {k: v for k, v in zip(("model", "weights"), flags) if v is not None}
-        if given:
-            encoders[family] = {**(encoders.get(family) or {}), **given}
+    encoders = encoder_overrides(args, settings.encoders.model_dump() if settings.encoders is not None else {})
     if encoders:
         settings = load_settings(args.config, {**overrides, "encoders": encoders})
     if not settings.indexes and args.config is None and args.checkpoint is None:

@@ -174,6 +174,41 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 # ---- extract ----------------------------------------------------------------------------------------
+def add_encoder_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that point at local CLIP / DINOv2 weights (shared by extract and serve)."""
+    p.add_argument("--clip-model", help="open_clip model name (e.g. ViT-L-14) or a model-config .json")
+    p.add_argument("--clip-weights", help="open_clip checkpoint file or model directory (or $SPARC_CLIP_WEIGHTS)")
+    p.add_argument("--dino-model", help="timm DINOv2 architecture (default vit_large_patch14_reg4_dinov2)")
+    p.add_argument("--dino-weights", help="official DINOv2 .pth, timm state dict or model directory (or $SPARC_DINO_WEIGHTS)")
+    p.add_argument("--dino-model-args", help="extra timm arguments as JSON, e.g. '{\"embed_dim\": 384}'")
+    p.add_argument("--dino-image-size", type=int, help="DINOv2 input side in pixels (default 224)")
+
+
+def encoder_overrides(args: argparse.Namespace, enc: dict[str, Any], always: bool = False) -> dict[str, Any]:
+    """An EncodersConfig dict overlaid with the encoder flags; a family is added when flagged (or ``always``)."""
+    enc = dict(enc)
+    dino_args = None
+    if args.dino_model_args:
+        try:
+            dino_args = json.loads(args.dino_model_args)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--dino-model-args: not valid JSON ({e.msg})") from None
+    flags = {
+        "clip": {"model": args.clip_model, "weights": args.clip_weights},
+        "dino": {
+            "model": args.dino_model,
+            "weights": args.dino_weights,
+            "image_size": args.dino_image_size,
+            "model_args": dino_args,
+        },
+    }
+    for family, values in flags.items():
+        given = {k: v for k, v in values.items() if v is not None}
+        if given or always:
+            enc[family] = {**(enc.get(family) or {}), **given}
+    return enc
+
+
 def _add_extract(sub: Any) -> None:
     p = sub.add_parser(
         "extract",
@@ -183,13 +218,8 @@ def _add_extract(sub: Any) -> None:
     p.add_argument("--images", help="image folder (caption-file paths are relative to it)")
     p.add_argument("--captions", help="CSV/TSV/JSON Lines (image_path, caption[, id]) or COCO captions JSON")
     p.add_argument("--out", help="output directory")
-    p.add_argument("--clip-model", help="open_clip model name (e.g. ViT-L-14) or a model-config .json")
-    p.add_argument("--clip-weights", help="open_clip checkpoint file or model directory (or $SPARC_CLIP_WEIGHTS)")
+    add_encoder_flags(p)
     p.add_argument("--no-clip", action="store_true", help="skip the CLIP streams")
-    p.add_argument("--dino-model", help="timm DINOv2 architecture (default vit_large_patch14_reg4_dinov2)")
-    p.add_argument("--dino-weights", help="official DINOv2 .pth, timm state dict or model directory (or $SPARC_DINO_WEIGHTS)")
-    p.add_argument("--dino-model-args", help="extra timm arguments as JSON, e.g. '{\"embed_dim\": 384}'")
-    p.add_argument("--dino-image-size", type=int, help="DINOv2 input side in pixels (default 224)")
     p.add_argument("--dino-patch-tokens", action="store_true", help="also write the patch tokens (float16)")
     p.add_argument("--no-dino", action="store_true", help="skip the DINOv2 stream")
     p.add_argument("--all-captions", action="store_true", help="one row per caption instead of per image")
@@ -207,22 +237,14 @@ def extract_config_from_args(args: argparse.Namespace) -> ExtractConfig:
     """ExtractConfig from an optional config file overlaid with command-line flags."""
     data = load_config_file(args.config) if args.config else {}
     data = _overlay(data, args, ["images", "captions", "out", "batch_size", "workers", "chunk_size"])
-    enc = dict(data.get("encoders") or {})
-    enc = _overlay(enc, args, ["device", "precision"])
-    clip = dict(enc.get("clip") or {})
-    clip.update({k: v for k, v in {"model": args.clip_model, "weights": args.clip_weights}.items() if v is not None})
-    dino = dict(enc.get("dino") or {})
-    dino_flags = {"model": args.dino_model, "weights": args.dino_weights, "image_size": args.dino_image_size}
-    dino.update({k: v for k, v in dino_flags.items() if v is not None})
-    if args.dino_model_args:
-        try:
-            dino["model_args"] = json.loads(args.dino_model_args)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--dino-model-args: not valid JSON ({e.msg})") from None
+    enc = _overlay(dict(data.get("encoders") or {}), args, ["device", "precision"])
+    enc = encoder_overrides(args, enc, always=True)
     if args.dino_patch_tokens:
-        dino["patch_tokens"] = True
-    enc["clip"] = None if args.no_clip else clip
-    enc["dino"] = None if args.no_dino else dino
+        enc["dino"]["patch_tokens"] = True
+    if args.no_clip:
+        enc["clip"] = None
+    if args.no_dino:
+        enc["dino"] = None
     data["encoders"] = enc
     for flag in ("all_captions", "keep_chunks"):
         if getattr(args, flag):

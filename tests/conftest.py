@@ -81,3 +81,12 @@ def trained_checkpoint(medium_synth: Path, tmp_path_factory: pytest.TempPathFact
 
 def feature_paths(synth_dir: Path, split: str = "train") -> dict[str, str]:
     return {s: str(synth_dir / split / f"{s}.npy") for s in STREAMS}
+
+
+@pytest.fixture
+def client(server):
+    """A client of the module's ``server`` fixture, over a real loopback channel."""
+    from service.client import SparcClient
+
+    with SparcClient(f"127.0.0.1:{server.port}") as c:
+        yield c

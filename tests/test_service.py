@@ -61,12 +61,6 @@ def server(trained_checkpoint, bundles):
     srv.stop(0)
 
 
-@pytest.fixture
-def client(server):
-    with SparcClient(f"127.0.0.1:{server.port}") as c:
-        yield c
-
-
 @pytest.fixture(scope="module")
 def queries(medium_synth) -> np.ndarray:
     return np.load(medium_synth / "eval" / "clip_txt.npy")

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 from index import Searcher, build_bundle
-from service.client import SparcClient, make_query, search_request
+from service.client import make_query, search_request
 from service.engine import Engine, ServiceError
 from service.server import SparcServer, pb
 from service.settings import load_settings
 from sparc_core import TrainConfig, load_checkpoint, train
-from sparc_core.config import ClipConfig, DinoConfig, EncodersConfig, ExtractConfig
+from sparc_core.config import ClipConfig, ConfigError, DinoConfig, EncodersConfig, ExtractConfig
 from sparc_core.encoders import load_encoders
 from sparc_core.extract import extract
 from tests import tiny_models as tm
@@ -65,12 +65,6 @@ def server(world):
     srv = SparcServer(s).start()
     yield srv
     srv.stop(0)
-
-
-@pytest.fixture
-def client(server):
-    with SparcClient(f"127.0.0.1:{server.port}") as c:
-        yield c
 
 
 def _encoded(path, fmt: str) -> bytes:
@@ -201,3 +195,22 @@ def test_settings_take_encoders_from_the_environment(world):
         torch.testing.assert_close(code.values, want.values)
     finally:
         engine.close()
+
+
+def test_serve_flags_configure_the_encoders(world):
+    from sparc_core.cli import build_parser, encoder_overrides
+
+    enc = world["encoders"]
+    argv = ["serve", "--checkpoint", str(world["ckpt"]), "--clip-weights", enc.clip.weights,
+            "--dino-model", tm.DINO_ARCH, "--dino-weights", enc.dino.weights,
+            "--dino-model-args", json.dumps(tm.DINO_ARGS), "--dino-image-size", "28"]  # fmt: skip
+    args = build_parser().parse_args(argv)
+    settings = load_settings(overrides={"checkpoint": args.checkpoint, "encoders": encoder_overrides(args, {})}, environ={})
+    engine = Engine(settings)
+    try:
+        assert {s: e.modality for s, e in engine.encoders.items()} == {"clip_img": "image", "clip_txt": "text", "dino": "image"}
+    finally:
+        engine.close()
+    args = build_parser().parse_args(["serve", "--dino-model-args", "{oops"])
+    with pytest.raises(ConfigError, match="--dino-model-args: not valid JSON"):
+        encoder_overrides(args, {})
