@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SparcConfig
-from .kernels import dense_decode, gather_logits, gather_logits_dense, sparse_decode, sparse_decode_many
+from .kernels import (
+    compact_decode,
+    dense_decode,
+    gather_logits,
+    gather_logits_dense,
+    sparse_decode,
+    sparse_decode_many,
+    use_compact_decode,
+)
 from .losses import auxk_loss, cross_reconstruction, normalized_mse
 
 
@@ -253,6 +261,7 @@ class SparcModel(nn.Module):
 
         k = self.k
         aux_idx: dict[str, Tensor] = {}
+        aux_pos: dict[str, tuple[Tensor, Tensor]] = {}  # (dead latent ids, AuxK positions among them)
         if dead is not None and self.cfg.auxk > 0:
             with torch.no_grad():
                 for s in streams:
@@ -260,6 +269,7 @@ class SparcModel(nn.Module):
                     if len(dead_ids):  # top-auxk among the dead columns only
                         top = h[s].index_select(1, dead_ids).topk(min(self.cfg.auxk, len(dead_ids)), dim=1, sorted=False)
                         aux_idx[s] = dead_ids[top.indices]
+                        aux_pos[s] = (dead_ids, top.indices)
         do_align = align and self.cfg.topk == "global" and len(streams) > 1
         # Alignment reads every stream's raw logits at the same positions: the shared selection and
         # each stream's own one-stream selection (what it would pick if encoded alone).
@@ -282,16 +292,19 @@ class SparcModel(nn.Module):
         for t in streams:
             sources = [s for s in streams if s == t or cross]
             parts = [(codes[s].indices, codes[s].values) for s in sources]
-            if t in aux_idx:
-                parts.append((aux_idx[t], aux_vals[t]))
             c = self.codecs[t]
+            compact = self.cfg.sparse_kernels and t in aux_pos and use_compact_decode(*aux_pos[t])
+            if t in aux_idx and not compact:
+                parts.append((aux_idx[t], aux_vals[t]))
             if self.cfg.sparse_kernels:
                 outs = sparse_decode_many(parts, c.W_dec)
             else:
                 outs = [dense_decode(i, v, c.W_dec) for i, v in parts]
             for s, o in zip(sources, outs):
                 recon[(s, t)] = o + c.b_dec
-            if t in aux_idx:
+            if compact:
+                aux_hat[t] = compact_decode(*aux_pos[t], aux_vals[t], c.W_dec)
+            elif t in aux_idx:
                 aux_hat[t] = outs[-1]
 
         self_terms = {s: normalized_mse(recon[(s, s)], xs[s]) for s in streams}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sparc_core import SparcConfig, SparcModel, SparseCode
+from sparc_core import SparcConfig, SparcModel, SparseCode, kernels
 from sparc_core.kernels import dense_decode, gather_logits, gather_logits_dense, sparse_decode, sparse_decode_many
 
 from .conftest import STREAMS
@@ -109,7 +109,9 @@ def _grads(model: SparcModel, batch, dead):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_sparse_kernels_match_dense_reference_values_and_gradients(small_cfg, batch):
+@pytest.mark.parametrize("compact_ratio", [16, 0])  # AuxK decoded by the compact GEMM / by embedding_bag
+def test_sparse_kernels_match_dense_reference_values_and_gradients(small_cfg, batch, compact_ratio, monkeypatch):
+    monkeypatch.setattr(kernels, "COMPACT_DECODE_RATIO", compact_ratio)
     dead = {s: torch.arange(small_cfg.n_latents) % 3 == i for i, s in enumerate(STREAMS)}
     sparse = SparcModel(small_cfg, seed=5)
     dense = SparcModel(small_cfg.model_copy(update={"sparse_kernels": False}), seed=5)
@@ -138,6 +140,21 @@ def test_gather_logits_kernel_matches_autograd(k, n_latents):
     assert_close(out, ref)
     for a, r in zip(grads, grads_ref):
         assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
+def test_compact_decode_matches_dense_decode_with_gradients():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(40, 6, generator=g, requires_grad=True)
+    columns = torch.tensor([3, 7, 8, 20, 33, 39])
+    pos = torch.rand(5, 6, generator=g).topk(3, dim=1).indices
+    v = torch.rand(5, 3, generator=g, requires_grad=True)
+    out = kernels.compact_decode(columns, pos, v, W)
+    ref = dense_decode(columns[pos], v, W)
+    assert_close(out, ref)
+    w = torch.randn(5, 6, generator=g)
+    for a, r in zip(torch.autograd.grad((out * w).sum(), (v, W)), torch.autograd.grad((ref * w).sum(), (v, W))):
+        assert_close(a, r)
+    assert kernels.use_compact_decode(columns, pos) and not kernels.use_compact_decode(torch.arange(49), pos)
 
 
 def test_sparse_decode_matches_dense_decode_with_gradients():
