@@ -11,6 +11,7 @@ variant takes the autograd path through the full logits matmul and decodes with 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -19,28 +20,36 @@ from sparc_core import SparcConfig, SparcModel, TrainConfig
 from sparc_core.train import make_optimizer, pick_device, train_step
 
 
-def measure(sparse: bool, args: argparse.Namespace, device: torch.device) -> float:
-    """Mean seconds per training step after warm-up."""
-    streams = {"dino": 1024, "clip_img": 768, "clip_txt": 768}
-    cfg = SparcConfig(streams=streams, n_latents=args.n_latents, k=args.k, auxk=args.auxk, sparse_kernels=sparse)
-    tcfg = TrainConfig(n_latents=args.n_latents, k=args.k, steps=10**6, align_ramp=0.0)
-    model = SparcModel(cfg, seed=0).to(device)
-    opt = make_optimizer(model, 1e-3)
-    g = torch.Generator().manual_seed(0)
-    batches = [{s: torch.randn(args.batch_size, d, generator=g).to(device) for s, d in streams.items()} for _ in range(2)]
-    # A realistic share of dead latents keeps the AuxK path busy in both variants.
-    dead = {s: (torch.rand(args.n_latents, generator=g) < 0.1).to(device) for s in streams}
-    solo = torch.randint(-1, len(streams), (args.batch_size,), generator=g).to(device)
-    for i in range(args.warmup):
-        train_step(model, opt, batches[i % 2], tcfg, 10**5, dead, solo)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i in range(args.steps):
-        train_step(model, opt, batches[i % 2], tcfg, 10**5, dead, solo)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / args.steps
+class Variant:
+    """One model variant with its optimizer, ready to take timed training steps."""
+
+    def __init__(self, sparse: bool, args: argparse.Namespace, device: torch.device) -> None:
+        self.streams = {"dino": 1024, "clip_img": 768, "clip_txt": 768}
+        cfg = SparcConfig(streams=self.streams, n_latents=args.n_latents, k=args.k, auxk=args.auxk, sparse_kernels=sparse)
+        self.tcfg = TrainConfig(n_latents=args.n_latents, k=args.k, steps=10**6, align_ramp=0.0)
+        self.model = SparcModel(cfg, seed=0).to(device)
+        self.opt = make_optimizer(self.model, 1e-3)
+        self.device = device
+        g = torch.Generator().manual_seed(0)
+        self.batches = [
+            {s: torch.randn(args.batch_size, d, generator=g).to(device) for s, d in self.streams.items()} for _ in range(2)
+        ]
+        # A realistic share of dead latents keeps the AuxK path busy in both variants.
+        self.dead = {s: (torch.rand(args.n_latents, generator=g) < args.dead_fraction).to(device) for s in self.streams}
+        self.solo = torch.randint(-1, len(self.streams), (args.batch_size,), generator=g).to(device)
+        self.i = 0
+
+    def steps(self, n: int) -> float:
+        """Seconds per step over ``n`` steps."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            train_step(self.model, self.opt, self.batches[self.i % 2], self.tcfg, 10**5, self.dead, self.solo)
+            self.i += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / n
 
 
 def main() -> None:
@@ -49,20 +58,31 @@ def main() -> None:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--auxk", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=4, help="steps per variant per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--dead-fraction", type=float, default=0.1, help="share of latents marked dead (feeds AuxK)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     device = pick_device(args.device)
-    dense = measure(False, args, device)
-    sparse = measure(True, args, device)
+    dense, sparse = Variant(False, args, device), Variant(True, args, device)
+    dense.steps(args.warmup)
+    sparse.steps(args.warmup)
+    # Rounds alternate the variants so drifts of a shared machine hit both alike; medians over rounds.
+    times: dict[str, list[float]] = {"dense": [], "sparse": []}
+    for _ in range(args.rounds):
+        times["dense"].append(dense.steps(args.steps))
+        times["sparse"].append(sparse.steps(args.steps))
+    d, s = statistics.median(times["dense"]), statistics.median(times["sparse"])
     print(
         f"device {device}, threads {torch.get_num_threads()}, n_latents {args.n_latents}, k {args.k}, "
-        f"auxk {args.auxk}, batch {args.batch_size}, dims 1024/768/768, {args.steps} timed steps"
+        f"auxk {args.auxk}, batch {args.batch_size}, dims 1024/768/768, dead {args.dead_fraction:.0%}, "
+        f"{args.rounds} rounds x {args.steps} steps per variant (median of rounds)"
     )
+    print("per-round speed-ups: " + ", ".join(f"{a / b:.2f}" for a, b in zip(times["dense"], times["sparse"])))
     print(f"{'variant':<26}{'ms/step':>10}{'steps/s':>10}{'speed-up':>10}")
-    print(f"{'dense decoding (baseline)':<26}{dense * 1e3:>10.1f}{1 / dense:>10.2f}{1.0:>10.2f}")
-    print(f"{'sparse kernels':<26}{sparse * 1e3:>10.1f}{1 / sparse:>10.2f}{dense / sparse:>10.2f}")
+    print(f"{'dense decoding (baseline)':<26}{d * 1e3:>10.1f}{1 / d:>10.2f}{1.0:>10.2f}")
+    print(f"{'sparse kernels':<26}{s * 1e3:>10.1f}{1 / s:>10.2f}{d / s:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -99,15 +99,39 @@ def use_compact_decode(columns: Tensor, pos: Tensor) -> bool:
     return columns.numel() <= COMPACT_DECODE_RATIO * pos.shape[1]
 
 
+class _CompactDecode(torch.autograd.Function):
+    """[B, m] code over ``columns`` times those m decoder rows; W_dec's gradient comes back sparse (m rows)."""
+
+    @staticmethod
+    def forward(ctx, columns: Tensor, pos: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:  # type: ignore[override]
+        rows = W_dec.index_select(0, columns)
+        dense = values.new_zeros(pos.shape[0], columns.numel()).scatter_(1, pos, values.to(W_dec.dtype))
+        ctx.save_for_backward(columns, pos, dense, rows)
+        ctx.shape = W_dec.shape
+        return dense @ rows
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        columns, pos, dense, rows = ctx.saved_tensors
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[2]:
+            grad_values = (g @ rows.T).gather(1, pos)
+        if ctx.needs_input_grad[3]:
+            # Sparse: autograd adds the m rows into the dense gradient of the other decodes, no [N, d] zero-fill.
+            grad_W = torch.sparse_coo_tensor(
+                columns.unsqueeze(0), dense.T @ g, ctx.shape, is_coalesced=True, check_invariants=False
+            )
+        return None, None, grad_values, grad_W
+
+
 def compact_decode(columns: Tensor, pos: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
-    """Decode codes whose latents all lie in ``columns`` [m]: ``pos`` [B, k] indexes into ``columns``.
+    """Decode codes whose latents all lie in ``columns`` [m] (sorted, unique): ``pos`` [B, k] indexes into them.
 
     The code is scattered into [B, m] and multiplied by the m decoder rows: O(m*d) per row with GEMM
     efficiency, against O(k*d) per row of memory-bound gathers for ``sparse_decode``; for AuxK codes
     (k of the m dead latents) the GEMM wins while m is below ~16k.
     """
-    dense = values.new_zeros(pos.shape[0], columns.numel()).scatter(1, pos, values)
-    return dense @ W_dec.index_select(0, columns)
+    return _CompactDecode.apply(columns, pos, values, W_dec)
 
 
 def dense_decode(idx: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
