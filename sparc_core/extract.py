@@ -215,14 +215,21 @@ def _encode_batch(
     encoders: dict[str, FeatureEncoder], rows: list[int], pixels: dict[str, torch.Tensor], items: list[Item]
 ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
+    # Rows that share an image (several captions of one image) encode it once.
+    first: dict[str, int] = {}  # image -> position of its first row in the batch
+    for pos, i in enumerate(rows):
+        first.setdefault(items[i].image, pos)
+    unique = torch.tensor(list(first.values()))
+    slot = {image: n for n, image in enumerate(first)}
+    inverse = torch.tensor([slot[items[i].image] for i in rows])
     for s, enc in encoders.items():
         if enc.modality == "text":
             out[s] = enc.encode_texts([items[i].caption for i in rows])
         elif isinstance(enc, DinoEncoder) and enc.patch_tokens:
-            out[s], patches = enc.tokens(pixels[s])
-            out[f"{s}_patches"] = patches.half()
+            cls, patches = enc.tokens(pixels[s][unique])
+            out[s], out[f"{s}_patches"] = cls[inverse], patches.half()[inverse]
         else:
-            out[s] = enc.encode_pixels(pixels[s])
+            out[s] = enc.encode_pixels(pixels[s][unique])[inverse]
     return out
 
 

@@ -208,3 +208,30 @@ def test_cli_errors_are_one_line(setup, tmp_path, capsys, monkeypatch):
     assert "no CLIP weights configured" in capsys.readouterr().err
     assert main([*argv, "--no-dino", "--no-clip"]) == 2
     assert "at least one encoder" in capsys.readouterr().err
+
+
+def test_all_captions_rows_share_one_image_encoding(setup, tmp_path, monkeypatch):
+    coco = {
+        "images": [{"id": i, "file_name": f"img_{i:04d}.{'png' if i % 3 == 0 else 'jpg'}"} for i in range(6, 12)],
+        "annotations": [
+            {"id": 10 * i + j, "image_id": i, "caption": f"caption {j} of image {i}"} for i in range(6, 12) for j in range(3)
+        ],
+    }
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    cfg = _config(setup, tmp_path / "out").model_copy(
+        update={"captions": str(tmp_path / "coco.json"), "all_captions": True, "batch_size": 9}
+    )
+    enc = load_encoders(cfg.encoders)
+    seen = []
+    real = enc["dino"].encode_pixels
+    monkeypatch.setattr(enc["dino"], "encode_pixels", lambda px: seen.append(len(px)) or real(px))
+    manifest = extract(cfg, encoders=enc)
+    assert manifest["rows"] == 18 and seen == [3, 3]  # 2 batches of 9 rows = 3 images x 3 captions, each image once
+    ids = (tmp_path / "out" / "ids.txt").read_text().split()
+    assert ids == [str(10 * i + j) for i in range(6, 12) for j in range(3)]
+    dino, txt = np.load(tmp_path / "out" / "dino.npy"), np.load(tmp_path / "out" / "clip_txt.npy")
+    monkeypatch.undo()
+    for r in (0, 4, 17):
+        image = Image.open(setup["images"] / coco["images"][r // 3]["file_name"])
+        np.testing.assert_allclose(dino[r], enc["dino"].encode_images([image])[0].numpy(), atol=1e-4)
+    assert np.array_equal(dino[0], dino[2]) and not np.allclose(txt[0], txt[1])
