@@ -84,8 +84,8 @@ class EncodeBatcher:
 
     Everything already queued joins the batch at once; a query then waits at most ``max_wait_ms`` for more
     company (0: never wait, batch only what piles up while the models are busy); a batch holds at most
-    ``max_size`` queries. Texts and
-    images go through the stream's feature encoder first; one thread owns the models (GPU-safe).
+    ``max_size`` queries. Texts and images go through the stream's feature encoder first; one thread owns
+    the models (GPU-safe).
     """
 
     def __init__(self, model: Any, encoders: dict[str, FeatureEncoder], max_size: int, max_wait_ms: float) -> None:
