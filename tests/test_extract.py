@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import sparc_core.extract as ex
@@ -235,3 +236,18 @@ def test_all_captions_rows_share_one_image_encoding(setup, tmp_path, monkeypatch
         image = Image.open(setup["images"] / coco["images"][r // 3]["file_name"])
         np.testing.assert_allclose(dino[r], enc["dino"].encode_images([image])[0].numpy(), atol=1e-4)
     assert np.array_equal(dino[0], dino[2]) and not np.allclose(txt[0], txt[1])
+
+
+def test_extract_config_file_with_flag_overrides(setup, full_run, tmp_path, capsys):
+    dino = {"model": tm.DINO_ARCH, "weights": str(setup["dino"]), "model_args": tm.DINO_ARGS, "image_size": tm.DINO_SIZE}
+    cfg = {
+        "images": str(setup["images"]), "captions": str(setup["captions"]), "out": str(tmp_path / "ignored"),
+        "encoders": {"clip": {"weights": str(setup["clip"])}, "dino": dino},
+        "batch_size": 16, "chunk_size": 48, "workers": 0, "progress": False,
+    }  # fmt: skip
+    (tmp_path / "extract.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["extract", "--config", str(tmp_path / "extract.yaml"), "--out", str(tmp_path / "out")]) == 0
+    assert _files(tmp_path / "out") == _files(full_run)  # same settings as the flag-driven run, same bytes
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**cfg, "batchsize": 3}))
+    assert main(["extract", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "batchsize: unknown key" in capsys.readouterr().err
