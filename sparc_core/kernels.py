@@ -91,7 +91,7 @@ def sparse_decode_many(parts: list[tuple[Tensor, Tensor]], W_dec: Tensor) -> lis
     return list(out.split([i.shape[0] for i, _ in parts]))
 
 
-COMPACT_DECODE_RATIO = 16  # measured CPU crossover: a GEMM over m columns beats a bag of k rows while m < ~16k
+COMPACT_DECODE_RATIO = 8  # CPU, d 1024, k 256: the GEMM over m columns wins up to m ~ 9k (measured), bags beyond
 
 
 def use_compact_decode(columns: Tensor, pos: Tensor) -> bool:
@@ -129,7 +129,7 @@ def compact_decode(columns: Tensor, pos: Tensor, values: Tensor, W_dec: Tensor) 
 
     The code is scattered into [B, m] and multiplied by the m decoder rows: O(m*d) per row with GEMM
     efficiency, against O(k*d) per row of memory-bound gathers for ``sparse_decode``; for AuxK codes
-    (k of the m dead latents) the GEMM wins while m is below ~16k.
+    (k of the m dead latents) the GEMM wins while m is below ~8k.
     """
     return _CompactDecode.apply(columns, pos, values, W_dec)
 
