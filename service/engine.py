@@ -192,19 +192,20 @@ class Engine:
                     f"encoder {enc.name} feeds stream {stream!r} with {enc.dim}-d features, but the checkpoint "
                     + (f"takes {dim}-d for it" if dim else f"has no such stream (it has {self.model.streams})"),
                 )
+        self.encoder_streams = {kind: [s for s, e in self.encoders.items() if e.modality == kind] for kind in ("text", "image")}
         self.default_stream = {
             kind: self._default_stream(kind, getattr(settings, f"{kind}_stream")) for kind in ("text", "image")
         }
         self.batcher = EncodeBatcher(self.model, self.encoders, settings.batch_max_size, settings.batch_max_wait_ms)
 
     def _default_stream(self, kind: str, wanted: str | None) -> str | None:
-        streams = [s for s, e in self.encoders.items() if e.modality == kind]
+        streams = self.encoder_streams[kind]
         if wanted is not None and wanted not in streams:
             raise ServiceError("FAILED_PRECONDITION", f"{kind}_stream {wanted!r} has no {kind} encoder (configured: {streams})")
         return wanted or (streams[0] if streams else None)
 
     def _encoder_for(self, kind: str, stream: str) -> FeatureEncoder:
-        streams = [s for s, e in self.encoders.items() if e.modality == kind]
+        streams = self.encoder_streams[kind]
         if not streams:
             what = "a CLIP model (encoders.clip)" if kind == "text" else "a CLIP or DINOv2 model (encoders.clip / encoders.dino)"
             raise ServiceError(

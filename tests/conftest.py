@@ -29,14 +29,15 @@ def batch() -> dict[str, torch.Tensor]:
     return {s: torch.randn(20, d, generator=g) for s, d in STREAMS.items()}
 
 
+def _synth(tmp_path_factory: pytest.TempPathFactory, name: str, streams: dict[str, int], **kw) -> Path:
+    out = tmp_path_factory.mktemp(name)
+    write_synthetic(SynthConfig(streams=streams, unit_norm=["clip_img", "clip_txt"], **kw), out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    cfg = SynthConfig(
-        streams=STREAMS, unit_norm=["clip_img", "clip_txt"], n_train=3000, n_eval=500, n_concepts=24, concepts_per_sample=2.0
-    )
-    write_synthetic(cfg, out)
-    return out
+    return _synth(tmp_path_factory, "synth", STREAMS, n_train=3000, n_eval=500, n_concepts=24, concepts_per_sample=2.0)
 
 
 MEDIUM = {"dino": 64, "clip_img": 48, "clip_txt": 48}
@@ -45,12 +46,7 @@ MEDIUM = {"dino": 64, "clip_img": 48, "clip_txt": 48}
 @pytest.fixture(scope="session")
 def medium_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Planted-concept data big enough for a small model to learn real cross-stream retrieval."""
-    out = tmp_path_factory.mktemp("medium")
-    cfg = SynthConfig(
-        streams=MEDIUM, unit_norm=["clip_img", "clip_txt"], n_train=6000, n_eval=600, n_concepts=48, concepts_per_sample=3.0
-    )
-    write_synthetic(cfg, out)
-    return out
+    return _synth(tmp_path_factory, "medium", MEDIUM, n_train=6000, n_eval=600, n_concepts=48, concepts_per_sample=3.0)
 
 
 @pytest.fixture(scope="session")

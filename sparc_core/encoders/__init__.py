@@ -7,14 +7,15 @@ an output ``dim`` and the ``stream`` label its features feed. :func:`load_encode
 from __future__ import annotations
 
 from ..config import EncodersConfig
-from .base import EncoderError, FeatureEncoder, resolve_device, resolve_precision
+from ..train import pick_device
+from .base import EncoderError, FeatureEncoder, resolve_precision
 from .clip import ClipImageEncoder, ClipTextEncoder, OpenClip
 from .dino import DinoEncoder
 
 
 def load_encoders(cfg: EncodersConfig) -> dict[str, FeatureEncoder]:
     """Every configured encoder, keyed by the stream it feeds (CLIP's two towers share one model)."""
-    device = resolve_device(cfg.device)
+    device = pick_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
     out: dict[str, FeatureEncoder] = {}
     if cfg.clip is not None:
@@ -40,6 +41,5 @@ __all__ = [
     "FeatureEncoder",
     "OpenClip",
     "load_encoders",
-    "resolve_device",
     "resolve_precision",
 ]

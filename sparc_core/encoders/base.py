@@ -20,13 +20,6 @@ class EncoderError(SparcError, ValueError):
     """An encoder that cannot be built or used (missing weights, wrong layout, wrong modality)."""
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """CUDA when present (for "auto"), else CPU; or exactly the device named."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device``; None means plain fp32.
 
