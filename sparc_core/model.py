@@ -275,14 +275,15 @@ class SparcModel(nn.Module):
         # each stream's own one-stream selection (what it would pick if encoded alone).
         align_pos = torch.cat([shared] + [solo_idx[s] for s in streams], dim=1) if do_align else None
         # One gather per stream for everything the loss reads from the logits: the code, the
-        # alignment positions and the AuxK latents -> one sparse W_enc gradient per stream.
+        # alignment positions (which start with the shared code's) and the AuxK latents -> one
+        # sparse W_enc gradient per stream.
         codes, align_logits, aux_vals = {}, {}, {}
         for s in streams:
-            parts = [sel[s]] + ([align_pos] if align_pos is not None else []) + ([aux_idx[s]] if s in aux_idx else [])
+            parts = [sel[s] if align_pos is None else align_pos] + ([aux_idx[s]] if s in aux_idx else [])
             raw = self._gather(s, h[s], xs[s], torch.cat(parts, dim=1))
             codes[s] = SparseCode(sel[s], self.activate(raw[:, :k]), self.n_latents)
             if align_pos is not None:
-                align_logits[s] = raw[:, k : k + align_pos.shape[1]]
+                align_logits[s] = raw[:, : align_pos.shape[1]]
             if s in aux_idx:
                 aux_vals[s] = raw[:, raw.shape[1] - aux_idx[s].shape[1] :].relu()
 

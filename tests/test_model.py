@@ -110,8 +110,10 @@ def _grads(model: SparcModel, batch, dead):
 
 
 @pytest.mark.parametrize("compact_ratio", [16, 0])  # AuxK decoded by the compact GEMM / by embedding_bag
-def test_sparse_kernels_match_dense_reference_values_and_gradients(small_cfg, batch, compact_ratio, monkeypatch):
+@pytest.mark.parametrize("bag_ratio", [4, 0])  # encoder gradient by scatter + GEMM / by latent-sorted bags
+def test_sparse_kernels_match_dense_reference_values_and_gradients(small_cfg, batch, compact_ratio, bag_ratio, monkeypatch):
     monkeypatch.setattr(kernels, "COMPACT_DECODE_RATIO", compact_ratio)
+    monkeypatch.setattr(kernels, "BAG_GRAD_RATIO", bag_ratio)
     dead = {s: torch.arange(small_cfg.n_latents) % 3 == i for i, s in enumerate(STREAMS)}
     sparse = SparcModel(small_cfg, seed=5)
     dense = SparcModel(small_cfg.model_copy(update={"sparse_kernels": False}), seed=5)
@@ -122,14 +124,19 @@ def test_sparse_kernels_match_dense_reference_values_and_gradients(small_cfg, ba
         assert_close(grads_s[name], grads_d[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("k,n_latents", [(1, 128), (40, 64)])  # the sparse-matmul and the dense-scatter branch
-def test_gather_logits_kernel_matches_autograd(k, n_latents):
+@pytest.mark.parametrize(
+    "k,n_latents,repeats",
+    [(1, 128, 0), (9, 128, 0), (9, 128, 4), (40, 64, 0), (40, 64, 7)],  # latent-sorted bags / dense scatter + GEMM
+)
+def test_gather_logits_kernel_matches_autograd(k, n_latents, repeats):
     g = torch.Generator().manual_seed(k)
     x = torch.randn(7, 10, generator=g, requires_grad=True)
     b_dec = torch.randn(10, generator=g, requires_grad=True)
     W = torch.randn(n_latents, 10, generator=g, requires_grad=True)
     b = torch.randn(n_latents, generator=g, requires_grad=True)
     idx = torch.rand(7, n_latents, generator=g).topk(k, dim=1).indices
+    idx = torch.cat([idx, idx[:, :repeats]], dim=1)  # a latent read twice in a row (shared and one-stream sets)
+    k = idx.shape[1]
     w = torch.randn(7, k, generator=g)
     ref = gather_logits_dense(x, b_dec, W, b, idx)
     grads_ref = torch.autograd.grad((ref * w).sum(), (x, b_dec, W, b))
