@@ -17,7 +17,8 @@ import time
 import torch
 
 from sparc_core import SparcConfig, SparcModel, TrainConfig
-from sparc_core.train import make_optimizer, pick_device, train_step
+from sparc_core.checkpoint import pick_device
+from sparc_core.train import make_optimizer, train_step
 
 
 class Variant:

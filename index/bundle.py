@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm.auto import tqdm
 
 from sparc_core import SparcError, SparcModel, checkpoint_hash, load_checkpoint
-from sparc_core.checkpoint import atomic_write_bytes, atomic_write_json
+from sparc_core.checkpoint import atomic_write_bytes, atomic_write_json, pick_device
 from sparc_core.data import FeatureStore
 
 from .faiss_backend import build_dense_index, read_dense_index, write_dense_index
@@ -258,8 +258,6 @@ def build_bundle(
     t0 = time.perf_counter()
     ckpt_hash = checkpoint_hash(checkpoint)
     if model is None:
-        from sparc_core.train import pick_device
-
         model = load_checkpoint(checkpoint, device=pick_device())
     if stream not in model.streams:
         raise BundleError(f"stream {stream!r} is not in checkpoint {checkpoint} (it has {model.streams})")
@@ -374,8 +372,6 @@ def append_to_bundle(
     ckpt = Path(checkpoint) if checkpoint is not None else Path(m.checkpoint_path)
     if checkpoint_hash(ckpt) != m.checkpoint_sha256:
         raise BundleError(f"{ckpt}: is not the checkpoint this bundle was built with ({m.checkpoint_sha256[:12]})")
-    from sparc_core.train import pick_device
-
     model = load_checkpoint(ckpt, device=pick_device())
     store = FeatureStore(features)
     if store.dim != m.dim:

@@ -18,8 +18,8 @@ from PIL import Image
 
 from index import Searcher
 from sparc_core import SparseCode, checkpoint_hash, load_checkpoint
+from sparc_core.checkpoint import pick_device
 from sparc_core.encoders import FeatureEncoder, load_encoders
-from sparc_core.train import pick_device
 
 from .settings import ServiceSettings
 

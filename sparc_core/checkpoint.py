@@ -43,6 +43,13 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """CUDA when present (for "auto"), else CPU; or exactly the device named."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temp path beside ``path``, fsynced and renamed onto it when the block succeeds, removed if it fails."""

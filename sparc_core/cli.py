@@ -153,11 +153,10 @@ def _add_eval(sub: Any) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, pick_device
     from .data import PairedFeatures
     from .metrics import evaluate
     from .report import format_report
-    from .train import pick_device
 
     model = load_checkpoint(args.checkpoint, device=pick_device())
     data = PairedFeatures(_pairs(args.features, "--features"), args.labels)

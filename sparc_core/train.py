@@ -18,6 +18,7 @@ from .checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_train_state,
+    pick_device,
     read_checkpoint_config,
     save_checkpoint,
 )
@@ -28,13 +29,6 @@ from .model import SparcModel
 
 METRICS_LOG = "metrics.jsonl"
 CURVES = "training_curves.png"
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """CUDA when present (for "auto"), else CPU; or exactly the device named."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class _Dist:
