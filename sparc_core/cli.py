@@ -39,24 +39,50 @@ def _overlay(base: dict[str, Any], args: argparse.Namespace, keys: list[str]) ->
 
 
 # ---- synth ------------------------------------------------------------------------------------------
+SYNTH_FLAGS = [  # (flag, field, type, help)
+    ("--n-train", "n_train", int, "training rows"),
+    ("--n-eval", "n_eval", int, "held-out rows"),
+    ("--n-concepts", "n_concepts", int, "planted concepts"),
+    ("--concepts-per-sample", "concepts_per_sample", float, "mean concepts drawn per sample"),
+    ("--zipf-exponent", "zipf_exponent", float, "concept popularity exponent (0 = uniform)"),
+    ("--shared-fraction", "shared_fraction", float, "share of concepts every stream sees"),
+    ("--hierarchy", "hierarchy", float, "share of concepts that are children of another"),
+    ("--child-similarity", "child_similarity", float, "cosine of a child's direction with its parent's"),
+    ("--tower-correlation", "tower_correlation", float, "direction share the text tower takes from the image tower"),
+    ("--nuisance-dims", "nuisance_dims", int, "dims of per-stream unpaired variation"),
+    ("--nuisance-scale", "nuisance_scale", float, "nuisance norm relative to the signal"),
+    ("--magnitudes", "magnitudes", str, "shared or per_stream concept amounts"),
+    ("--noise", "noise", float, "noise norm relative to the signal"),
+    ("--modality-gap", "modality_gap", float, "per-stream offset norm relative to the signal"),
+    ("--seed", "seed", int, "world and sample seed"),
+]
+
+
 def _add_synth(sub: Any) -> None:
+    from .synthetic import PRESETS
+
     p = sub.add_parser("synth", help="write planted-concept paired streams (train/ and eval/ splits)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--config", help="YAML/JSON SynthConfig")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named world; the config file and flags override it")
     p.add_argument("--streams", help="NAME=DIM,NAME=DIM,... (default dino=1024,clip_img=768,clip_txt=768)")
-    p.add_argument("--n-train", dest="n_train", type=int)
-    p.add_argument("--n-eval", dest="n_eval", type=int)
-    p.add_argument("--n-concepts", dest="n_concepts", type=int)
-    p.add_argument("--noise", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--visibility",
+        action="append",
+        metavar="STREAMS=SHARE",
+        help="share of concepts seen only by these streams, e.g. dino+clip_img=0.1 (repeatable)",
+    )
+    for flag, field, typ, text in SYNTH_FLAGS:
+        p.add_argument(flag, dest=field, type=typ, help=text)
     p.set_defaults(func=_cmd_synth)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from .synthetic import write_synthetic
+    from .synthetic import PRESETS, write_synthetic
 
-    data = load_config_file(args.config) if args.config else {}
-    data = _overlay(data, args, ["n_train", "n_eval", "n_concepts", "noise", "seed"])
+    data = dict(PRESETS[args.preset]) if args.preset else {}
+    data |= load_config_file(args.config) if args.config else {}
+    data = _overlay(data, args, [field for _, field, _, _ in SYNTH_FLAGS])
     if args.streams:
         streams = {}
         for part in args.streams.split(","):
@@ -65,6 +91,15 @@ def _cmd_synth(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--streams expects NAME=DIM, got {part!r}")
             streams[name] = int(dim)
         data["streams"] = streams
+    if args.visibility:
+        groups = {}
+        for part in args.visibility:
+            group, _, share = part.partition("=")
+            try:
+                groups[group] = float(share)
+            except ValueError:
+                raise ConfigError(f"--visibility expects STREAMS=SHARE, got {part!r}") from None
+        data["visibility"] = groups
     cfg = build_config(SynthConfig, data, args.config or "command line")
     paths = write_synthetic(cfg, args.out)
     print(json.dumps(paths, indent=2))
@@ -90,6 +125,7 @@ TRAIN_FLAGS = [
     "eval_every",
     "save_every",
     "input_norm",
+    "min_rel_activation",
 ]
 
 
@@ -110,6 +146,12 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--solo-select-prob", dest="solo_select_prob", type=float)
     p.add_argument("--auxk", type=int)
     p.add_argument("--input-norm", dest="input_norm", choices=["l2", "scale", "none"])
+    p.add_argument(
+        "--min-rel-activation",
+        dest="min_rel_activation",
+        type=float,
+        help="drop selected activations weaker than this x the row's strongest (0 keeps all k)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--eval-every", dest="eval_every", type=int)

@@ -28,17 +28,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class SparcConfig(_Strict):
-    """Shape of a SPARC model: its streams, latent width and sparsity."""
+class ModelSettings(_Strict):
+    """Every model setting but the streams: the one place their defaults live (training nests it)."""
 
-    streams: dict[str, int]  # stream name -> input dim, in a fixed order
     n_latents: int = Field(4096, ge=2)  # width of the shared latent space
-    k: int = Field(32, ge=1)  # active latents per sample
+    k: int = Field(32, ge=1)  # at most k active latents per sample
     topk: Literal["global", "local"] = "global"  # shared selection (SPARC) or per-stream (baseline)
     auxk: int = Field(256, ge=0)  # dead latents used by the AuxK loss per stream; 0 disables it
     input_norm: Literal["l2", "scale", "none"] = "scale"  # per-stream input normalisation
-    min_rel_activation: float = Field(0.0, ge=0, lt=1)  # drop activations below this x the row's max
+    min_rel_activation: float = Field(0.15, ge=0, lt=1)  # drop activations below this x the row's max
     sparse_kernels: bool = True  # O(k*d) gather decoding; False uses dense matmuls (reference)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clamp_auxk(cls, data: Any) -> Any:
+        # auxk is an upper bound: a dictionary smaller than the default 256 uses all its latents
+        if isinstance(data, dict) and isinstance(data.get("n_latents"), int) and data["n_latents"] >= 2:
+            auxk = data.get("auxk", 256)
+            if isinstance(auxk, int) and auxk > data["n_latents"]:
+                data = data | {"auxk": data["n_latents"]}
+        return data
+
+    @model_validator(mode="after")
+    def _check_k(self) -> ModelSettings:
+        if self.k > self.n_latents:
+            raise ValueError(f"k={self.k} is larger than n_latents={self.n_latents}")
+        return self
+
+
+class SparcConfig(ModelSettings):
+    """Shape of a SPARC model: its streams and the model settings."""
+
+    streams: dict[str, int]  # stream name -> input dim, in a fixed order
 
     @field_validator("streams")
     @classmethod
@@ -52,28 +73,18 @@ class SparcConfig(_Strict):
                 raise ValueError(f"stream {name!r} has dim {dim}; dims must be >= 1")
         return v
 
-    @model_validator(mode="after")
-    def _check_k(self) -> SparcConfig:
-        if self.k > self.n_latents:
-            raise ValueError(f"k={self.k} is larger than n_latents={self.n_latents}")
-        if self.auxk > self.n_latents:
-            raise ValueError(f"auxk={self.auxk} is larger than n_latents={self.n_latents}")
-        return self
-
 
 class TrainConfig(_Strict):
-    """One training run: data, optimisation, the single-stream alignment recipe, logging."""
+    """One training run: data, the model settings (nested, as sparsify does), optimisation, logging.
+
+    Model settings may also be given flat (``n_latents: 8192`` beside ``steps``), as flags and old
+    config files do; they are moved into ``model``.
+    """
 
     features: dict[str, str] = {}  # stream name -> feature file (.npy, .safetensors, .h5[:dataset])
     labels: str | None = None  # optional per-sample concept labels (.npy), for label-weighted Jaccard
     out: str = "runs/sparc"  # checkpoint directory
-    n_latents: int = Field(4096, ge=2)
-    k: int = Field(32, ge=1)
-    topk: Literal["global", "local"] = "global"
-    auxk: int = Field(256, ge=0)
-    input_norm: Literal["l2", "scale", "none"] = "scale"
-    min_rel_activation: float = Field(0.15, ge=0, lt=1)  # drop activations below this x the row's max
-    sparse_kernels: bool = True
+    model: ModelSettings = ModelSettings()
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(256, ge=1)
     lr: float = Field(2e-3, gt=0)
@@ -95,43 +106,86 @@ class TrainConfig(_Strict):
     device: str = "auto"  # auto: CUDA when present, else CPU
     progress: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_model_settings(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        flat = {k: data[k] for k in ModelSettings.model_fields if k in data}
+        if not flat:
+            return data
+        data = {k: v for k, v in data.items() if k not in flat}
+        nested = data.get("model", {})
+        if isinstance(nested, ModelSettings):
+            nested = nested.model_dump()
+        if not isinstance(nested, dict):
+            return data | {"model": nested}  # let validation name the bad type
+        both = [k for k in flat if k in nested and nested[k] != flat[k]]
+        if both:
+            raise ValueError(f"{both} given both flat and under model: with different values")
+        data["model"] = nested | flat
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.k > self.n_latents:
-            raise ValueError(f"k={self.k} is larger than n_latents={self.n_latents}")
         if self.revive_after < self.dead_after:
             raise ValueError("revive_after must be >= dead_after")
         return self
 
     def model_config_for(self, dims: dict[str, int]) -> SparcConfig:
         """The model config this run trains, given each stream's input dim."""
-        return SparcConfig(
-            streams=dims,
-            n_latents=self.n_latents,
-            k=self.k,
-            topk=self.topk,
-            auxk=min(self.auxk, self.n_latents),
-            input_norm=self.input_norm,
-            min_rel_activation=self.min_rel_activation,
-            sparse_kernels=self.sparse_kernels,
-        )
+        return SparcConfig(streams=dims, **self.model.model_dump())
 
 
 class SynthConfig(_Strict):
-    """Planted-concept data: what is generated and how hard it is."""
+    """Planted-concept data: what is generated and how hard it is (one "world")."""
 
     streams: dict[str, int] = {"dino": 1024, "clip_img": 768, "clip_txt": 768}
     unit_norm: list[str] = ["clip_img", "clip_txt"]  # CLIP-like streams get unit-norm rows
     n_train: int = Field(50_000, ge=1)
     n_eval: int = Field(5_000, ge=0)
     n_concepts: int = Field(512, ge=2)
-    concepts_per_sample: float = Field(8.0, gt=0)  # mean of the Poisson number of concepts (at least 1)
-    zipf_exponent: float = Field(0.8, ge=0)
-    shared_fraction: float = Field(0.85, ge=0, le=1)  # concepts visible to every stream
+    concepts_per_sample: float = Field(8.0, gt=0)  # mean of the Poisson number of drawn concepts (at least 1)
+    zipf_exponent: float = Field(0.8, ge=0)  # concept popularity: frequency of the r-th concept ~ r^-exponent
+    shared_fraction: float = Field(0.85, ge=0, le=1)  # concepts visible to every stream (rest: random subsets)
+    visibility: dict[str, float] = {}  # "dino+clip_img" -> share of concepts seen by exactly those streams
+    hierarchy: float = Field(0.0, ge=0, le=1)  # share of concepts that are children of another concept
+    child_similarity: float = Field(0.6, ge=0, lt=1)  # cosine between a child's direction and its parent's
+    tower_correlation: float = Field(0.0, ge=0, lt=1)  # share of direction that towers[1:] take from towers[0]
+    towers: list[str] = ["clip_img", "clip_txt"]  # streams of one model (CLIP image/text): correlated directions
+    nuisance_dims: int = Field(0, ge=0)  # per-stream subspace of unpaired variation (style, viewpoint)
+    nuisance_scale: float = Field(0.5, ge=0)  # nuisance norm relative to the signal norm
+    magnitudes: Literal["shared", "per_stream"] = "shared"  # one amount per concept and sample, or one per stream
     noise: float = Field(0.05, ge=0)  # noise norm relative to the signal norm
     modality_gap: float = Field(0.5, ge=0)  # per-stream offset norm relative to the signal norm
     raw_scale: float = Field(30.0, gt=0)  # mean row norm of streams that are not unit-norm
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_world(self) -> SynthConfig:
+        for group, share in self.visibility.items():
+            names = group.split("+")
+            unknown = [n for n in names if n not in self.streams]
+            if unknown:
+                raise ValueError(
+                    f"visibility group {group!r} names unknown stream(s) {unknown}; streams are {list(self.streams)}"
+                )
+            if len(set(names)) != len(names) or len(names) >= len(self.streams):
+                raise ValueError(f"visibility group {group!r} must be a proper subset of the streams, each named once")
+            if not 0 <= share <= 1:
+                raise ValueError(f"visibility share of {group!r} must be in [0, 1], got {share}")
+        if sum(self.visibility.values()) > 1:
+            raise ValueError(f"visibility shares add up to {sum(self.visibility.values()):.3f} > 1")
+        if self.tower_correlation > 0:
+            missing = [t for t in self.towers if t not in self.streams]
+            if missing or len(self.towers) < 2:
+                raise ValueError(f"towers {self.towers} must name at least 2 of the streams {list(self.streams)}")
+            dims = {self.streams[t] for t in self.towers}
+            if len(dims) != 1:
+                raise ValueError(f"correlated towers must have one dim, got { {t: self.streams[t] for t in self.towers} }")
+        if self.nuisance_dims and self.nuisance_dims >= min(self.streams.values()):
+            raise ValueError(f"nuisance_dims={self.nuisance_dims} must be smaller than every stream's dim")
+        return self
 
 
 class ClipConfig(_Strict):

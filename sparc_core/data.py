@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -233,11 +234,15 @@ class BlockBatcher:
         self.shuffle_blocks = shuffle_blocks
         self.seed = seed
         self.batches_per_epoch = len(self.rows) // self.batch_size
-        self._epoch: int | None = None
-        self._order: np.ndarray | None = None
+        # (epoch, order) of the last epoch computed: one attribute, swapped whole under the lock, because
+        # the trainer and the prefetch thread both ask for batches and meet at epoch boundaries.
+        self._cached: tuple[int, np.ndarray] | None = None
+        self._lock = threading.Lock()
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        if self._epoch != epoch:
+        with self._lock:
+            if self._cached is not None and self._cached[0] == epoch:
+                return self._cached[1]
             rng = np.random.default_rng([self.seed, epoch])
             n_blocks = -(-len(self.rows) // self.block_size)
             blocks = rng.permutation(n_blocks)
@@ -245,9 +250,8 @@ class BlockBatcher:
             window = self.block_size * self.shuffle_blocks
             for start in range(0, len(order), window):
                 rng.shuffle(order[start : start + window])
-            self._epoch, self._order = epoch, order
-        assert self._order is not None
-        return self._order
+            self._cached = (epoch, order)
+            return order
 
     def batch(self, step: int) -> np.ndarray:
         """Row ids of batch ``step`` (0-based, counted from the start of training)."""

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 BAG_GRAD_RATIO = 4  # CPU, d 768-1024: the latent-sorted bags beat scatter + GEMM while N > 4 * columns (measured)
 
 

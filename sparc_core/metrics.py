@@ -114,7 +114,7 @@ def cross_decoded(model: SparcModel, code: SparseCode, target: str, batch_size: 
     b_dec = model.codecs[target].b_dec
     for sl in _batches(len(code), batch_size):
         part = SparseCode(code.indices[sl], code.values[sl], code.n_latents).to(model.device)
-        parts.append((model.decode(part, target) - b_dec).cpu())
+        parts.append((model.decode(part, target, "normalized") - b_dec).cpu())
     return torch.cat(parts)
 
 
@@ -149,7 +149,7 @@ def evaluate(
             joint = model.encode_streams(batch)
             for s in streams:
                 x = normed[s][sl]
-                err = (model.decode(joint[s], s).cpu() - x).pow(2).sum(1) / x.pow(2).sum(1).clamp_min(1e-8)
+                err = (model.decode(joint[s], s, "normalized").cpu() - x).pow(2).sum(1) / x.pow(2).sum(1).clamp_min(1e-8)
                 joint_nmse[s].append(err)
 
     for s in streams:

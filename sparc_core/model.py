@@ -211,15 +211,26 @@ class SparcModel(nn.Module):
         return SparseCode(first.indices, values, self.n_latents)
 
     # ---- decoding ---------------------------------------------------------------------------------
-    def decode(self, code: SparseCode, stream: str) -> Tensor:
-        """Reconstruct ``stream``'s (normalised) features from a code: W_dec z + b_dec, [n, d_stream]."""
+    def decode(self, code: SparseCode, stream: str, space: str = "input") -> Tensor:
+        """Reconstruct ``stream``'s features from a code, [n, d_stream].
+
+        space "input" (default) is the stream's own feature space (the stored input transform undone:
+        a DINO row decodes at DINO's raw scale); "normalized" is W_dec z + b_dec, the space the model
+        trains and searches in. Under ``input_norm: l2`` a row's original norm is unknown, so both
+        spaces are the unit-norm one.
+        """
         if stream not in self.codecs:
             raise KeyError(f"unknown stream {stream!r}; this model has {self.streams}")
+        if space not in ("input", "normalized"):
+            raise ValueError(f"space must be 'input' or 'normalized', got {space!r}")
         if code.n_latents != self.n_latents:
             raise ValueError(f"code has n_latents={code.n_latents}, model has {self.n_latents}")
         c = self.codecs[stream]
         decode = sparse_decode if self.cfg.sparse_kernels else dense_decode
-        return decode(code.indices, code.values, c.W_dec) + c.b_dec
+        out = decode(code.indices, code.values, c.W_dec) + c.b_dec
+        if space == "input" and self.cfg.input_norm == "scale":
+            out = out / c.input_scale
+        return out
 
     # ---- training ---------------------------------------------------------------------------------
     def _gather(self, stream: str, h: Tensor, x: Tensor, idx: Tensor) -> Tensor:

@@ -184,16 +184,16 @@ class Trainer:
             self.model.set_decoder_norm_to_unit_norm()
             self.model.to(self.device)
             self.opt = make_optimizer(self.model, cfg.lr)
-            self.dead_counters = {s: torch.zeros(cfg.n_latents, dtype=torch.long, device=self.device) for s in self.model.streams}
+            self.dead_counters = {s: torch.zeros(cfg.model.n_latents, dtype=torch.long, device=self.device) for s in self.model.streams}
         self.dist.broadcast([p.data for p in self.model.parameters()])
 
     def _resume(self) -> None:
         ckpt = read_checkpoint_config(self.out)
-        saved = ckpt.get("train") or {}
-        for key in ("n_latents", "k", "topk", "input_norm"):
-            if key in saved and saved[key] != getattr(self.cfg, key):
+        saved = ckpt.get("model") or {}
+        for key, value in self.cfg.model.model_dump().items():  # every model setting must match
+            if key in saved and saved[key] != value:
                 raise CheckpointError(
-                    f"{self.out}: cannot resume, checkpoint has {key}={saved[key]!r}, config has {getattr(self.cfg, key)!r}"
+                    f"{self.out}: cannot resume, the checkpoint has {key}={saved[key]!r}, this run has {value!r}"
                 )
         self.model = load_checkpoint(self.out, device=self.device)
         if self.model.cfg.streams != self.data.dims:
@@ -214,7 +214,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     def _solo_select(self, step: int, batch_rows: int) -> torch.Tensor | None:
         p = self.cfg.solo_select_prob
-        if p <= 0 or self.cfg.topk != "global":
+        if p <= 0 or self.cfg.model.topk != "global":
             return None
         g = _step_generator(self.cfg.seed, step, torch.device("cpu"))
         total = len(self.batcher.batch(step))
@@ -225,24 +225,27 @@ class Trainer:
 
     @torch.no_grad()
     def _revive(self, step: int, batch: dict[str, torch.Tensor], out: Any) -> int:
-        """Re-initialise latents dead for longer than revive_after samples in any stream.
+        """Re-initialise latents that have been dead for longer than revive_after samples in EVERY stream.
 
-        A revived latent gets, in EVERY stream, the residual direction of the same (paired) sample,
-        so it is born meaning the same thing everywhere; its encoder scale puts that sample's logit
-        at the current selection threshold, so it competes for a slot without taking over.
+        A latent alive in some stream only carries a concept only that stream sees (DINO sees texture
+        CLIP misses): it is kept. A revived latent gets, in every stream, the residual direction of the
+        same (paired) sample, so it is born meaning the same thing everywhere; its encoder row is scaled
+        so that this sample's logit equals the median active value of the batch's codes, a value that
+        survives the activation floor and competes for a slot without taking over.
         """
-        long_dead = torch.zeros(self.model.n_latents, dtype=torch.bool, device=self.device)
+        long_dead = torch.ones(self.model.n_latents, dtype=torch.bool, device=self.device)
         for s in self.model.streams:
-            long_dead |= self.dead_counters[s] > self.cfg.revive_after
+            long_dead &= self.dead_counters[s] > self.cfg.revive_after
         rows = long_dead.nonzero().flatten()
         if len(rows) == 0:
             return 0
         g = _step_generator(self.cfg.seed + 7, step, torch.device("cpu"))
-        residual, threshold = {}, {}
+        residual, target = {}, {}
         for s in self.model.streams:
             x = self.model.normalize(s, batch[s])
-            residual[s] = (x - self.model.decode(out.codes[s], s)).float().cpu()
-            threshold[s] = float(out.codes[s].values.min(dim=1).values.clamp_min(1e-3).mean())
+            residual[s] = (x - self.model.decode(out.codes[s], s, "normalized")).float().cpu()
+            active = out.codes[s].values[out.codes[s].values > 0]
+            target[s] = float(active.median()) if len(active) else 1.0
         energy = torch.nan_to_num(sum(r.pow(2).sum(1) for r in residual.values()), 0.0, 0.0, 0.0) + 1e-12
         pick = torch.multinomial(energy, len(rows), replacement=True, generator=g)
         for s in self.model.streams:
@@ -255,7 +258,7 @@ class Trainer:
                 proj = torch.maximum((directions * x_c).sum(1, keepdim=True), 0.25 * x_c.norm(dim=1, keepdim=True))
                 proj = proj.clamp_min(1e-3)
                 c.W_dec[rows] = directions.to(c.W_dec)
-                c.W_enc[rows] = (directions * threshold[s] / proj).to(c.W_enc)
+                c.W_enc[rows] = (directions * target[s] / proj).to(c.W_enc)
                 c.b_enc[rows] = 0.0
             self.dist.broadcast([c.W_dec.data, c.W_enc.data, c.b_enc.data])
             for p in (c.W_enc, c.b_enc, c.W_dec):

@@ -106,3 +106,51 @@ def test_paired_read_keeps_pairing(tmp_path, arr):
     got = data.read(rows)
     np.testing.assert_array_equal(got["b"], got["a"][:, :4] * 3)
     assert torch.from_numpy(got["a"]).shape == (3, 8)
+
+
+def test_block_batcher_is_exact_when_two_threads_cross_epoch_boundaries():
+    # The trainer and the prefetch thread ask for batches of neighbouring steps, so at an epoch boundary
+    # they ask for two epochs at once. Force the worst interleaving: the trainer is paused just before
+    # it returns epoch 0's order while the prefetcher computes epoch 1; the trainer must still get epoch 0.
+    import linecache
+    import sys
+    import threading
+
+    rows = np.arange(400)
+    ref = BlockBatcher(rows, batch_size=20, block_size=50, shuffle_blocks=2, seed=3)
+    want_last, want_next = ref.batch(19), ref.batch(20)
+    shared = BlockBatcher(rows, batch_size=20, block_size=50, shuffle_blocks=2, seed=3)
+    shared.batch(0)  # epoch 0 cached
+    paused, resumed = threading.Event(), threading.Event()
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_name != "_epoch_order":
+            return None
+
+        def on_line(frame, event, arg):
+            line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+            if event == "line" and line.startswith("return") and not paused.is_set():
+                paused.set()
+                resumed.wait(1.0)  # a correct batcher keeps the prefetcher out until this returns
+            return on_line
+
+        return on_line
+
+    got_next: list[np.ndarray] = []
+
+    def prefetch() -> None:
+        paused.wait(5.0)
+        got_next.append(shared.batch(20))
+        resumed.set()
+
+    helper = threading.Thread(target=prefetch)
+    helper.start()
+    sys.settrace(tracer)
+    try:
+        got_last = shared.batch(19)
+    finally:
+        sys.settrace(None)
+    helper.join(10.0)
+    assert paused.is_set()
+    np.testing.assert_array_equal(got_last, want_last)
+    np.testing.assert_array_equal(got_next[0], want_next)

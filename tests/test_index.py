@@ -67,7 +67,7 @@ def test_both_paths_match_numpy_brute_force(random_ckpt, tmp_path):
     # dense: inner product of the cross-decoded query with the centred unit gallery features
     c = model.codecs["img"]
     xb = torch.nn.functional.normalize(model.normalize("img", torch.from_numpy(np.load(feats))) - c.b_dec, dim=1)
-    xqd = torch.nn.functional.normalize(model.decode(code, "img") - c.b_dec, dim=1)
+    xqd = torch.nn.functional.normalize(model.decode(code, "img", "normalized") - c.b_dec, dim=1)
     exp_d = (xqd @ xb.T).detach().numpy()
     res = searcher.search(code, top_k=5, path="dense")
     for q in range(20):

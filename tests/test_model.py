@@ -22,7 +22,9 @@ def test_global_topk_selects_identical_indices_across_streams(small_model, batch
     expected = total.topk(small_model.k, dim=1).indices.sort(1).values
     assert torch.equal(first.sort(1).values, expected)
     for s, code in codes.items():
-        assert_close(code.values, small_model.logits(s, batch[s]).gather(1, code.indices).relu())
+        raw = small_model.logits(s, batch[s]).gather(1, code.indices).relu()
+        floor = small_model.cfg.min_rel_activation * raw.amax(1, keepdim=True)
+        assert_close(code.values, torch.where(raw >= floor, raw, 0.0))
 
 
 def test_local_topk_selects_per_stream(small_cfg, batch):
@@ -193,3 +195,19 @@ def test_input_normalisation_is_stored_and_applied(small_cfg):
     l2 = SparcModel(small_cfg.model_copy(update={"input_norm": "l2"}))
     x = torch.randn(4, 24)
     assert torch.equal(l2.encode({"dino": x}).indices, l2.encode({"dino": 30 * x}).indices)
+
+
+def test_decode_returns_the_streams_own_feature_space(small_cfg, batch):
+    model = SparcModel(small_cfg.model_copy(update={"input_norm": "scale"}), seed=3)
+    raw = {s: 40.0 * x / x.norm(dim=1, keepdim=True) for s, x in batch.items()}  # rows of norm 40, as DINO
+    model.fit_input_norm(raw)
+    for s, x in raw.items():
+        code = model.encode({s: x})
+        normalized = model.decode(code, s, "normalized")
+        own = model.decode(code, s)
+        # the default undoes the stored input transform: the reconstruction lives at the input's scale
+        assert_close(own, normalized / model.codecs[s].input_scale)
+        assert float(own.norm(dim=1).mean()) == pytest.approx(40.0 * float(normalized.norm(dim=1).mean()), rel=1e-4)
+        assert 10.0 < float(own.norm(dim=1).mean()) < 80.0
+    with pytest.raises(ValueError, match="space"):
+        model.decode(code, s, "latent")

@@ -90,3 +90,30 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
         load_config_file(p)
     with pytest.raises(ValueError, match="need at least 2 streams"):
         TrainConfig().model_config_for({"only": 3})
+
+
+def test_model_settings_have_one_default_and_nest_in_the_training_config():
+    from sparc_core import SparcConfig
+    from sparc_core.config import ModelSettings
+
+    bare = SparcConfig(streams={"a": 4, "b": 4})
+    run = TrainConfig()
+    # one source of truth: a bare model and a training run agree on every model default
+    assert run.model.model_dump() == ModelSettings().model_dump() == bare.model_dump(exclude={"streams"})
+    # flat keys (flags, old config files) land in the nested settings
+    flat = TrainConfig(n_latents=128, k=8, min_rel_activation=0.3)
+    assert (flat.model.n_latents, flat.model.k, flat.model.min_rel_activation) == (128, 8, 0.3)
+    assert flat.model_config_for({"a": 4, "b": 4}).min_rel_activation == 0.3
+    with pytest.raises(Exception, match="both flat and under model"):
+        TrainConfig(k=8, model={"k": 16})
+
+
+def test_min_rel_activation_has_a_train_flag(tmp_path):
+    import argparse
+
+    from sparc_core.cli import _add_train, train_config_from_args
+
+    parser = argparse.ArgumentParser()
+    _add_train(parser.add_subparsers())
+    args = parser.parse_args(["train", "--features", "a=x.npy", "--features", "b=y.npy", "--min-rel-activation", "0.4"])
+    assert train_config_from_args(args).model.min_rel_activation == 0.4

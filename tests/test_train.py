@@ -144,8 +144,11 @@ def test_resume_refuses_a_different_model(synth_dir, tmp_path):
 
     out = tmp_path / "r"
     train(_cfg(synth_dir, out, steps=10))
-    with pytest.raises(CheckpointError, match="cannot resume, checkpoint has k=6"):
+    with pytest.raises(CheckpointError, match="cannot resume, the checkpoint has k=6"):
         train(_cfg(synth_dir, out, steps=20, k=8), resume=True)
+    # every model setting counts, the activation floor included
+    with pytest.raises(CheckpointError, match="min_rel_activation"):
+        train(_cfg(synth_dir, out, steps=20, min_rel_activation=0.3), resume=True)
 
 
 @pytest.mark.slow
@@ -209,3 +212,27 @@ def test_cli_eval_writes_a_report(trained_checkpoint, medium_synth, tmp_path, ca
     bad = ["eval", "--checkpoint", str(trained_checkpoint), "--features", f"dino={medium_synth / 'eval' / 'clip_txt.npy'}"]
     assert main(bad) == 2
     assert "stream 'dino' has dim 48, expected 64" in capsys.readouterr().err
+
+
+def test_revival_keeps_stream_private_latents_and_gives_revived_ones_a_real_scale(synth_dir, tmp_path):
+    from sparc_core.train import Trainer
+
+    trainer = Trainer(_cfg(synth_dir, tmp_path / "rv", steps=5, min_rel_activation=0.3))
+    model, streams = trainer.model, trainer.model.streams
+    rows = trainer.batcher.batch(0)
+    batch = {s: torch.from_numpy(x) for s, x in trainer.data.read(rows).items()}
+    out = model(batch)
+    before = {s: model.codecs[s].W_enc.detach().clone() for s in streams}
+    over = trainer.cfg.revive_after + 1
+    trainer.dead_counters[streams[0]][3] = over  # latent 3: dead in one stream only (alive elsewhere)
+    for s in streams:
+        trainer.dead_counters[s][5] = over  # latent 5: dead in every stream
+    assert trainer._revive(0, batch, out) == 1
+    for s in streams:
+        assert torch.equal(model.codecs[s].W_enc[3], before[s][3])  # a private concept survives
+        assert not torch.equal(model.codecs[s].W_enc[5], before[s][5])
+        # The revived latent's logit on the batch reaches the size of real activations (the median
+        # active value), not a tiny fraction of it, so it can win a slot past the activation floor.
+        logit = model.logits(s, batch[s])[:, 5].max()
+        active = out.codes[s].values[out.codes[s].values > 0]
+        assert float(logit) >= 0.5 * float(active.median())

@@ -6,8 +6,8 @@ an output ``dim`` and the ``stream`` label its features feed. :func:`load_encode
 
 from __future__ import annotations
 
-from ..config import EncodersConfig
 from ..checkpoint import pick_device
+from ..config import EncodersConfig
 from .base import EncoderError, FeatureEncoder, resolve_precision
 from .clip import ClipImageEncoder, ClipTextEncoder, OpenClip
 from .dino import DinoEncoder
