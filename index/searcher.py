@@ -103,7 +103,7 @@ class Searcher:
 
     def _dense_queries(self, code: SparseCode) -> np.ndarray:
         codec = self.model.codecs[self.stream]
-        decoded = self.model.decode(code.to(self.model.device), self.stream) - codec.b_dec
+        decoded = self.model.decode(code.to(self.model.device), self.stream, "normalized") - codec.b_dec
         return torch.nn.functional.normalize(decoded.float(), dim=1).detach().cpu().numpy()
 
     def search(
