@@ -96,6 +96,7 @@ class TrainConfig(_Strict):
     align_ramp: float = Field(0.3, ge=0, le=1)  # share of steps over which align_coef ramps up from 0
     dead_after: int = Field(10_000, ge=1)  # samples without firing before a latent counts as dead
     revive_after: int = Field(20_000, ge=1)  # samples dead before the encoder row is re-initialised
+    prune_unused: bool = True  # at the end, drop latents no stream fires on the training data (reported)
     block_size: int = Field(4096, ge=1)  # rows per contiguous block for block-shuffled reading
     shuffle_blocks: int = Field(8, ge=1)  # blocks mixed together in one shuffle window
     val_rows: int = Field(2048, ge=0)  # rows held out from the end of the data for validation

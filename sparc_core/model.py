@@ -358,6 +358,16 @@ class SparcModel(nn.Module):
             solo_l0=torch.stack(l0).mean(),
         )
 
+    @torch.no_grad()
+    def keep_latents(self, keep: Tensor) -> None:
+        """Shrink the dictionary to the latents ``keep`` ([m] ids, in their new order) in every stream."""
+        keep = keep.to(self.device)
+        for c in self.codecs.values():
+            c.W_enc = nn.Parameter(c.W_enc.data[keep].clone())
+            c.b_enc = nn.Parameter(c.b_enc.data[keep].clone())
+            c.W_dec = nn.Parameter(c.W_dec.data[keep].clone())
+        self.cfg = self.cfg.model_copy(update={"n_latents": int(len(keep)), "auxk": min(self.cfg.auxk, int(len(keep)))})
+
     # ---- decoder geometry -------------------------------------------------------------------------
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:

@@ -172,6 +172,7 @@ class Trainer:
         train_rows = np.arange(n - self.val_rows)
         self.batcher = BlockBatcher(train_rows, cfg.batch_size, cfg.block_size, cfg.shuffle_blocks, cfg.seed)
         self.start_step = 0
+        self.pruned: dict[str, int] | None = None  # requested and kept latents, once pruned
         self.dead_counters: dict[str, torch.Tensor] = {}
         if resume:
             self._resume()
@@ -191,6 +192,8 @@ class Trainer:
         ckpt = read_checkpoint_config(self.out)
         saved = ckpt.get("model") or {}
         for key, value in self.cfg.model.model_dump().items():  # every model setting must match
+            if key in ("n_latents", "auxk") and saved.get("n_latents", 0) < value and self.cfg.prune_unused:
+                continue  # the dictionary was pruned at the end of the run; it continues on what it kept
             if key in saved and saved[key] != value:
                 raise CheckpointError(
                     f"{self.out}: cannot resume, the checkpoint has {key}={saved[key]!r}, this run has {value!r}"
@@ -267,6 +270,45 @@ class Trainer:
                         self.opt.state[p][key][rows] = 0.0
             self.dead_counters[s][rows] = 0
         return len(rows)
+
+    @torch.no_grad()
+    def _prune(self, max_rows: int = 32_768) -> dict[str, int]:
+        """Drop the latents that no stream fires on (up to ``max_rows``) training rows, encoded alone.
+
+        A dictionary larger than the data's concepts leaves latents that never win a slot; they cost
+        memory and index width and say nothing. The model keeps the rest, in their order, and the
+        optimizer state and dead counters follow, so a resumed run continues on the kept dictionary.
+        """
+        n = len(self.batcher.rows)
+        rows = self.batcher.rows[np.linspace(0, n - 1, min(n, max_rows)).astype(np.int64)]
+        fired = torch.zeros(self.model.n_latents, dtype=torch.bool, device=self.device)
+        self.model.eval()
+        for start in range(0, len(rows), 4096):
+            feats = self.data.read(rows[start : start + 4096])
+            for s, x in feats.items():
+                code = self.model.encode({s: torch.from_numpy(x).to(self.device)})
+                fired[code.indices[code.active]] = True
+        self.model.train()
+        fired = self.dist.all_reduce_or(fired)
+        requested = self.model.n_latents
+        keep = fired.nonzero().flatten()
+        if len(keep) in (0, requested) or len(keep) < self.model.k:
+            return {"requested": requested, "kept": requested}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        state = {names[id(p)]: st for p, st in self.opt.state.items()}
+        self.model.keep_latents(keep)
+        lr = self.opt.param_groups[0]["lr"]
+        self.opt = make_optimizer(self.model, lr)
+        for name, p in self.model.named_parameters():
+            old = state.get(name)
+            if old is None:
+                continue
+            sliced = p.shape[0] == len(keep) and name.rsplit(".", 1)[-1] in ("W_enc", "b_enc", "W_dec")
+            self.opt.state[p] = {
+                key: (val[keep] if sliced and key != "step" else val) for key, val in old.items()
+            }
+        self.dead_counters = {s: c[keep] for s, c in self.dead_counters.items()}
+        return {"requested": requested, "kept": int(len(keep))}
 
     def _validate(self) -> dict[str, Any]:
         if self.val_rows == 0:
@@ -365,8 +407,14 @@ class Trainer:
                     if report:
                         last_val = report["summary"] | {"streams": report["streams"]}
                         self._log({"kind": "val", "step": done, **last_val})
+                if done == cfg.steps and cfg.prune_unused and self.model.n_latents > self.model.k:
+                    self.pruned = self._prune()
+                    self._log({"kind": "prune", "step": done, **self.pruned})
+                    if self.dist.is_main and self.pruned["kept"] < self.pruned["requested"]:
+                        kept, req = self.pruned["kept"], self.pruned["requested"]
+                        tqdm.write(f"dictionary: {kept} of {req} latents fire on the training data; {req - kept} unused latents dropped")
                 if done % cfg.save_every == 0 or done == cfg.steps:
-                    self._save(done, {"step": done, "val": last_val})
+                    self._save(done, {"step": done, "val": last_val, "dictionary": self.pruned})
                     self.dist.barrier()
                 bar.update(1)
                 if not math.isfinite(float(loss)):

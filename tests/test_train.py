@@ -236,3 +236,24 @@ def test_revival_keeps_stream_private_latents_and_gives_revived_ones_a_real_scal
         logit = model.logits(s, batch[s])[:, 5].max()
         active = out.codes[s].values[out.codes[s].values > 0]
         assert float(logit) >= 0.5 * float(active.median())
+
+
+def test_unused_latents_are_pruned_at_the_end_and_the_run_resumes_on_the_kept_dictionary(synth_dir, tmp_path):
+    import numpy as np
+
+    from sparc_core.metrics import encode_alone
+
+    out = tmp_path / "big"
+    cfg = _cfg(synth_dir, out, steps=20, n_latents=2048, min_rel_activation=0.4)
+    train(cfg)
+    model = load_checkpoint(out)
+    record = json.loads((out / "metrics.json").read_text())["dictionary"]
+    assert record["requested"] == 2048 and record["kept"] == model.n_latents < 2048
+    # every kept latent fires on the training rows when some stream is encoded alone
+    feats = {s: np.load(p) for s, p in feature_paths(synth_dir).items()}
+    fired = torch.zeros(model.n_latents, dtype=torch.bool)
+    for code in encode_alone(model, feats).values():
+        fired[code.indices[code.active]] = True
+    assert bool(fired.all())
+    train(cfg.model_copy(update={"steps": 25}), resume=True)  # continues on the kept latents
+    assert load_checkpoint(out).n_latents <= model.n_latents
