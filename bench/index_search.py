@@ -1,11 +1,20 @@
-"""Index build and search benchmark on planted-concept data, against a raw-feature FAISS baseline.
+"""Index search: speed and quality side by side, every number measured in this run.
 
-For each gallery size: DINO-stream gallery features are synthesised from the checkpoint's training world
-(the demo's SynthConfig), a bundle is built from them (timed), and CLIP-text queries of the paired items
-search it through both paths. In the same run, the baseline a user would otherwise pick is measured:
-FAISS IndexFlatIP over the raw 768-d CLIP image features of the same gallery, queried with raw CLIP text.
+The gallery is the DINO stream of a planted-concept world whose codes are as dense as real ones
+(L0 >= 32 at n_latents 8192, k 64); queries are the CLIP-text rows of the first gallery items, so query i's
+true match is item i. For each path and setting the run measures, on distinct queries (no query is timed
+twice in a cell):
 
-    python bench/index_search.py --checkpoint runs/demo/sparc --sizes 10000,100000,1000000
+- recall@10 against brute force computed independently in numpy (dense matmul over the same stored codes
+  for the sparse path, over the same stored vectors for the dense path; FAISS Flat for the raw baseline),
+- R@1 / R@10 against the ground truth (the paired item),
+- latency per call and queries/s, variants alternating in rounds, medians reported.
+
+Baselines a user would pick: FAISS IndexFlatIP and IndexHNSWFlat over the raw 768-d CLIP image features
+(queried with raw CLIP text), and scipy's CSR sparse matrix product over the same SPARC codes.
+
+    python bench/index_search.py --train runs/bench-index      # once: trains the checkpoint on the bench world
+    python bench/index_search.py --checkpoint runs/bench-index --sizes 100000,1000000
 """
 
 from __future__ import annotations
@@ -18,189 +27,229 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import scipy.sparse as sp
 
 from index import Searcher, build_bundle
 from index.bundle import Bundle
 from sparc_core import SparseCode, load_checkpoint
-from sparc_core.demo import DEMO_SYNTH
-from sparc_core.synthetic import PlantedConcepts
+from sparc_core.synthetic import PlantedConcepts, preset, write_synthetic
 
-GALLERY, QUERY, BASELINE = "dino", "clip_txt", "clip_img"
+GALLERY, QUERY, RAW_GALLERY = "dino", "clip_txt", "clip_img"
+# Dense codes, as real CLIP/DINO features give: many concepts per sample, far more concepts than k.
+WORLD = preset("many", n_concepts=8000, concepts_per_sample=48.0, tower_correlation=0.5, n_train=60_000, n_eval=0, seed=5)
+N_QUERIES = 1024
 
 
-def synth_gallery(n: int, out: Path, chunk: int = 100_000) -> tuple[Path, Path, np.ndarray]:
-    """Paired gallery features written chunk by chunk to .npy memmaps; returns paths and the query rows."""
-    world = PlantedConcepts(DEMO_SYNTH)
-    dims = DEMO_SYNTH.streams
+def train_checkpoint(out: Path, steps: int) -> None:
+    """The bench checkpoint: n_latents 8192, k 64, shipped defaults otherwise, on WORLD."""
+    from sparc_core import TrainConfig, train
+
+    data = out.parent / (out.name + "-data")
+    if not (data / "synth.json").is_file():
+        write_synthetic(WORLD, data)
+    feats = {s: str(data / "train" / f"{s}.npy") for s in WORLD.streams}
+    train(TrainConfig(features=feats, out=str(out), n_latents=8192, k=64, steps=steps, eval_every=steps, save_every=steps))
+
+
+def synth_gallery(n: int, out: Path, chunk: int = 10_000) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Gallery DINO features (.npy memmap), raw CLIP image features, and the CLIP-text queries of items 0..N_QUERIES."""
+    world = PlantedConcepts(WORLD)
+    dims = WORLD.streams
     gal = np.lib.format.open_memmap(out / f"{GALLERY}.npy", mode="w+", dtype=np.float32, shape=(n, dims[GALLERY]))
-    base = np.lib.format.open_memmap(out / f"{BASELINE}.npy", mode="w+", dtype=np.float32, shape=(n, dims[BASELINE]))
-    queries = []
+    raw = np.empty((n, dims[RAW_GALLERY]), dtype=np.float32)
+    queries = None
     for i, a in enumerate(range(0, n, chunk)):
         b = min(n, a + chunk)
         feats, _ = world.sample(b - a, seed=1000 + i)
-        gal[a:b], base[a:b] = feats[GALLERY], feats[BASELINE]
+        gal[a:b], raw[a:b] = feats[GALLERY], feats[RAW_GALLERY]
         if a == 0:
-            queries = feats[QUERY][:1024]
+            queries = feats[QUERY][:N_QUERIES]
     gal.flush()
-    base.flush()
-    return out / f"{GALLERY}.npy", out / f"{BASELINE}.npy", np.asarray(queries)
+    return out / f"{GALLERY}.npy", raw, np.asarray(queries)
 
 
-def timed(fn, xq: np.ndarray, batch: int, max_queries: int, budget_s: float) -> dict[str, float]:
-    """Latency per call and queries/s for batches of ``batch`` queries."""
-    lat = []
-    t_start = time.perf_counter()
-    i = 0
-    while i < max_queries and time.perf_counter() - t_start < budget_s:
-        q = xq[(i % len(xq)) : (i % len(xq)) + batch]
-        if len(q) < batch:
-            q = xq[:batch]
-        t0 = time.perf_counter()
-        fn(q)
-        lat.append(time.perf_counter() - t0)
-        i += batch
-    lat_a = np.array(lat)
-    return {
-        "qps": batch * len(lat) / lat_a.sum(),
-        "p50_ms": 1e3 * np.percentile(lat_a, 50),
-        "p99_ms": 1e3 * np.percentile(lat_a, 99),
-    }
+def top10_numpy(scores_fn, n_items: int, nq: int, chunk: int) -> np.ndarray:
+    """Brute-force top-10 item rows per query, from score blocks over item chunks."""
+    best_s = np.full((nq, 10), -np.inf, dtype=np.float32)
+    best_i = np.zeros((nq, 10), dtype=np.int64)
+    for a in range(0, n_items, chunk):
+        s = scores_fn(a, min(n_items, a + chunk))
+        cand_s = np.concatenate([best_s, s], axis=1)
+        cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(a, a + s.shape[1]), s.shape)], axis=1)
+        top = np.argpartition(-cand_s, 9, axis=1)[:, :10]
+        best_s, best_i = np.take_along_axis(cand_s, top, 1), np.take_along_axis(cand_i, top, 1)
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    return np.take_along_axis(best_i, order, 1)
 
 
-def recall_at(ids_a: list[list], ids_b: list[list], k: int = 10) -> float:
-    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(ids_a, ids_b)]))
+def recall10(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f[:10].tolist()) & set(t[:10].tolist())) / 10 for f, t in zip(found, truth)]))
+
+
+def quality(found: np.ndarray) -> dict[str, float]:
+    """R@1 / R@10 against the ground truth: query i's paired item is row i."""
+    q = np.arange(len(found))[:, None]
+    return {"R@1": float((found[:, :1] == q).any(1).mean()), "R@10": float((found[:, :10] == q).any(1).mean())}
+
+
+def time_rounds(variants: dict, batches: dict[int, list], rounds: int) -> dict[tuple[str, int], float]:
+    """Median seconds per call of each (variant, batch size), variants alternating within each round."""
+    lat: dict[tuple[str, int], list[float]] = {}
+    for _ in range(rounds):
+        for bs, chunks in batches.items():
+            for name, fn in variants.items():
+                for q in chunks:  # distinct queries in every call
+                    t0 = time.perf_counter()
+                    fn(q)
+                    lat.setdefault((name, bs), []).append(time.perf_counter() - t0)
+    return {key: float(np.median(v)) for key, v in lat.items()}
 
 
 def run_size(n: int, args: argparse.Namespace, model, work: Path) -> list[dict]:
-    rows = []
-    gal_path, base_path, xq_raw = synth_gallery(n, work)
+    gal_path, raw, xq_raw = synth_gallery(n, work)
+    nq = len(xq_raw)
     t0 = time.perf_counter()
-    build_bundle(args.checkpoint, GALLERY, gal_path, work / "exact", progress=False, model=model)
+    build_bundle(args.checkpoint, GALLERY, gal_path, work / "b", progress=False, model=model)
     build_s = time.perf_counter() - t0
-    bundle = Bundle(work / "exact")
-    disk = sum(f.stat().st_size for f in bundle.vdir.iterdir())
-    mem = bundle.memory_bytes()
-    sparse_disk = disk - bundle.manifest.files.get("dense.faiss", 0)
-    searcher = Searcher(work / "exact", model=model)
-    code = searcher.encode(QUERY, xq_raw)  # queries are encoded once: the timings are of search itself
+    bundle = Bundle(work / "b")
+    searcher = Searcher(work / "b", model=model)
+    code = searcher.encode(QUERY, xq_raw)  # encoded once: the timings are of search itself
+    l0_items = float((np.asarray(bundle.codes_val) > 0).sum(1).mean())
 
-    def head(q: np.ndarray) -> SparseCode:
-        return SparseCode(code.indices[: len(q)], code.values[: len(q)], code.n_latents)
+    # Independent brute force over the stored codes: query unit codes (dense) @ item codes (dense, per chunk).
+    q_dense = code.to_dense().numpy()
+    q_dense /= np.linalg.norm(q_dense, axis=1, keepdims=True).clip(1e-12)
+    c_idx, c_val = np.asarray(bundle.codes_idx, dtype=np.int64), np.asarray(bundle.codes_val, dtype=np.float32)
 
-    def run(path: str, **kw):
-        return lambda q: searcher.search(head(q), top_k=10, path=path, **kw)
+    def sparse_scores(a: int, b: int) -> np.ndarray:
+        g = np.zeros((b - a, model.n_latents), dtype=np.float32)
+        np.put_along_axis(g, c_idx[a:b], c_val[a:b], axis=1)
+        return q_dense @ g.T
 
-    exact = {p: searcher.search(code, top_k=10, path=p).ids for p in ("sparse", "dense")}
-    budget = args.budget
-    for path in ("sparse", "dense"):
-        for batch in (1, 256):
-            t = timed(run(path), xq_raw, batch, 256 if batch == 1 else 1024, budget)
+    truth_sparse = top10_numpy(sparse_scores, n, nq, 8192)
+    # Dense path: the same vectors the FAISS index holds, searched by brute force in numpy.
+    xb = bundle.dense_index.reconstruct_n(0, n) if bundle.dense_index is not None else None
+    xq_dense = searcher._dense_queries(code)
+    truth_dense = top10_numpy(lambda a, b: xq_dense @ xb[a:b].T, n, nq, 65536)
+    # Raw CLIP baseline: exact IP over raw CLIP image features with raw CLIP text queries.
+    truth_raw = top10_numpy(lambda a, b: xq_raw @ raw[a:b].T, n, nq, 65536)
+
+    flat = faiss.IndexFlatIP(raw.shape[1])
+    t0 = time.perf_counter()
+    flat.add(raw)
+    flat_build = time.perf_counter() - t0
+    hnsw = faiss.IndexHNSWFlat(raw.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = 80
+    t0 = time.perf_counter()
+    hnsw.add(raw)
+    hnsw_build = time.perf_counter() - t0
+    # scipy CSR over the same stored codes.
+    t0 = time.perf_counter()
+    csr = sp.csr_matrix((c_val.ravel(), c_idx.ravel(), np.arange(0, n * c_idx.shape[1] + 1, c_idx.shape[1])), shape=(n, model.n_latents))
+    csr_t = csr.T.tocsr()
+    csr_build = time.perf_counter() - t0
+
+    def code_rows(q: np.ndarray) -> SparseCode:
+        return SparseCode(code.indices[q], code.values[q], code.n_latents)
+
+    def scipy_search(q: np.ndarray) -> np.ndarray:
+        s = (sp.csr_matrix(q_dense[q]) @ csr_t).toarray()
+        top = np.argpartition(-s, 9, axis=1)[:, :10]
+        return np.take_along_axis(top, np.argsort(-np.take_along_axis(s, top, 1), 1), 1)
+
+    def hnsw_search(ef: int):
+        def fn(q: np.ndarray) -> np.ndarray:
+            hnsw.hnsw.efSearch = ef
+            return hnsw.search(xq_raw[q], 10)[1]
+
+        return fn
+
+    def ids_of(res) -> np.ndarray:
+        return np.array([[int(i) for i in row] + [-1] * (10 - len(row)) for row in res.ids])
+
+    variants = {
+        "sparc sparse (postings)": lambda q: searcher.search(code_rows(q), top_k=10, path="sparse"),
+        "sparc dense (FAISS Flat, cross-decoded)": lambda q: searcher.search(code_rows(q), top_k=10, path="dense"),
+        "scipy CSR over the same codes": scipy_search,
+        "FAISS Flat raw CLIP 768-d": lambda q: flat.search(xq_raw[q], 10)[1],
+        "FAISS HNSW32 ef64 raw CLIP": hnsw_search(64),
+        "FAISS HNSW32 ef256 raw CLIP": hnsw_search(256),
+    }
+    # Quality: every query once, per variant.
+    everyone = np.arange(nq)
+    found = {}
+    for name, fn in variants.items():
+        out = fn(everyone)
+        found[name] = ids_of(out) if hasattr(out, "ids") else np.asarray(out)
+    reference = {
+        "sparc sparse (postings)": truth_sparse,
+        "sparc dense (FAISS Flat, cross-decoded)": truth_dense,
+        "scipy CSR over the same codes": truth_sparse,
+    }
+    # Speed: batch 1 over 64 distinct queries and batch 256 over 4 distinct batches, in alternating rounds.
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(nq)
+    batches = {1: [perm[i : i + 1] for i in range(64)], 256: [perm[i : i + 256] for i in range(0, nq, 256)]}
+    secs = time_rounds(variants, batches, args.rounds)
+    builds = {
+        "sparc sparse (postings)": build_s,
+        "sparc dense (FAISS Flat, cross-decoded)": build_s,
+        "scipy CSR over the same codes": csr_build,
+        "FAISS Flat raw CLIP 768-d": flat_build,
+        "FAISS HNSW32 ef64 raw CLIP": hnsw_build,
+        "FAISS HNSW32 ef256 raw CLIP": hnsw_build,
+    }
+    rows = []
+    for name in variants:
+        ref = reference.get(name, truth_raw)
+        q = quality(found[name])
+        for bs in batches:
             rows.append(
                 {
                     "n": n,
-                    "method": f"sparc {path} exact",
-                    "batch": batch,
-                    **t,
-                    "recall@10": 1.0,
-                    "mem_B/item": mem[path] / n,
-                    "disk_B/item": (sparse_disk if path == "sparse" else disk - sparse_disk + 8 * n) / n,
-                    "build_s": build_s,
-                    "build_items/s": n / build_s,
+                    "method": name,
+                    "batch": bs,
+                    "qps": bs / secs[(name, bs)],
+                    "p50_ms": 1e3 * secs[(name, bs)],
+                    "recall@10 vs brute force": recall10(found[name], ref),
+                    "R@1": q["R@1"],
+                    "R@10": q["R@10"],
+                    "build_s": builds[name],
+                    "L0 items": l0_items,
                 }
             )
-    # Approximate dense setting against exact dense.
-    if n >= 100_000 and args.ivf:
-        nlist = int(4 * np.sqrt(n))
-        t0 = time.perf_counter()
-        build_bundle(
-            args.checkpoint, GALLERY, gal_path, work / "ivf", faiss_factory=f"IVF{nlist},Flat", progress=False, model=model
-        )
-        ivf_build = time.perf_counter() - t0
-        ivf = Searcher(work / "ivf", model=model)
-        for nprobe in (8, 32):
-            approx = ivf.search(code, top_k=10, path="dense", nprobe=nprobe).ids
-            fn = lambda q, nprobe=nprobe: ivf.search(head(q), top_k=10, path="dense", nprobe=nprobe)  # noqa: E731
-            for batch in (1, 256):
-                t = timed(fn, xq_raw, batch, 256 if batch == 1 else 1024, budget)
-                rows.append(
-                    {
-                        "n": n,
-                        "method": f"sparc dense IVF{nlist} nprobe={nprobe}",
-                        "batch": batch,
-                        **t,
-                        "recall@10": recall_at(approx, exact["dense"]),
-                        "mem_B/item": np.nan,
-                        "disk_B/item": np.nan,
-                        "build_s": ivf_build,
-                        "build_items/s": n / ivf_build,
-                    }
-                )
-    # Baseline: exact inner product over the raw CLIP image features, queried with raw CLIP text.
-    xb = np.load(base_path, mmap_mode="r")
-    t0 = time.perf_counter()
-    flat = faiss.IndexFlatIP(xb.shape[1])
-    for a in range(0, n, 200_000):
-        flat.add(np.ascontiguousarray(xb[a : a + 200_000]))
-    base_build = time.perf_counter() - t0
-    for batch in (1, 256):
-        t = timed(lambda q: flat.search(np.ascontiguousarray(q), 10), xq_raw, batch, 64 if batch == 1 else 512, budget)
-        rows.append(
-            {
-                "n": n,
-                "method": "baseline FAISS Flat raw CLIP 768-d",
-                "batch": batch,
-                **t,
-                "recall@10": 1.0,
-                "mem_B/item": 4 * xb.shape[1] + 8,
-                "disk_B/item": 4 * xb.shape[1] + 8,
-                "build_s": base_build,
-                "build_items/s": n / base_build,
-            }
-        )
-    base_qps = {r["batch"]: r["qps"] for r in rows if r["method"].startswith("baseline")}
+    flat_qps = {r["batch"]: r["qps"] for r in rows if r["method"] == "FAISS Flat raw CLIP 768-d"}
     for r in rows:
-        r["x_baseline_qps"] = r["qps"] / base_qps[r["batch"]]
+        r["x FAISS Flat qps"] = r["qps"] / flat_qps[r["batch"]]
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="runs/demo/sparc", help="a checkpoint trained on the demo's synthetic data")
-    p.add_argument("--sizes", default="10000,100000,1000000")
-    p.add_argument("--budget", type=float, default=10.0, help="seconds per timing cell at most")
-    p.add_argument("--no-ivf", dest="ivf", action="store_false")
+    p.add_argument("--checkpoint", default="runs/bench-index", help="a checkpoint trained by --train")
+    p.add_argument("--train", metavar="DIR", help="train the bench checkpoint into DIR and exit")
+    p.add_argument("--steps", type=int, default=600, help="training steps for --train")
+    p.add_argument("--sizes", default="100000")
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds (variants alternate within each)")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed after)")
     args = p.parse_args()
+    if args.train:
+        train_checkpoint(Path(args.train), args.steps)
+        return
     model = load_checkpoint(args.checkpoint)
     print(
         f"checkpoint {args.checkpoint}: n_latents {model.n_latents}, k {model.k}; faiss {faiss.__version__}; "
-        f"threads {faiss.omp_get_max_threads()}"
+        f"threads {faiss.omp_get_max_threads()}; {N_QUERIES} distinct queries; medians of {args.rounds} rounds"
     )
-    header = [
-        "n",
-        "method",
-        "batch",
-        "qps",
-        "x_baseline_qps",
-        "p50_ms",
-        "p99_ms",
-        "recall@10",
-        "mem_B/item",
-        "disk_B/item",
-        "build_s",
-        "build_items/s",
-    ]
-    print(" | ".join(header))
-    print(" | ".join("---" for _ in header))
+    header = ["n", "method", "batch", "qps", "x FAISS Flat qps", "p50_ms", "recall@10 vs brute force", "R@1", "R@10", "build_s", "L0 items"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
     for n in (int(x) for x in args.sizes.split(",")):
         work = Path(tempfile.mkdtemp(prefix=f"sparc-bench-{n}-", dir=args.workdir))
         try:
             for r in run_size(n, args, model, work):
-                cells = []
-                for h in header:
-                    v = r[h]
-                    cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
-                print(" | ".join(cells), flush=True)
+                cells = [f"{r[h]:.3g}" if isinstance(r[h], float) else str(r[h]) for h in header]
+                print("| " + " | ".join(cells) + " |", flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -25,7 +25,7 @@ PAPER = {
     "min_rel_activation": 0.0,
     "align_coef": 0.0,
     "solo_select_prob": 0.0,
-    "calibrate": False,
+    "prune_unused": False,
     "revive_after": 10**12,  # AuxK only, as in the paper: no re-initialisation
 }
 # The Local-TopK baseline (each stream picks its own latents, no cross-reconstruction).
@@ -65,6 +65,7 @@ def measure(model: Any, data: dict[str, Any], gallery: int = 2000) -> dict[str, 
         "dead": {s: v["dead_fraction"] for s, v in report["streams"].items()},
         "l0": report["summary"]["mean_l0"],
         "nmse_self": report["summary"]["mean_nmse_self"],
+        "nmse_self_shared": report["summary"]["mean_nmse_self_shared"],
         "nmse_cross": report["summary"]["mean_nmse_cross"],
     }
     for target in IMAGE_STREAMS:
@@ -102,8 +103,10 @@ def run(
     )
     cfg = cfg.model_copy(update={"save_every": cfg.steps})
     t0 = time.perf_counter()
-    train(cfg, overwrite=True)
+    train(cfg)
     seconds = time.perf_counter() - t0
-    row = measure(load_checkpoint(cfg.out), data)
+    model = load_checkpoint(cfg.out)
+    row = measure(model, data)
     row["train_s"] = seconds
+    row["n_latents"] = {"requested": cfg.model.n_latents, "kept": model.n_latents}
     return row

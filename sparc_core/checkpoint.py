@@ -153,7 +153,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify
     d = Path(path)
     cfg = read_checkpoint_config(d)
     try:
-        model_cfg = SparcConfig.model_validate(cfg.get("model"))
+        saved = cfg.get("model")
+        if isinstance(saved, dict) and "private_latents" not in saved:
+            saved = saved | {"private_latents": 0}  # saved before the private dictionary existed
+        model_cfg = SparcConfig.model_validate(saved)
     except ValidationError as e:
         raise CheckpointError(f"{d / CONFIG}: invalid model config: {e.errors()[0]['msg']}") from None
     weights = d / WEIGHTS

@@ -36,8 +36,10 @@ class ModelSettings(_Strict):
     topk: Literal["global", "local"] = "global"  # shared selection (SPARC) or per-stream (baseline)
     auxk: int = Field(256, ge=0)  # dead latents used by the AuxK loss per stream; 0 disables it
     input_norm: Literal["l2", "scale", "none"] = "scale"  # per-stream input normalisation
-    min_rel_activation: float = Field(0.15, ge=0, lt=1)  # drop activations below this x the row's max
+    min_rel_activation: float = Field(0.35, ge=0, lt=1)  # drop activations below this x the row's max
     sparse_kernels: bool = True  # O(k*d) gather decoding; False uses dense matmuls (reference)
+    private_latents: int = Field(256, ge=0)  # per-stream residual dictionary, never in the shared code; 0: none
+    private_k: int = Field(16, ge=1)  # active private latents per sample and stream
 
     @model_validator(mode="before")
     @classmethod
@@ -53,6 +55,8 @@ class ModelSettings(_Strict):
     def _check_k(self) -> ModelSettings:
         if self.k > self.n_latents:
             raise ValueError(f"k={self.k} is larger than n_latents={self.n_latents}")
+        if self.private_latents and self.private_k > self.private_latents:
+            raise ValueError(f"private_k={self.private_k} is larger than private_latents={self.private_latents}")
         return self
 
 
@@ -96,7 +100,8 @@ class TrainConfig(_Strict):
     align_ramp: float = Field(0.3, ge=0, le=1)  # share of steps over which align_coef ramps up from 0
     dead_after: int = Field(10_000, ge=1)  # samples without firing before a latent counts as dead
     revive_after: int = Field(20_000, ge=1)  # samples dead before the encoder row is re-initialised
-    prune_unused: bool = True  # at the end, drop latents no stream fires on the training data (reported)
+    prune_unused: bool = True  # at the end, drop latents that (almost) never fire on the training data (reported)
+    prune_below: float = Field(0.05, ge=0, lt=1)  # ... firing in every stream less than this x the mean latent's rate
     block_size: int = Field(4096, ge=1)  # rows per contiguous block for block-shuffled reading
     shuffle_blocks: int = Field(8, ge=1)  # blocks mixed together in one shuffle window
     val_rows: int = Field(2048, ge=0)  # rows held out from the end of the data for validation

@@ -1,4 +1,4 @@
-"""The embedded default job: planted-concept data -> SPARC and a Local-TopK baseline -> one report."""
+"""The embedded default job: planted-concept data -> SPARC defaults, the paper's recipe, Local TopK -> one report."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .alignment import LOCAL, PAPER
 from .checkpoint import CheckpointError, atomic_write_json, read_checkpoint_config
 from .config import SynthConfig, TrainConfig
 from .metrics import evaluate
@@ -14,7 +15,13 @@ from .report import format_report
 
 DEMO_SYNTH = SynthConfig(n_train=30_000, n_eval=5_000)
 DEMO_MODEL = {"n_latents": 384, "k": 32, "steps": 2000, "batch_size": 256}
-BASELINE = {"topk": "local", "cross_coef": 0.0, "align_coef": 0.0, "solo_select_prob": 0.0, "min_rel_activation": 0.0}
+# Three columns: the shipped defaults, the paper's recipe (Global TopK + cross-reconstruction only), and
+# Local TopK without cross-reconstruction, so the gain of every addition is visible.
+RUNS = {
+    "SPARC defaults": ("sparc", {}),
+    "paper recipe (global, lambda=1)": ("paper", PAPER),
+    "Local TopK (lambda=0)": ("baseline", LOCAL),
+}
 
 
 def _trained(out: Path, steps: int) -> bool:
@@ -27,7 +34,13 @@ def _trained(out: Path, steps: int) -> bool:
 def demo_paths(out: str | Path) -> dict[str, Path]:
     """Where the demo keeps its data, checkpoints and report."""
     root = Path(out)
-    return {"data": root / "data", "sparc": root / "sparc", "baseline": root / "baseline", "report": root / "report.json"}
+    return {
+        "data": root / "data",
+        "sparc": root / "sparc",
+        "paper": root / "paper",
+        "baseline": root / "baseline",
+        "report": root / "report.json",
+    }
 
 
 def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: bool = True) -> dict[str, Any]:
@@ -39,19 +52,19 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: 
     paths = demo_paths(out)
     streams = list(DEMO_SYNTH.streams)
     if not (paths["data"] / "synth.json").is_file():
-        print(f"[1/4] synthesising planted-concept data -> {paths['data']}")
+        print(f"[1/5] synthesising planted-concept data -> {paths['data']}")
         write_synthetic(DEMO_SYNTH, paths["data"])
     else:
-        print(f"[1/4] reusing data in {paths['data']}")
+        print(f"[1/5] reusing data in {paths['data']}")
     train_feats = {s: str(paths["data"] / "train" / f"{s}.npy") for s in streams}
     labels = str(paths["data"] / "train" / "labels.npy")
     n_steps = steps or DEMO_MODEL["steps"]
-    runs = {"SPARC (global, lambda=1)": ("sparc", {}), "baseline (local, lambda=0)": ("baseline", BASELINE)}
+    runs = RUNS
     for i, (title, (key, extra)) in enumerate(runs.items(), start=2):
         if _trained(paths[key], n_steps):
-            print(f"[{i}/4] reusing trained {title} in {paths[key]}")
+            print(f"[{i}/5] reusing trained {title} in {paths[key]}")
             continue
-        print(f"[{i}/4] training {title} for {n_steps} steps on CPU -> {paths[key]}")
+        print(f"[{i}/5] training {title} for {n_steps} steps on CPU -> {paths[key]}")
         cfg = TrainConfig(
             features=train_feats,
             labels=labels,
@@ -60,7 +73,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: 
             **(DEMO_MODEL | {"steps": n_steps, "eval_every": max(1, n_steps // 5), "save_every": n_steps} | extra),
         )
         train(cfg)
-    print("[4/4] evaluating on held-out data, each stream encoded alone")
+    print("[5/5] evaluating on held-out data, each stream encoded alone")
     eval_feats = {s: np.load(paths["data"] / "eval" / f"{s}.npy") for s in streams}
     eval_labels = np.load(paths["data"] / "eval" / "labels.npy")
     reports = {}

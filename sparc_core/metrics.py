@@ -153,11 +153,19 @@ def evaluate(
                 joint_nmse[s].append(err)
 
     for s in streams:
-        recon = cross_decoded(model, codes[s], s) + model.codecs[s].b_dec.cpu()
         x = normed[s]
-        nmse = ((recon - x).pow(2).sum(1) / x.pow(2).sum(1).clamp_min(1e-8)).mean()
+        shared = cross_decoded(model, codes[s], s) + model.codecs[s].b_dec.cpu()
+        full = torch.cat(
+            [
+                model.reconstruct(s, torch.tensor(np.asarray(features[s][sl]), device=model.device), "normalized").cpu()
+                for sl in _batches(n, 2048)
+            ]
+        )
+        nmse = ((full - x).pow(2).sum(1) / x.pow(2).sum(1).clamp_min(1e-8)).mean()
+        nmse_shared = ((shared - x).pow(2).sum(1) / x.pow(2).sum(1).clamp_min(1e-8)).mean()
         report["streams"][s] = {
-            "nmse_self": float(nmse),
+            "nmse_self": float(nmse),  # the model's reconstruction: shared code + the stream's private dictionary
+            "nmse_self_shared": float(nmse_shared),  # the shared code alone
             "nmse_self_joint": float(torch.cat(joint_nmse[s]).mean()) if joint_nmse[s] else None,
             "l0": float(codes[s].l0().float().mean()),
             "dead_fraction": dead_fraction(codes[s]),
@@ -188,6 +196,7 @@ def evaluate(
         "mean_jaccard": float(np.mean([p["jaccard"] for p in pairs])) if pairs else None,
         "max_dead_fraction": max(v["dead_fraction"] for v in per_stream),
         "mean_nmse_self": float(np.mean([v["nmse_self"] for v in per_stream])),
+        "mean_nmse_self_shared": float(np.mean([v["nmse_self_shared"] for v in per_stream])),
         "mean_nmse_cross": float(np.mean([p["nmse_cross"] for p in pairs])) if pairs else None,
         "mean_R@1_latent": float(np.mean([p["retrieval_latent"]["R@1"] for p in pairs])) if pairs else None,
         "mean_R@1_xrecon": float(np.mean([p["retrieval_xrecon"]["R@1"] for p in pairs])) if pairs else None,

@@ -81,9 +81,10 @@ class SparcOutput(NamedTuple):
 
 
 class StreamCodec(nn.Module):
-    """One stream's affine encoder and decoder (sparsify's names: W_enc, b_enc, W_dec, b_dec)."""
+    """One stream's affine encoder and decoder (sparsify's names: W_enc, b_enc, W_dec, b_dec), and its
+    private residual dictionary (W_enc_p, b_enc_p, W_dec_p), which is never part of the shared code."""
 
-    def __init__(self, d_in: int, n_latents: int, generator: torch.Generator | None = None) -> None:
+    def __init__(self, d_in: int, n_latents: int, generator: torch.Generator | None = None, n_private: int = 0) -> None:
         super().__init__()
         bound = 1.0 / math.sqrt(d_in)
         W = torch.empty(n_latents, d_in).uniform_(-bound, bound, generator=generator)
@@ -93,6 +94,11 @@ class StreamCodec(nn.Module):
         self.W_dec = nn.Parameter(W / W.norm(dim=1, keepdim=True).clamp_min(1e-8))
         self.b_dec = nn.Parameter(torch.zeros(d_in))  # b_pre: subtracted before encoding, added after decoding
         self.register_buffer("input_scale", torch.ones(()))  # per-stream input normalisation (mode "scale")
+        if n_private:
+            P = torch.empty(n_private, d_in).uniform_(-bound, bound, generator=generator)
+            self.W_enc_p = nn.Parameter(P.clone())
+            self.b_enc_p = nn.Parameter(torch.zeros(n_private))
+            self.W_dec_p = nn.Parameter(P / P.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
 
 class SparcModel(nn.Module):
@@ -102,7 +108,9 @@ class SparcModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         g = torch.Generator().manual_seed(seed)
-        self.codecs = nn.ModuleDict({s: StreamCodec(d, cfg.n_latents, g) for s, d in cfg.streams.items()})
+        self.codecs = nn.ModuleDict(
+            {s: StreamCodec(d, cfg.n_latents, g, cfg.private_latents) for s, d in cfg.streams.items()}
+        )
 
     # ---- shape ------------------------------------------------------------------------------------
     @property
@@ -232,6 +240,27 @@ class SparcModel(nn.Module):
             out = out / c.input_scale
         return out
 
+    def private_recon(self, stream: str, x_centered: Tensor) -> Tensor:
+        """The stream's private residual reconstruction of centred normalised input (zeros without one)."""
+        c = self.codecs[stream]
+        if not self.cfg.private_latents:
+            return torch.zeros_like(x_centered)
+        h = F.linear(x_centered, c.W_enc_p, c.b_enc_p)
+        top = h.topk(self.cfg.private_k, dim=1, sorted=False)
+        z = torch.zeros_like(h).scatter(1, top.indices, top.values.relu())
+        return z @ c.W_dec_p
+
+    @torch.no_grad()
+    def reconstruct(self, stream: str, x: Tensor, space: str = "input") -> Tensor:
+        """The model's reconstruction of one stream's rows from themselves: the shared code plus the
+        stream's private residual dictionary. [n, d_stream], in ``space`` as ``decode``."""
+        self._check_inputs({stream: x})
+        code = self.encode({stream: x})
+        out = self.decode(code, stream, "normalized") + self.private_recon(stream, self._centered(stream, x))
+        if space == "input" and self.cfg.input_norm == "scale":
+            out = out / self.codecs[stream].input_scale
+        return out
+
     # ---- training ---------------------------------------------------------------------------------
     def _gather(self, stream: str, h: Tensor, x: Tensor, idx: Tensor) -> Tensor:
         c = self.codecs[stream]
@@ -314,6 +343,8 @@ class SparcModel(nn.Module):
                 outs = [dense_decode(i, v, c.W_dec) for i, v in parts]
             for s, o in zip(sources, outs):
                 recon[(s, t)] = o + c.b_dec
+            if self.cfg.private_latents:  # the private dictionary adds to self-reconstruction only
+                recon[(t, t)] = recon[(t, t)] + self.private_recon(t, xs[t] - c.b_dec)
             if compact:
                 aux_hat[t] = compact_decode(*aux_pos[t], aux_vals[t], c.W_dec)
             elif t in aux_idx:
@@ -373,13 +404,18 @@ class SparcModel(nn.Module):
     def set_decoder_norm_to_unit_norm(self) -> None:
         """Renormalise every decoder row (latent direction) to unit L2 norm."""
         for c in self.codecs.values():
-            c.W_dec.div_(c.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+            for W in self._decoders(c):
+                W.div_(W.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder_directions(self) -> None:
         """Project out of W_dec's gradient the component along each (unit) decoder row."""
         for c in self.codecs.values():
-            if c.W_dec.grad is None:
-                continue
-            parallel = torch.einsum("nd,nd->n", c.W_dec.grad, c.W_dec).unsqueeze(1)  # einsum: ~3x vecdot on CPU
-            c.W_dec.grad.addcmul_(parallel, c.W_dec, value=-1.0)
+            for W in self._decoders(c):
+                if W.grad is None:
+                    continue
+                parallel = torch.einsum("nd,nd->n", W.grad, W).unsqueeze(1)  # einsum: ~3x vecdot on CPU
+                W.grad.addcmul_(parallel, W, value=-1.0)
+
+    def _decoders(self, c: StreamCodec) -> list[nn.Parameter]:
+        return [c.W_dec, c.W_dec_p] if self.cfg.private_latents else [c.W_dec]

@@ -10,6 +10,7 @@ ROWS = [
     ("max_dead_fraction", "dead latents, worst stream", "{:.2%}"),
     ("mean_l0", "active latents per sample (L0)", "{:.1f}"),
     ("mean_nmse_self", "self-reconstruction nMSE", "{:.4f}"),
+    ("mean_nmse_self_shared", "self nMSE, shared code alone", "{:.4f}"),
     ("mean_nmse_cross", "cross-reconstruction nMSE", "{:.4f}"),
     ("mean_R@1_latent", "cross-stream R@1, latent cosine", "{:.3f}"),
     ("mean_R@1_xrecon", "cross-stream R@1, cross-decoded", "{:.3f}"),

@@ -233,8 +233,9 @@ class Trainer:
         A latent alive in some stream only carries a concept only that stream sees (DINO sees texture
         CLIP misses): it is kept. A revived latent gets, in every stream, the residual direction of the
         same (paired) sample, so it is born meaning the same thing everywhere; its encoder row is scaled
-        so that this sample's logit equals the median active value of the batch's codes, a value that
-        survives the activation floor and competes for a slot without taking over.
+        so that this sample's logit sits at the batch's selection threshold (the mean k-th largest logit,
+        before the activation floor), so it competes for a slot without taking over: thousands of
+        latents revived at once at full activation would swamp every reconstruction.
         """
         long_dead = torch.ones(self.model.n_latents, dtype=torch.bool, device=self.device)
         for s in self.model.streams:
@@ -247,8 +248,8 @@ class Trainer:
         for s in self.model.streams:
             x = self.model.normalize(s, batch[s])
             residual[s] = (x - self.model.decode(out.codes[s], s, "normalized")).float().cpu()
-            active = out.codes[s].values[out.codes[s].values > 0]
-            target[s] = float(active.median()) if len(active) else 1.0
+            kth = self.model.logits(s, batch[s]).topk(self.model.k, dim=1).values[:, -1]
+            target[s] = float(kth.mean().clamp_min(1e-3))
         energy = torch.nan_to_num(sum(r.pow(2).sum(1) for r in residual.values()), 0.0, 0.0, 0.0) + 1e-12
         pick = torch.multinomial(energy, len(rows), replacement=True, generator=g)
         for s in self.model.streams:
@@ -273,25 +274,29 @@ class Trainer:
 
     @torch.no_grad()
     def _prune(self, max_rows: int = 32_768) -> dict[str, int]:
-        """Drop the latents that no stream fires on (up to ``max_rows``) training rows, encoded alone.
+        """Drop the latents that (almost) never fire on up to ``max_rows`` training rows, each stream encoded alone.
 
-        A dictionary larger than the data's concepts leaves latents that never win a slot; they cost
-        memory and index width and say nothing. The model keeps the rest, in their order, and the
-        optimizer state and dead counters follow, so a resumed run continues on the kept dictionary.
+        A dictionary larger than the data's concepts leaves latents that never win a slot, or win one
+        on a handful of rows: they cost memory and index width and say nothing. A latent is kept when,
+        in its best stream, it fires at least ``prune_below`` x as often as the mean latent does there (a
+        concept only one stream sees keeps its latent). The model keeps the rest, in their order, and
+        the optimizer state and dead counters follow, so a resumed run continues on the kept dictionary.
         """
         n = len(self.batcher.rows)
         rows = self.batcher.rows[np.linspace(0, n - 1, min(n, max_rows)).astype(np.int64)]
-        fired = torch.zeros(self.model.n_latents, dtype=torch.bool, device=self.device)
+        fires = torch.zeros(len(self.model.streams), self.model.n_latents, dtype=torch.long, device=self.device)
         self.model.eval()
         for start in range(0, len(rows), 4096):
             feats = self.data.read(rows[start : start + 4096])
-            for s, x in feats.items():
-                code = self.model.encode({s: torch.from_numpy(x).to(self.device)})
-                fired[code.indices[code.active]] = True
+            for i, s in enumerate(self.model.streams):
+                code = self.model.encode({s: torch.from_numpy(feats[s]).to(self.device)})
+                fires[i] += torch.bincount(code.indices[code.active], minlength=self.model.n_latents)
         self.model.train()
-        fired = self.dist.all_reduce_or(fired)
+        if self.dist.enabled:
+            dist.all_reduce(fires)
+        rate = fires.float() / fires.sum(1, keepdim=True).clamp_min(1) * self.model.n_latents  # 1 = the mean latent
         requested = self.model.n_latents
-        keep = fired.nonzero().flatten()
+        keep = ((rate >= self.cfg.prune_below) & (fires > 0)).any(0).nonzero().flatten()
         if len(keep) in (0, requested) or len(keep) < self.model.k:
             return {"requested": requested, "kept": requested}
         names = {id(p): n for n, p in self.model.named_parameters()}

@@ -1,4 +1,4 @@
-"""The main job end to end: `sparc demo` (with few steps) writes data, two checkpoints and a report."""
+"""The main job end to end: `sparc demo` (with few steps) writes data, three checkpoints and a report."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ def test_demo_runs_end_to_end_and_reuses_its_artefacts(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "30", "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "per-sample Jaccard, streams encoded alone" in text and "baseline (local, lambda=0)" in text
+    assert "per-sample Jaccard, streams encoded alone" in text and "paper recipe (global, lambda=1)" in text
     report = json.loads((out / "report.json").read_text())
-    assert set(report) == {"SPARC (global, lambda=1)", "baseline (local, lambda=0)"}
+    assert set(report) == {"SPARC defaults", "paper recipe (global, lambda=1)", "Local TopK (lambda=0)"}
     for r in report.values():
         assert r["n_samples"] == 5000 and r["gallery"] == 2000
         assert set(r["pairs"]) == {
             f"{a}->{b}" for a in ("dino", "clip_img", "clip_txt") for b in ("dino", "clip_img", "clip_txt") if a != b
         }
-    sparc, base = report["SPARC (global, lambda=1)"]["summary"], report["baseline (local, lambda=0)"]["summary"]
+    sparc, base = report["SPARC defaults"]["summary"], report["Local TopK (lambda=0)"]["summary"]
     assert sparc["mean_R@1_latent"] > base["mean_R@1_latent"]  # even 30 steps align the streams
     assert (out / "sparc" / "training_curves.png").is_file()
     # A second run reuses data and checkpoints instead of training again.
     assert main(["demo", "--out", str(out), "--steps", "30", "--quiet"]) == 0
-    assert "reusing trained SPARC" in capsys.readouterr().out
+    assert "reusing trained SPARC defaults" in capsys.readouterr().out
