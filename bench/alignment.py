@@ -37,8 +37,9 @@ WORLDS = [
 CONFIGS = {"defaults": {}, "paper": PAPER, "local": LOCAL}
 ABLATION_WORLD = "groups-6x"
 ABLATIONS = {  # the defaults less one addition
-    "no floor (rho 0)": {"min_rel_activation": 0.0},
-    "old floor (rho 0.15)": {"min_rel_activation": 0.15},
+    "no calibration (floor 0.2)": {"calibrate_rounds": 0},
+    "no floor, no calibration": {"min_rel_activation": 0.0, "calibrate_rounds": 0},
+    "no private dictionary": {"private_latents": 0},
     "no alignment loss": {"align_coef": 0.0},
     "no one-stream selection": {"solo_select_prob": 0.0},
     "no pruning": {"prune_unused": False},

@@ -32,7 +32,7 @@ import scipy.sparse as sp
 from index import Searcher, build_bundle
 from index.bundle import Bundle
 from sparc_core import SparseCode, load_checkpoint
-from sparc_core.synthetic import PlantedConcepts, preset, write_synthetic
+from sparc_core.synthetic import PlantedConcepts, preset
 
 GALLERY, QUERY, RAW_GALLERY = "dino", "clip_txt", "clip_img"
 # Dense codes, as real CLIP/DINO features give: many concepts per sample, far more concepts than k.
@@ -40,14 +40,24 @@ WORLD = preset("many", n_concepts=8000, concepts_per_sample=48.0, tower_correlat
 N_QUERIES = 1024
 
 
-def train_checkpoint(out: Path, steps: int) -> None:
-    """The bench checkpoint: n_latents 8192, k 64, shipped defaults otherwise, on WORLD."""
+def train_checkpoint(out: Path, steps: int, n_train: int = 60_000, chunk: int = 10_000) -> None:
+    """The bench checkpoint: n_latents 8192, k 64, shipped defaults otherwise, on WORLD (written in chunks)."""
     from sparc_core import TrainConfig, train
 
     data = out.parent / (out.name + "-data")
-    if not (data / "synth.json").is_file():
-        write_synthetic(WORLD, data)
-    feats = {s: str(data / "train" / f"{s}.npy") for s in WORLD.streams}
+    data.mkdir(parents=True, exist_ok=True)
+    world = PlantedConcepts(WORLD)
+    arrays = {
+        s: np.lib.format.open_memmap(data / f"{s}.npy", mode="w+", dtype=np.float32, shape=(n_train, d))
+        for s, d in WORLD.streams.items()
+    }
+    for i, a in enumerate(range(0, n_train, chunk)):
+        feats, _ = world.sample(min(chunk, n_train - a), seed=i)
+        for s, x in feats.items():
+            arrays[s][a : a + len(x)] = x
+    for x in arrays.values():
+        x.flush()
+    feats = {s: str(data / f"{s}.npy") for s in WORLD.streams}
     train(TrainConfig(features=feats, out=str(out), n_latents=8192, k=64, steps=steps, eval_every=steps, save_every=steps))
 
 
@@ -145,7 +155,9 @@ def run_size(n: int, args: argparse.Namespace, model, work: Path) -> list[dict]:
     hnsw_build = time.perf_counter() - t0
     # scipy CSR over the same stored codes.
     t0 = time.perf_counter()
-    csr = sp.csr_matrix((c_val.ravel(), c_idx.ravel(), np.arange(0, n * c_idx.shape[1] + 1, c_idx.shape[1])), shape=(n, model.n_latents))
+    csr = sp.csr_matrix(
+        (c_val.ravel(), c_idx.ravel(), np.arange(0, n * c_idx.shape[1] + 1, c_idx.shape[1])), shape=(n, model.n_latents)
+    )
     csr_t = csr.T.tocsr()
     csr_build = time.perf_counter() - t0
 
@@ -241,7 +253,19 @@ def main() -> None:
         f"checkpoint {args.checkpoint}: n_latents {model.n_latents}, k {model.k}; faiss {faiss.__version__}; "
         f"threads {faiss.omp_get_max_threads()}; {N_QUERIES} distinct queries; medians of {args.rounds} rounds"
     )
-    header = ["n", "method", "batch", "qps", "x FAISS Flat qps", "p50_ms", "recall@10 vs brute force", "R@1", "R@10", "build_s", "L0 items"]
+    header = [
+        "n",
+        "method",
+        "batch",
+        "qps",
+        "x FAISS Flat qps",
+        "p50_ms",
+        "recall@10 vs brute force",
+        "R@1",
+        "R@10",
+        "build_s",
+        "L0 items",
+    ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for n in (int(x) for x in args.sizes.split(",")):

@@ -23,9 +23,11 @@ from .synthetic import PlantedConcepts, ceiling, write_synthetic
 # The paper's recipe: Global TopK + cross-reconstruction, none of this project's additions.
 PAPER = {
     "min_rel_activation": 0.0,
+    "private_latents": 0,
     "align_coef": 0.0,
     "solo_select_prob": 0.0,
     "prune_unused": False,
+    "calibrate_rounds": 0,
     "revive_after": 10**12,  # AuxK only, as in the paper: no re-initialisation
 }
 # The Local-TopK baseline (each stream picks its own latents, no cross-reconstruction).

@@ -170,6 +170,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify
         raise CheckpointError(f"{weights}: unreadable safetensors file ({e})") from None
     model = SparcModel(model_cfg)
     expected = model.state_dict()
+    for name in expected:  # saved before calibration existed: uncalibrated (the relative floor applies)
+        if name.endswith((".threshold", ".calibrated")) and name not in state:
+            state[name] = expected[name].clone()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

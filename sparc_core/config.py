@@ -36,7 +36,7 @@ class ModelSettings(_Strict):
     topk: Literal["global", "local"] = "global"  # shared selection (SPARC) or per-stream (baseline)
     auxk: int = Field(256, ge=0)  # dead latents used by the AuxK loss per stream; 0 disables it
     input_norm: Literal["l2", "scale", "none"] = "scale"  # per-stream input normalisation
-    min_rel_activation: float = Field(0.35, ge=0, lt=1)  # drop activations below this x the row's max
+    min_rel_activation: float = Field(0.2, ge=0, lt=1)  # drop activations below this x the row's max (until calibrated)
     sparse_kernels: bool = True  # O(k*d) gather decoding; False uses dense matmuls (reference)
     private_latents: int = Field(256, ge=0)  # per-stream residual dictionary, never in the shared code; 0: none
     private_k: int = Field(16, ge=1)  # active private latents per sample and stream
@@ -100,6 +100,7 @@ class TrainConfig(_Strict):
     align_ramp: float = Field(0.3, ge=0, le=1)  # share of steps over which align_coef ramps up from 0
     dead_after: int = Field(10_000, ge=1)  # samples without firing before a latent counts as dead
     revive_after: int = Field(20_000, ge=1)  # samples dead before the encoder row is re-initialised
+    calibrate_rounds: int = Field(3, ge=0)  # at the end, per-stream latent thresholds from paired rows; 0: keep the floor
     prune_unused: bool = True  # at the end, drop latents that (almost) never fire on the training data (reported)
     prune_below: float = Field(0.05, ge=0, lt=1)  # ... firing in every stream less than this x the mean latent's rate
     block_size: int = Field(4096, ge=1)  # rows per contiguous block for block-shuffled reading

@@ -94,6 +94,8 @@ class StreamCodec(nn.Module):
         self.W_dec = nn.Parameter(W / W.norm(dim=1, keepdim=True).clamp_min(1e-8))
         self.b_dec = nn.Parameter(torch.zeros(d_in))  # b_pre: subtracted before encoding, added after decoding
         self.register_buffer("input_scale", torch.ones(()))  # per-stream input normalisation (mode "scale")
+        self.register_buffer("threshold", torch.zeros(n_latents))  # per-latent activation thresholds (calibrated)
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))  # thresholds replace the floor
         if n_private:
             P = torch.empty(n_private, d_in).uniform_(-bound, bound, generator=generator)
             self.W_enc_p = nn.Parameter(P.clone())
@@ -108,9 +110,7 @@ class SparcModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         g = torch.Generator().manual_seed(seed)
-        self.codecs = nn.ModuleDict(
-            {s: StreamCodec(d, cfg.n_latents, g, cfg.private_latents) for s, d in cfg.streams.items()}
-        )
+        self.codecs = nn.ModuleDict({s: StreamCodec(d, cfg.n_latents, g, cfg.private_latents) for s, d in cfg.streams.items()})
 
     # ---- shape ------------------------------------------------------------------------------------
     @property
@@ -150,18 +150,30 @@ class SparcModel(nn.Module):
             c.b_dec.copy_(self.normalize(s, x).mean(0))
 
     # ---- encoding ---------------------------------------------------------------------------------
-    def activate(self, selected: Tensor) -> Tensor:
-        """ReLU of the k selected logits, minus those weaker than min_rel_activation x the row's strongest.
+    def activate(self, selected: Tensor, stream: str | None = None, idx: Tensor | None = None) -> Tensor:
+        """ReLU of the k selected logits, minus the weak ones.
 
-        The relative floor gives each sample as many active latents as it has clear concepts (at most k)
-        and drops the weak tail, where one-stream codes of the same item disagree most.
+        Before calibration: those weaker than min_rel_activation x the row's strongest. The relative floor
+        gives each sample as many active latents as it has clear concepts (at most k) and drops the weak
+        tail, where one-stream codes of the same item disagree most. After calibration (``calibrate``),
+        each stream's latent i fires where its activation reaches that stream's threshold for i.
         """
         values = selected.relu()
+        if stream is not None and idx is not None and bool(self.codecs[stream].calibrated):
+            return values * (values >= self.codecs[stream].threshold[idx])
         rho = self.cfg.min_rel_activation
         if rho > 0:
             floor = rho * values.detach().amax(dim=1, keepdim=True)
             values = values * (values >= floor)
         return values
+
+    @torch.no_grad()
+    def set_thresholds(self, thresholds: dict[str, Tensor]) -> None:
+        """Per stream, [n_latents] activation thresholds that replace the relative floor from now on."""
+        for s, t in thresholds.items():
+            c = self.codecs[s]
+            c.threshold.copy_(t.to(c.threshold))
+            c.calibrated.fill_(True)
 
     def _check_inputs(self, inputs: dict[str, Tensor]) -> list[str]:
         if not inputs:
@@ -195,11 +207,11 @@ class SparcModel(nn.Module):
         h = {s: self.logits(s, inputs[s]) for s in streams}
         if self.cfg.topk == "global":
             idx = torch.stack(list(h.values())).sum(0).topk(self.k, dim=1, sorted=False).indices
-            return {s: SparseCode(idx, self.activate(h[s].gather(1, idx)), self.n_latents) for s in streams}
+            return {s: SparseCode(idx, self.activate(h[s].gather(1, idx), s, idx), self.n_latents) for s in streams}
         out = {}
         for s in streams:
             top = h[s].topk(self.k, dim=1, sorted=False)
-            out[s] = SparseCode(top.indices, self.activate(top.values), self.n_latents)
+            out[s] = SparseCode(top.indices, self.activate(top.values, s, top.indices), self.n_latents)
         return out
 
     @torch.no_grad()
@@ -321,7 +333,7 @@ class SparcModel(nn.Module):
         for s in streams:
             parts = [sel[s] if align_pos is None else align_pos] + ([aux_idx[s]] if s in aux_idx else [])
             raw = self._gather(s, h[s], xs[s], torch.cat(parts, dim=1))
-            codes[s] = SparseCode(sel[s], self.activate(raw[:, :k]), self.n_latents)
+            codes[s] = SparseCode(sel[s], self.activate(raw[:, :k], s, sel[s]), self.n_latents)
             if align_pos is not None:
                 align_logits[s] = raw[:, : align_pos.shape[1]]
             if s in aux_idx:
@@ -371,7 +383,7 @@ class SparcModel(nn.Module):
         with torch.no_grad():
             fired, l0 = {}, []
             for s in streams:
-                vals = self.activate(h[s].gather(1, solo_idx[s]))
+                vals = self.activate(h[s].gather(1, solo_idx[s]), s, solo_idx[s])
                 f = torch.zeros(self.n_latents, dtype=torch.bool, device=vals.device)
                 f[solo_idx[s][vals > 0]] = True
                 fired[s] = f
@@ -397,6 +409,7 @@ class SparcModel(nn.Module):
             c.W_enc = nn.Parameter(c.W_enc.data[keep].clone())
             c.b_enc = nn.Parameter(c.b_enc.data[keep].clone())
             c.W_dec = nn.Parameter(c.W_dec.data[keep].clone())
+            c.threshold = c.threshold[keep].clone()
         self.cfg = self.cfg.model_copy(update={"n_latents": int(len(keep)), "auxk": min(self.cfg.auxk, int(len(keep)))})
 
     # ---- decoder geometry -------------------------------------------------------------------------

@@ -185,7 +185,9 @@ class Trainer:
             self.model.set_decoder_norm_to_unit_norm()
             self.model.to(self.device)
             self.opt = make_optimizer(self.model, cfg.lr)
-            self.dead_counters = {s: torch.zeros(cfg.model.n_latents, dtype=torch.long, device=self.device) for s in self.model.streams}
+            self.dead_counters = {
+                s: torch.zeros(cfg.model.n_latents, dtype=torch.long, device=self.device) for s in self.model.streams
+            }
         self.dist.broadcast([p.data for p in self.model.parameters()])
 
     def _resume(self) -> None:
@@ -272,6 +274,20 @@ class Trainer:
             self.dead_counters[s][rows] = 0
         return len(rows)
 
+    def _calibration_rows(self, max_rows: int) -> np.ndarray:
+        n = len(self.batcher.rows)
+        return self.batcher.rows[np.linspace(0, n - 1, min(n, max_rows)).astype(np.int64)]
+
+    def _calibrate(self, max_rows: int = 32_768) -> dict[str, float]:
+        """Per-stream latent thresholds from paired training rows (see ``calibrate``); returns L0 per stream."""
+        from .calibrate import calibrate
+
+        feats = self.data.read(self._calibration_rows(max_rows))
+        self.model.eval()
+        l0 = calibrate(self.model, feats, rounds=self.cfg.calibrate_rounds)
+        self.model.train()
+        return l0
+
     @torch.no_grad()
     def _prune(self, max_rows: int = 32_768) -> dict[str, int]:
         """Drop the latents that (almost) never fire on up to ``max_rows`` training rows, each stream encoded alone.
@@ -282,8 +298,7 @@ class Trainer:
         concept only one stream sees keeps its latent). The model keeps the rest, in their order, and
         the optimizer state and dead counters follow, so a resumed run continues on the kept dictionary.
         """
-        n = len(self.batcher.rows)
-        rows = self.batcher.rows[np.linspace(0, n - 1, min(n, max_rows)).astype(np.int64)]
+        rows = self._calibration_rows(max_rows)
         fires = torch.zeros(len(self.model.streams), self.model.n_latents, dtype=torch.long, device=self.device)
         self.model.eval()
         for start in range(0, len(rows), 4096):
@@ -309,9 +324,7 @@ class Trainer:
             if old is None:
                 continue
             sliced = p.shape[0] == len(keep) and name.rsplit(".", 1)[-1] in ("W_enc", "b_enc", "W_dec")
-            self.opt.state[p] = {
-                key: (val[keep] if sliced and key != "step" else val) for key, val in old.items()
-            }
+            self.opt.state[p] = {key: (val[keep] if sliced and key != "step" else val) for key, val in old.items()}
         self.dead_counters = {s: c[keep] for s, c in self.dead_counters.items()}
         return {"requested": requested, "kept": int(len(keep))}
 
@@ -407,17 +420,22 @@ class Trainer:
                     bar.set_postfix(
                         loss=f"{float(loss):.4f}", L0=f"{float(out.solo_l0):.1f}", dead=f"{max(dead_pct.values()):.1f}%"
                     )
-                if self.dist.is_main and (done % cfg.eval_every == 0 or done == cfg.steps):
-                    report = self._validate()
-                    if report:
-                        last_val = report["summary"] | {"streams": report["streams"]}
-                        self._log({"kind": "val", "step": done, **last_val})
+                if done == cfg.steps and cfg.calibrate_rounds > 0 and self.model.cfg.topk == "global":
+                    l0 = self._calibrate()
+                    self._log({"kind": "calibrate", "step": done, "l0": l0})
                 if done == cfg.steps and cfg.prune_unused and self.model.n_latents > self.model.k:
                     self.pruned = self._prune()
                     self._log({"kind": "prune", "step": done, **self.pruned})
                     if self.dist.is_main and self.pruned["kept"] < self.pruned["requested"]:
                         kept, req = self.pruned["kept"], self.pruned["requested"]
-                        tqdm.write(f"dictionary: {kept} of {req} latents fire on the training data; {req - kept} unused latents dropped")
+                        tqdm.write(
+                            f"dictionary: {kept} of {req} latents fire on the training data; {req - kept} (almost) unused latents dropped"
+                        )
+                if self.dist.is_main and (done % cfg.eval_every == 0 or done == cfg.steps):
+                    report = self._validate()
+                    if report:
+                        last_val = report["summary"] | {"streams": report["streams"]}
+                        self._log({"kind": "val", "step": done, **last_val})
                 if done % cfg.save_every == 0 or done == cfg.steps:
                     self._save(done, {"step": done, "val": last_val, "dictionary": self.pruned})
                     self.dist.barrier()

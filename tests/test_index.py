@@ -62,6 +62,8 @@ def test_both_paths_match_numpy_brute_force(random_ckpt, tmp_path):
     expected = Q @ G.T
     res = searcher.search(code, top_k=5, path="sparse")
     for q in range(20):
+        # hits are the items sharing an active latent (score > 0): as many as exist, up to top_k
+        assert len(res.scores[q]) == min(5, int((expected[q] > 1e-6).sum())) > 0
         np.testing.assert_allclose(res.scores[q], np.sort(expected[q])[::-1][: len(res.scores[q])], rtol=1e-3, atol=1e-4)
         np.testing.assert_allclose(expected[q][res.ids[q]], res.scores[q], rtol=1e-3, atol=1e-4)
     # dense: inner product of the cross-decoded query with the centred unit gallery features
@@ -71,6 +73,7 @@ def test_both_paths_match_numpy_brute_force(random_ckpt, tmp_path):
     exp_d = (xqd @ xb.T).detach().numpy()
     res = searcher.search(code, top_k=5, path="dense")
     for q in range(20):
+        assert len(res.scores[q]) == 5
         np.testing.assert_allclose(res.scores[q], np.sort(exp_d[q])[::-1][:5], rtol=1e-4, atol=1e-5)
 
 
@@ -193,6 +196,7 @@ def test_explanations_add_up_to_the_sparse_score(random_ckpt, tmp_path):
     code = s.encode("txt", np.random.default_rng(1).standard_normal((3, 24)).astype(np.float32))
     res = s.search(code, top_k=4, path="sparse")
     for q in range(3):
+        assert len(res.ids[q]) == 4
         for item, score in zip(res.ids[q], res.scores[q]):
             parts = s.explain(code, item, top=100, row=q)
             assert parts and sum(p.contribution for p in parts) == pytest.approx(score, rel=1e-3, abs=1e-4)
@@ -206,9 +210,12 @@ def test_latent_filters(random_ckpt, tmp_path):
     s = Searcher(tmp_path / "b")
     code = s.encode("txt", np.random.default_rng(2).standard_normal((2, 24)).astype(np.float32))
     target = int(code.indices[0][code.values[0].argmax()])
+    having = sum(target in s.item_code(i)[0][s.item_code(i)[1] > 0].tolist() for i in range(200))
+    assert 5 <= having <= 195  # the filter has items to keep and items to drop
     for path in ("sparse", "dense"):
         req = s.search(code, top_k=5, path=path, require=[target])
         exc = s.search(code, top_k=5, path=path, exclude=[target])
+        assert len(req.ids[0]) == 5 and len(exc.ids[0]) == 5
         for item in req.ids[0]:
             idx, val = s.item_code(item)
             assert target in idx[val > 0].tolist()
@@ -216,6 +223,7 @@ def test_latent_filters(random_ckpt, tmp_path):
             idx, val = s.item_code(item)
             assert target not in idx[val > 0].tolist()
     boosted = s.search(code, top_k=5, path="sparse", boost={target: 10.0})
+    assert len(boosted.ids[0]) == 5
     for item in boosted.ids[0]:
         idx, val = s.item_code(item)
         assert target in idx[val > 0].tolist()

@@ -58,9 +58,15 @@ def test_joint_encode_averages_stream_values(small_model, batch):
     assert_close(joint.values, torch.stack([c.values for c in per.values()]).mean(0))
 
 
-def test_decode_shapes_and_errors(small_model, batch):
+def test_decode_values_and_errors(small_model, batch):
     code = small_model.encode({"dino": batch["dino"]})
+    z = code.to_dense()
     for s, d in STREAMS.items():
+        c = small_model.codecs[s]
+        # W_dec^T z + b_dec, with the stream's input transform undone (default space) or not
+        normalized = z @ c.W_dec + c.b_dec
+        assert_close(small_model.decode(code, s, "normalized"), normalized, rtol=1e-5, atol=1e-5)
+        assert_close(small_model.decode(code, s), normalized / c.input_scale, rtol=1e-5, atol=1e-5)
         assert small_model.decode(code, s).shape == (20, d)
     with pytest.raises(KeyError, match="unknown stream"):
         small_model.decode(code, "audio")

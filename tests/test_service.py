@@ -117,10 +117,24 @@ def test_batch_and_stream_match_single_calls(client, queries):
         np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in c.hits], rtol=1e-5)
 
 
-def test_encode_and_cross_decode(client, queries):
+def test_encode_and_cross_decode(client, queries, trained_checkpoint):
+    import torch
+
+    from sparc_core import SparseCode, load_checkpoint
+
     r = client.encode(make_query(stream="clip_txt", vector=queries[0]), decode_stream="dino")
-    assert r.stream == "clip_txt" and len(r.code.indices) > 0
-    assert r.decoded.stream == "dino" and len(r.decoded.values) == 64
+    model = load_checkpoint(trained_checkpoint)
+    local = model.encode({"clip_txt": torch.from_numpy(queries[:1])})
+    # the code is the model's own one-stream code of the query (its active latents, their values)
+    active = local.values[0] > 0
+    got = dict(zip(r.code.indices, r.code.values))
+    want = dict(zip(local.indices[0][active].tolist(), local.values[0][active].tolist()))
+    assert r.stream == "clip_txt" and set(got) == set(want)
+    np.testing.assert_allclose([got[i] for i in want], list(want.values()), rtol=1e-4, atol=1e-5)
+    # the cross-decoded vector is that code decoded into DINO's own feature space
+    code = SparseCode(torch.tensor([r.code.indices]), torch.tensor([r.code.values]), model.n_latents)
+    assert r.decoded.stream == "dino"
+    np.testing.assert_allclose(r.decoded.values, model.decode(code, "dino")[0].numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_get_latent_concept_browser(client, queries):
@@ -211,11 +225,43 @@ def test_batch_errors_name_the_request_and_limits(client, queries):
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_deadline_is_honoured(client, queries):
+def test_client_deadline_is_honoured(client, queries):
     req = search_request(make_query(stream="clip_txt", vector=queries[0]), ["dino"])
     with pytest.raises(grpc.RpcError) as e:
         client.search(req, timeout=1e-6)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class _ExpiredContext:
+    """A server-side call context whose deadline has already passed when the servicer sees it."""
+
+    def __init__(self) -> None:
+        self.aborted: tuple | None = None
+
+    def time_remaining(self) -> float:
+        return -0.5
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def abort(self, code, details):
+        self.aborted = (code, details)
+        raise grpc.RpcError(details)
+
+
+def test_server_stops_a_call_whose_deadline_passed_and_counts_it(server):
+    # The servicer's own deadline check, observed directly: the work never runs, the status is
+    # DEADLINE_EXCEEDED and the metrics count the call under that code (what the client saw).
+    servicer = server.servicer
+    counter = servicer.metrics.requests.labels("Search", "DEADLINE_EXCEEDED")
+    before = counter._value.get()
+    ran = []
+    ctx = _ExpiredContext()
+    with pytest.raises(grpc.RpcError):
+        servicer._call("Search", ctx, lambda: ran.append(1))
+    assert ran == []
+    assert ctx.aborted[0] == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline" in ctx.aborted[1]
+    assert counter._value.get() == before + 1
 
 
 def test_reflection_lists_the_services(server):
