@@ -5,8 +5,9 @@ every latent, stream and world: it keeps noise latents whose activations happen 
 real concepts that are weak next to a strong one. Calibration replaces it with a threshold for each
 stream and latent, chosen from the data so that a stream's latent fires where the OTHER streams' same
 latent fires for the same paired sample: for latent i of stream s, the threshold maximises the F1
-between "i fires in s" and "i fires in at least half of the other streams" over the calibration rows.
-Starting from the floor's decisions, a few rounds let every stream adjust to the others. A latent only
+between "i fires in s" and the share of the other streams in which i fires, over the calibration rows,
+among the activations the floor accepted. Starting from the floor's decisions, a few rounds let every
+stream adjust to the others. A latent only
 one stream uses gets no support from the others and stops firing: the shared code keeps what the
 streams share, and what one stream alone sees is left to its private dictionary.
 """
@@ -45,11 +46,14 @@ def _floor_on(rows: np.ndarray, vals: np.ndarray, n_rows: int, rho: float) -> np
     return vals >= rho * row_max[rows]
 
 
-def f1_thresholds(lats: np.ndarray, vals: np.ndarray, target: np.ndarray, positives: np.ndarray) -> np.ndarray:
+def f1_thresholds(
+    lats: np.ndarray, vals: np.ndarray, target: np.ndarray, positives: np.ndarray, allowed: np.ndarray | None = None
+) -> np.ndarray:
     """Per latent, the threshold on ``vals`` maximising F1 against ``target``; NEVER where no F1 is > 0.
 
     lats, vals, target: one entry per (row, latent) with a positive activation. positives: [n_latents],
-    rows where the target holds (also rows without an entry, which no threshold can recover).
+    rows where the target holds (also rows without an entry, which no threshold can recover). allowed:
+    the entries whose value may become a threshold (every entry still counts in the F1).
     """
     n_latents = len(positives)
     out = np.full(n_latents, NEVER, dtype=np.float32)
@@ -64,6 +68,8 @@ def f1_thresholds(lats: np.ndarray, vals: np.ndarray, target: np.ndarray, positi
     tp = cum - before
     rank = np.arange(len(lat)) - starts[group] + 1
     f1 = 2.0 * tp / (rank + positives[lat]).clip(1)
+    if allowed is not None:
+        f1 = np.where(allowed[order], f1, -1.0)
     best = np.maximum.reduceat(f1, starts)
     # the first (highest-threshold) entry reaching the group's best F1
     hit = np.flatnonzero(f1 == best[group])
@@ -82,6 +88,9 @@ def calibrate(model: SparcModel, features: dict[str, np.ndarray], rounds: int = 
     L = model.n_latents
     entries = {s: _activations(model, s, features[s]) for s in streams}
     on = {s: _floor_on(r, v, n, model.cfg.min_rel_activation) for s, (r, _, v) in entries.items()}
+    # Thresholds are chosen among the activations the training rule accepted, so calibration can move a
+    # latent's cut between its real firings but never down into values the model treats as nothing.
+    candidate = {s: on[s].copy() for s in streams}
     keys = {s: r * L + lat for s, (r, lat, _) in entries.items()}
     thresholds: dict[str, np.ndarray] = {}
     for _ in range(rounds):
@@ -97,7 +106,7 @@ def calibrate(model: SparcModel, features: dict[str, np.ndarray], rounds: int = 
                 np.where((len(votes) > 0) & (votes[pos] == keys[s]), share[pos], 0.0) if len(votes) else np.zeros(len(keys[s]))
             )
             positives = np.bincount(votes % L, weights=share, minlength=L)
-            thresholds[s] = f1_thresholds(entries[s][1], entries[s][2], target, positives)
+            thresholds[s] = f1_thresholds(entries[s][1], entries[s][2], target, positives, allowed=candidate[s])
             new_on[s] = entries[s][2] >= thresholds[s][entries[s][1]]
         on = new_on
     model.set_thresholds({s: torch.from_numpy(t) for s, t in thresholds.items()})

@@ -429,7 +429,8 @@ class Trainer:
                     if self.dist.is_main and self.pruned["kept"] < self.pruned["requested"]:
                         kept, req = self.pruned["kept"], self.pruned["requested"]
                         tqdm.write(
-                            f"dictionary: {kept} of {req} latents fire on the training data; {req - kept} (almost) unused latents dropped"
+                            f"dictionary: {kept} of {req} latents fire on the training data; "
+                            f"{req - kept} (almost) unused latents dropped"
                         )
                 if self.dist.is_main and (done % cfg.eval_every == 0 or done == cfg.steps):
                     report = self._validate()
