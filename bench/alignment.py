@@ -78,6 +78,30 @@ HEADER = (
 )
 
 
+def targets(rows: list[dict]) -> str:
+    """The issue's targets per world, defaults against the paper's recipe: each cell says the number and pass/fail."""
+    by = {(r["world"], r["config"]): r for r in rows}
+    out = [
+        "| world | J/ceiling ≥ 0.85 | txt→dino R@1 ≥ 0.80 | self nMSE ≤ paper's | dead (worst stream) | dictionary kept |",
+        "|---|---|---|---|---|---|",
+    ]
+    mark = lambda ok: "✓" if ok else "✗"  # noqa: E731
+    for name, _, _, mult in WORLDS:
+        ours, paper = by.get((name, "defaults")), by.get((name, "paper"))
+        if ours is None or paper is None:
+            continue
+        jc, r1 = ours["jaccard_vs_ceiling"], ours["clip_txt->dino latent"]["R@1"]
+        dead, limit = max(ours["dead"].values()), 0.01 if mult <= 1 else 0.10
+        out.append(
+            f"| {name} | {jc:.2f} {mark(jc >= 0.85)} (paper {paper['jaccard_vs_ceiling']:.2f}) | {r1:.3f} {mark(r1 >= 0.8)} "
+            f"(paper {paper['clip_txt->dino latent']['R@1']:.3f}) | {ours['nmse_self']:.3f} "
+            f"{mark(ours['nmse_self'] <= paper['nmse_self'])} (paper {paper['nmse_self']:.3f}) | {100 * dead:.1f}% "
+            f"{mark(dead < limit)} (< {100 * limit:.0f}%; paper {100 * max(paper['dead'].values()):.1f}%) | "
+            f"{ours['n_latents']['kept']}/{ours['n_latents']['requested']} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=800)
@@ -86,7 +110,14 @@ def main() -> None:
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--json", help="write every row here")
     ap.add_argument("--work", help="keep data and models here (default: a temp dir, removed)")
+    ap.add_argument("--from-json", help="print the tables of an earlier run's --json file instead of training")
     args = ap.parse_args()
+    if args.from_json:
+        rows = json.loads(Path(args.from_json).read_text())
+        print(HEADER)
+        print("\n".join(fmt_row(r["world"], r["config"], r) for r in rows))
+        print("\n" + targets(rows))
+        return
     work = Path(args.work or tempfile.mkdtemp(prefix="sparc-align-"))
     chosen = [w for w in WORLDS if not args.worlds or w[0] in args.worlds.split(",")]
     jobs = [(w, c, o) for w in chosen for c, o in CONFIGS.items()]
@@ -106,6 +137,7 @@ def main() -> None:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\n{len(rows)} runs in {(time.perf_counter() - t0) / 60:.1f} min; {args.steps} steps of 256, k 32, dims {DIMS}")
+    print("\n" + targets(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -35,12 +35,13 @@ from sparc_core.synthetic import PlantedConcepts, preset
 
 GALLERY, QUERY, RAW_GALLERY = "dino", "clip_txt", "clip_img"
 # Dense codes, as real CLIP/DINO features give: many concepts per sample, far more concepts than k.
-WORLD = preset("many", n_concepts=8000, concepts_per_sample=48.0, tower_correlation=0.5, n_train=60_000, n_eval=0, seed=5)
+WORLD = preset("many", n_concepts=8000, concepts_per_sample=72.0, tower_correlation=0.5, n_train=60_000, n_eval=0, seed=5)
 N_QUERIES = 1024
 
 
 def train_checkpoint(out: Path, steps: int, n_train: int = 60_000, chunk: int = 10_000) -> None:
-    """The bench checkpoint: n_latents 8192, k 64, shipped defaults otherwise, on WORLD (written in chunks)."""
+    """The bench checkpoint: n_latents 8192 (kept whole: the index width under test), k 64, shipped defaults
+    otherwise, on WORLD (written in chunks)."""
     from sparc_core import TrainConfig, train
 
     data = out.parent / (out.name + "-data")
@@ -57,7 +58,10 @@ def train_checkpoint(out: Path, steps: int, n_train: int = 60_000, chunk: int = 
     for x in arrays.values():
         x.flush()
     feats = {s: str(data / f"{s}.npy") for s in WORLD.streams}
-    train(TrainConfig(features=feats, out=str(out), n_latents=8192, k=64, steps=steps, eval_every=steps, save_every=steps))
+    cfg = TrainConfig(
+        features=feats, out=str(out), n_latents=8192, k=64, steps=steps, eval_every=steps, save_every=steps, prune_unused=False
+    )
+    train(cfg)
 
 
 def synth_gallery(n: int, out: Path, chunk: int = 10_000) -> tuple[Path, np.ndarray, np.ndarray]:
