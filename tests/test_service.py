@@ -134,7 +134,7 @@ def test_encode_and_cross_decode(client, queries, trained_checkpoint):
     # the cross-decoded vector is that code decoded into DINO's own feature space
     code = SparseCode(torch.tensor([r.code.indices]), torch.tensor([r.code.values]), model.n_latents)
     assert r.decoded.stream == "dino"
-    np.testing.assert_allclose(r.decoded.values, model.decode(code, "dino")[0].numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(r.decoded.values, model.decode(code, "dino")[0].detach().numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_get_latent_concept_browser(client, queries):
