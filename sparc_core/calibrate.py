@@ -79,7 +79,7 @@ def f1_thresholds(
     return out
 
 
-def calibrate(model: SparcModel, features: dict[str, np.ndarray], rounds: int = 1) -> dict[str, float]:
+def calibrate(model: SparcModel, features: dict[str, np.ndarray], rounds: int = 3) -> dict[str, float]:
     """Set the model's per-stream thresholds from paired rows; returns the mean L0 per stream after."""
     streams = [s for s in model.streams if s in features]
     if len(streams) < 2:
@@ -101,10 +101,10 @@ def calibrate(model: SparcModel, features: dict[str, np.ndarray], rounds: int = 
             # soft target: the share of the other streams in which (row, latent) is on
             votes, counts = np.unique(np.concatenate([on_keys[t] for t in others]), return_counts=True)
             share = counts / len(others)
-            pos = np.searchsorted(votes, keys[s]).clip(0, max(len(votes) - 1, 0))
-            target = (
-                np.where((len(votes) > 0) & (votes[pos] == keys[s]), share[pos], 0.0) if len(votes) else np.zeros(len(keys[s]))
-            )
+            target = np.zeros(len(keys[s]))
+            if len(votes):
+                pos = np.searchsorted(votes, keys[s]).clip(0, len(votes) - 1)
+                target = np.where(votes[pos] == keys[s], share[pos], 0.0)
             positives = np.bincount(votes % L, weights=share, minlength=L)
             thresholds[s] = f1_thresholds(entries[s][1], entries[s][2], target, positives, allowed=candidate[s])
             new_on[s] = entries[s][2] >= thresholds[s][entries[s][1]]
