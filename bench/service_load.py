@@ -1,11 +1,13 @@
 """Load benchmark of the gRPC service on loopback: N concurrent clients for a bounded time.
 
-A 100k-item DINO bundle is built from the demo world, a server runs in its own process (`sparc serve`),
+A 100k-item DINO bundle is built from the world of bench/index_search.py (codes as dense as real ones;
+its checkpoint comes from `python bench/index_search.py --train runs/bench-index`), a server runs in its
+own process (`sparc serve`),
 and client processes send CLIP-text vector queries through SearchBatch or SearchStream for each search
 path. Reported per row: queries/s, per-call p50/p99 latency, the in-process search time of the same
 batch (the RPC overhead is the difference) and the server's RSS at start and end of the run.
 
-    python bench/service_load.py --checkpoint runs/demo/sparc --items 100000 --clients 2 --batch 6 --soak 120
+    python bench/service_load.py --checkpoint runs/bench-index --items 100000 --clients 2 --batch 6 --soak 120
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def _client(target: str, queries: np.ndarray, mode: str, path: str, batch: int, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="runs/demo/sparc")
+    p.add_argument("--checkpoint", default="runs/bench-index", help="trained by bench/index_search.py --train")
     p.add_argument("--items", type=int, default=100_000)
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--batch", type=int, default=6, help="queries per SearchBatch call / per stream burst")
