@@ -124,7 +124,9 @@ class PlantedConcepts:
         counts = np.clip(rng.poisson(cfg.concepts_per_sample, size=n), 1, min(c, 4 * int(cfg.concepts_per_sample) + 4))
         # Distinct concepts weighted by frequency: Gumbel top-m on log-frequencies.
         keys = np.log(self.freq)[None, :] + rng.gumbel(size=(n, c))
-        order = np.argsort(-keys, axis=1)[:, : counts.max()]
+        m = int(counts.max())
+        order = np.argpartition(-keys, m - 1, axis=1)[:, :m] if m < c else np.tile(np.arange(c), (n, 1))
+        order = np.take_along_axis(order, np.argsort(-np.take_along_axis(keys, order, 1), axis=1), 1)
         take = np.arange(order.shape[1])[None, :] < counts[:, None]
         present = np.zeros((n, c), dtype=bool)
         rows = np.repeat(np.arange(n), take.sum(1))
