@@ -33,10 +33,11 @@ def demo_artefacts(root: Path = DEMO_ROOT) -> dict[str, list[str]]:
     from index import build_bundle
     from index.bundle import BundleError, read_manifest
     from sparc_core import checkpoint_hash
+    from sparc_core.checkpoint import is_checkpoint
     from sparc_core.demo import demo_paths, run_demo
 
     paths = demo_paths(root)
-    if not (paths["sparc"] / "config.json").is_file():
+    if not is_checkpoint(paths["sparc"]):
         run_demo(root)
     indexes = {}
     for name, stream in DEMO_INDEXES.items():

@@ -1,11 +1,17 @@
-"""All checkpoint I/O: safetensors + JSON, each file written to a temp name then atomically renamed.
+"""All checkpoint I/O: safetensors + JSON, each version written completely, then switched to atomically.
 
-A checkpoint directory holds:
-  config.json          model config, training config, step, and the sha256 of model.safetensors
-  model.safetensors    weights and normalisation buffers (no pickle anywhere)
-  metrics.json         the last training/validation metrics
-  train_state.safetensors  optimizer moments and dead-latent counters, for exact resume (optional)
-config.json is written last and names the weights' hash, so a torn save is detected on load.
+A checkpoint directory holds versions and a pointer to the current one:
+  CURRENT              the name of the current version directory (replaced atomically, last)
+  v00001200-1a2b3c/    one complete save:
+      config.json          model config, training config, step, and the sha256 of model.safetensors
+      model.safetensors    weights and normalisation buffers (no pickle anywhere)
+      metrics.json         the last training/validation metrics
+      train_state.safetensors  optimizer moments and dead-latent counters, for exact resume (optional)
+  metrics.json, metrics.jsonl, training_curves.png   the run's logs (not needed to load)
+A save writes the new version into a hidden temp directory, fsyncs it, renames it into place and only then
+replaces CURRENT, so a kill at any moment leaves the previous version loadable; the version before the
+current one is kept, older ones and the leftovers of killed saves are removed by the next save. A directory
+holding config.json + model.safetensors directly (a single version, e.g. copied by hand) loads as well.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +41,8 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 METRICS = "metrics.json"
 TRAIN_STATE = "train_state.safetensors"
+POINTER = "CURRENT"
+PARTIAL = ".partial-"  # prefix of a version being written (removed if a save was killed)
 
 
 class CheckpointError(SparcError, RuntimeError):
@@ -82,6 +92,7 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     """Atomically write ``tensors`` as a safetensors file."""
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # save_file recreates the file with 0600
 
 
 def file_sha256(path: Path) -> str:
@@ -93,6 +104,76 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _fsync_dir(d: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata=metadata)
+    os.chmod(path, 0o666 & ~_UMASK)  # readable by whoever may read the directory (a container user)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint directory (versioned, or a single version)."""
+    d = Path(path)
+    return (d / POINTER).is_file() or (d / CONFIG).is_file()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The directory holding the current version's files: ``path/<CURRENT>``, or ``path`` itself if it holds
+    config.json directly."""
+    d = Path(path)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: checkpoint directory not found")
+    pointer = d / POINTER
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if not name or "/" in name or name.startswith("."):
+            raise CheckpointError(f"{pointer}: does not name a version directory ({name!r})")
+        version = d / name
+        if not (version / CONFIG).is_file():
+            raise CheckpointError(f"{pointer}: names {name!r}, which has no {CONFIG}")
+        return version
+    if (d / CONFIG).is_file():
+        return d
+    raise CheckpointError(f"{d}: not a sparc checkpoint directory (no {POINTER} and no {CONFIG})")
+
+
+def clean_checkpoint_dir(path: str | Path) -> list[str]:
+    """Remove what killed saves left (partial versions, temp files) and every version but the current one and
+    the one before it; returns the names removed. Called by every save; safe to call any time no save runs."""
+    d = Path(path)
+    if not d.is_dir():
+        return []
+    current = (d / POINTER).read_text().strip() if (d / POINTER).is_file() else None
+    versions = sorted(p.name for p in d.iterdir() if p.is_dir() and p.name.startswith("v") and (p / CONFIG).exists())
+    keep = {current}
+    if current in versions:  # the version saved just before the current one stays loadable
+        earlier = versions[: versions.index(current)]
+        keep.update(earlier[-1:])
+    removed = []
+    for p in d.iterdir():
+        stale = p.name.startswith(PARTIAL) or (p.name.startswith(".") and p.name.endswith(".tmp"))
+        if stale or (p.is_dir() and p.name in versions and p.name not in keep):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
 def save_checkpoint(
     model: SparcModel,
     path: str | Path,
@@ -102,36 +183,49 @@ def save_checkpoint(
     metrics: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` (and optionally metrics and resumable train state) to the directory ``path``."""
+    """Write ``model`` (and optionally metrics and resumable train state) as a new version of the checkpoint
+    directory ``path`` and make it current atomically; returns ``path``."""
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
-    weights = d / WEIGHTS
-    atomic_save_tensors(weights, dict(model.state_dict()), {"format": FORMAT, "version": str(VERSION)})
-    if train_state is not None:
-        tensors, meta = train_state["tensors"], train_state["meta"]
-        atomic_save_tensors(d / TRAIN_STATE, tensors, {"meta": json.dumps(meta)})
+    if (d / CONFIG).is_file() and not (d / POINTER).is_file():
+        raise CheckpointError(f"{d}: holds a single-version checkpoint; save into a new directory")
+    clean_checkpoint_dir(d)
+    name = f"v{step:08d}-{time.time_ns():x}"  # sorts by step, then by save time
+    tmp = d / f"{PARTIAL}{name}"
+    tmp.mkdir()
+    try:
+        weights = tmp / WEIGHTS
+        _write_tensors(weights, dict(model.state_dict()), {"format": FORMAT, "version": str(VERSION)})
+        if train_state is not None:
+            _write_tensors(tmp / TRAIN_STATE, train_state["tensors"], {"meta": json.dumps(train_state["meta"])})
+        if metrics is not None:
+            _write_json(tmp / METRICS, metrics)
+        config = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": step,
+            "model": model.cfg.model_dump(),
+            "train": train_config,
+            "weights_sha256": file_sha256(weights),
+        }
+        _write_json(tmp / CONFIG, config)
+        _fsync_dir(tmp)
+        os.replace(tmp, d / name)
+        _fsync_dir(d)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_bytes(d / POINTER, (name + "\n").encode())  # the switch
+    _fsync_dir(d)
     if metrics is not None:
-        atomic_write_json(d / METRICS, metrics)
-    config = {
-        "format": FORMAT,
-        "version": VERSION,
-        "step": step,
-        "model": model.cfg.model_dump(),
-        "train": train_config,
-        "weights_sha256": file_sha256(weights),
-    }
-    atomic_write_json(d / CONFIG, config)
+        atomic_write_json(d / METRICS, metrics)  # a copy beside the logs, for people and dashboards
+    clean_checkpoint_dir(d)
     return d
 
 
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     """The parsed and checked config.json of a checkpoint directory."""
-    d = Path(path)
-    if not d.is_dir():
-        raise CheckpointError(f"{d}: checkpoint directory not found")
-    cfg_path = d / CONFIG
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{cfg_path}: missing (not a sparc checkpoint directory?)")
+    cfg_path = resolve_checkpoint(path) / CONFIG
     try:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -150,7 +244,7 @@ def checkpoint_hash(path: str | Path) -> str:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> SparcModel:
     """Load a SparcModel from a checkpoint directory; corrupt or mismatched files raise CheckpointError."""
-    d = Path(path)
+    d = resolve_checkpoint(path)
     cfg = read_checkpoint_config(d)
     try:
         saved = cfg.get("model")
@@ -188,7 +282,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify
 
 def load_train_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and metadata of a checkpoint's train_state.safetensors (for resume)."""
-    f = Path(path) / TRAIN_STATE
+    f = resolve_checkpoint(path) / TRAIN_STATE
     if not f.is_file():
         raise CheckpointError(f"{f}: missing (the checkpoint was saved without resumable state)")
     try:

@@ -157,6 +157,9 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--eval-every", dest="eval_every", type=int)
     p.add_argument("--save-every", dest="save_every", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument(
+        "--overwrite", action="store_true", help="train a new model into an --out that holds a checkpoint (replaced at the first save)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -177,7 +180,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = train_config_from_args(args)
-    out = train(cfg, resume=args.resume)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    out = train(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"checkpoint: {out}")
     return 0
 

@@ -72,7 +72,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: 
             progress=progress,
             **(DEMO_MODEL | {"steps": n_steps, "eval_every": max(1, n_steps // 5), "save_every": n_steps} | extra),
         )
-        train(cfg)
+        train(cfg, overwrite=True)  # the demo's own directory: an unfinished run starts over
     print("[5/5] evaluating on held-out data, each stream encoded alone")
     eval_feats = {s: np.load(paths["data"] / "eval" / f"{s}.npy") for s in streams}
     eval_labels = np.load(paths["data"] / "eval" / "labels.npy")

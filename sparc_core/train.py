@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (
     CheckpointError,
+    clean_checkpoint_dir,
+    is_checkpoint,
     load_checkpoint,
     load_train_state,
     pick_device,
@@ -155,7 +157,7 @@ def train_step(
 class Trainer:
     """Trains a SparcModel on paired features according to a TrainConfig."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> None:
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.dist = _Dist(self.device)
@@ -163,6 +165,13 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
         self.out = Path(cfg.out)
+        if not resume and is_checkpoint(self.out) and not overwrite:
+            raise CheckpointError(
+                f"{self.out} already holds a checkpoint: pass --resume to continue it, --overwrite to train a new "
+                "one in its place (the old one stays loadable until the first save), or another --out"
+            )
+        if self.dist.is_main and self.out.is_dir():
+            clean_checkpoint_dir(self.out)  # what a killed save left behind
         if not cfg.features:
             raise ValueError("no features given: pass --features NAME=PATH for each stream (at least 2)")
         self.data = PairedFeatures(cfg.features, cfg.labels)
@@ -185,6 +194,8 @@ class Trainer:
             self.model.set_decoder_norm_to_unit_norm()
             self.model.to(self.device)
             self.opt = make_optimizer(self.model, cfg.lr)
+            if self.dist.is_main and (self.out / METRICS_LOG).is_file():
+                (self.out / METRICS_LOG).unlink()  # a new run starts a new log
             self.dead_counters = {
                 s: torch.zeros(cfg.model.n_latents, dtype=torch.long, device=self.device) for s in self.model.streams
             }
@@ -449,9 +460,10 @@ class Trainer:
         return self.out
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Train (or resume) a SPARC model; returns the checkpoint directory."""
-    trainer = Trainer(cfg, resume=resume)
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train (or resume) a SPARC model; returns the checkpoint directory. A directory that already holds a
+    checkpoint is refused unless ``resume`` (continue it) or ``overwrite`` (replace it at the first save)."""
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
     try:
         return trainer.run()
     finally:

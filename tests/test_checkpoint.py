@@ -11,13 +11,15 @@ import torch
 from torch.testing import assert_close
 
 from sparc_core import CheckpointError, load_checkpoint, save_checkpoint
-from sparc_core.checkpoint import atomic_write_bytes, checkpoint_hash
+from sparc_core.checkpoint import atomic_write_bytes, checkpoint_hash, resolve_checkpoint
 
 
 def test_round_trip_gives_identical_outputs(tmp_path, small_model, batch):
     small_model.fit_input_norm(batch)
     path = save_checkpoint(small_model, tmp_path / "ckpt", step=7, metrics={"note": 1})
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "metrics.json", "model.safetensors"]
+    version = resolve_checkpoint(path)
+    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "metrics.json", version.name]
+    assert sorted(p.name for p in version.iterdir()) == ["config.json", "metrics.json", "model.safetensors"]
     loaded = load_checkpoint(path)
     assert loaded.streams == small_model.streams
     for s in small_model.streams:
@@ -26,12 +28,12 @@ def test_round_trip_gives_identical_outputs(tmp_path, small_model, batch):
         assert_close(a.values, b.values, rtol=0, atol=0)
         for t in small_model.streams:
             assert_close(small_model.decode(a, t), loaded.decode(b, t), rtol=0, atol=0)
-    assert json.loads((path / "config.json").read_text())["step"] == 7
+    assert json.loads((version / "config.json").read_text())["step"] == 7
     assert len(checkpoint_hash(path)) == 64
 
 
 def test_no_pickle_in_checkpoint(tmp_path, small_model):
-    path = save_checkpoint(small_model, tmp_path / "ckpt")
+    path = resolve_checkpoint(save_checkpoint(small_model, tmp_path / "ckpt"))
     head = (path / "model.safetensors").read_bytes()[:8]
     assert int.from_bytes(head, "little") < 1_000_000  # a safetensors header length, not a pickle opcode
 
@@ -39,14 +41,14 @@ def test_no_pickle_in_checkpoint(tmp_path, small_model):
 def test_missing_directory_and_files(tmp_path, small_model):
     with pytest.raises(CheckpointError, match="checkpoint directory not found"):
         load_checkpoint(tmp_path / "nope")
-    path = save_checkpoint(small_model, tmp_path / "ckpt")
+    path = resolve_checkpoint(save_checkpoint(small_model, tmp_path / "ckpt"))
     (path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"model\.safetensors: missing"):
         load_checkpoint(path)
 
 
 def test_truncated_weights_are_detected(tmp_path, small_model):
-    path = save_checkpoint(small_model, tmp_path / "ckpt")
+    path = resolve_checkpoint(save_checkpoint(small_model, tmp_path / "ckpt"))
     w = path / "model.safetensors"
     w.write_bytes(w.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match=r"model\.safetensors: sha256 does not match"):
@@ -56,7 +58,7 @@ def test_truncated_weights_are_detected(tmp_path, small_model):
 
 
 def test_corrupt_config_is_named(tmp_path, small_model):
-    path = save_checkpoint(small_model, tmp_path / "ckpt")
+    path = resolve_checkpoint(save_checkpoint(small_model, tmp_path / "ckpt"))
     (path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config\.json: corrupt JSON"):
         load_checkpoint(path)
@@ -68,8 +70,10 @@ def test_corrupt_config_is_named(tmp_path, small_model):
 def test_mismatched_config_and_weights(tmp_path, small_model, small_cfg):
     from sparc_core import SparcModel
 
-    path = save_checkpoint(small_model, tmp_path / "ckpt")
-    other = save_checkpoint(SparcModel(small_cfg.model_copy(update={"n_latents": 32, "auxk": 8})), tmp_path / "other")
+    path = resolve_checkpoint(save_checkpoint(small_model, tmp_path / "ckpt"))
+    other = resolve_checkpoint(
+        save_checkpoint(SparcModel(small_cfg.model_copy(update={"n_latents": 32, "auxk": 8})), tmp_path / "other")
+    )
     (path / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     cfg = json.loads((path / "config.json").read_text())
     cfg["weights_sha256"] = json.loads((other / "config.json").read_text())["weights_sha256"]
@@ -90,3 +94,96 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in Path(tmp_path).iterdir()] == ["f.bin"]  # the temp file was removed
+
+
+def _step(path) -> int:
+    return json.loads((resolve_checkpoint(path) / "config.json").read_text())["step"]
+
+
+def test_saves_are_versions_the_previous_one_stays_loadable(tmp_path, small_model):
+    out = tmp_path / "ckpt"
+    for step in (10, 20, 30):
+        save_checkpoint(small_model, out, step=step)
+    versions = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert [v[:9] for v in versions] == ["v00000020", "v00000030"]  # the current one and the one before
+    assert (out / "CURRENT").read_text().strip() == versions[-1]
+    assert _step(out) == 30
+    assert load_checkpoint(out / versions[0]).n_latents == small_model.n_latents  # the previous one loads too
+    # what a killed save leaves (a partial version, a temp file) is removed by the next save
+    (out / ".partial-v00000040-dead").mkdir()
+    (out / ".partial-v00000040-dead" / "model.safetensors").write_bytes(b"x" * 100)
+    (out / ".CURRENT.abc.tmp").write_text("v0")
+    save_checkpoint(small_model, out, step=40)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert _step(out) == 40
+
+
+def test_weights_are_readable_by_the_group_and_others(tmp_path, small_model):
+    old = os.umask(0o022)
+    try:
+        path = resolve_checkpoint(save_checkpoint(small_model, tmp_path / "ckpt"))
+    finally:
+        os.umask(old)
+    # the mode the process umask gives (set when the module was imported), never save_file's 0600
+    from sparc_core.checkpoint import _UMASK
+
+    assert (path / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_UMASK
+    assert (path / "model.safetensors").stat().st_mode & 0o044 == 0o044 & ~_UMASK
+
+
+def test_a_single_version_directory_loads(tmp_path, small_model, batch):
+    import shutil
+
+    path = resolve_checkpoint(save_checkpoint(small_model, tmp_path / "ckpt", step=3))
+    flat = tmp_path / "flat"
+    shutil.copytree(path, flat)  # config.json + model.safetensors directly, as copied by hand
+    s = small_model.streams[0]
+    assert torch.equal(load_checkpoint(flat).encode({s: batch[s]}).indices, small_model.encode({s: batch[s]}).indices)
+    assert resolve_checkpoint(flat) == flat
+    assert checkpoint_hash(flat) == checkpoint_hash(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="single-version checkpoint"):
+        save_checkpoint(small_model, flat)
+
+
+_SAVER = """
+import sys, torch
+from sparc_core import SparcModel, save_checkpoint
+from sparc_core.config import SparcConfig
+cfg = SparcConfig.model_validate_json(sys.argv[2])
+model = SparcModel(cfg, seed=0)
+step = int(sys.argv[3])
+while True:
+    step += 1
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float(step % 1000) / 1000)
+    save_checkpoint(model, sys.argv[1], step=step, train_state={"tensors": {"x": torch.zeros(50_000)}, "meta": {"step": step}})
+"""
+
+
+def test_kill_at_any_moment_of_a_save_leaves_a_loadable_checkpoint(tmp_path, small_model, small_cfg):
+    """SIGKILL a process that saves in a loop at random moments: the checkpoint always loads, and it is the
+    model of the step its config names (never a mix of two saves)."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "ckpt"
+    save_checkpoint(small_model, out, step=0)
+    rng = random.Random(0)
+    last = 0
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(out), small_cfg.model_dump_json(), str(last * 10)])
+        time.sleep(rng.uniform(2.0, 3.5))  # interpreter and torch import, then some saves
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        model = load_checkpoint(out)
+        step = _step(out)
+        assert step >= last
+        if step > 0:
+            expected = float(step % 1000) / 1000
+            assert all(torch.all(p == expected) for p in model.parameters()), step
+        last = step
+    assert last > 0  # saves did complete between kills

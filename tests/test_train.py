@@ -13,6 +13,7 @@ import torch
 from torch.testing import assert_close
 
 from sparc_core import TrainConfig, load_checkpoint, train
+from sparc_core.checkpoint import read_checkpoint_config
 from sparc_core.cli import main
 
 from .conftest import feature_paths
@@ -68,15 +69,15 @@ def test_cli_train_writes_checkpoint_metrics_and_curves(synth_dir, tmp_path, cap
     for s, p in feature_paths(synth_dir).items():
         args += ["--features", f"{s}={p}"]
     assert main(args) == 0
-    names = {p.name for p in out.iterdir()}
-    assert {
-        "config.json",
-        "model.safetensors",
-        "metrics.json",
-        "metrics.jsonl",
-        "training_curves.png",
-        "train_state.safetensors",
-    } <= names
+    from sparc_core.checkpoint import resolve_checkpoint
+
+    assert {"CURRENT", "metrics.json", "metrics.jsonl", "training_curves.png"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "metrics.json", "train_state.safetensors"} == {
+        p.name for p in resolve_checkpoint(out).iterdir()
+    }
+    # a second run into the same --out is refused unless it resumes or overwrites
+    assert main(args) == 2
+    assert "already holds a checkpoint: pass --resume" in capsys.readouterr().err
     log = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["kind"] == "val"] == [10, 20]
     assert all(set(r["dead_pct"]) == {"dino", "clip_img", "clip_txt"} for r in log if r["kind"] == "train")
@@ -144,7 +145,7 @@ def test_resume_reproduces_an_uninterrupted_run(synth_dir, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(synth_dir, part, steps=30))
     monkeypatch.undo()
-    assert json.loads((part / "config.json").read_text())["step"] == 20
+    assert read_checkpoint_config(part)["step"] == 20
     resumed = train(_cfg(synth_dir, part, steps=30), resume=True)
     pf, pr = _params(full), _params(resumed)
     for name in pf:
