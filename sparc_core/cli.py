@@ -158,7 +158,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--save-every", dest="save_every", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument(
-        "--overwrite", action="store_true", help="train a new model into an --out that holds a checkpoint (replaced at the first save)"
+        "--overwrite", action="store_true", help="train anew into an --out holding a checkpoint (replaced at the first save)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
