@@ -6,21 +6,38 @@
 #   docker run --rm -p 50051:50051 -v $PWD/runs:/app/runs -v $PWD/bundles:/app/bundles \
 #     -v $PWD/weights:/app/weights:ro -v $PWD/service.yaml:/app/service.yaml:ro sparc --config service.yaml
 # (text and image queries need the CLIP / DINOv2 weights mounted; nothing is downloaded at run time).
-FROM python:3.11-slim
+#
+# CUDA variant (CUDA 12 torch wheels and faiss-gpu; run with --gpus all):
+#   docker build --build-arg VARIANT=gpu -t sparc:gpu .
+#   docker run --rm --gpus all -p 50051:50051 -v $PWD/runs:/app/runs sparc:gpu
+ARG PYTHON=3.11
+FROM python:${PYTHON}-slim
+ARG VARIANT=cpu
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     SPARC_HOST=0.0.0.0 SPARC_PORT=50051 SPARC_METRICS_PORT=9464
 
-WORKDIR /app
-# CPU-only torch (and the torchvision built for it) keeps the image small; faiss-cpu is the CPU FAISS build.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch torchvision
-COPY pyproject.toml README.md ./
+# The CPU image takes CPU-only torch (small); the CUDA image the CUDA 12 wheels, which carry their runtime.
+RUN if [ "$VARIANT" = gpu ]; then pip install --index-url https://download.pytorch.org/whl/cu124 torch torchvision; \
+    else pip install --index-url https://download.pytorch.org/whl/cpu torch torchvision; fi
+
+# The wheel is built from exactly what is copied here: setup.py is the build hook that generates the gRPC
+# stubs from protos/ into the package, so the installed sparc carries service/_proto.
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY protos ./protos
 COPY sparc_core ./sparc_core
 COPY index ./index
 COPY service ./service
-COPY protos ./protos
-RUN pip install . && python -m service.protogen && useradd --create-home --uid 10001 sparc \
-    && mkdir -p /app/runs && chown -R sparc /app
+RUN pip wheel --no-deps --wheel-dir /tmp/wheels . \
+    && if [ "$VARIANT" = gpu ]; then \
+         pip install "$(ls /tmp/wheels/sparc-*.whl)[gpu]" && pip uninstall -y faiss-cpu \
+         && pip install --force-reinstall --no-deps faiss-gpu-cu12; \
+       else pip install /tmp/wheels/sparc-*.whl; fi \
+    && rm -rf /tmp/wheels /src \
+    && useradd --create-home --uid 10001 sparc && mkdir -p /app/runs && chown -R sparc /app
+
+WORKDIR /app
 USER sparc
 
 EXPOSE 50051 9464

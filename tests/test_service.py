@@ -394,39 +394,6 @@ def test_settings_file_env_and_flags_layer(tmp_path):
         load_settings(cfg, environ={})
 
 
-def test_docker_entrypoint_serves_and_passes_its_healthcheck(trained_checkpoint, bundles):
-    """What the Dockerfile runs: `sparc serve` configured by SPARC_* env vars, probed by its HEALTHCHECK."""
-    import json
-    import re
-
-    dockerfile = (Path(__file__).parents[1] / "Dockerfile").read_text()
-    assert 'ENTRYPOINT ["sparc", "serve"]' in dockerfile
-    probe = re.search(r'CMD python -c "(.*?)"\n', dockerfile.replace("\\\n", "")).group(1)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = os.environ | {
-        "SPARC_HOST": "127.0.0.1",
-        "SPARC_PORT": str(port),
-        "SPARC_METRICS_PORT": "0",
-        "SPARC_CHECKPOINT": str(trained_checkpoint),
-        "SPARC_INDEXES": json.dumps(bundles),
-    }
-    sparc = Path(sys.executable).parent / "sparc"
-    proc = subprocess.Popen([str(sparc), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for _ in range(20):  # structured log lines come first
-            if "sparc serving" in proc.stdout.readline():
-                break
-        else:
-            pytest.fail("server did not report serving")
-        check = subprocess.run([sys.executable, "-c", probe.replace("50051", str(port))], timeout=30)
-        assert check.returncode == 0
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=30) == 0
-
-
 @pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command to make a test certificate")
 def test_tls(trained_checkpoint, bundles, queries, tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
