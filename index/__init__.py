@@ -2,6 +2,7 @@
 
 from .bundle import Bundle, BundleError, Manifest, append_to_bundle, build_bundle, read_manifest
 from .faiss_backend import DenseIndexError
+from .postings import SearchStopped
 from .searcher import DEFAULT_PATH, Explanation, Searcher, SearchResult
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "Explanation",
     "Manifest",
     "SearchResult",
+    "SearchStopped",
     "Searcher",
     "append_to_bundle",
     "build_bundle",

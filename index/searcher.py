@@ -9,6 +9,7 @@ Paths:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,10 @@ from sparc_core import SparcModel, SparseCode, load_checkpoint
 
 from .bundle import Bundle, BundleError
 from .faiss_backend import DenseSearcher
+from .postings import SearchStopped
 
+MAX_FILTER_CANDIDATES = 65_536  # dense path with latent filters: the most candidates fetched per query
+QUERY_CHUNK = 256  # queries searched between checks of should_stop
 SearchPath = Literal["sparse", "dense"]
 DEFAULT_PATH: SearchPath = "sparse"  # faster and smaller at every gallery size measured (bench/index_search.py)
 
@@ -116,11 +120,15 @@ class Searcher:
         require: list[int] | None = None,
         exclude: list[int] | None = None,
         boost: dict[int, float] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> SearchResult:
         """Top-k items for each query (a SparseCode, or (stream, vectors) to encode first).
 
-        require / exclude: latents an item must / must not have active. boost: latent -> weight added
-        to the query's (unit) code before scoring (sparse path) or decoding (dense path).
+        require / exclude: latents an item must / must not have active (inside the posting-list search on
+        the sparse path; on the dense path over at most MAX_FILTER_CANDIDATES candidates per query, so
+        fewer than top_k hits may come back). boost: latent -> weight added to the query's (unit) code
+        before scoring (sparse path) or decoding (dense path). should_stop: polled between chunks of
+        queries; once true the search raises SearchStopped.
         """
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -136,35 +144,66 @@ class Searcher:
         q_idx, q_val = _unit_code(code)
         if boost:
             q_idx, q_val = _boosted(q_idx, q_val, boost)
-        filtering = bool(require or exclude)
-        fetch = top_k * 4 if filtering else top_k
-        while True:
-            D, refs = self._search_all(q_idx, q_val, fetch, path, nprobe, ef_search)
-            if not filtering:
-                break
-            keep = self._filter(refs, set(map(int, require or [])), set(map(int, exclude or [])))
-            enough = all(int(k.sum()) >= top_k for k in keep) or fetch >= self.n_items
-            if enough:
-                D = [d[k] for d, k in zip(D, keep)]
-                refs = [r[k] for r, k in zip(refs, keep)]
-                break
-            fetch = min(self.n_items, fetch * 4)
+        require_l = sorted({int(x) for x in require or []})
+        exclude_l = sorted({int(x) for x in exclude or []})
         ids, scores, shards = [], [], []
-        for d, r in zip(D, refs):
-            d, r = d[:top_k], r[:top_k]
-            ids.append([self.shards[s].ids[row].item() for s, row in r])
-            scores.append([float(x) for x in d])
-            shards.append([int(s) for s, _ in r])
+        for a in range(0, len(q_idx), QUERY_CHUNK):  # chunks: a stopped call stops within one chunk
+            if should_stop is not None and should_stop():
+                raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
+            qi, qv = q_idx[a : a + QUERY_CHUNK], q_val[a : a + QUERY_CHUNK]
+            if path == "sparse":  # filters run inside the posting-list search
+                D, refs = self._search_all(qi, qv, top_k, path, nprobe, ef_search, require_l, exclude_l, should_stop)
+            else:
+                D, refs = self._dense_filtered(qi, qv, top_k, nprobe, ef_search, require_l, exclude_l)
+            for d, r in zip(D, refs):
+                d, r = d[:top_k], r[:top_k]
+                ids.append([self.shards[s].ids[row].item() for s, row in r])
+                scores.append([float(x) for x in d])
+                shards.append([int(s) for s, _ in r])
         return SearchResult(ids=ids, scores=scores, path=path, shards=shards)
 
-    def _search_all(self, q_idx, q_val, k, path, nprobe, ef_search) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def _dense_filtered(self, q_idx, q_val, top_k, nprobe, ef_search, require, exclude):
+        """Dense search; with latent filters, candidates are fetched in growing rounds (at most
+        MAX_FILTER_CANDIDATES per query) and filtered on their stored codes, vectorised."""
+        if not (require or exclude):
+            return self._search_all(q_idx, q_val, top_k, "dense", nprobe, ef_search)
+        fetch = min(self.n_items, max(4 * top_k, 64))
+        while True:
+            D, refs = self._search_all(q_idx, q_val, fetch, "dense", nprobe, ef_search)
+            keep = [self._passes(r, require, exclude) for r in refs]
+            if all(int(k.sum()) >= top_k for k in keep) or fetch >= min(self.n_items, MAX_FILTER_CANDIDATES):
+                return [d[k] for d, k in zip(D, keep)], [r[k] for r, k in zip(refs, keep)]
+            fetch = min(self.n_items, MAX_FILTER_CANDIDATES, fetch * 4)
+
+    def _passes(self, refs: np.ndarray, require: list[int], exclude: list[int]) -> np.ndarray:
+        """Whether each (shard, row) item has every required latent active and no excluded one."""
+        mask = np.ones(len(refs), dtype=bool)
+        for s in np.unique(refs[:, 0]) if len(refs) else []:
+            sel = refs[:, 0] == s
+            b = self.shards[int(s)]
+            rows = refs[sel, 1]
+            idx, val = np.asarray(b.codes_idx[rows]), np.asarray(b.codes_val[rows])
+            on = np.where(val > 0, idx, -1)
+            ok = np.ones(len(rows), dtype=bool)
+            for lat in require:
+                ok &= (on == lat).any(1)
+            if exclude:
+                ok &= ~np.isin(on, exclude).any(1)
+            mask[sel] = ok
+        return mask
+
+    def _search_all(
+        self, q_idx, q_val, k, path, nprobe, ef_search, require=None, exclude=None, should_stop=None
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Search every shard and merge: per query, scores desc and (shard, row) refs."""
         per_shard = []
         xq = None
         for s, b in enumerate(self.shards):
             kk = min(k, b.manifest.n_items)
             if path == "sparse":
-                D, I = b.postings.search(q_idx.astype(np.int64), q_val, kk)
+                D, I = b.postings.search(
+                    q_idx.astype(np.int64), q_val, kk, require=require, exclude=exclude, should_stop=should_stop
+                )
             else:
                 if xq is None:
                     n = self.model.n_latents
@@ -184,17 +223,6 @@ class Searcher:
             out_D.append(d[order])
             out_R.append(r[order].astype(np.int64))
         return out_D, out_R
-
-    def _filter(self, refs: list[np.ndarray], require: set[int], exclude: set[int]) -> list[np.ndarray]:
-        keep = []
-        for r in refs:
-            mask = np.ones(len(r), dtype=bool)
-            for i, (s, row) in enumerate(r):
-                b = self.shards[s]
-                active = set(b.codes_idx[row][b.codes_val[row] > 0].tolist())
-                mask[i] = require <= active and not (exclude & active)
-            keep.append(mask)
-        return keep
 
     # ---- explanations -----------------------------------------------------------------------------
     def item_code(self, item_id: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -326,3 +326,43 @@ def test_gpu_dense_search_matches_cpu(random_ckpt, tmp_path):
     gpu = Searcher(tmp_path / "b", use_gpu=True).search(("img", xq), top_k=5, path="dense")
     assert gpu.ids == cpu.ids
     np.testing.assert_allclose(gpu.scores, cpu.scores, rtol=1e-4)
+
+
+def test_sparse_filters_equal_brute_force_over_shards(random_ckpt, tmp_path):
+    """require/exclude inside the posting-list search: exactly the filtered brute-force top-k, on two shards."""
+    from index import SearchStopped
+
+    feats = _feats(tmp_path, 550, 32, seed=1)
+    for i in range(2):
+        build_bundle(random_ckpt, "img", feats, tmp_path / f"s{i}", shard=(i, 2), progress=False)
+    s = Searcher([tmp_path / "s0", tmp_path / "s1"])
+    code = s.encode("txt", np.random.default_rng(3).standard_normal((12, 24)).astype(np.float32))
+    codes = [s.item_code(i) for i in range(550)]
+    G = np.zeros((550, 128), dtype=np.float32)
+    for i, (idx, val) in enumerate(codes):
+        G[i, idx] = val
+    Q = torch.nn.functional.normalize(code.to_dense(), dim=1).numpy()
+    counts = (G > 0).sum(0)
+    common = [int(j) for j in np.argsort(-counts)[:3]]  # frequent latents: filters that keep and drop many
+    for require, exclude in (([common[0]], []), ([], [common[1]]), ([common[0], common[2]], [common[1]])):
+        res = s.search(code, top_k=7, path="sparse", require=require, exclude=exclude)
+        ok = np.all(G[:, require] > 0, axis=1) & ~np.any(G[:, exclude] > 0, axis=1)
+        for q in range(12):
+            expected = np.where(ok, Q[q] @ G.T, 0.0)
+            n_hits = min(7, int((expected > 1e-6).sum()))
+            assert len(res.ids[q]) == n_hits
+            np.testing.assert_allclose(res.scores[q], np.sort(expected)[::-1][:n_hits], rtol=1e-3, atol=1e-4)
+            assert all(ok[int(i)] for i in res.ids[q])
+    # a rare required latent: only its few items can come back
+    rare = int(np.flatnonzero(counts == counts[counts > 0].min())[0])
+    res = s.search(code, top_k=50, path="sparse", require=[rare])
+    assert all(G[int(i), rare] > 0 for row in res.ids for i in row)
+    # a caller that asks to stop gets SearchStopped, not results
+    calls = []
+
+    def stop_after_first():
+        calls.append(1)
+        return len(calls) > 1
+
+    with pytest.raises(SearchStopped):
+        s.search(code, top_k=5, path="sparse", should_stop=stop_after_first)
