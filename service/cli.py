@@ -15,14 +15,18 @@ DEMO_INDEXES = {"demo-dino": "dino", "demo-clip-img": "clip_img"}  # index name 
 
 def register(sub: Any) -> None:
     """Add the ``serve`` command to the sparc parser."""
-    p = sub.add_parser("serve", help="run the gRPC retrieval service (default: the demo's model and indexes)")
+    p = sub.add_parser(
+        "serve", help="run the gRPC retrieval service (default: the demo's model and indexes)", allow_abbrev=False
+    )
     p.add_argument("--config", help="YAML/JSON ServiceSettings (env SPARC_* and flags override it)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--metrics-port", dest="metrics_port", type=int, help="Prometheus /metrics port (0 disables)")
     p.add_argument("--checkpoint")
     p.add_argument("--index", action="append", metavar="NAME=DIR[,DIR...]", help="an index and its shard bundles")
-    p.add_argument("--token", help="require this bearer token (or set SPARC_AUTH_TOKEN)")
+    p.add_argument("--token-file", dest="token_file", help="require the bearer token in this file (or set SPARC_AUTH_TOKEN)")
+    p.add_argument("--workers", type=int, help="gRPC worker threads: calls served at once (default 16)")
+    p.add_argument("--no-reflection", dest="reflection", action="store_false", default=None, help="turn reflection off")
     add_encoder_flags(p)  # local CLIP / DINOv2 weights for text and image queries
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_serve)
@@ -66,7 +70,9 @@ def _serve(args: argparse.Namespace) -> int:
         "port": args.port,
         "metrics_port": args.metrics_port,
         "checkpoint": args.checkpoint,
-        "auth_token": args.token,
+        "auth_token_file": args.token_file,
+        "workers": args.workers,
+        "reflection": args.reflection,
     }
     if args.index:
         indexes = {}

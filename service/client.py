@@ -114,10 +114,15 @@ class SparcClient:
         token: str | None = None,
         root_certificates: bytes | None = None,
         max_message_bytes: int = 16 * 1024 * 1024,
+        client_key: bytes | None = None,
+        client_cert: bytes | None = None,
     ) -> None:
+        """``root_certificates`` turns TLS on; ``client_key`` + ``client_cert`` (PEM) present a client
+        certificate to a server that requires one (tls_client_ca)."""
         options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
         if root_certificates is not None:
-            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=options)
+            creds = grpc.ssl_channel_credentials(root_certificates, private_key=client_key, certificate_chain=client_cert)
+            self.channel = grpc.secure_channel(target, creds, options=options)
         else:
             self.channel = grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.SparcStub(self.channel)

@@ -8,6 +8,7 @@ import io
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from index import Searcher
+from index import Searcher, SearchStopped
 from sparc_core import SparseCode, checkpoint_hash, load_checkpoint
 from sparc_core.checkpoint import pick_device
 from sparc_core.encoders import FeatureEncoder, load_encoders
@@ -34,6 +35,8 @@ class ServiceError(Exception):
 
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+HIT_BYTES = 64  # a hit in the reply: id, score, rank, index name, framing (ids of up to ~40 characters)
+EXPLANATION_BYTES = 8 * 24  # the 8 shared latents of an explained hit
 
 
 @dataclass
@@ -149,8 +152,11 @@ class EncodeBatcher:
         self._q.put(None)
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """An RGB image from JPEG/PNG/WebP bytes; anything else, or one over ``max_pixels``, is INVALID_ARGUMENT."""
+def decode_image(data: bytes, max_pixels: int, target: int = 1024) -> Image.Image:
+    """An RGB image from JPEG/PNG/WebP bytes; anything else, or one over ``max_pixels``, is INVALID_ARGUMENT.
+
+    JPEGs are decoded at the smallest scale still at least ``target`` pixels on the short side (the
+    encoders resize far below that), which bounds the memory of a large photo."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.format not in IMAGE_FORMATS:
@@ -159,6 +165,9 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
                 raise ServiceError(
                     "INVALID_ARGUMENT", f"image of {im.width}x{im.height} pixels exceeds max_image_pixels {max_pixels}"
                 )
+            if im.format == "JPEG":
+                scale = max(1, min(im.width, im.height) // target)
+                im.draft("RGB", (max(1, im.width // scale), max(1, im.height // scale)))
             return im.convert("RGB")
     except ServiceError:
         raise
@@ -197,6 +206,7 @@ class Engine:
             kind: self._default_stream(kind, getattr(settings, f"{kind}_stream")) for kind in ("text", "image")
         }
         self.batcher = EncodeBatcher(self.model, self.encoders, settings.batch_max_size, settings.batch_max_wait_ms)
+        self._decoders = threading.BoundedSemaphore(settings.image_decoders)
 
     def _default_stream(self, kind: str, wanted: str | None) -> str | None:
         streams = self.encoder_streams[kind]
@@ -249,7 +259,8 @@ class Engine:
             if len(image) > s.max_image_bytes:
                 raise ServiceError("INVALID_ARGUMENT", f"image query of {len(image)} bytes exceeds {s.max_image_bytes}")
             enc = self._encoder_for("image", encoder_stream)
-            return QuerySpec(enc.stream, pixels=enc.preprocess(decode_image(image, s.max_image_pixels)))
+            with self._decoders:  # a bounded number of images in memory at once
+                return QuerySpec(enc.stream, pixels=enc.preprocess(decode_image(image, s.max_image_pixels)))
         if encoder_stream:
             raise ServiceError("INVALID_ARGUMENT", "encoder_stream is for text and image queries; a vector names its stream")
         if not stream:
@@ -262,6 +273,9 @@ class Engine:
             raise ServiceError("INVALID_ARGUMENT", f"stream {stream!r} takes {dim} values, got {vec.size}")
         if not np.isfinite(vec).all():
             raise ServiceError("INVALID_ARGUMENT", "vector contains NaN or inf")
+        if float(np.abs(vec).max()) > s.max_abs_value:
+            big = float(np.abs(vec).max())
+            raise ServiceError("INVALID_ARGUMENT", f"vector entry of magnitude {big:.3g} > max_abs_value {s.max_abs_value:g}")
         if not np.any(vec):
             raise ServiceError("INVALID_ARGUMENT", "vector is all zeros")
         return QuerySpec(stream, vector=vec)
@@ -282,14 +296,46 @@ class Engine:
             if not 0 <= lat < n:
                 raise ServiceError("INVALID_ARGUMENT", f"latent {lat} is out of range [0, {n})")
         for lat, w in spec.boost.items():
-            if not np.isfinite(w):
-                raise ServiceError("INVALID_ARGUMENT", f"boost of latent {lat} is not finite")
+            m = self.settings.max_abs_boost
+            if not np.isfinite(w) or abs(w) > m:
+                raise ServiceError("INVALID_ARGUMENT", f"boost {w:g} of latent {lat} is outside [-{m:g}, {m:g}]")
+        if len(set(spec.indexes)) != len(spec.indexes):
+            raise ServiceError("INVALID_ARGUMENT", "an index is named more than once")
+
+    def check_budget(self, specs: list[SearchSpec]) -> None:
+        """Refuse, before any work, a call whose hits or reply would exceed the limits (RESOURCE_EXHAUSTED)."""
+        s = self.settings
+        hits = sum(spec.top_k * len(spec.indexes) for spec in specs)
+        explained = sum(spec.top_k for spec in specs if spec.explain)
+        reply = sum(spec.top_k * (HIT_BYTES + (EXPLANATION_BYTES if spec.explain else 0)) for spec in specs)
+        if hits > s.max_hits_per_call:
+            raise ServiceError(
+                "RESOURCE_EXHAUSTED",
+                f"{len(specs)} queries x top_k x indexes = {hits} hits exceeds max_hits_per_call {s.max_hits_per_call}; "
+                "split the batch or lower top_k",
+            )
+        if explained > s.max_explained_hits_per_call:
+            raise ServiceError(
+                "RESOURCE_EXHAUSTED",
+                f"{explained} explained hits exceeds max_explained_hits_per_call {s.max_explained_hits_per_call}; "
+                "explain fewer hits (lower top_k) or split the batch",
+            )
+        if reply > s.max_message_bytes:
+            raise ServiceError(
+                "RESOURCE_EXHAUSTED",
+                f"the reply would be about {reply / 2**20:.1f} MiB, over max_message_bytes "
+                f"({s.max_message_bytes / 2**20:.1f} MiB); split the batch or lower top_k",
+            )
 
     # ---- work -------------------------------------------------------------------------------------
     def encode(self, specs: list[QuerySpec]) -> list[SparseCode]:
         """Codes of validated queries, through the micro-batcher."""
         futures = [self.batcher.submit(q.stream, *q.payload()) for q in specs]
-        return [f.result() for f in futures]
+        codes = [f.result() for f in futures]
+        for i, c in enumerate(codes):
+            if not torch.isfinite(c.values).all():
+                raise ServiceError("INVALID_ARGUMENT", f"query {i} overflows the encoder (its code is not finite)")
+        return codes
 
     def decode(self, code: SparseCode, stream: str) -> np.ndarray:
         if stream not in self.model.cfg.streams:
@@ -297,10 +343,14 @@ class Engine:
         with torch.no_grad():
             return self.model.decode(code.to(self.model.device), stream).cpu().numpy()
 
-    def search(self, specs: list[SearchSpec]) -> list[tuple[SparseCode, list[Hit]]]:
-        """Run validated searches; requests with equal settings share one batched index call."""
+    def search(
+        self, specs: list[SearchSpec], should_stop: Callable[[], bool] | None = None
+    ) -> list[tuple[SparseCode, list[Hit]]]:
+        """Run validated searches; requests with equal settings share one batched index call. ``should_stop``
+        is polled between chunks of work: once it is true the search raises SearchStopped."""
         for spec in specs:
             self.check_search(spec)
+        self.check_budget(specs)
         codes = self.encode([s.query for s in specs])
         results: list[list[Hit]] = [[] for _ in specs]
         groups: dict[tuple, list[int]] = {}
@@ -332,10 +382,13 @@ class Engine:
                     require=spec.require or None,
                     exclude=spec.exclude or None,
                     boost=spec.boost or None,
+                    should_stop=should_stop,
                 )
                 for j in range(len(members)):
                     merged[j].extend((sc, name, item) for item, sc in zip(res.ids[j], res.scores[j]))
             for j, i in enumerate(members):
+                if should_stop is not None and j % 64 == 0 and should_stop():
+                    raise SearchStopped("stopped while explaining hits")
                 best = sorted(merged[j], key=lambda t: -t[0])[: spec.top_k]
                 hits = []
                 for rank, (score, name, item) in enumerate(best, start=1):

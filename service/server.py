@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from sparc_core import SparcError
 
-from .engine import Engine, SearchSpec, ServiceError
+from .engine import Engine, SearchSpec, SearchStopped, ServiceError
 from .protogen import ensure_stubs
 from .settings import ServiceSettings
 
@@ -51,6 +51,13 @@ class Metrics:
             "sparc_query_l0", "active latents per query code", registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
         )
         self.index_items = Gauge("sparc_index_items", "items per index", ["index"], registry=self.registry)
+        self.auth_failures = Counter(
+            "sparc_auth_failures_total", "calls refused for a missing or wrong token", ["method"], registry=self.registry
+        )
+        self.open_streams = Gauge("sparc_open_streams", "streaming calls open now", registry=self.registry)
+        self.streams_refused = Counter(
+            "sparc_streams_refused_total", "streaming calls refused by the stream caps", ["reason"], registry=self.registry
+        )
 
 
 def _code_pb(code: Any, row: int = 0) -> pb.SparseCode:
@@ -79,10 +86,16 @@ class SparcServicer(pb_grpc.SparcServicer):
             if self.engine is None:
                 raise ServiceError("UNAVAILABLE", "the server is still loading its checkpoint and indexes")
             self._check_deadline(context)
-            return fn()
+            out = fn()
+            if not context.is_active():  # the client is gone: what it saw was a deadline or a cancellation
+                code = self._gone(context)
+            return out
         except ServiceError as e:
             code = e.code
             context.abort(getattr(grpc.StatusCode, e.code), e.message)
+        except SearchStopped:
+            code = self._gone(context)
+            context.abort(getattr(grpc.StatusCode, code), "the call's deadline passed or it was cancelled; its work stopped")
         except SparcError as e:
             code = "INVALID_ARGUMENT"
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -93,6 +106,23 @@ class SparcServicer(pb_grpc.SparcServicer):
         finally:
             self._slots.release()
             self._finish(method, code, t0, context)
+
+    @staticmethod
+    def _gone(context: grpc.ServicerContext) -> str:
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+    @staticmethod
+    def _stopper(context: grpc.ServicerContext) -> Callable[[], bool]:
+        """True once the call's deadline passed, the client cancelled, or shutdown's grace ran out."""
+
+        def should_stop() -> bool:
+            if not context.is_active():
+                return True
+            remaining = context.time_remaining()
+            return remaining is not None and remaining <= 0
+
+        return should_stop
 
     def _finish(self, method: str, code: str, t0: float, context: grpc.ServicerContext) -> None:
         dt = time.perf_counter() - t0
@@ -121,7 +151,7 @@ class SparcServicer(pb_grpc.SparcServicer):
             raise ServiceError("INVALID_ARGUMENT", f"unknown search path {r.path}")
         return SearchSpec(
             query=self._query(r.query),
-            indexes=list(r.indexes),
+            indexes=list(dict.fromkeys(r.indexes)),  # a name given twice is searched once
             top_k=r.top_k or 10,
             path=PATHS[r.path] or self.engine.settings.default_path,
             require=sorted(set(r.filter.require)),
@@ -134,7 +164,7 @@ class SparcServicer(pb_grpc.SparcServicer):
 
     def _responses(self, specs: list[SearchSpec], context: grpc.ServicerContext) -> list[pb.SearchResponse]:
         out = []
-        results = self.engine.search(specs)
+        results = self.engine.search(specs, should_stop=self._stopper(context))
         self._check_deadline(context)
         for spec, (code, hits) in zip(specs, results):
             self.metrics.query_l0.observe(int((code.values > 0).sum()))
@@ -198,7 +228,7 @@ class SparcServicer(pb_grpc.SparcServicer):
         threading.Thread(target=read, name="stream-reader", daemon=True).start()
         finished = False
         while not finished:
-            first = pending.get()
+            first = self._next_request(pending, context)
             if first is None:
                 break
             batch = [first]
@@ -212,6 +242,19 @@ class SparcServicer(pb_grpc.SparcServicer):
                     break
                 batch.append(r)
             yield from self._call("SearchStream", context, lambda b=batch: self._responses([self._spec(r) for r in b], context))
+
+    def _next_request(self, pending: queue.Queue, context: grpc.ServicerContext) -> Any:
+        """The stream's next request; None when it ended, was cancelled or stayed idle too long."""
+        idle = self.engine.settings.stream_idle_seconds if self.engine is not None else 30.0
+        waited = 0.0
+        while context.is_active():
+            try:
+                return pending.get(timeout=0.25)
+            except queue.Empty:
+                waited += 0.25
+                if waited >= idle:
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"stream idle for {idle:g} s; closed")
+        return None
 
     def Encode(self, request, context):
         def run():
@@ -268,28 +311,209 @@ class SparcServicer(pb_grpc.SparcServicer):
         return self._call("GetLatent", context, run)
 
 
+def _wrap_handler(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Callable]) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour wrapped (``wrap(behaviour, request_streaming)``)."""
+    kinds = {
+        (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+        (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+        (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+        (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+    }
+    attr, make = kinds[(handler.request_streaming, handler.response_streaming)]
+    behaviour = wrap(getattr(handler, attr), handler.request_streaming)
+    return make(behaviour, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
+def _abort_handler(code: grpc.StatusCode, message: str, request_streaming: bool, response_streaming: bool):
+    def deny(request, context):
+        context.abort(code, message)
+
+    def deny_stream(request, context):
+        context.abort(code, message)
+        yield  # pragma: no cover - a generator, as a streaming handler must be
+
+    if response_streaming:
+        make = grpc.stream_stream_rpc_method_handler if request_streaming else grpc.unary_stream_rpc_method_handler
+        return make(deny_stream)
+    make = grpc.stream_unary_rpc_method_handler if request_streaming else grpc.unary_unary_rpc_method_handler
+    return make(deny)
+
+
 class BearerAuth(grpc.ServerInterceptor):
-    """Rejects calls without ``authorization: Bearer <token>`` (health checks stay open)."""
+    """Refuses calls without ``authorization: Bearer <token>`` (scheme in any case); health checks stay open.
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}"
+    Refusals are counted in ``sparc_auth_failures_total`` and logged at most once per ``log_every`` seconds
+    (with the number refused since the last line), so a flood of wrong tokens cannot flood the log.
+    """
 
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+    def __init__(self, token: str, metrics: Metrics | None = None, log_every: float = 10.0) -> None:
+        import hmac
 
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.stream_stream_rpc_method_handler(lambda it, ctx: deny(None, ctx))
+        self._token = token.encode()
+        self._compare = hmac.compare_digest
+        self._metrics = metrics
+        self._log_every = log_every
+        self._lock = threading.Lock()
+        self._since_log = 0
+        self._last_log = -float("inf")
+
+    def _ok(self, header: str) -> bool:
+        scheme, _, token = header.strip().partition(" ")
+        return scheme.lower() == "bearer" and self._compare(token.strip().encode(), self._token)
+
+    def _refused(self, method: str, peer_meta: dict) -> None:
+        if self._metrics is not None:
+            self._metrics.auth_failures.labels(method.rsplit("/", 1)[-1] or "?").inc()
+        now = time.monotonic()
+        with self._lock:
+            self._since_log += 1
+            if now - self._last_log < self._log_every:
+                return
+            n, self._since_log, self._last_log = self._since_log, 0, now
+        reason = "no authorization header" if "authorization" not in peer_meta else "wrong scheme or token"
+        log.warning(json.dumps({"event": "auth_refused", "method": method, "refused": n, "reason": reason}))
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method or ""
-        if method.startswith("/grpc.health.v1.") or method.startswith("/grpc.reflection."):
+        if method.startswith("/grpc.health.v1."):
             return continuation(handler_call_details)
         meta = dict(handler_call_details.invocation_metadata or ())
-        import hmac
-
-        if hmac.compare_digest(meta.get("authorization", ""), self._expected):
+        if self._ok(str(meta.get("authorization", ""))):
             return continuation(handler_call_details)
-        return self._deny_stream if method.endswith("/SearchStream") else self._deny
+        self._refused(method, meta)
+        handler = continuation(handler_call_details)
+        streaming = (handler.request_streaming, handler.response_streaming) if handler is not None else (False, False)
+        return _abort_handler(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token", *streaming)
+
+
+def _client_of(peer: str) -> str:
+    """The client address of a gRPC peer string ("ipv4:10.0.0.1:5123" -> "ipv4:10.0.0.1")."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rsplit(":", 1)[0]
+    return peer
+
+
+class StreamGate(grpc.ServerInterceptor):
+    """Bounds streaming calls (SearchStream, reflection, health Watch), which each hold a worker thread while
+    open: at most ``max_streams`` open on the server and ``per_client`` per client address, so unary calls
+    always keep workers; a stream with no message either way for ``idle_seconds`` is cancelled."""
+
+    def __init__(self, max_streams: int, per_client: int, idle_seconds: float, metrics: Metrics | None = None) -> None:
+        self.max_streams, self.per_client, self.idle = max_streams, per_client, idle_seconds
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+        self._total = 0
+        self._active: dict[int, list] = {}  # id -> [context, last activity]
+        self._watchdog: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _acquire(self, client: str) -> str | None:
+        with self._lock:
+            if self._total >= self.max_streams:
+                return f"server has {self._total} streams open (max_streams {self.max_streams})"
+            if self._open.get(client, 0) >= self.per_client:
+                return f"this client has {self._open[client]} streams open (max_streams_per_client {self.per_client})"
+            self._total += 1
+            self._open[client] = self._open.get(client, 0) + 1
+            if self._metrics is not None:
+                self._metrics.open_streams.set(self._total)
+            return None
+
+    def _release(self, client: str, key: int) -> None:
+        with self._lock:
+            self._total -= 1
+            self._open[client] -= 1
+            if not self._open[client]:
+                del self._open[client]
+            self._active.pop(key, None)
+            if self._metrics is not None:
+                self._metrics.open_streams.set(self._total)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(0.5, self.idle / 4)):
+            now = time.monotonic()
+            with self._lock:
+                idle = [ctx for ctx, last in self._active.values() if now - last > self.idle]
+            for ctx in idle:
+                ctx.cancel()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or not (handler.request_streaming or handler.response_streaming):
+            return handler
+        gate = self
+
+        def wrap(behaviour: Callable, request_streaming: bool) -> Callable:
+            def gated(request, context):
+                client = _client_of(context.peer())
+                refused = gate._acquire(client)
+                if refused is not None:
+                    if gate._metrics is not None:
+                        gate._metrics.streams_refused.labels("server" if "server has" in refused else "client").inc()
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many open streams: {refused}")
+                key = id(context)
+                entry = [context, time.monotonic()]
+                with gate._lock:
+                    gate._active[key] = entry
+                    if gate._watchdog is None:
+                        gate._watchdog = threading.Thread(target=gate._watch, name="stream-watchdog", daemon=True)
+                        gate._watchdog.start()
+
+                def touched(it):
+                    for item in it:
+                        entry[1] = time.monotonic()
+                        yield item
+
+                try:
+                    out = behaviour(touched(request) if request_streaming else request, context)
+                    if handler.response_streaming:
+                        for item in out:
+                            entry[1] = time.monotonic()
+                            yield item
+                    else:
+                        yield out
+                finally:
+                    gate._release(client, key)
+
+            if handler.response_streaming:
+                return gated
+
+            def unary_reply(request, context):  # a request stream with one reply: the gate, then the reply
+                return next(iter(gated(request, context)))
+
+            return unary_reply
+
+        return _wrap_handler(handler, wrap)
+
+
+def _read_pem(path: str, what: str, marker: str) -> bytes:
+    try:
+        data = open(path, "rb").read()
+    except OSError as e:
+        raise ServiceError("FAILED_PRECONDITION", f"{what} {path}: unreadable ({e.strerror})") from None
+    if marker.encode() not in data:
+        raise ServiceError("FAILED_PRECONDITION", f"{what} {path}: no PEM '{marker}' block in it (cert and key swapped?)")
+    return data
+
+
+def _server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
+    """TLS (and mTLS) credentials, checked before the server binds; None without TLS."""
+    if not settings.tls_cert:
+        return None
+    cert = _read_pem(settings.tls_cert, "tls_cert", "CERTIFICATE")
+    key = _read_pem(settings.tls_key or "", "tls_key", "PRIVATE KEY")
+    import ssl
+
+    try:  # the key must belong to the certificate
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(settings.tls_cert, settings.tls_key)
+    except ssl.SSLError as e:
+        raise ServiceError("FAILED_PRECONDITION", f"tls_cert and tls_key do not form a usable pair ({e.reason})") from None
+    ca = _read_pem(settings.tls_client_ca, "tls_client_ca", "CERTIFICATE") if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
 class SparcServer:
@@ -301,7 +525,13 @@ class SparcServer:
         self.settings = settings
         self.health = health.HealthServicer()
         self.metrics = Metrics()
-        interceptors = [BearerAuth(settings.auth_token)] if settings.auth_token else []
+        creds = _server_credentials(settings)  # before binding: a bad TLS setup never serves plaintext
+        token = settings.token()
+        self.streams = StreamGate(
+            settings.stream_limit, settings.max_streams_per_client, settings.stream_idle_seconds, self.metrics
+        )
+        interceptors: list[grpc.ServerInterceptor] = [BearerAuth(token, self.metrics)] if token else []
+        interceptors.append(self.streams)
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -311,22 +541,22 @@ class SparcServer:
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
             interceptors=interceptors,
             options=options,
-            maximum_concurrent_rpcs=settings.max_in_flight * 2,
+            # one call per worker: beyond that grpc refuses at once (RESOURCE_EXHAUSTED) instead of queueing
+            maximum_concurrent_rpcs=settings.workers,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{settings.host}:{settings.port}"
-        if settings.tls_cert and settings.tls_key:
-            with open(settings.tls_cert, "rb") as c, open(settings.tls_key, "rb") as k:
-                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
-            self.port = self.server.add_secure_port(address, creds)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise ServiceError("UNAVAILABLE", f"cannot listen on {address} ({e})") from None
         if self.port == 0:
             raise ServiceError("UNAVAILABLE", f"cannot listen on {address}")
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.servicer = SparcServicer(None, self.metrics, settings.max_in_flight)
+        if settings.reflection:
+            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.servicer = SparcServicer(None, self.metrics, settings.in_flight_limit)
         pb_grpc.add_SparcServicer_to_server(self.servicer, self.server)
         self.engine: Engine | None = None
         self._metrics_server = None
@@ -354,7 +584,9 @@ class SparcServer:
     def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let in-flight calls finish for ``grace`` seconds, release everything."""
         self.health.enter_graceful_shutdown()
+        # After the grace period grpc cancels the calls still running; their work checks for that and stops.
         self.server.stop(self.settings.grace_seconds if grace is None else grace).wait()
+        self.streams.close()
         if self.engine is not None:
             self.engine.close()
         if self._metrics_server is not None:

@@ -7,11 +7,12 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sparc_core.config import EncodersConfig, build_config, load_config_file
+from sparc_core.config import ConfigError, EncodersConfig, build_config, load_config_file
 
 ENV_PREFIX = "SPARC_"
+STRING_FIELDS = ("auth_token", "auth_token_file", "tls_cert", "tls_key", "tls_client_ca")  # env values taken verbatim
 
 
 class ServiceSettings(BaseModel):
@@ -23,25 +24,36 @@ class ServiceSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)  # 0 picks a free port
     metrics_port: int = Field(9464, ge=0, le=65535)  # Prometheus /metrics; 0 disables
-    workers: int = Field(16, ge=1)  # gRPC handler threads
+    workers: int = Field(16, ge=1)  # gRPC handler threads; calls beyond them are refused (RESOURCE_EXHAUSTED)
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_top_k: int = Field(1000, ge=1)
     max_batch: int = Field(1024, ge=1)  # queries per SearchBatch call
+    max_hits_per_call: int = Field(200_000, ge=1)  # queries x top_k x indexes of one call, refused before any work
+    max_explained_hits_per_call: int = Field(20_000, ge=1)  # the same, for hits with explanations
     max_text_chars: int = Field(4096, ge=1)
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1)
-    max_in_flight: int = Field(256, ge=1)  # concurrent calls before RESOURCE_EXHAUSTED
+    max_image_pixels: int = Field(16_000_000, ge=1)  # larger images are refused before decoding
+    image_decoders: int = Field(2, ge=1)  # images decoded at once (each can take ~4 bytes per pixel)
+    max_abs_value: float = Field(1e6, gt=0)  # vector queries with larger entries are refused
+    max_abs_boost: float = Field(100.0, gt=0)  # latent boosts must lie in [-max_abs_boost, max_abs_boost]
+    max_in_flight: int | None = Field(None, ge=1)  # concurrent calls doing work (default and at most: workers)
+    max_streams: int | None = Field(None, ge=1)  # open streaming calls, all clients (default: workers // 4)
+    max_streams_per_client: int = Field(4, ge=1)  # open streaming calls per client address
+    stream_idle_seconds: float = Field(30.0, gt=0)  # a stream with no message either way for this long is ended
     batch_max_size: int = Field(256, ge=1)  # micro-batching: queries encoded together
     batch_max_wait_ms: float = Field(0.0, ge=0)  # micro-batching: extra wait for company (0: batch what is queued)
     default_path: Literal["sparse", "dense"] = "sparse"
-    auth_token: str | None = None  # if set, calls need "authorization: Bearer <token>"
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    grace_seconds: float = Field(10.0, ge=0)  # SIGTERM: in-flight calls get this long to finish
+    auth_token: str | None = None  # if set, calls need "authorization: Bearer <token>" (env SPARC_AUTH_TOKEN)
+    auth_token_file: str | None = None  # or read the token from this file (never from the command line)
+    reflection: bool = True  # gRPC server reflection (behind the token when auth is on)
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key, the server speaks TLS only
+    tls_key: str | None = None  # PEM private key
+    tls_client_ca: str | None = None  # PEM CA bundle: clients must present a certificate it signed (mTLS)
+    grace_seconds: float = Field(10.0, ge=0)  # SIGTERM: in-flight calls get this long to finish, then are cancelled
     device: str = "auto"
     encoders: EncodersConfig | None = None  # CLIP / DINOv2 local weights; without them only vector queries are served
     text_stream: str | None = None  # default stream for text queries (default: the only text encoder's)
     image_stream: str | None = None  # default stream for image queries (default: the first image encoder's)
-    max_image_pixels: int = Field(40_000_000, ge=1)  # larger images are refused before decoding
 
     @field_validator("indexes")
     @classmethod
@@ -50,6 +62,43 @@ class ServiceSettings(BaseModel):
             if not name or not paths:
                 raise ValueError(f"index {name!r} needs a name and at least one bundle directory")
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServiceSettings:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            have, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
+            raise ValueError(f"{have} is set but {missing} is not: TLS needs both (refusing to serve plaintext)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (client certificates) needs tls_cert and tls_key")
+        if self.auth_token is not None and self.auth_token_file is not None:
+            raise ValueError("set auth_token or auth_token_file, not both")
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise ValueError("auth_token is empty")
+        if self.max_in_flight is not None and self.max_in_flight > self.workers:
+            raise ValueError(f"max_in_flight {self.max_in_flight} exceeds workers {self.workers}: it could never be reached")
+        if self.max_streams is not None and self.max_streams >= self.workers:
+            raise ValueError(f"max_streams {self.max_streams} must leave unary calls a worker (workers {self.workers})")
+        return self
+
+    @property
+    def in_flight_limit(self) -> int:
+        return self.max_in_flight or self.workers
+
+    @property
+    def stream_limit(self) -> int:
+        return self.max_streams or max(1, self.workers // 4)
+
+    def token(self) -> str | None:
+        """The bearer token, from auth_token or read from auth_token_file (ConfigError naming the file)."""
+        if self.auth_token_file is None:
+            return self.auth_token
+        try:
+            token = Path(self.auth_token_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"auth_token_file {self.auth_token_file}: unreadable ({e.strerror})") from None
+        if not token:
+            raise ConfigError(f"auth_token_file {self.auth_token_file}: empty")
+        return token
 
 
 def load_settings(
@@ -62,7 +111,7 @@ def load_settings(
         raw = env.get(ENV_PREFIX + name.upper())
         if raw is None:
             continue
-        if field.annotation in (int, float, str) or name in ("auth_token", "tls_cert", "tls_key"):
+        if field.annotation in (int, float, str) or name in STRING_FIELDS:
             data[name] = raw
         else:
             try:

@@ -1,0 +1,387 @@
+"""What a hostile or careless client, a half-configured deployment and an on-call engineer would try:
+idle streams, floods of wrong tokens, huge requests, expired deadlines, half-configured TLS."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from index import build_bundle
+from service.client import SparcClient, make_query, search_request
+from service.engine import ServiceError
+from service.server import SparcServer, pb
+from service.settings import load_settings
+from sparc_core import ConfigError
+
+TOKEN = "s3cret-token"
+
+
+def _settings(checkpoint, bundles, **extra):
+    base = {"checkpoint": str(checkpoint), "indexes": bundles, "port": 0, "metrics_port": 0}
+    return load_settings(overrides=base | extra, environ={})
+
+
+@pytest.fixture(scope="module")
+def bundles(trained_checkpoint, medium_synth, tmp_path_factory) -> dict[str, list[str]]:
+    root = tmp_path_factory.mktemp("hard-bundles")
+    build_bundle(trained_checkpoint, "dino", medium_synth / "eval" / "dino.npy", root / "dino", progress=False)
+    return {"dino": [str(root / "dino")]}
+
+
+@pytest.fixture(scope="module")
+def queries(medium_synth) -> np.ndarray:
+    return np.load(medium_synth / "eval" / "clip_txt.npy")
+
+
+def _req(q, **kw):
+    return search_request(make_query(stream="clip_txt", vector=q), kw.pop("indexes", ["dino"]), **kw)
+
+
+def _count(metric, *labels) -> float:
+    return metric.labels(*labels)._value.get()
+
+
+# ---- streams and workers -------------------------------------------------------------------------
+def test_idle_streams_cannot_starve_other_clients(trained_checkpoint, bundles, queries):
+    """64 idle SearchStream calls from one client: most are refused at once, the rest hold a bounded
+    number of workers, and another client's Search still answers within 100 ms."""
+    srv = SparcServer(_settings(trained_checkpoint, bundles, workers=16)).start()
+    target = f"127.0.0.1:{srv.port}"
+    held, stop = [], threading.Event()
+    refused = []
+    try:
+        hog = grpc.insecure_channel(target)
+        stub = __import__("service.server", fromlist=["pb_grpc"]).pb_grpc.SparcStub(hog)
+
+        def idle_requests():
+            stop.wait()  # sends nothing until the test ends
+            return
+            yield
+
+        def hold():
+            try:
+                for _ in stub.SearchStream(idle_requests(), timeout=30):
+                    pass
+            except grpc.RpcError as e:
+                refused.append(e.code())
+
+        for _ in range(64):
+            t = threading.Thread(target=hold, daemon=True)
+            t.start()
+            held.append(t)
+        deadline = time.monotonic() + 10
+        while len(refused) < 64 - srv.settings.stream_limit and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(refused) == 64 - srv.settings.stream_limit  # stream_limit (4) stay open, the rest refused
+        assert set(refused) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        with SparcClient(target) as other:
+            other.health()  # the connection is up
+            times = []
+            for q in queries[:20]:
+                t0 = time.perf_counter()
+                assert other.search(_req(q), timeout=5).hits
+                times.append(time.perf_counter() - t0)
+        assert float(np.median(times)) < 0.1, times
+        assert srv.metrics.open_streams._value.get() == srv.settings.stream_limit
+    finally:
+        stop.set()
+        for t in held:
+            t.join(timeout=10)
+        hog.close()
+        srv.stop(0)
+
+
+def test_an_idle_stream_is_closed_after_stream_idle_seconds(trained_checkpoint, bundles, queries):
+    srv = SparcServer(_settings(trained_checkpoint, bundles, stream_idle_seconds=0.5)).start()
+    stop = threading.Event()
+    try:
+        with SparcClient(f"127.0.0.1:{srv.port}") as c:
+
+            def requests():
+                yield _req(queries[0])
+                stop.wait(20)  # then nothing
+
+            t0 = time.perf_counter()
+            got = []
+            with pytest.raises(grpc.RpcError) as e:
+                for r in c.search_stream(requests(), timeout=20):
+                    got.append(r)
+            elapsed = time.perf_counter() - t0
+        assert len(got) == 1 and got[0].hits  # the first request was answered
+        assert e.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+        assert 0.4 < elapsed < 5, elapsed
+    finally:
+        stop.set()
+        srv.stop(0)
+
+
+def test_overload_is_refused_fast_with_resource_exhausted(trained_checkpoint, bundles, queries, monkeypatch):
+    from service.engine import Engine
+
+    orig = Engine.search
+    release = threading.Event()
+
+    def blocked(self, specs, should_stop=None):
+        release.wait(10)
+        return orig(self, specs, should_stop)
+
+    monkeypatch.setattr(Engine, "search", blocked)
+    srv = SparcServer(_settings(trained_checkpoint, bundles, workers=4, max_in_flight=2)).start()
+    try:
+        with SparcClient(f"127.0.0.1:{srv.port}") as c:
+            busy = [threading.Thread(target=lambda: c.search(_req(queries[0]), timeout=15)) for _ in range(2)]
+            for t in busy:
+                t.start()
+            time.sleep(0.3)
+            t0 = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as e:
+                c.search(_req(queries[1]), timeout=5)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.perf_counter() - t0 < 0.5
+            release.set()
+            for t in busy:
+                t.join()
+    finally:
+        release.set()
+        srv.stop(0)
+
+
+# ---- deadlines and cancellation reach the work ------------------------------------------------------
+def _busy_postings(monkeypatch, seconds_per_query: float):
+    from index.postings import Postings
+
+    orig = Postings._search_one
+
+    def busy(self, *a, **k):
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds_per_query:  # CPU work, as a large gallery gives
+            pass
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(Postings, "_search_one", busy)
+
+
+def test_an_expired_deadline_stops_the_work_within_100ms(trained_checkpoint, bundles, queries, monkeypatch):
+    _busy_postings(monkeypatch, 0.005)  # 300 queries: 1.5 s of work
+    srv = SparcServer(_settings(trained_checkpoint, bundles)).start()
+    try:
+        before = _count(srv.metrics.requests, "SearchBatch", "DEADLINE_EXCEEDED")
+        ok_before = _count(srv.metrics.requests, "SearchBatch", "OK")
+        with SparcClient(f"127.0.0.1:{srv.port}") as c:
+            c.health()
+            with pytest.raises(grpc.RpcError) as e:
+                c.search_batch([_req(q) for q in queries[:300]], timeout=0.2)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            time.sleep(0.1)
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            time.sleep(0.4)
+            cpu = time.process_time() - cpu0
+        assert cpu < 0.1 * (time.perf_counter() - wall0) + 0.05, cpu  # the server is idle again
+        deadline = time.monotonic() + 3
+        while _count(srv.metrics.requests, "SearchBatch", "DEADLINE_EXCEEDED") == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _count(srv.metrics.requests, "SearchBatch", "DEADLINE_EXCEEDED") == before + 1  # what the client saw
+        assert _count(srv.metrics.requests, "SearchBatch", "OK") == ok_before
+    finally:
+        srv.stop(0)
+
+
+def test_shutdown_stops_in_flight_work_at_the_grace_period(trained_checkpoint, bundles, queries, monkeypatch):
+    _busy_postings(monkeypatch, 0.01)  # 500 queries: 5 s of work
+    srv = SparcServer(_settings(trained_checkpoint, bundles, grace_seconds=0.3)).start()
+    errors = []
+    with SparcClient(f"127.0.0.1:{srv.port}") as c:
+        c.health()
+
+        def call():
+            try:
+                c.search_batch([_req(q) for q in queries[:500]], timeout=30)
+            except grpc.RpcError as e:
+                errors.append(e.code())
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.3)
+        t0 = time.perf_counter()
+        srv.stop()
+        stopped = time.perf_counter() - t0
+        t.join(10)
+    assert stopped < 1.5, stopped  # grace 0.3 s, then the work stops
+    assert errors and errors[0] != grpc.StatusCode.OK
+    assert _count(srv.metrics.requests, "SearchBatch", "OK") == 0
+
+
+# ---- bounded work per request -----------------------------------------------------------------------
+def test_a_call_over_budget_is_refused_before_any_work(trained_checkpoint, bundles, queries):
+    s = _settings(trained_checkpoint, bundles, max_batch=1024, max_top_k=1000, max_message_bytes=8 * 2**20)
+    srv = SparcServer(s).start()
+    try:
+        with SparcClient(f"127.0.0.1:{srv.port}") as c:
+            reqs = [_req(queries[i % len(queries)], top_k=1000, explain=True) for i in range(1024)]
+            t0 = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as e:
+                c.search_batch(reqs, timeout=30)
+            assert time.perf_counter() - t0 < 2.0
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "exceeds max_hits_per_call" in e.value.details()
+            # within the hit budget but a reply over max_message_bytes is refused up front too
+            reqs = [_req(queries[i], top_k=1000) for i in range(150)]
+            with pytest.raises(grpc.RpcError) as e:
+                c.search_batch(reqs, timeout=30)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_message_bytes" in e.value.details()
+            assert srv.health.Check is not None and c.health() == "SERVING"
+    finally:
+        srv.stop(0)
+
+
+@pytest.fixture(scope="module")
+def client_server(trained_checkpoint, bundles):
+    srv = SparcServer(_settings(trained_checkpoint, bundles, auth_token=TOKEN)).start()
+    with SparcClient(f"127.0.0.1:{srv.port}", token=TOKEN) as c:
+        yield c, srv
+    srv.stop(0)
+
+
+def test_duplicate_index_names_search_once(client_server, queries):
+    c, _ = client_server
+    r = c.search(_req(queries[0], indexes=["dino"] * 50, top_k=10))
+    ids = [h.id for h in r.hits]
+    assert len(ids) == 10 and len(set(ids)) == 10
+
+
+@pytest.mark.parametrize(
+    "vector_scale, boost, what",
+    [(3e38, None, "max_abs_value"), (1e7, None, "max_abs_value"), (1.0, -1e30, "outside"), (1.0, 1e3, "outside")],
+)
+def test_absurd_numbers_are_refused(client_server, queries, vector_scale, boost, what):
+    c, _ = client_server
+    q = queries[1].copy()
+    q[0] = np.float32(vector_scale)  # one absurd entry (3e38 fits float32; its square does not)
+    req = _req(q, boost={3: boost} if boost is not None else None)
+    with pytest.raises(grpc.RpcError) as e:
+        c.search(req)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and what in e.value.details()
+    if boost is None:  # Encode refuses the same vector instead of returning inf/NaN
+        with pytest.raises(grpc.RpcError) as e:
+            c.stub.Encode(pb.EncodeRequest(query=make_query(stream="clip_txt", vector=q)), metadata=c.metadata)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ---- authentication -----------------------------------------------------------------------------------
+def test_auth_scheme_is_case_insensitive_and_failures_are_counted_and_rate_logged(client_server, queries, caplog):
+    c, srv = client_server
+    target = f"127.0.0.1:{srv.port}"
+    lower = SparcClient(target)
+    lower.metadata = (("authorization", f"bearer {TOKEN}"),)
+    with lower:
+        assert lower.search(_req(queries[0])).hits
+    before = _count(srv.metrics.auth_failures, "Search")
+    caplog.set_level(logging.WARNING, logger="sparc.service")
+    with SparcClient(target, token="wrong") as bad:
+        for _ in range(300):
+            with pytest.raises(grpc.RpcError) as e:
+                bad.search(_req(queries[0]))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _count(srv.metrics.auth_failures, "Search") == before + 300
+    refusals = [r for r in caplog.records if "auth_refused" in r.getMessage()]
+    assert 1 <= len(refusals) <= 2  # logged, but not 300 times
+
+
+def test_reflection_is_behind_the_token_and_can_be_turned_off(client_server, trained_checkpoint, bundles):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    _, srv = client_server
+    req = reflection_pb2.ServerReflectionRequest(list_services="")
+    with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            next(stub.ServerReflectionInfo(iter([req]), timeout=5))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        meta = (("authorization", f"Bearer {TOKEN}"),)
+        assert next(stub.ServerReflectionInfo(iter([req]), timeout=5, metadata=meta)).list_services_response.service
+    off = SparcServer(_settings(trained_checkpoint, bundles, reflection=False)).start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{off.port}") as ch:
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            with pytest.raises(grpc.RpcError) as e:
+                next(stub.ServerReflectionInfo(iter([req]), timeout=5))
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        off.stop(0)
+
+
+def test_token_from_a_file_never_from_argv(trained_checkpoint, bundles, queries, tmp_path):
+    from sparc_core.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--token", "x"])
+    f = tmp_path / "token"
+    f.write_text(TOKEN + "\n")
+    srv = SparcServer(_settings(trained_checkpoint, bundles, auth_token_file=str(f))).start()
+    try:
+        with SparcClient(f"127.0.0.1:{srv.port}", token=TOKEN) as ok, SparcClient(f"127.0.0.1:{srv.port}") as anon:
+            assert ok.search(_req(queries[0])).hits
+            with pytest.raises(grpc.RpcError) as e:
+                anon.search(_req(queries[0]))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        srv.stop(0)
+    with pytest.raises(ConfigError, match="auth_token_file .*: unreadable"):
+        SparcServer(_settings(trained_checkpoint, bundles, auth_token_file=str(tmp_path / "missing")))
+
+
+# ---- TLS fails closed ---------------------------------------------------------------------------------
+def _cert(tmp_path, name: str, ca: tuple | None = None):
+    key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.pem"
+    args = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1"]
+    args += ["-subj", f"/CN={name}", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"]
+    subprocess.run(args, check=True, capture_output=True)
+    return key, cert
+
+
+def test_half_configured_tls_refuses_to_start(trained_checkpoint, bundles, tmp_path):
+    for half in ({"tls_cert": "cert.pem"}, {"tls_key": "key.pem"}):
+        with pytest.raises(ConfigError, match="TLS needs both"):
+            _settings(trained_checkpoint, bundles, **half)
+    with pytest.raises(ConfigError, match="TLS needs both"):  # the environment too
+        load_settings(environ={"SPARC_TLS_CERT": "cert.pem"})
+    from sparc_core.cli import main
+
+    cfg = tmp_path / "service.yaml"
+    cfg.write_text(f"checkpoint: {trained_checkpoint}\ntls_cert: {tmp_path / 'cert.pem'}\n")
+    assert main(["serve", "--config", str(cfg)]) == 2
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command to make test certificates")
+def test_swapped_or_unreadable_tls_files_and_mtls(trained_checkpoint, bundles, queries, tmp_path):
+    key, cert = _cert(tmp_path, "server")
+    for kw, msg in (
+        ({"tls_cert": str(key), "tls_key": str(cert)}, "no PEM 'CERTIFICATE' block"),
+        ({"tls_cert": str(cert), "tls_key": str(tmp_path / "nope.key")}, "tls_key .*: unreadable"),
+    ):
+        with pytest.raises(ServiceError, match=msg):
+            SparcServer(_settings(trained_checkpoint, bundles, **kw))
+    other_key, _ = _cert(tmp_path, "other")
+    with pytest.raises(ServiceError, match="do not form a usable pair"):
+        SparcServer(_settings(trained_checkpoint, bundles, tls_cert=str(cert), tls_key=str(other_key)))
+    # mTLS: a client without a certificate signed by tls_client_ca is refused
+    ckey, ccert = _cert(tmp_path, "client")
+    s = _settings(trained_checkpoint, bundles, tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(ccert))
+    srv = SparcServer(s).start()
+    try:
+        target = f"localhost:{srv.port}"
+        with SparcClient(target, root_certificates=cert.read_bytes()) as anon, pytest.raises(grpc.RpcError):
+            anon.search(_req(queries[0]), timeout=5)
+        with SparcClient(
+            target, root_certificates=cert.read_bytes(), client_key=ckey.read_bytes(), client_cert=ccert.read_bytes()
+        ) as ok:
+            assert ok.search(_req(queries[0]), timeout=5).hits
+    finally:
+        srv.stop(0)
