@@ -15,9 +15,7 @@ DEMO_INDEXES = {"demo-dino": "dino", "demo-clip-img": "clip_img"}  # index name 
 
 def register(sub: Any) -> None:
     """Add the ``serve`` command to the sparc parser."""
-    p = sub.add_parser(
-        "serve", help="run the gRPC retrieval service (default: the demo's model and indexes)", allow_abbrev=False
-    )
+    p = sub.add_parser("serve", help="run the gRPC retrieval service (default: the demo's model and indexes)", allow_abbrev=False)
     p.add_argument("--config", help="YAML/JSON ServiceSettings (env SPARC_* and flags override it)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
