@@ -68,7 +68,7 @@ class Manifest(BaseModel):
     dim: int
     n_items: int
     checkpoint_sha256: str
-    checkpoint_path: str
+    checkpoint_path: str  # relative to the bundle directory (absolute in bundles built before that)
     id_kind: Literal["int", "str"]
     dense: bool
     faiss_factory: str | None
@@ -77,6 +77,37 @@ class Manifest(BaseModel):
     build_seconds: float
     files: dict[str, int]  # file name -> size in bytes (truncation check)
     source: str  # features file the items came from
+
+
+def checkpoint_of(path: str | Path, manifest: Manifest) -> Path:
+    """The checkpoint a bundle records: its path relative to the bundle directory (so a project can move),
+    or an absolute one."""
+    p = Path(manifest.checkpoint_path)
+    return p if p.is_absolute() else (Path(path) / p)
+
+
+def _relative_checkpoint(checkpoint: str | Path, bundle: str | Path) -> str:
+    return os.path.relpath(Path(checkpoint).resolve(), Path(bundle).resolve())
+
+
+def clean_stale_builds(path: str | Path) -> list[str]:
+    """Remove the temp folders of builds whose process is gone (killed); returns their names."""
+    removed = []
+    for stale in Path(path).glob(".building-*"):
+        pid = stale.name.split("-")[1]
+        alive = False
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                alive = True
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:
+                alive = True  # another user's live process
+        if not alive:
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale.name)
+    return removed
 
 
 def _versions(path: Path) -> list[Path]:
@@ -209,7 +240,7 @@ def _write_version(
     path.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     vdir = path / f"v-{stamp}-{secrets.token_hex(3)}"
-    tmp = path / f".building-{vdir.name}"
+    tmp = path / f".building-{os.getpid()}-{vdir.name}"
     tmp.mkdir()
     try:
         files = {}
@@ -235,9 +266,7 @@ def _write_version(
     for old in _versions(path):
         if old != vdir and old not in _versions(path)[-keep:]:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in path.glob(".building-*"):
-        if stale != tmp:
-            shutil.rmtree(stale, ignore_errors=True)
+    clean_stale_builds(path)
     return vdir
 
 
@@ -256,6 +285,7 @@ def build_bundle(
 ) -> Path:
     """Encode one stream's gallery with a checkpoint and write a bundle (or shard ``i`` of ``n``) to ``out``."""
     t0 = time.perf_counter()
+    clean_stale_builds(out)  # what killed builds left behind
     ckpt_hash = checkpoint_hash(checkpoint)
     if model is None:
         model = load_checkpoint(checkpoint, device=pick_device())
@@ -286,7 +316,7 @@ def build_bundle(
         "dim": store.dim,
         "n_items": stop - start,
         "checkpoint_sha256": ckpt_hash,
-        "checkpoint_path": str(Path(checkpoint).resolve()),
+        "checkpoint_path": _relative_checkpoint(checkpoint, out),
         "id_kind": "int" if item_ids.dtype.kind == "i" else "str",
         "dense": dense,
         "faiss_factory": faiss_factory if dense else None,
@@ -369,7 +399,8 @@ def append_to_bundle(
     """Add items to a bundle: writes a new version holding the old items followed by the new ones."""
     old = Bundle(path, mmap=False)
     m = old.manifest
-    ckpt = Path(checkpoint) if checkpoint is not None else Path(m.checkpoint_path)
+    clean_stale_builds(path)
+    ckpt = Path(checkpoint) if checkpoint is not None else checkpoint_of(path, m)
     if checkpoint_hash(ckpt) != m.checkpoint_sha256:
         raise BundleError(f"{ckpt}: is not the checkpoint this bundle was built with ({m.checkpoint_sha256[:12]})")
     model = load_checkpoint(ckpt, device=pick_device())
@@ -379,7 +410,12 @@ def append_to_bundle(
     next_int = (int(old.ids.max()) + 1 if len(old.ids) else 0) if m.id_kind == "int" else None
     new_ids = _item_ids(ids, store, first_default=next_int)
     if (new_ids.dtype.kind == "i") != (m.id_kind == "int"):
-        raise BundleError(f"new ids are {'int' if new_ids.dtype.kind == 'i' else 'str'}, the bundle's are {m.id_kind}")
+        hint = (
+            f"omit --ids to number the new items from {next_int}, or give integer ids"
+            if m.id_kind == "int"
+            else "give --ids with one string id per new row"
+        )
+        raise BundleError(f"new ids are {'int' if new_ids.dtype.kind == 'i' else 'str'}, the bundle's are {m.id_kind}: {hint}")
     all_ids = np.concatenate([old.ids, new_ids])
     _check_unique(all_ids, "ids (existing + new)")
     codes_idx, codes_val, vectors = encode_gallery(model, m.stream, store, 0, store.n_rows, batch_size, m.dense, progress)
@@ -391,6 +427,7 @@ def append_to_bundle(
         dense_index.add(vectors)
     manifest = m.model_dump() | {
         "n_items": len(all_ids),
+        "checkpoint_path": _relative_checkpoint(ckpt, path),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     manifest.pop("files")

@@ -48,6 +48,7 @@ def register(sub: Any) -> None:
     s.add_argument("--path", choices=["sparse", "dense"])
     s.add_argument("--nprobe", type=int)
     s.add_argument("--explain", action="store_true")
+    s.add_argument("--checkpoint", help="default: the checkpoint the bundle records (its hash must match)")
     s.set_defaults(func=_search)
 
 
@@ -90,10 +91,14 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
+    from .bundle import BundleError
     from .searcher import Searcher
 
-    searcher = Searcher(args.bundle)
-    xq = np.load(args.queries, allow_pickle=False)
+    searcher = Searcher(args.bundle, checkpoint=args.checkpoint)
+    try:
+        xq = np.load(args.queries, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{args.queries}: not a readable .npy of query vectors ({e})") from None
     if xq.ndim == 1:
         xq = xq[None]
     code = searcher.encode(args.stream, xq)

@@ -19,7 +19,7 @@ import torch
 
 from sparc_core import SparcModel, SparseCode, load_checkpoint
 
-from .bundle import Bundle, BundleError
+from .bundle import Bundle, BundleError, checkpoint_of
 from .faiss_backend import DenseSearcher
 from .postings import SearchStopped
 
@@ -78,7 +78,7 @@ class Searcher:
                 raise BundleError(f"{b.path}: shard does not match {first.path} (stream, latents, k, dim or id kind)")
         if model is None:
             if checkpoint is None:
-                checkpoint = m.checkpoint_path
+                checkpoint = checkpoint_of(first.path, m)
             from sparc_core import checkpoint_hash
 
             if checkpoint_hash(checkpoint) != expected:
@@ -101,8 +101,18 @@ class Searcher:
 
     # ---- queries ----------------------------------------------------------------------------------
     def encode(self, stream: str, vectors: np.ndarray | torch.Tensor) -> SparseCode:
-        """The shared sparse code of raw feature vectors of ``stream``."""
-        x = torch.as_tensor(np.asarray(vectors, dtype=np.float32)).to(self.model.device)
+        """The shared sparse code of raw feature vectors of ``stream`` [n, d]; a wrong stream, shape, or a
+        row with NaN/inf raises BundleError naming it."""
+        if stream not in self.model.cfg.streams:
+            raise BundleError(f"unknown query stream {stream!r}; the model has {self.model.streams}")
+        arr = np.asarray(vectors, dtype=np.float32)
+        dim = self.model.cfg.streams[stream]
+        if arr.ndim != 2 or arr.shape[1] != dim:
+            raise BundleError(f"stream {stream!r} takes [n, {dim}] vectors, got shape {list(arr.shape)}")
+        bad = np.flatnonzero(~np.isfinite(arr).all(1))
+        if len(bad):
+            raise BundleError(f"query row {int(bad[0])} contains NaN or inf ({len(bad)} such rows)")
+        x = torch.as_tensor(arr).to(self.model.device)
         return self.model.encode({stream: x})
 
     def _dense_queries(self, code: SparseCode) -> np.ndarray:

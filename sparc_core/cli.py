@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -206,7 +207,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .report import format_report
 
     model = load_checkpoint(args.checkpoint, device=pick_device())
-    data = PairedFeatures(_pairs(args.features, "--features"), args.labels)
+    feats = _pairs(args.features, "--features")
+    unknown = sorted(set(feats) - set(model.streams))
+    if unknown:
+        raise ConfigError(f"--features names stream(s) {unknown} that the checkpoint does not have (it has {model.streams})")
+    data = PairedFeatures(feats, args.labels)
     data.validate(dims={s: d for s, d in model.cfg.streams.items() if s in data.stores})
     n = data.n_rows if args.max_rows is None else min(args.max_rows, data.n_rows)
     feats = data.read_range(0, n)
@@ -350,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped early (head)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's final flush is quiet
+        return 141
 
 
 if __name__ == "__main__":

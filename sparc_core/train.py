@@ -24,7 +24,7 @@ from .checkpoint import (
     read_checkpoint_config,
     save_checkpoint,
 )
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import BlockBatcher, PairedFeatures, Prefetcher
 from .metrics import evaluate
 from .model import SparcModel
@@ -172,8 +172,11 @@ class Trainer:
             )
         if self.dist.is_main and self.out.is_dir():
             clean_checkpoint_dir(self.out)  # what a killed save left behind
-        if not cfg.features:
-            raise ValueError("no features given: pass --features NAME=PATH for each stream (at least 2)")
+        if len(cfg.features) < 2:
+            raise ConfigError(
+                f"training needs paired features of at least 2 streams, got {len(cfg.features)} "
+                f"({sorted(cfg.features)}): pass --features NAME=PATH once per stream"
+            )
         self.data = PairedFeatures(cfg.features, cfg.labels)
         self.data.validate(progress=cfg.progress and self.dist.is_main)
         n = self.data.n_rows

@@ -366,3 +366,62 @@ def test_sparse_filters_equal_brute_force_over_shards(random_ckpt, tmp_path):
 
     with pytest.raises(SearchStopped):
         s.search(code, top_k=5, path="sparse", should_stop=stop_after_first)
+
+
+def test_a_moved_project_keeps_its_bundles_and_search_takes_a_checkpoint(random_ckpt, tmp_path, capsys):
+    import shutil
+
+    from sparc_core.cli import main
+
+    proj = tmp_path / "proj"
+    shutil.copytree(random_ckpt, proj / "ckpt")
+    build_bundle(proj / "ckpt", "img", _feats(tmp_path, 40, 32), proj / "b", progress=False)
+    assert not Path(read_manifest(proj / "b").checkpoint_path).is_absolute()
+    moved = tmp_path / "moved"
+    proj.rename(moved)
+    xq = np.random.default_rng(1).standard_normal((3, 24)).astype(np.float32)
+    assert len(Searcher(moved / "b").search(("txt", xq), top_k=3).ids) == 3  # found relative to the bundle
+    np.save(tmp_path / "q.npy", xq)
+    (moved / "ckpt").rename(tmp_path / "elsewhere")
+    argv = ["index", "search", "--bundle", str(moved / "b"), "--stream", "txt", "--queries", str(tmp_path / "q.npy")]
+    assert main(argv) == 2  # the recorded checkpoint is gone: one clear line
+    assert "checkpoint directory not found" in capsys.readouterr().err
+    assert main(argv + ["--checkpoint", str(tmp_path / "elsewhere")]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+@pytest.mark.parametrize(
+    "queries, stream, message",
+    [
+        (np.full((2, 24), np.nan, dtype=np.float32), "txt", "query row 0 contains NaN or inf"),
+        (np.zeros((2, 24), dtype=np.float32), "nope", "unknown query stream 'nope'"),
+        (np.ones((2, 5), dtype=np.float32), "txt", r"takes \[n, 24\] vectors, got shape \[2, 5\]"),
+    ],
+)
+def test_index_search_cli_errors_are_one_line(random_ckpt, tmp_path, capsys, queries, stream, message):
+    import re
+
+    from sparc_core.cli import main
+
+    build_bundle(random_ckpt, "img", _feats(tmp_path, 30, 32), tmp_path / "b", progress=False)
+    np.save(tmp_path / "q.npy", queries)
+    argv = ["index", "search", "--bundle", str(tmp_path / "b"), "--stream", stream, "--queries", str(tmp_path / "q.npy")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_add_with_the_wrong_id_kind_says_what_to_do_and_stale_builds_are_cleaned(random_ckpt, tmp_path):
+    build_bundle(random_ckpt, "img", _feats(tmp_path, 30, 32), tmp_path / "b", progress=False)
+    (tmp_path / "more.txt").write_text("\n".join(f"img-{i}" for i in range(10)) + "\n")
+    with pytest.raises(BundleError, match="omit --ids to number the new items from 30"):
+        append_to_bundle(tmp_path / "b", _feats(tmp_path, 10, 32, name="m.npy"), ids=tmp_path / "more.txt", progress=False)
+    # a killed build's temp folder (its process is gone) is removed by the next build or add
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / "b" / f".building-{dead.pid}-v-x"
+    stale.mkdir()
+    (stale / "codes_idx.npy").write_bytes(b"0" * 1000)
+    append_to_bundle(tmp_path / "b", _feats(tmp_path, 10, 32, name="m.npy"), progress=False)
+    assert not stale.exists()
+    assert read_manifest(tmp_path / "b").n_items == 40

@@ -275,3 +275,19 @@ def test_unused_latents_are_pruned_at_the_end_and_the_run_resumes_on_the_kept_di
     assert bool(fired.all())
     train(cfg.model_copy(update={"steps": 25}), resume=True)  # continues on the kept latents
     assert load_checkpoint(out).n_latents <= model.n_latents
+
+
+def test_cli_errors_are_one_clear_line(synth_dir, trained_checkpoint, medium_synth, tmp_path, capsys):
+    paths = feature_paths(synth_dir)
+    one = next(iter(paths.items()))
+    assert main(["train", "--features", f"{one[0]}={one[1]}", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs paired features of at least 2 streams" in err[0]
+    # a stream the checkpoint does not have is an error, and the previous report is left alone
+    report = Path(trained_checkpoint) / "eval_report.json"
+    report.write_text("{}")
+    argv = ["eval", "--checkpoint", str(trained_checkpoint), "--features", f"dino={medium_synth / 'eval' / 'dino.npy'}"]
+    assert main([*argv, "--features", f"clip_text={medium_synth / 'eval' / 'clip_txt.npy'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stream(s) ['clip_text'] that the checkpoint does not have" in err[0]
+    assert report.read_text() == "{}"
