@@ -109,7 +109,8 @@ def service_table(n_items: int) -> None:
                     t.start()
                 time.sleep(1.0)
                 held = latencies(xq[200:400])
-                print(f"| Search p50 / p99, no idle streams | {1e3 * np.median(quiet):.2f} / {1e3 * np.quantile(quiet, 0.99):.2f} ms |")
+                p50, p99 = 1e3 * np.median(quiet), 1e3 * np.quantile(quiet, 0.99)
+                print(f"| Search p50 / p99, no idle streams | {p50:.2f} / {p99:.2f} ms |")
                 print(
                     f"| Search p50 / p99, one client holding 64 idle streams | {1e3 * np.median(held):.2f} / "
                     f"{1e3 * np.quantile(held, 0.99):.2f} ms ({len(refused)} of 64 streams refused, "

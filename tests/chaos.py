@@ -66,7 +66,8 @@ while True:
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(float(step % 997) / 997)
-    save_checkpoint(model, out, step=step, train_state={"tensors": {"m": torch.full((200_000,), float(step))}, "meta": {"step": step}})
+    state = {"tensors": {"m": torch.full((200_000,), float(step))}, "meta": {"step": step}}
+    save_checkpoint(model, out, step=step, train_state=state)
 """
 
 
@@ -206,9 +207,7 @@ def chaos_index_add(work: Path, kills: int, seed: int = 0, n: int = 5_000) -> Re
             return "stored codes differ from the items' codes"
         return None
 
-    return _run_kills(
-        kills, seed, lambda d: _kill_after([sys.executable, "-c", _ADDER, str(out), str(a)], d), check, span=2.0
-    )
+    return _run_kills(kills, seed, lambda d: _kill_after([sys.executable, "-c", _ADDER, str(out), str(a)], d), check, span=2.0)
 
 
 # ---- feature extraction -----------------------------------------------------------------------------------
