@@ -333,11 +333,115 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---- entry ------------------------------------------------------------------------------------------
+# ---- see the concepts ---------------------------------------------------------------------------------------
+def _explain_setup(args: argparse.Namespace, need_dino: bool) -> tuple[Any, dict[str, Any], dict[int, str]]:
+    from .checkpoint import load_checkpoint, pick_device
+    from .config import EncodersConfig
+    from .encoders import load_encoders
+
+    model = load_checkpoint(args.checkpoint, device=pick_device())
+    enc_cfg = encoder_overrides(args, {}, always=False)
+    if "clip" not in enc_cfg:
+        enc_cfg["clip"] = {}  # weights from $SPARC_CLIP_WEIGHTS, or a clear error naming what to pass
+    if need_dino and "dino" not in enc_cfg:
+        enc_cfg["dino"] = {}
+    encoders = load_encoders(build_config(EncodersConfig, enc_cfg, "encoder flags"))
+    return model, encoders, _latent_names(args.checkpoint)
+
+
+def _latent_names(checkpoint: str) -> dict[int, str]:
+    import json as _json
+
+    f = Path(checkpoint) / "latent_names.json"
+    if not f.is_file():
+        return {}
+    data = _json.loads(f.read_text())
+    return {int(k): v[0]["name"] for k, v in data.get("latents", {}).items() if v}
+
+
+def _add_localize(sub: Any) -> None:
+    p = sub.add_parser("localize", help="heatmap of a caption's concepts (or chosen latents) on an image")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", required=True)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="a caption: its sparse code (CLIP text tower) is what the map looks for")
+    what.add_argument("--latent", type=int, action="append", help="a latent to look for (repeat for several)")
+    p.add_argument("--stream", default="dino", help="the image encoder's stream: dino (default) or clip_img")
+    p.add_argument("--method", default="relevance", choices=["gradcam", "relevance", "clip-sim"])
+    p.add_argument("--top", type=int, default=None, help="use only the caption's N strongest latents")
+    p.add_argument("--out", required=True, help="PNG overlay")
+    p.add_argument("--json", help="also write the grid and the latents used as JSON")
+    add_encoder_flags(p)
+    p.set_defaults(func=_cmd_localize)
+
+
+def _cmd_localize(args: argparse.Namespace) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from .attribution import AttributionError, latent_target, localize, save_heatmap_png, text_target
+
+    model, encoders, names = _explain_setup(args, need_dino=args.stream == "dino")
+    if args.stream not in encoders or encoders[args.stream].modality != "image":
+        raise AttributionError(
+            f"no image encoder feeds stream {args.stream!r} (image encoders: "
+            f"{[s for s, e in encoders.items() if e.modality == 'image']})"
+        )
+    text_enc = next((e for e in encoders.values() if e.modality == "text"), None)
+    if args.text is not None:
+        if text_enc is None:
+            raise AttributionError("--text needs the CLIP text tower (--clip-weights)")
+        target = text_target(model, text_enc, args.text, top=args.top)
+    else:
+        target = latent_target(model, args.latent)
+    try:
+        with Image.open(args.image) as im:
+            image = im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise AttributionError(f"{args.image}: not a readable image ({e})") from None
+    hm = localize(model, encoders[args.stream], image, target, method=args.method, text_encoder=text_enc, names=names)
+    save_heatmap_png(hm, args.out)
+    if args.json:
+        atomic_write_json(Path(args.json), hm.to_json())
+    h, w = hm.grid.shape
+    peak = divmod(int(hm.grid.argmax()), w)
+    print(f"heatmap {h}x{w} ({args.method} on {args.stream}), peak at patch (row, col) {peak}: {args.out}")
+    return 0
+
+
+def _add_attribute(sub: Any) -> None:
+    p = sub.add_parser("attribute", help="which words of a caption drive its concepts (or chosen latents)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--text", required=True)
+    p.add_argument("--latent", type=int, action="append", help="attribute these latents (default: the caption's code)")
+    p.add_argument("--method", default="grad", choices=["grad", "relevance"])
+    p.add_argument("--out", required=True, help="PNG strip of the caption, words shaded by score")
+    p.add_argument("--json", help="also write the (word, score) list as JSON")
+    add_encoder_flags(p)
+    p.set_defaults(func=_cmd_attribute)
+
+
+def _cmd_attribute(args: argparse.Namespace) -> int:
+    from .attribution import AttributionError, attribute_text, latent_target, save_words_png
+
+    model, encoders, names = _explain_setup(args, need_dino=False)
+    text_enc = next((e for e in encoders.values() if e.modality == "text"), None)
+    if text_enc is None:
+        raise AttributionError("caption attribution needs the CLIP text tower (--clip-weights)")
+    target = latent_target(model, args.latent) if args.latent else None
+    ws = attribute_text(model, text_enc, args.text, target, method=args.method)
+    save_words_png(ws, args.out, names)
+    if args.json:
+        atomic_write_json(Path(args.json), ws.to_json())
+    print(" ".join(f"{w}:{s:+.2f}" for w, s in zip(ws.words, ws.scores)))
+    print(f"words: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``sparc`` parser, including subcommands registered by other installed packages."""
     parser = argparse.ArgumentParser(prog="sparc", description="SPARC: one sparse concept space shared by many models")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_synth, _add_extract, _add_train, _add_eval, _add_demo):
+    for add in (_add_synth, _add_extract, _add_train, _add_eval, _add_demo, _add_localize, _add_attribute):
         add(sub)
     for ep in entry_points(group="sparc.commands"):
         ep.load()(sub)

@@ -27,21 +27,29 @@ def _jitter(sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
     return {k: (v + 0.2 * torch.randn(v.shape, generator=g)).contiguous() for k, v in sd.items()}
 
 
-def clip_state(seed: int = 0) -> dict[str, torch.Tensor]:
+def clip_state(seed: int = 0, cfg: dict | None = None) -> dict[str, torch.Tensor]:
     """A tiny open_clip CLIP state dict."""
     import open_clip
 
     torch.manual_seed(seed)
-    sd = open_clip.CLIP(**CLIP_CFG).state_dict()
+    sd = open_clip.CLIP(**(cfg or CLIP_CFG)).state_dict()
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def write_clip_dir(d: Path, seed: int = 0) -> Path:
+def without_positions(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same weights with every position embedding zero: patches (and tokens) then differ only by content,
+    so a known region or word is the only thing that can drive a latent."""
+    return {k: torch.zeros_like(v) if k.endswith(("positional_embedding", "pos_embed")) else v for k, v in sd.items()}
+
+
+def write_clip_dir(d: Path, seed: int = 0, cfg: dict | None = None, positions: bool = True) -> Path:
     """A model directory as an open_clip hub snapshot has it: open_clip_config.json + open_clip_model.safetensors."""
     d.mkdir(parents=True, exist_ok=True)
-    cfg = {"model_cfg": CLIP_CFG, "preprocess_cfg": {"mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28]}}
-    (d / "open_clip_config.json").write_text(json.dumps(cfg))
-    save_file(clip_state(seed), d / "open_clip_model.safetensors")
+    model_cfg = cfg or CLIP_CFG
+    full = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28]}}
+    (d / "open_clip_config.json").write_text(json.dumps(full))
+    sd = clip_state(seed, model_cfg)
+    save_file(sd if positions else without_positions(sd), d / "open_clip_model.safetensors")
     return d
 
 
@@ -64,9 +72,10 @@ def dino_timm_state(seed: int = 0) -> dict[str, torch.Tensor]:
     return _jitter(model.state_dict(), seed)
 
 
-def write_dino_official(path: Path, seed: int = 0) -> Path:
+def write_dino_official(path: Path, seed: int = 0, positions: bool = True) -> Path:
     """The official DINOv2 layout (dinov2_vit*14_reg4_pretrain.pth): register_tokens, mask_token, cls in pos_embed."""
     sd = dino_timm_state(seed)
+    sd = sd if positions else without_positions(sd)
     off = {}
     for k, v in sd.items():
         if k == "reg_token":

@@ -1,0 +1,512 @@
+"""Concepts you can see: where a set of latents sits in an image, and which words of a caption drive them.
+
+Because latent i means the same concept in every stream, a caption's code (CLIP text tower -> shared code)
+names latents that can be looked for in an image seen by a vision-only model (DINOv2). A **target** is a
+set of latents with weights: the caption's sparse code, or latent ids given by hand. Its score on an image
+is ``sum_i w_i * relu(logit_i)``, the pre-selection activations of those latents in the image stream's
+code (differentiable, and non-zero even for a latent the image's top-k did not keep).
+
+Image heatmaps (``localize``), each a [h, w] map over the vision transformer's patch grid:
+
+- ``gradcam``: gradient-weighted patch tokens entering the last block, ``relu(sum_d dS/dT_pd * (T_pd -
+  mean_q T_qd))`` - Grad-CAM (Selvaraju et al. 2017) taken per token, as is usual for ViTs, with tokens centred so a
+  patch that looks like every other gets no credit.
+- ``relevance``: transformer relevance propagation through the attention maps (Chefer, Gur & Wolf 2021,
+  "Generic attention-model explainability"): R = I; per block R += mean_heads(relu(dS/dA * A)) @ R; the
+  map is the class token's row over the patches (the method family the SPARC authors use).
+- ``clip-sim``: the baseline a user would compare against: cosine between each CLIP patch token (after
+  ``ln_post`` and the projection) and the caption's CLIP text embedding. CLIP image tower only.
+
+Maps are min-max normalised to [0, 1] (the weakest patch 0, the strongest 1, a flat map all 0) and
+upsampled bilinearly to the encoder's input crop (the centre crop the encoder sees; the overlay shows that
+crop). Scores are relative within one map: compare where, not how much, across images.
+
+Caption attribution (``attribute_text``): per-word relevance of a caption for a target, through the CLIP text
+tower: gradient x input on the token embeddings (``grad``), or attention relevance read at the end-of-text
+token (``relevance``). BPE tokens are merged back into words (scores summed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .config import SparcError
+from .encoders import ClipImageEncoder, ClipTextEncoder, DinoEncoder, FeatureEncoder
+from .model import SparcModel
+
+METHODS = ("gradcam", "relevance", "clip-sim")
+HEATMAP_PNG_SIZE = (560, 480)  # width, height in pixels of save_heatmap_png's picture
+TEXT_METHODS = ("grad", "relevance")
+
+
+class AttributionError(SparcError, ValueError):
+    """A localisation or attribution request that cannot be served; the message says why."""
+
+
+@dataclass
+class Target:
+    """Latents and their weights (what a heatmap looks for)."""
+
+    latents: list[int]
+    weights: list[float]
+    source: str = "latents"  # "latents", or the caption the code came from
+
+    def tensor(self, n_latents: int, device: torch.device) -> torch.Tensor:
+        w = torch.zeros(n_latents, device=device)
+        w[torch.tensor(self.latents, device=device, dtype=torch.long)] = torch.tensor(self.weights, device=device)
+        return w
+
+
+@dataclass
+class Heatmap:
+    """A [h, w] patch-grid map, the same map upsampled to the input crop, and what it was made from."""
+
+    grid: np.ndarray  # [h, w] in [0, 1]
+    upsampled: np.ndarray  # [H, W] in [0, 1]
+    method: str
+    stream: str
+    target: Target
+    image: np.ndarray  # [H, W, 3] uint8: the crop the encoder saw
+    activations: dict[int, float] = field(default_factory=dict)  # target latent -> its value in the image's code
+    names: dict[int, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "stream": self.stream,
+            "shape": list(self.grid.shape),
+            "grid": [round(float(v), 6) for v in self.grid.ravel()],
+            "latents": [
+                {"latent": i, "weight": w, "image_activation": self.activations.get(i, 0.0), "name": self.names.get(i, "")}
+                for i, w in zip(self.target.latents, self.target.weights)
+            ],
+            "target_source": self.target.source,
+        }
+
+
+def text_target(model: SparcModel, text_encoder: FeatureEncoder, text: str, top: int | None = None) -> Target:
+    """The sparse code of a caption (CLIP text tower -> shared code) as a target, strongest latents first."""
+    if text_encoder.modality != "text":
+        raise AttributionError(f"stream {text_encoder.stream!r} does not encode text")
+    if not text.strip():
+        raise AttributionError("empty caption")
+    feats = text_encoder.encode_texts([text]).to(model.device)
+    code = model.encode({text_encoder.stream: feats})
+    vals, idx = code.values[0].cpu(), code.indices[0].cpu()
+    order = torch.argsort(vals, descending=True)
+    keep = [int(j) for j in order if vals[j] > 0][: top or None]
+    if not keep:
+        raise AttributionError(f"the caption {text!r} activates no latent")
+    total = float(vals[keep].sum())
+    return Target([int(idx[j]) for j in keep], [float(vals[j]) / total for j in keep], source=text)
+
+
+def latent_target(model: SparcModel, latents: list[int], weights: list[float] | None = None) -> Target:
+    if not latents:
+        raise AttributionError("no latents given")
+    for i in latents:
+        if not 0 <= i < model.n_latents:
+            raise AttributionError(f"latent {i} is out of range [0, {model.n_latents})")
+    w = weights or [1.0 / len(latents)] * len(latents)
+    if len(w) != len(latents):
+        raise AttributionError("give one weight per latent")
+    return Target(list(latents), [float(x) for x in w])
+
+
+# ---- the vision transformers -------------------------------------------------------------------------------
+class _Recorder:
+    """Attention probabilities of every block, kept with their gradients."""
+
+    def __init__(self) -> None:
+        self.maps: list[torch.Tensor] = []
+
+    def keep(self, a: torch.Tensor) -> torch.Tensor:
+        a.retain_grad()
+        self.maps.append(a)
+        return a
+
+
+@contextlib.contextmanager
+def _timm_attention(vit: Any, rec: _Recorder) -> Iterator[None]:
+    """timm ViT blocks compute attention explicitly (not fused) and hand their probabilities to ``rec``."""
+    saved, handles = [], []
+    for blk in vit.blocks:
+        attn = blk.attn
+        saved.append((attn, attn.fused_attn))
+        attn.fused_attn = False
+        handles.append(attn.attn_drop.register_forward_hook(lambda m, i, o: rec.keep(o)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for attn, fused in saved:
+            attn.fused_attn = fused
+
+
+def _explicit_mha(mha: torch.nn.MultiheadAttention, q_x, k_x, v_x, attn_mask, rec: _Recorder) -> torch.Tensor:
+    """nn.MultiheadAttention (batch first) computed step by step, so its probabilities carry gradients."""
+    b, lq, d = q_x.shape
+    h = mha.num_heads
+    hd = d // h
+    w, bias = mha.in_proj_weight, mha.in_proj_bias
+    wq, wk, wv = w.chunk(3)
+    bq, bk, bv = bias.chunk(3) if bias is not None else (None, None, None)
+    q = F.linear(q_x, wq, bq).view(b, lq, h, hd).transpose(1, 2)
+    k = F.linear(k_x, wk, bk).view(b, k_x.shape[1], h, hd).transpose(1, 2)
+    v = F.linear(v_x, wv, bv).view(b, v_x.shape[1], h, hd).transpose(1, 2)
+    scores = (q @ k.transpose(-2, -1)) / hd**0.5
+    if attn_mask is not None:
+        mask = (
+            attn_mask.to(scores.dtype)
+            if attn_mask.dtype != torch.bool
+            else torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill(attn_mask, float("-inf"))
+        )
+        scores = scores + mask
+    a = rec.keep(scores.softmax(-1))
+    out = (a @ v).transpose(1, 2).reshape(b, lq, d)
+    return mha.out_proj(out)
+
+
+@contextlib.contextmanager
+def _clip_attention(transformer: Any, rec: _Recorder) -> Iterator[None]:
+    """open_clip residual blocks return their per-head attention weights to ``rec``."""
+    patched = []
+    for blk in transformer.resblocks:
+
+        def attention(q_x, k_x=None, v_x=None, attn_mask=None, _blk=blk):
+            return _explicit_mha(_blk.attn, q_x, q_x if k_x is None else k_x, q_x if v_x is None else v_x, attn_mask, rec)
+
+        blk.attention = attention
+        patched.append(blk)
+    try:
+        yield
+    finally:
+        for blk in patched:
+            del blk.attention  # back to the class's method
+
+
+@contextlib.contextmanager
+def _last_tokens(block: torch.nn.Module, store: dict) -> Iterator[None]:
+    """Keep the tokens entering the last block (with their gradient): the class token reads the patches
+    through that block's attention, so the patch tokens after it no longer reach the output."""
+
+    def pre(module, inputs):
+        x = inputs[0]
+        x.retain_grad()
+        store["tokens"] = x
+
+    def post(module, inputs, output):
+        store["out"] = output
+
+    hs = [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in hs:
+            h.remove()
+
+
+def _vision(encoder: FeatureEncoder) -> tuple[str, Any]:
+    if isinstance(encoder, DinoEncoder):
+        return "dino", encoder.model
+    if isinstance(encoder, ClipImageEncoder):
+        visual = encoder.clip.model.visual
+        if not hasattr(visual, "transformer"):
+            raise AttributionError(f"{encoder.name}: heatmaps need a vision transformer (this CLIP image tower is not one)")
+        return "clip", visual
+    raise AttributionError(f"stream {encoder.stream!r} ({encoder.name}) is not an image encoder")
+
+
+def _grid(n_patches: int, pixels: torch.Tensor) -> tuple[int, int]:
+    h, w = pixels.shape[-2:]
+    for ph in range(1, n_patches + 1):
+        if n_patches % ph == 0 and abs(ph / (n_patches // ph) - h / w) < 1e-6:
+            return ph, n_patches // ph
+    side = int(round(n_patches**0.5))
+    return side, n_patches // side
+
+
+def _unnormalise(pixels: torch.Tensor, encoder: FeatureEncoder) -> np.ndarray:
+    """The [H, W, 3] uint8 crop the encoder saw (its preprocessing's normalisation undone)."""
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    for t in getattr(encoder.preprocess, "transforms", []):
+        if hasattr(t, "mean") and hasattr(t, "std"):
+            mean, std = tuple(t.mean), tuple(t.std)
+    x = pixels[0].detach().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    return (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def _normalised(m: torch.Tensor) -> torch.Tensor:
+    """(m - min) / (max - min): the weakest patch 0, the strongest 1; a flat map is all 0."""
+    m = m - m.min()
+    top = m.max()
+    return m / top if top > 0 else m
+
+
+def localize(
+    model: SparcModel,
+    encoder: FeatureEncoder,
+    image: Image.Image,
+    target: Target,
+    method: str = "relevance",
+    text_encoder: FeatureEncoder | None = None,
+    names: dict[int, str] | None = None,
+) -> Heatmap:
+    """The heatmap of ``target``'s latents on ``image`` as ``encoder``'s stream sees it (see the module doc)."""
+    if method not in METHODS:
+        raise AttributionError(f"unknown method {method!r}; methods: {list(METHODS)}")
+    if encoder.stream not in model.streams:
+        raise AttributionError(f"the checkpoint has no stream {encoder.stream!r} (it has {model.streams})")
+    kind, vit = _vision(encoder)
+    pixels = encoder.preprocess(image.convert("RGB"))[None].to(encoder.device)
+    for i in target.latents:
+        if not 0 <= i < model.n_latents:
+            raise AttributionError(f"latent {i} is out of range [0, {model.n_latents})")
+    w = target.tensor(model.n_latents, model.device)
+    rec, store = _Recorder(), {}
+    with torch.enable_grad():
+        if kind == "dino":
+            prefix = vit.num_prefix_tokens
+            with _timm_attention(vit, rec), _last_tokens(vit.blocks[-1], store):
+                feats = vit.forward_features(pixels)[:, 0]
+            tokens = store["tokens"]  # [1, T, D]
+        else:
+            prefix = 1
+            with _clip_attention(vit.transformer, rec), _last_tokens(vit.transformer.resblocks[-1], store):
+                feats = encoder.clip.model.encode_image(pixels, normalize=True)
+            tokens = store["tokens"]
+            if not getattr(vit.transformer, "batch_first", True):
+                raise AttributionError("sequence-first open_clip transformers are not supported")
+        feats = feats.float()
+        logits = model.logits(encoder.stream, feats.to(model.device))
+        score = (F.relu(logits) * w).sum()
+        if method != "clip-sim":
+            score.backward()
+    with torch.no_grad():
+        code = model.encode({encoder.stream: feats.detach().to(model.device)})
+        acts = dict(zip(code.indices[0].tolist(), code.values[0].tolist()))
+    n_patches = tokens.shape[1] - prefix
+    gh, gw = _grid(n_patches, pixels)
+    if method == "gradcam":
+        t = tokens[0, prefix:].detach().float()
+        g = tokens.grad[0, prefix:].float()
+        m = ((t - t.mean(0, keepdim=True)) * g).sum(-1).clamp_min(0)
+    elif method == "relevance":
+        n = tokens.shape[1]
+        r = torch.eye(n)
+        for a in rec.maps:
+            if a.grad is None:
+                continue
+            cam = (a.grad[0].float() * a[0].detach().float()).clamp_min(0).mean(0).cpu()
+            r = r + cam @ r
+        m = r[0, prefix:]
+    else:  # clip-sim
+        if kind != "clip":
+            raise AttributionError("clip-sim compares CLIP patch tokens with the caption: it needs the CLIP image tower")
+        if text_encoder is None or target.source == "latents":
+            raise AttributionError("clip-sim needs a caption (--text) and the CLIP text tower")
+        with torch.no_grad():
+            patch = vit.ln_post(store["out"][0, prefix:].detach())
+            if vit.proj is not None:
+                patch = patch @ vit.proj
+            txt = text_encoder.encode_texts([target.source]).to(patch.device)
+            m = F.cosine_similarity(patch.float(), txt.float(), dim=-1)
+    grid = _normalised(m.detach().cpu().float().reshape(gh, gw))
+    up = F.interpolate(grid[None, None], size=tuple(pixels.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
+    return Heatmap(
+        grid=grid.numpy(),
+        upsampled=_normalised(up).numpy(),
+        method=method,
+        stream=encoder.stream,
+        target=target,
+        image=_unnormalise(pixels, encoder),
+        activations={i: float(acts.get(i, 0.0)) for i in target.latents},
+        names=names or {},
+    )
+
+
+# ---- captions ----------------------------------------------------------------------------------------------
+@dataclass
+class WordScores:
+    words: list[str]
+    scores: list[float]  # signed, divided by the largest magnitude
+    method: str
+    target: Target
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "words": [{"word": w, "score": round(s, 6)} for w, s in zip(self.words, self.scores)],
+            "latents": [{"latent": i, "weight": w} for i, w in zip(self.target.latents, self.target.weights)],
+        }
+
+
+def _token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each BPE token as text, ending in a space where a word ends."""
+    decoder = getattr(tokenizer, "decoder", None)
+    byte_decoder = getattr(tokenizer, "byte_decoder", None)
+    out = []
+    for t in ids:
+        if isinstance(decoder, dict) and byte_decoder is not None and t in decoder:
+            s = decoder[t]
+            s = bytearray(byte_decoder.get(c, ord("?")) for c in s).decode("utf-8", errors="replace")
+            out.append(s.replace("</w>", " "))
+        else:  # a Hugging Face tokenizer: one piece per token, word starts marked by a space or "Ġ"/"▁"
+            s = tokenizer.tokenizer.decode([t]) if hasattr(tokenizer, "tokenizer") else str(t)
+            out.append(s)
+    return out
+
+
+def _merge_words(pieces: list[str], scores: list[float]) -> tuple[list[str], list[float]]:
+    words, out, cur, acc = [], [], "", 0.0
+    for p, s in zip(pieces, scores):
+        cur, acc = cur + p, acc + s
+        if p.endswith(" "):
+            words.append(cur.strip())
+            out.append(acc)
+            cur, acc = "", 0.0
+    if cur.strip():
+        words.append(cur.strip())
+        out.append(acc)
+    return words, out
+
+
+def attribute_text(
+    model: SparcModel, text_encoder: FeatureEncoder, text: str, target: Target | None = None, method: str = "grad"
+) -> WordScores:
+    """Per-word relevance of ``text`` for ``target`` (default: the caption's own code)."""
+    if method not in TEXT_METHODS:
+        raise AttributionError(f"unknown method {method!r}; methods: {list(TEXT_METHODS)}")
+    if not isinstance(text_encoder, ClipTextEncoder):
+        raise AttributionError(f"caption attribution needs the CLIP text tower (stream {text_encoder.stream!r} is not one)")
+    if text_encoder.stream not in model.streams:
+        raise AttributionError(f"the checkpoint has no stream {text_encoder.stream!r} (it has {model.streams})")
+    target = target or text_target(model, text_encoder, text)
+    clip = text_encoder.clip
+    tokens = clip.tokenizer([text]).to(clip.device)
+    ids = tokens[0].tolist()
+    eot = int(tokens[0].argmax())  # open_clip pools at the end-of-text token (the largest id)
+    rec, store = _Recorder(), {}
+
+    def keep_embedding(module, inputs, output):
+        output.retain_grad()
+        store["emb"] = output
+
+    h = clip.model.token_embedding.register_forward_hook(keep_embedding)
+    try:
+        with torch.enable_grad(), _clip_attention(clip.model.transformer, rec):
+            feats = clip.model.encode_text(tokens, normalize=True).float()
+            logits = model.logits(text_encoder.stream, feats.to(model.device))
+            (F.relu(logits) * target.tensor(model.n_latents, model.device)).sum().backward()
+    finally:
+        h.remove()
+    if method == "grad":
+        emb = store["emb"]
+        e = emb[0].detach()
+        span_e = e[1:eot]
+        s = (emb.grad[0] * (e - span_e.mean(0, keepdim=True))).sum(-1).cpu()
+    else:
+        n = tokens.shape[1]
+        r = torch.eye(n)
+        for a in rec.maps:
+            if a.grad is not None:
+                r = r + (a.grad[0].float() * a[0].detach().float()).clamp_min(0).mean(0).cpu() @ r
+        s = r[eot]
+    span = list(range(1, eot))  # between start- and end-of-text
+    pieces = _token_strings(clip.tokenizer, [ids[i] for i in span])
+    words, scores = _merge_words(pieces, [float(s[i]) for i in span])
+    top = max((abs(x) for x in scores), default=0.0)
+    return WordScores(words, [x / top if top > 0 else 0.0 for x in scores], method, target)
+
+
+# ---- pictures ----------------------------------------------------------------------------------------------
+def _title(target: Target, names: dict[int, str], activations: dict[int, float] | None = None, n: int = 4) -> str:
+    parts = []
+    for i, w in list(zip(target.latents, target.weights))[:n]:
+        label = f"{i}" + (f" '{names[i]}'" if names.get(i) else "")
+        parts.append(f"{label} w={w:.2f}")
+    more = f" +{len(target.latents) - n} more" if len(target.latents) > n else ""
+    return "latents " + ", ".join(parts) + more
+
+
+def save_heatmap_png(hm: Heatmap, path: str | Path) -> Path:
+    """The crop the encoder saw, the heatmap over it (colormap + colorbar), the latents in the title."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(HEATMAP_PNG_SIZE[0] / 100, HEATMAP_PNG_SIZE[1] / 100), dpi=100)
+    ax.imshow(hm.image)
+    im = ax.imshow(hm.upsampled, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="relevance (min 0, max 1)")
+    src = f'"{hm.target.source}"' if hm.target.source != "latents" else "chosen latents"
+    ax.set_title(f"{hm.method} on {hm.stream}: {src}\n{_title(hm.target, hm.names)}", fontsize=8)
+    ax.axis("off")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")  # HEATMAP_PNG_SIZE pixels
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def save_words_png(ws: WordScores, path: str | Path, names: dict[int, str] | None = None) -> Path:
+    """The caption as a strip of words shaded by their score (positive: red, negative: blue)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write_bytes
+
+    width = max(4.0, 0.16 * sum(len(w) + 2 for w in ws.words))
+    fig, ax = plt.subplots(figsize=(min(width, 24), 1.4), dpi=100)
+    ax.axis("off")
+    cmap = plt.get_cmap("bwr")
+    x = 0.01
+    renderer = fig.canvas.get_renderer()
+    for word, s in zip(ws.words, ws.scores):
+        t = ax.text(
+            x, 0.45, word, fontsize=12, transform=ax.transAxes, va="center",
+            bbox={"facecolor": cmap(0.5 + 0.5 * s), "edgecolor": "none", "boxstyle": "round,pad=0.2"},
+        )  # fmt: skip
+        bb = t.get_window_extent(renderer=renderer).transformed(ax.transAxes.inverted())
+        x = bb.x1 + 0.012
+    ax.set_title(f"{ws.method} attribution: {_title(ws.target, names or {})}", fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
+__all__ = [
+    "METHODS",
+    "TEXT_METHODS",
+    "AttributionError",
+    "Heatmap",
+    "Target",
+    "WordScores",
+    "attribute_text",
+    "latent_target",
+    "localize",
+    "save_heatmap_png",
+    "save_words_png",
+    "text_target",
+]
