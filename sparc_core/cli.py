@@ -350,13 +350,45 @@ def _explain_setup(args: argparse.Namespace, need_dino: bool) -> tuple[Any, dict
 
 
 def _latent_names(checkpoint: str) -> dict[int, str]:
-    import json as _json
+    from .naming import load_latent_names
 
-    f = Path(checkpoint) / "latent_names.json"
-    if not f.is_file():
-        return {}
-    data = _json.loads(f.read_text())
-    return {int(k): v[0]["name"] for k, v in data.get("latents", {}).items() if v}
+    return load_latent_names(checkpoint)
+
+
+def _add_name_latents(sub: Any) -> None:
+    p = sub.add_parser("name-latents", help="name each latent by the vocabulary entries (words, captions) that fire it")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--vocab", required=True, help="words/phrases, one per line, or a captions file (CSV/TSV/JSONL/COCO)")
+    p.add_argument("--top", type=int, default=5, help="names kept per latent")
+    add_encoder_flags(p)
+    p.set_defaults(func=_cmd_name_latents)
+
+
+def _cmd_name_latents(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .naming import NamingError, _read_vocab, name_latents, write_latent_names
+
+    model, encoders, _ = _explain_setup(args, need_dino=False)
+    text_enc = next((e for e in encoders.values() if e.modality == "text"), None)
+    if text_enc is None or text_enc.stream not in model.streams:
+        raise NamingError(f"naming needs a text stream the checkpoint has (it has {model.streams})")
+    vocab = _read_vocab(args.vocab)
+    feats = []
+    for a in tqdm(range(0, len(vocab), 256), desc="encoding vocabulary", unit="batch"):
+        feats.append(text_enc.encode_texts(vocab[a : a + 256]))
+    named = name_latents(model, text_enc.stream, _stack(feats), vocab, top=args.top)
+    out = write_latent_names(args.checkpoint, named, str(args.vocab), text_enc.stream, model.n_latents)
+    print(f"named {len(named)} of {model.n_latents} latents from {len(vocab)} entries: {out}")
+    for lat in list(named)[:10]:
+        print(f"  {lat}: " + ", ".join(f"{n} ({v:.2f})" for n, v in named[lat][:3]))
+    return 0
+
+
+def _stack(parts: list) -> Any:
+    import torch
+
+    return torch.cat(parts).numpy()
 
 
 def _add_localize(sub: Any) -> None:
@@ -441,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full ``sparc`` parser, including subcommands registered by other installed packages."""
     parser = argparse.ArgumentParser(prog="sparc", description="SPARC: one sparse concept space shared by many models")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_synth, _add_extract, _add_train, _add_eval, _add_demo, _add_localize, _add_attribute):
+    for add in (_add_synth, _add_extract, _add_train, _add_eval, _add_demo, _add_localize, _add_attribute, _add_name_latents):
         add(sub)
     for ep in entry_points(group="sparc.commands"):
         ep.load()(sub)

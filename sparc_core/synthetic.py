@@ -112,6 +112,16 @@ class PlantedConcepts:
                 q, _ = np.linalg.qr(extra.standard_normal((d, cfg.nuisance_dims)))
                 self.nuisance[s] = q.T.astype(np.float32)
 
+    def concept_vectors(self, stream: str) -> np.ndarray:
+        """[n_concepts, d]: each concept alone, as ``stream`` sees it (no noise, no nuisance; the offset and
+        the stream's scaling as in ``sample``). Concepts the stream cannot see come out as the offset only."""
+        cfg = self.cfg
+        i = list(cfg.streams).index(stream)
+        x = self.mixing[stream] * self.visible[i][:, None] + self.offset[stream] * cfg.modality_gap
+        if stream in cfg.unit_norm:
+            return (x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-8)).astype(np.float32)
+        return (x * cfg.raw_scale / np.linalg.norm(x, axis=1).mean()).astype(np.float32)
+
     def visible_labels(self, labels: np.ndarray) -> dict[str, np.ndarray]:
         """Per stream, [n, n_concepts] bool: the concepts of each sample that stream can see."""
         return {s: labels.astype(bool) & self.visible[i] for i, s in enumerate(self.cfg.streams)}
