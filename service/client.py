@@ -29,6 +29,7 @@ class SharedLatent:
     query_value: float
     item_value: float
     contribution: float
+    name: str = ""  # set when the server's checkpoint has latent names
 
 
 @dataclass
@@ -55,7 +56,7 @@ def _result(r: pb.SearchResponse) -> SearchResult:
             h.score,
             h.rank,
             h.index,
-            [SharedLatent(e.latent, e.query_value, e.item_value, e.contribution) for e in h.explanation],
+            [SharedLatent(e.latent, e.query_value, e.item_value, e.contribution, e.name) for e in h.explanation],
         )
         for h in r.hits
     ]
@@ -202,3 +203,62 @@ class SparcClient:
         return self.stub.GetLatent(
             pb.GetLatentRequest(latent=latent, index=index, top_k=top_k), timeout=timeout, metadata=self.metadata
         )
+
+    def localize(
+        self,
+        image: bytes,
+        text: str = "",
+        latents: Sequence[int] = (),
+        weights: Sequence[float] = (),
+        encoder_stream: str = "",
+        method: str = "relevance",
+        return_png: bool = False,
+        top: int = 0,
+        timeout: float | None = None,
+    ) -> Heatmap:
+        """Where a caption's concepts (``text``) or chosen ``latents`` are in ``image`` (JPEG/PNG/WebP bytes)."""
+        r = self.stub.Localize(
+            pb.LocalizeRequest(
+                image=image, text=text, latents=list(latents), weights=list(weights), encoder_stream=encoder_stream,
+                method=method, return_png=return_png, top=top,
+            ),
+            timeout=timeout,
+            metadata=self.metadata,
+        )  # fmt: skip
+        grid = np.asarray(r.grid, dtype=np.float32).reshape(r.height, r.width)
+        return Heatmap(grid, [(x.latent, x.weight, x.name, x.image_activation) for x in r.latents], r.method, r.stream, r.png)
+
+    def attribute_text(
+        self, text: str, latents: Sequence[int] = (), method: str = "grad", return_png: bool = False, timeout: float | None = None
+    ) -> WordAttribution:
+        """Per-word scores of ``text`` for its own code (or chosen ``latents``)."""
+        r = self.stub.AttributeText(
+            pb.AttributeTextRequest(text=text, latents=list(latents), method=method, return_png=return_png),
+            timeout=timeout,
+            metadata=self.metadata,
+        )
+        return WordAttribution(
+            [(w.word, w.score) for w in r.words], [(x.latent, x.weight, x.name) for x in r.latents], r.method, r.png
+        )
+
+
+@dataclass
+class Heatmap:
+    """A Localize reply: the [h, w] grid in [0, 1], the latents used (latent, weight, name, value in the
+    image's code), the method and image stream, and the PNG overlay when asked for."""
+
+    grid: np.ndarray
+    latents: list[tuple[int, float, str, float]]
+    method: str
+    stream: str
+    png: bytes = b""
+
+
+@dataclass
+class WordAttribution:
+    """An AttributeText reply: (word, score) pairs, the latents used (latent, weight, name), the PNG strip."""
+
+    words: list[tuple[str, float]]
+    latents: list[tuple[int, float, str]]
+    method: str
+    png: bytes = b""

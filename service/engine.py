@@ -21,6 +21,7 @@ from index import Searcher, SearchStopped
 from sparc_core import SparseCode, checkpoint_hash, load_checkpoint
 from sparc_core.checkpoint import pick_device
 from sparc_core.encoders import FeatureEncoder, load_encoders
+from sparc_core.naming import load_latent_names
 
 from .settings import ServiceSettings
 
@@ -35,6 +36,7 @@ class ServiceError(Exception):
 
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+MAX_TARGET_LATENTS = 64  # latents one Localize / AttributeText call may name
 HIT_BYTES = 64  # a hit in the reply: id, score, rank, index name, framing (ids of up to ~40 characters)
 EXPLANATION_BYTES = 8 * 24  # the 8 shared latents of an explained hit
 
@@ -97,6 +99,13 @@ class EncodeBatcher:
         self._thread = threading.Thread(target=self._run, name="encode-batcher", daemon=True)
         self._thread.start()
 
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the thread that owns the models, between batches (work that must not overlap an
+        encode: gradients through the encoders, hooks on them)."""
+        fut: Future = Future()
+        self._q.put(("", "call", fn, fut))
+        return fut
+
     def submit(self, stream: str, kind: str, payload: Any) -> Future:
         """Future of the SparseCode of ``payload``: features [n, d], texts (list), or pixels [n, 3, H, W]."""
         fut: Future = Future()
@@ -115,6 +124,9 @@ class EncodeBatcher:
             first = self._q.get()
             if first is None:
                 return
+            if first[1] == "call":
+                self._run_call(first)
+                continue
             batch = [first]
             deadline = time.monotonic() + self.max_wait
             rows = len(first[2])
@@ -126,6 +138,9 @@ class EncodeBatcher:
                     break
                 if item is None:
                     self._q.put(None)
+                    break
+                if item[1] == "call":  # after this batch, in order
+                    self._q.put(item)
                     break
                 batch.append(item)
                 rows += len(item[2])
@@ -147,6 +162,14 @@ class EncodeBatcher:
                     for _, fut in items:
                         if not fut.done():
                             fut.set_exception(e)
+
+    @staticmethod
+    def _run_call(job: tuple) -> None:
+        _, _, fn, fut = job
+        try:
+            fut.set_result(fn())
+        except Exception as e:  # noqa: BLE001 - delivered to the caller
+            fut.set_exception(e)
 
     def close(self) -> None:
         self._q.put(None)
@@ -182,6 +205,7 @@ class Engine:
         self.settings = settings
         self.model = load_checkpoint(settings.checkpoint, device=pick_device(settings.device))
         self.checkpoint_sha256 = checkpoint_hash(settings.checkpoint)
+        self.names = load_latent_names(settings.checkpoint)  # latent -> name ({} without latent_names.json)
         self.searchers: dict[str, Searcher] = {}
         for name, bundles in settings.indexes.items():
             s = Searcher(bundles, model=self.model)
@@ -414,3 +438,69 @@ class Engine:
             found.extend((float(values[t]), shard.ids[items[t]].item()) for t in top)
         found.sort(key=lambda t: -t[0])
         return n_active, [(item, v) for v, item in found[:top_k]]
+
+    # ---- see the concepts -------------------------------------------------------------------------
+    def _target(self, text: str, latents: list[int], weights: list[float], top: int) -> Any:
+        from sparc_core.attribution import latent_target, text_target
+
+        if bool(text) == bool(latents):
+            raise ServiceError("INVALID_ARGUMENT", "give exactly one of text or latents")
+        if latents:
+            if len(latents) > MAX_TARGET_LATENTS:
+                raise ServiceError("INVALID_ARGUMENT", f"at most {MAX_TARGET_LATENTS} latents, got {len(latents)}")
+            for lat in latents:
+                if not 0 <= lat < self.model.n_latents:
+                    raise ServiceError("INVALID_ARGUMENT", f"latent {lat} is out of range [0, {self.model.n_latents})")
+            if weights and (len(weights) != len(latents) or not all(np.isfinite(w) and w >= 0 for w in weights)):
+                raise ServiceError("INVALID_ARGUMENT", "weights: one finite, non-negative weight per latent")
+            return latent_target(self.model, latents, weights or None)
+        if len(text) > self.settings.max_text_chars:
+            raise ServiceError("INVALID_ARGUMENT", f"text of {len(text)} characters exceeds {self.settings.max_text_chars}")
+        if not text.strip():
+            raise ServiceError("INVALID_ARGUMENT", "empty text")
+        return text_target(self.model, self._encoder_for("text", ""), text, top=top or None)
+
+    def localize(
+        self, image: bytes, text: str, latents: list[int], weights: list[float], encoder_stream: str, method: str, top: int
+    ) -> Any:
+        """A heatmap (sparc_core.attribution.Heatmap) of a caption's or latents' concepts on an image."""
+        from sparc_core.attribution import METHODS, localize
+
+        method = method or "relevance"
+        if method not in METHODS:
+            raise ServiceError("INVALID_ARGUMENT", f"unknown method {method!r}; methods: {list(METHODS)}")
+        if not image:
+            raise ServiceError("INVALID_ARGUMENT", "empty image")
+        if len(image) > self.settings.max_image_bytes:
+            raise ServiceError("INVALID_ARGUMENT", f"image of {len(image)} bytes exceeds {self.settings.max_image_bytes}")
+        enc = self._encoder_for("image", encoder_stream)
+        text_enc = self.encoders.get(self.default_stream["text"] or "")
+        if method == "clip-sim" and not text:
+            raise ServiceError("INVALID_ARGUMENT", "clip-sim compares patches with a caption: give text")
+        with self._decoders:
+            pil = decode_image(image, self.settings.max_image_pixels)
+
+        def work():
+            target = self._target(text, latents, weights, top)
+            return localize(self.model, enc, pil, target, method=method, text_encoder=text_enc, names=self.names)
+
+        return self.batcher.call(work).result()
+
+    def attribute(self, text: str, latents: list[int], method: str) -> Any:
+        """Per-word scores (sparc_core.attribution.WordScores) of a caption."""
+        from sparc_core.attribution import TEXT_METHODS, attribute_text
+
+        method = method or "grad"
+        if method not in TEXT_METHODS:
+            raise ServiceError("INVALID_ARGUMENT", f"unknown method {method!r}; methods: {list(TEXT_METHODS)}")
+        if not text.strip():
+            raise ServiceError("INVALID_ARGUMENT", "empty text")
+        if len(text) > self.settings.max_text_chars:
+            raise ServiceError("INVALID_ARGUMENT", f"text of {len(text)} characters exceeds {self.settings.max_text_chars}")
+        enc = self._encoder_for("text", "")
+
+        def work():
+            target = self._target("", latents, [], 0) if latents else None
+            return attribute_text(self.model, enc, text, target, method=method)
+
+        return self.batcher.call(work).result()

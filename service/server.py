@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from sparc_core import SparcError
+from sparc_core.attribution import save_heatmap_png, save_words_png
 
 from .engine import Engine, SearchSpec, SearchStopped, ServiceError
 from .protogen import ensure_stubs
@@ -164,6 +166,7 @@ class SparcServicer(pb_grpc.SparcServicer):
 
     def _responses(self, specs: list[SearchSpec], context: grpc.ServicerContext) -> list[pb.SearchResponse]:
         out = []
+        names = self.engine.names
         results = self.engine.search(specs, should_stop=self._stopper(context))
         self._check_deadline(context)
         for spec, (code, hits) in zip(specs, results):
@@ -177,7 +180,11 @@ class SparcServicer(pb_grpc.SparcServicer):
                     index=h.index,
                     explanation=[
                         pb.SharedLatent(
-                            latent=e.latent, query_value=e.query_value, item_value=e.item_value, contribution=e.contribution
+                            latent=e.latent,
+                            query_value=e.query_value,
+                            item_value=e.item_value,
+                            contribution=e.contribution,
+                            name=names.get(e.latent, ""),
                         )
                         for e in h.explanation
                     ],
@@ -301,14 +308,73 @@ class SparcServicer(pb_grpc.SparcServicer):
     def GetLatent(self, request, context):
         def run():
             n_active, items = self.engine.latent_top_items(request.latent, request.index, request.top_k or 10)
+            name = self.engine.names.get(request.latent)
             return pb.GetLatentResponse(
                 latent=request.latent,
                 index=request.index,
                 n_active=n_active,
                 items=[pb.LatentItem(id=str(i), value=v) for i, v in items],
+                names=[name] if name else [],
             )
 
         return self._call("GetLatent", context, run)
+
+    @staticmethod
+    def _weights(target, names: dict[int, str], activations: dict[int, float] | None = None) -> list:
+        return [
+            pb.LatentWeight(latent=i, weight=w, name=names.get(i, ""), image_activation=(activations or {}).get(i, 0.0))
+            for i, w in zip(target.latents, target.weights)
+        ]
+
+    def Localize(self, request, context):
+        def run():
+            hm = self.engine.localize(
+                request.image,
+                request.text,
+                list(request.latents),
+                list(request.weights),
+                request.encoder_stream,
+                request.method,
+                request.top,
+            )
+            png = b""
+            if request.return_png:
+                png = _png_bytes(lambda path: save_heatmap_png(hm, path))
+            h, w = hm.grid.shape
+            return pb.LocalizeResponse(
+                height=h,
+                width=w,
+                grid=hm.grid.ravel().tolist(),
+                latents=self._weights(hm.target, self.engine.names, hm.activations),
+                method=hm.method,
+                stream=hm.stream,
+                png=png,
+            )
+
+        return self._call("Localize", context, run)
+
+    def AttributeText(self, request, context):
+        def run():
+            ws = self.engine.attribute(request.text, list(request.latents), request.method)
+            png = _png_bytes(lambda path: save_words_png(ws, path, self.engine.names)) if request.return_png else b""
+            return pb.AttributeTextResponse(
+                words=[pb.WordScore(word=wd, score=sc) for wd, sc in zip(ws.words, ws.scores)],
+                latents=self._weights(ws.target, self.engine.names),
+                method=ws.method,
+                png=png,
+            )
+
+        return self._call("AttributeText", context, run)
+
+
+def _png_bytes(write: Callable[[Path], Any]) -> bytes:
+    """A picture rendered to a temp file (the writers are atomic file writers) and read back."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sparc-png-") as d:
+        path = Path(d) / "out.png"
+        write(path)
+        return path.read_bytes()
 
 
 def _wrap_handler(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Callable]) -> grpc.RpcMethodHandler:

@@ -22,8 +22,9 @@ upsampled bilinearly to the encoder's input crop (the centre crop the encoder se
 crop). Scores are relative within one map: compare where, not how much, across images.
 
 Caption attribution (``attribute_text``): per-word relevance of a caption for a target, through the CLIP text
-tower: gradient x input on the token embeddings (``grad``), or attention relevance read at the end-of-text
-token (``relevance``). BPE tokens are merged back into words (scores summed).
+tower: gradient x input on the token embeddings, the caption's mean embedding as the baseline (``grad``), or
+attention relevance read at the end-of-text token (``relevance``). BPE tokens are merged back into the
+caption's words (scores summed; digits and punctuation the tokenizer splits off rejoin their word).
 """
 
 from __future__ import annotations
@@ -367,6 +368,22 @@ def _token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
     return out
 
 
+def _align_to_caption(text: str, pieces: list[str], scores: list[float]) -> tuple[list[str], list[float]] | None:
+    """Pieces grouped by the caption's own (whitespace) words, when they spell them out; else None."""
+    words, out = text.split(), []
+    i = 0
+    for w in words:
+        target, acc, s = w.lower().replace(" ", ""), "", 0.0
+        while i < len(pieces) and len(acc) < len(target):
+            acc += pieces[i].strip().lower()
+            s += scores[i]
+            i += 1
+        if acc != target:
+            return None
+        out.append(s)
+    return (words, out) if i == len(pieces) else None
+
+
 def _merge_words(pieces: list[str], scores: list[float]) -> tuple[list[str], list[float]]:
     words, out, cur, acc = [], [], "", 0.0
     for p, s in zip(pieces, scores):
@@ -424,7 +441,8 @@ def attribute_text(
         s = r[eot]
     span = list(range(1, eot))  # between start- and end-of-text
     pieces = _token_strings(clip.tokenizer, [ids[i] for i in span])
-    words, scores = _merge_words(pieces, [float(s[i]) for i in span])
+    piece_scores = [float(s[i]) for i in span]
+    words, scores = _align_to_caption(text, pieces, piece_scores) or _merge_words(pieces, piece_scores)
     top = max((abs(x) for x in scores), default=0.0)
     return WordScores(words, [x / top if top > 0 else 0.0 for x in scores], method, target)
 

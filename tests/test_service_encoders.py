@@ -217,3 +217,59 @@ def test_serve_flags_configure_the_encoders(world):
     args = build_parser().parse_args(["serve", "--dino-model-args", "{oops"])
     with pytest.raises(ConfigError, match="--dino-model-args: not valid JSON"):
         encoder_overrides(args, {})
+
+
+def test_localize_and_attribute_text_over_grpc(world, server, client, tmp_path):
+    """Localize / AttributeText equal the library's answer, return PNGs when asked, and refuse bad input."""
+    from sparc_core.attribution import attribute_text, localize, text_target
+    from sparc_core.naming import write_latent_names
+
+    model, enc = load_checkpoint(world["ckpt"]), load_encoders(world["encoders"])
+    data = _encoded(world["dir"] / "images" / "img_0011.jpg", "PNG")
+    caption = "a photo of thing 12 with red light"
+    for stream in ("dino", "clip_img"):
+        hm = client.localize(data, text=caption, encoder_stream=stream, method="relevance", return_png=True)
+        ref = localize(model, enc[stream], Image.open(io.BytesIO(data)), text_target(model, enc["clip_txt"], caption))
+        assert hm.stream == stream and hm.grid.shape == ref.grid.shape
+        np.testing.assert_allclose(hm.grid, ref.grid, atol=1e-5)
+        assert [x[0] for x in hm.latents] == ref.target.latents
+        assert Image.open(io.BytesIO(hm.png)).format == "PNG"
+    hm = client.localize(data, latents=[1, 2], weights=[0.7, 0.3], encoder_stream="clip_img", method="gradcam")
+    assert [(x[0], round(x[1], 3)) for x in hm.latents] == [(1, 0.7), (2, 0.3)] and hm.png == b""
+    words = client.attribute_text(caption, return_png=True)
+    ref = attribute_text(model, enc["clip_txt"], caption)
+    assert [w for w, _ in words.words] == ref.words == caption.split()
+    np.testing.assert_allclose([s for _, s in words.words], ref.scores, atol=1e-5)
+    assert Image.open(io.BytesIO(words.png)).format == "PNG"
+    for call, message in (
+        (lambda: client.localize(b"not an image", text=caption), "undecodable image"),
+        (lambda: client.localize(data, latents=[10_000]), "out of range"),
+        (lambda: client.localize(data, text=caption, latents=[1]), "exactly one of text or latents"),
+        (lambda: client.localize(data, text=caption, method="magic"), "unknown method"),
+        (lambda: client.localize(data, latents=[1], method="clip-sim"), "give text"),
+        (lambda: client.attribute_text(""), "empty text"),
+    ):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details(), e.value.details()
+    big = io.BytesIO()
+    Image.new("RGB", (400, 400)).save(big, format="PNG")  # over this server's max_image_pixels
+    with pytest.raises(grpc.RpcError) as e:
+        client.localize(big.getvalue(), text=caption)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exceeds max_image_pixels" in e.value.details()
+    # names, once written beside the checkpoint, appear in explanations and GetLatent of a server started after
+    write_latent_names(world["ckpt"], {i: [(f"name-{i}", 1.0)] for i in range(model.n_latents)}, "v", "clip_txt", 64)
+    s = server.settings
+    named = SparcServer(s).start()
+    try:
+        from service.client import SparcClient
+
+        with SparcClient(f"127.0.0.1:{named.port}") as c:
+            res = c.search(search_request(make_query(text=caption), ["images-dino"], top_k=3, explain=True))
+            shared = [e for h in res.hits for e in h.explanation]
+            assert shared and all(e.name == f"name-{e.latent}" for e in shared)
+            assert c.get_latent(5, "images-dino").names == ["name-5"]
+            assert all(x[2] == f"name-{x[0]}" for x in c.localize(data, text=caption).latents)
+    finally:
+        named.stop(0)
+        (world["ckpt"] / "latent_names.json").unlink()
