@@ -11,7 +11,16 @@ import numpy as np
 
 
 def register(sub: Any) -> None:
-    """Add the ``index`` command group to the sparc parser."""
+    """Add the ``index`` command group (and ``report``, which reads bundles) to the sparc parser."""
+    r = sub.add_parser("report", help="write a static HTML concept report (names, firing rates, top items per index)")
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--index", action="append", required=True, metavar="NAME=BUNDLE", help="repeat per index")
+    r.add_argument("--captions", help="the extraction's captions file (image_path, caption, id): captions and thumbnails")
+    r.add_argument("--images", help="the image folder the captions file's paths are relative to (thumbnails)")
+    r.add_argument("--max-latents", type=int, default=200)
+    r.add_argument("--out", required=True, help="report folder (index.html + pictures)")
+    r.set_defaults(func=_report)
+
     p = sub.add_parser("index", help="build, extend, inspect and query index bundles")
     isub = p.add_subparsers(dest="index_command", required=True)
 
@@ -112,4 +121,53 @@ def _search(args: argparse.Namespace) -> int:
             hits.append(hit)
         json.dump({"query": q, "path": res.path, "hits": hits}, sys.stdout)
         sys.stdout.write("\n")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import json as _json
+    from pathlib import Path
+
+    from sparc_core.checkpoint import checkpoint_hash
+    from sparc_core.concept_report import Gallery, firing_rates, write_concept_report
+    from sparc_core.config import ConfigError
+    from sparc_core.naming import NAMES_FILE
+
+    from .bundle import Bundle, BundleError
+
+    sha = checkpoint_hash(args.checkpoint)
+    captions, images = {}, {}
+    if args.captions:
+        from sparc_core.extract import read_captions
+
+        for item in read_captions(args.captions):
+            captions[item.id] = item.caption
+            if args.images:
+                images[item.id] = Path(args.images) / item.image
+    galleries, rates, n_latents = [], {}, None
+    for spec in args.index:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--index expects NAME=BUNDLE, got {spec!r}")
+        b = Bundle(path, expected_checkpoint=sha)
+        m = b.manifest
+        n_latents = m.n_latents
+        ids = b.ids.tolist()
+        galleries.append(
+            Gallery(name, m.stream, np.asarray(b.codes_idx), np.asarray(b.codes_val), ids,
+                    {i: captions[str(i)] for i in ids if str(i) in captions},
+                    {i: images[str(i)] for i in ids if str(i) in images})
+        )  # fmt: skip
+        r = firing_rates(b.codes_idx, b.codes_val, m.n_latents)
+        rates[m.stream] = r if m.stream not in rates else np.maximum(rates[m.stream], r)
+    names = {}
+    f = Path(args.checkpoint) / NAMES_FILE
+    if f.is_file():
+        data = _json.loads(f.read_text())
+        if data.get("checkpoint_sha256") == sha:
+            names = {int(k): [(x["name"], x["score"]) for x in v] for k, v in data["latents"].items()}
+    if n_latents is None:
+        raise BundleError("no index given")
+    out = write_concept_report(args.out, n_latents, rates, galleries, names, max_latents=args.max_latents)
+    print(f"concept report: {out}")
     return 0

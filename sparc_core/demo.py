@@ -82,5 +82,39 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: 
     atomic_write_json(paths["report"], reports)
     print()
     print(format_report(reports))
+    concepts = write_demo_concepts(paths, eval_feats, eval_labels)
     print(f"\nreport: {paths['report']}\ntraining curves: {paths['sparc'] / 'training_curves.png'}")
+    print(f"concept report (open in a browser): {concepts}")
     return reports
+
+
+def write_demo_concepts(paths: dict[str, Path], feats: dict[str, np.ndarray], labels: np.ndarray) -> Path:
+    """Name the demo model's latents after the planted concepts (each concept's CLIP-text vector alone) and
+    write the concept report over the held-out DINO and CLIP-image codes."""
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .concept_report import Gallery, firing_rates, write_concept_report
+    from .naming import name_latents, naming_score, write_latent_names
+    from .synthetic import PlantedConcepts
+
+    model = load_checkpoint(paths["sparc"])
+    world = PlantedConcepts(DEMO_SYNTH)
+    concept_names = [f"concept-{c}" for c in range(DEMO_SYNTH.n_concepts)]
+    named = name_latents(model, "clip_txt", world.concept_vectors("clip_txt"), concept_names)
+    write_latent_names(paths["sparc"], named, "planted concepts (synthetic world)", "clip_txt", model.n_latents)
+    codes = {s: model.encode({s: torch.from_numpy(x)}) for s, x in feats.items()}
+    score = naming_score(named, codes["dino"].indices.numpy(), codes["dino"].values.numpy(), labels, concept_names)
+    print(
+        f"named latents: {score['top1']:.1%} of {int(score['scored_latents'])} latents active on DINO are named "
+        "after the planted concept that fires them (names read from the CLIP-text tower)"
+    )
+    rates = {s: firing_rates(c.indices.numpy(), c.values.numpy(), model.n_latents) for s, c in codes.items()}
+    caption = {i: "concepts " + ", ".join(map(str, np.flatnonzero(row)[:8])) for i, row in enumerate(labels[:5000])}
+    galleries = [
+        Gallery(f"held-out {s}", s, codes[s].indices.numpy(), codes[s].values.numpy(), list(range(len(labels))), caption)
+        for s in ("dino", "clip_img")
+    ]
+    return write_concept_report(
+        paths["sparc"].parent / "concepts", model.n_latents, rates, galleries, named, title="sparc demo: concepts"
+    )

@@ -22,6 +22,11 @@ def test_demo_runs_end_to_end_and_reuses_its_artefacts(tmp_path, capsys):
     sparc, base = report["SPARC defaults"]["summary"], report["Local TopK (lambda=0)"]["summary"]
     assert sparc["mean_R@1_latent"] > base["mean_R@1_latent"]  # even 30 steps align the streams
     assert (out / "sparc" / "training_curves.png").is_file()
+    # it ends with the concept report (latents named after the planted concepts) and prints where it is
+    page = (out / "concepts" / "index.html").read_text()
+    assert f"concept report (open in a browser): {out / 'concepts' / 'index.html'}" in text
+    assert "id='overview'" in page and page.count("class='latent'") >= 20 and "concept-" in page
+    assert "named latents:" in text and (out / "sparc" / "latent_names.json").is_file()
     # A second run reuses data and checkpoints instead of training again.
     assert main(["demo", "--out", str(out), "--steps", "30", "--quiet"]) == 0
     assert "reusing trained SPARC defaults" in capsys.readouterr().out
