@@ -41,7 +41,6 @@ def main() -> None:
     from sparc_core.config import ClipConfig, DinoConfig, EncodersConfig
     from sparc_core.encoders import load_encoders
 
-    torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory(prefix="sparc-loc-") as d:
         d = Path(d)
         clip_dir, dino = write_models(d)
@@ -55,9 +54,8 @@ def main() -> None:
         images = [Image.fromarray((rng.random((300, 400, 3)) * 255).astype(np.uint8)) for _ in range(args.images)]
         words = ["dog", "bus", "red", "beach", "cat", "balloons", "tree", "city", "night", "boat", "snow", "child"]
         captions = [" ".join(rng.choice(words, 6)) for _ in range(args.images)]
-        print(
-            f"torch threads {torch.get_num_threads()}; {args.images} distinct images and captions; medians of {args.rounds} rounds"
-        )
+        n, r = args.images, args.rounds
+        print(f"torch threads {torch.get_num_threads()}; {n} distinct images and captions; medians of {r} rounds")
         print("| call | model | seconds (median) |\n|---|---|---|")
         times: dict[str, list[float]] = {}
         for _ in range(args.rounds):
