@@ -100,10 +100,15 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from .bundle import BundleError
+    from sparc_core.naming import load_latent_names
+
+    from .bundle import BundleError, checkpoint_of
     from .searcher import Searcher
 
     searcher = Searcher(args.bundle, checkpoint=args.checkpoint)
+    names = (
+        load_latent_names(args.checkpoint or checkpoint_of(searcher.shards[0].path, searcher.manifest)) if args.explain else {}
+    )
     try:
         xq = np.load(args.queries, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -117,7 +122,10 @@ def _search(args: argparse.Namespace) -> int:
         for item, score in zip(ids, scores):
             hit: dict[str, Any] = {"id": item, "score": round(score, 6)}
             if args.explain:
-                hit["shared_latents"] = [e.__dict__ for e in searcher.explain(code, item, row=q)]
+                hit["shared_latents"] = [
+                    e.__dict__ | ({"name": names[e.latent]} if e.latent in names else {})
+                    for e in searcher.explain(code, item, row=q)
+                ]
             hits.append(hit)
         json.dump({"query": q, "path": res.path, "hits": hits}, sys.stdout)
         sys.stdout.write("\n")
