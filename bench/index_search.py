@@ -150,6 +150,8 @@ def run_size(n: int, args: argparse.Namespace, model, work: Path) -> list[dict]:
     t0 = time.perf_counter()
     flat.add(raw)
     flat_build = time.perf_counter() - t0
+    if n > args.hnsw_max:
+        del raw  # the Flat index holds its own copy; HNSW (the only other user) is skipped at this size
     hnsw, hnsw_build = None, float("nan")
     if n <= args.hnsw_max:
         hnsw = faiss.IndexHNSWFlat(raw.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
@@ -169,9 +171,12 @@ def run_size(n: int, args: argparse.Namespace, model, work: Path) -> list[dict]:
         return SparseCode(code.indices[q], code.values[q], code.n_latents)
 
     def scipy_search(q: np.ndarray) -> np.ndarray:
-        s = (sp.csr_matrix(q_dense[q]) @ csr_t).toarray()
-        top = np.argpartition(-s, 9, axis=1)[:, :10]
-        return np.take_along_axis(top, np.argsort(-np.take_along_axis(s, top, 1), 1), 1)
+        out = []
+        for a in range(0, len(q), 64):  # 64 queries at a time: a dense [64, n] score block (256 MB at 1M)
+            s = (sp.csr_matrix(q_dense[q[a : a + 64]]) @ csr_t).toarray()
+            top = np.argpartition(s, s.shape[1] - 10, axis=1)[:, -10:]
+            out.append(np.take_along_axis(top, np.argsort(-np.take_along_axis(s, top, 1), 1), 1))
+        return np.concatenate(out)
 
     def hnsw_search(ef: int):
         def fn(q: np.ndarray) -> np.ndarray:
