@@ -353,9 +353,26 @@ class Engine:
 
     # ---- work -------------------------------------------------------------------------------------
     def encode(self, specs: list[QuerySpec]) -> list[SparseCode]:
-        """Codes of validated queries, through the micro-batcher."""
-        futures = [self.batcher.submit(q.stream, *q.payload()) for q in specs]
-        codes = [f.result() for f in futures]
+        """Codes of validated queries, through the micro-batcher. Queries of one call with the same stream
+        and kind go as one payload (one future), so a large batch costs one model call per group."""
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, q in enumerate(specs):
+            groups.setdefault((q.stream, q.payload()[0]), []).append(i)
+        codes: list[SparseCode | None] = [None] * len(specs)
+        pending = []
+        for (stream, kind), members in groups.items():
+            parts = [specs[i].payload()[1] for i in members]
+            if kind == "text":
+                payload: Any = [t for p in parts for t in p]
+            elif kind == "pixels":
+                payload = torch.cat(parts)
+            else:
+                payload = np.concatenate(parts)
+            pending.append((members, self.batcher.submit(stream, kind, payload)))
+        for members, fut in pending:
+            code = fut.result()
+            for j, i in enumerate(members):
+                codes[i] = SparseCode(code.indices[j : j + 1], code.values[j : j + 1], code.n_latents)
         for i, c in enumerate(codes):
             if not torch.isfinite(c.values).all():
                 raise ServiceError("INVALID_ARGUMENT", f"query {i} overflows the encoder (its code is not finite)")
@@ -375,7 +392,12 @@ class Engine:
         for spec in specs:
             self.check_search(spec)
         self.check_budget(specs)
+        stop = should_stop or (lambda: False)
+        if stop():
+            raise SearchStopped("stopped before encoding: the deadline passed or the call was cancelled")
         codes = self.encode([s.query for s in specs])
+        if stop():
+            raise SearchStopped("stopped after encoding: the deadline passed or the call was cancelled")
         results: list[list[Hit]] = [[] for _ in specs]
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(specs):

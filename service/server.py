@@ -213,6 +213,8 @@ class SparcServicer(pb_grpc.SparcServicer):
                     specs.append(self._spec(r))
                 except ServiceError as e:
                     raise ServiceError(e.code, f"requests[{i}]: {e.message}") from None
+            if self._stopper(context)():
+                raise SearchStopped("stopped after validation: the deadline passed or the call was cancelled")
             return pb.SearchBatchResponse(responses=self._responses(specs, context))
 
         return self._call("SearchBatch", context, run)
