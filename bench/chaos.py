@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.chaos import chaos_checkpoint, chaos_extract, chaos_index_add, chaos_index_build  # noqa: E402
+from tests.chaos import IdleStreams, chaos_checkpoint, chaos_extract, chaos_index_add, chaos_index_build  # noqa: E402
 
 
 def kills_table(kills: int, seed: int) -> None:
@@ -61,7 +61,7 @@ def service_table(n_items: int) -> None:
     import grpc
 
     from service.client import SparcClient, make_query, search_request
-    from service.server import SparcServer, pb_grpc
+    from service.server import SparcServer
     from service.settings import load_settings
 
     def req(q, **kw):
@@ -74,8 +74,6 @@ def service_table(n_items: int) -> None:
 
         srv = SparcServer(load_settings(overrides=base, environ={})).start()
         target = f"127.0.0.1:{srv.port}"
-        stop = threading.Event()
-        refused: list = []
         try:
             with SparcClient(target) as c:
                 c.health()
@@ -89,36 +87,16 @@ def service_table(n_items: int) -> None:
                     return np.array(out)
 
                 quiet = latencies(xq[:200])
-                hog = grpc.insecure_channel(target)
-                stub = pb_grpc.SparcStub(hog)
-
-                def idle():
-                    stop.wait()
-                    return
-                    yield
-
-                def hold():
-                    try:
-                        for _ in stub.SearchStream(idle(), timeout=120):
-                            pass
-                    except grpc.RpcError as e:
-                        refused.append(e.code())
-
-                threads = [threading.Thread(target=hold, daemon=True) for _ in range(64)]
-                for t in threads:
-                    t.start()
+                hog = IdleStreams(target, 64)
                 time.sleep(1.0)
                 held = latencies(xq[200:400])
                 p50, p99 = 1e3 * np.median(quiet), 1e3 * np.quantile(quiet, 0.99)
                 print(f"| Search p50 / p99, no idle streams | {p50:.2f} / {p99:.2f} ms |")
                 print(
                     f"| Search p50 / p99, one client holding 64 idle streams | {1e3 * np.median(held):.2f} / "
-                    f"{1e3 * np.quantile(held, 0.99):.2f} ms ({len(refused)} of 64 streams refused, "
-                    f"{64 - len(refused)} held open) |"
+                    f"{1e3 * np.quantile(held, 0.99):.2f} ms ({len(hog.refused)} of 64 streams refused, "
+                    f"{64 - len(hog.refused)} held open) |"
                 )
-                stop.set()
-                for t in threads:
-                    t.join(10)
                 hog.close()
 
                 # deadline: a heavy batch (4096 queries) with a 100 ms deadline
@@ -143,7 +121,6 @@ def service_table(n_items: int) -> None:
                     f"1 s starting 100 ms later: {1e3 * after:.0f} ms (total {1e3 * (time.process_time() - cpu0):.0f} ms) |"
                 )
         finally:
-            stop.set()
             srv.stop(0)
 
         srv = SparcServer(load_settings(overrides=base | {"grace_seconds": 0.5}, environ={})).start()

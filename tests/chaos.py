@@ -255,3 +255,49 @@ def chaos_extract(work: Path, kills: int, seed: int = 0, n_images: int = 120) ->
         survived, tried, failures = result
         return survived - 1, tried, [*failures, "the resumed extraction differs from the uninterrupted one"]
     return result
+
+
+# ---- idle streams ------------------------------------------------------------------------------------------
+class IdleStreams:
+    """``n`` SearchStream calls from one client that send nothing until ``close()``; ``refused`` collects the
+    status codes of those the server turned away."""
+
+    def __init__(self, target: str, n: int, timeout: float = 120) -> None:
+        import threading
+
+        import grpc
+
+        from service.server import pb_grpc
+
+        self.channel = grpc.insecure_channel(target)
+        stub = pb_grpc.SparcStub(self.channel)
+        self.stop = threading.Event()
+        self.refused: list = []
+
+        def idle():
+            self.stop.wait()
+            return
+            yield
+
+        def hold():
+            try:
+                for _ in stub.SearchStream(idle(), timeout=timeout):
+                    pass
+            except grpc.RpcError as e:
+                self.refused.append(e.code())
+
+        self.threads = [threading.Thread(target=hold, daemon=True) for _ in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def wait_refused(self, count: int, timeout: float = 10) -> int:
+        t0 = time.monotonic()
+        while len(self.refused) < count and time.monotonic() - t0 < timeout:
+            time.sleep(0.05)
+        return len(self.refused)
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=10)
+        self.channel.close()

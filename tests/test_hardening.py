@@ -52,35 +52,15 @@ def _count(metric, *labels) -> float:
 def test_idle_streams_cannot_starve_other_clients(trained_checkpoint, bundles, queries):
     """64 idle SearchStream calls from one client: most are refused at once, the rest hold a bounded
     number of workers, and another client's Search still answers within 100 ms."""
+    from tests.chaos import IdleStreams
+
     srv = SparcServer(_settings(trained_checkpoint, bundles, workers=16)).start()
     target = f"127.0.0.1:{srv.port}"
-    held, stop = [], threading.Event()
-    refused = []
+    hog = IdleStreams(target, 64, timeout=30)
     try:
-        hog = grpc.insecure_channel(target)
-        stub = __import__("service.server", fromlist=["pb_grpc"]).pb_grpc.SparcStub(hog)
-
-        def idle_requests():
-            stop.wait()  # sends nothing until the test ends
-            return
-            yield
-
-        def hold():
-            try:
-                for _ in stub.SearchStream(idle_requests(), timeout=30):
-                    pass
-            except grpc.RpcError as e:
-                refused.append(e.code())
-
-        for _ in range(64):
-            t = threading.Thread(target=hold, daemon=True)
-            t.start()
-            held.append(t)
-        deadline = time.monotonic() + 10
-        while len(refused) < 64 - srv.settings.stream_limit and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(refused) == 64 - srv.settings.stream_limit  # stream_limit (4) stay open, the rest refused
-        assert set(refused) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        expected = 64 - srv.settings.stream_limit
+        assert hog.wait_refused(expected) == expected  # stream_limit (4) stay open, the rest refused
+        assert set(hog.refused) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
         with SparcClient(target) as other:
             other.health()  # the connection is up
             times = []
@@ -91,9 +71,6 @@ def test_idle_streams_cannot_starve_other_clients(trained_checkpoint, bundles, q
         assert float(np.median(times)) < 0.1, times
         assert srv.metrics.open_streams._value.get() == srv.settings.stream_limit
     finally:
-        stop.set()
-        for t in held:
-            t.join(timeout=10)
         hog.close()
         srv.stop(0)
 
