@@ -551,7 +551,11 @@ class StreamGate(grpc.ServerInterceptor):
                 return gated
 
             def unary_reply(request, context):  # a request stream with one reply: the gate, then the reply
-                return next(iter(gated(request, context)))
+                g = gated(request, context)
+                try:
+                    return next(g)
+                finally:
+                    g.close()  # releases the slot now, not when the generator is collected
 
             return unary_reply
 

@@ -70,6 +70,11 @@ def test_idle_streams_cannot_starve_other_clients(trained_checkpoint, bundles, q
                 times.append(time.perf_counter() - t0)
         assert float(np.median(times)) < 0.1, times
         assert srv.metrics.open_streams._value.get() == srv.settings.stream_limit
+        hog.close()
+        deadline = time.monotonic() + 5
+        while srv.metrics.open_streams._value.get() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.metrics.open_streams._value.get() == 0  # every slot is given back when the streams end
     finally:
         hog.close()
         srv.stop(0)
