@@ -145,45 +145,4 @@ def test_a_single_version_directory_loads(tmp_path, small_model, batch):
         save_checkpoint(small_model, flat)
 
 
-_SAVER = """
-import sys, torch
-from sparc_core import SparcModel, save_checkpoint
-from sparc_core.config import SparcConfig
-cfg = SparcConfig.model_validate_json(sys.argv[2])
-model = SparcModel(cfg, seed=0)
-step = int(sys.argv[3])
-while True:
-    step += 1
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(float(step % 1000) / 1000)
-    save_checkpoint(model, sys.argv[1], step=step, train_state={"tensors": {"x": torch.zeros(50_000)}, "meta": {"step": step}})
-"""
-
-
-def test_kill_at_any_moment_of_a_save_leaves_a_loadable_checkpoint(tmp_path, small_model, small_cfg):
-    """SIGKILL a process that saves in a loop at random moments: the checkpoint always loads, and it is the
-    model of the step its config names (never a mix of two saves)."""
-    import random
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    out = tmp_path / "ckpt"
-    save_checkpoint(small_model, out, step=0)
-    rng = random.Random(0)
-    last = 0
-    for _ in range(6):
-        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(out), small_cfg.model_dump_json(), str(last * 10)])
-        time.sleep(rng.uniform(2.0, 3.5))  # interpreter and torch import, then some saves
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        model = load_checkpoint(out)
-        step = _step(out)
-        assert step >= last
-        if step > 0:
-            expected = float(step % 1000) / 1000
-            assert all(torch.all(p == expected) for p in model.parameters()), step
-        last = step
-    assert last > 0  # saves did complete between kills
+# SIGKILL at random moments of a save: tests/test_chaos.py (and bench/chaos.py for many kills).
