@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sparc_core.cli import add_encoder_flags, encoder_overrides
 
 
 def register(sub: Any) -> None:
@@ -18,7 +22,10 @@ def register(sub: Any) -> None:
     r.add_argument("--captions", help="the extraction's captions file (image_path, caption, id): captions and thumbnails")
     r.add_argument("--images", help="the image folder the captions file's paths are relative to (thumbnails)")
     r.add_argument("--max-latents", type=int, default=200)
+    r.add_argument("--heatmaps", type=int, default=0, metavar="N", help="heatmaps of each latent on its top N images")
+    r.add_argument("--heatmap-method", default="relevance", choices=["relevance", "gradcam"])
     r.add_argument("--out", required=True, help="report folder (index.html + pictures)")
+    add_encoder_flags(r)  # the image encoders the heatmaps need (local weights only)
     r.set_defaults(func=_report)
 
     p = sub.add_parser("index", help="build, extend, inspect and query index bundles")
@@ -134,7 +141,6 @@ def _search(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     import json as _json
-    from pathlib import Path
 
     from sparc_core.checkpoint import checkpoint_hash
     from sparc_core.concept_report import Gallery, firing_rates, write_concept_report
@@ -176,6 +182,49 @@ def _report(args: argparse.Namespace) -> int:
             names = {int(k): [(x["name"], x["score"]) for x in v] for k, v in data["latents"].items()}
     if n_latents is None:
         raise BundleError("no index given")
-    out = write_concept_report(args.out, n_latents, rates, galleries, names, max_latents=args.max_latents)
+    heat: dict[int, list[Path]] = {}
+    with tempfile.TemporaryDirectory(prefix="sparc-report-heat-") as tmp:
+        if args.heatmaps > 0:
+            heat = _report_heatmaps(args, galleries, rates, {k: v[0][0] for k, v in names.items()}, Path(tmp))
+        out = write_concept_report(args.out, n_latents, rates, galleries, names, max_latents=args.max_latents, heatmaps=heat)
     print(f"concept report: {out}")
     return 0
+
+
+def _report_heatmaps(args, galleries, rates, names, tmp):
+    """latent -> heatmap PNGs of the latent on its top images, for galleries whose stream has an image encoder."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from sparc_core.attribution import latent_target, localize, save_heatmap_png
+    from sparc_core.checkpoint import load_checkpoint, pick_device
+    from sparc_core.concept_report import shown_latents, top_items
+    from sparc_core.config import ConfigError, EncodersConfig, build_config
+    from sparc_core.encoders import load_encoders
+
+    streams = {g.stream for g in galleries}
+    enc_cfg = encoder_overrides(args, {}, always=False)
+    if not enc_cfg:
+        raise ConfigError("--heatmaps needs the image encoders: --dino-weights and/or --clip-weights")
+    encoders = load_encoders(build_config(EncodersConfig, enc_cfg, "encoder flags"))
+    model = load_checkpoint(args.checkpoint, device=pick_device())
+    shown = shown_latents(rates, args.max_latents)
+    jobs = []
+    for g in galleries:
+        enc = encoders.get(g.stream)
+        if enc is None or enc.modality != "image" or not g.images:
+            continue
+        tops = top_items(g, model.n_latents, args.heatmaps * 4)
+        for lat in shown:
+            rows = [r for r, _ in tops.get(lat, []) if g.ids[r] in g.images][: args.heatmaps]
+            jobs += [(lat, enc, g.images[g.ids[r]], f"{g.name}-{r}") for r in rows]
+    if not jobs and streams:
+        print(f"no heatmaps: no image encoder for {sorted(streams)} or no image paths (--captions/--images)")
+    out: dict[int, list[Path]] = {}
+    for lat, enc, path, tag in tqdm(jobs, desc="heatmaps", unit="image"):
+        with Image.open(path) as im:
+            hm = localize(model, enc, im.convert("RGB"), latent_target(model, [lat]), method=args.heatmap_method, names=names)
+        dest = tmp / f"{lat}-{tag}.png".replace("/", "_")
+        save_heatmap_png(hm, dest)
+        out.setdefault(lat, []).append(dest)
+    return out

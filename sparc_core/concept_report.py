@@ -41,7 +41,13 @@ def firing_rates(codes_idx: np.ndarray, codes_val: np.ndarray, n_latents: int) -
     return counts / max(len(codes_idx), 1)
 
 
-def _top_items(g: Gallery, n_latents: int, top: int) -> dict[int, list[tuple[int, float]]]:
+def shown_latents(rates: dict[str, np.ndarray], max_latents: int) -> list[int]:
+    """The latents a report shows: the ``max_latents`` with the highest rate in any stream (that fire)."""
+    best = np.max(np.stack(list(rates.values())), 0)
+    return [int(i) for i in np.argsort(-best, kind="stable")[:max_latents] if best[i] > 0]
+
+
+def top_items(g: Gallery, n_latents: int, top: int) -> dict[int, list[tuple[int, float]]]:
     """latent -> [(row, value)] best first."""
     idx, val = np.asarray(g.codes_idx), np.asarray(g.codes_val, dtype=np.float32)
     rows, cols = np.nonzero(val > 0)
@@ -105,7 +111,7 @@ def write_concept_report(
     names: dict[int, list[tuple[str, float]]] | None = None,
     title: str = "SPARC concepts",
     max_latents: int = 200,
-    top_items: int = 8,
+    top_items_n: int = 8,
     heatmaps: dict[int, list[Path]] | None = None,
 ) -> Path:
     """Write the report folder ``out`` (index.html + pictures) and return the path of index.html.
@@ -120,9 +126,8 @@ def write_concept_report(
     try:
         (tmp / "thumbs").mkdir()
         kinds = _overview_png(rates, [], tmp / "overview.png")
-        best = np.max(np.stack(list(rates.values())), 0)
-        shown = [int(i) for i in np.argsort(-best)[:max_latents] if best[i] > 0]
-        tops = {g.name: _top_items(g, n_latents, top_items) for g in galleries}
+        shown = shown_latents(rates, max_latents)
+        tops = {g.name: top_items(g, n_latents, top_items_n) for g in galleries}
         e = html.escape
         parts = [
             "<!doctype html><html><head><meta charset='utf-8'>",
@@ -187,4 +192,4 @@ def write_concept_report(
     return out / "index.html"
 
 
-__all__ = ["Gallery", "firing_rates", "write_concept_report"]
+__all__ = ["Gallery", "firing_rates", "shown_latents", "top_items", "write_concept_report"]

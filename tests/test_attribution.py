@@ -8,6 +8,7 @@ filler words except one, can then only drive a latent through that patch or word
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -195,3 +196,32 @@ def test_cli_localize_and_attribute(world, tmp_path, capsys):
         assert main(["localize", *base, *extra, "--out", str(tmp_path / "x.png")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_report_shows_heatmaps_of_a_latent_on_its_top_images(world, tmp_path):
+    """`sparc report --heatmaps 1` with the image encoders: each shown latent's card holds its heatmap."""
+    import csv
+
+    from index import build_bundle
+
+    enc = world["encoders"]["dino"]
+    (tmp_path / "images").mkdir()
+    images = [_square("dino", cell) for cell in range(6)]
+    with open(tmp_path / "captions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_path", "caption", "id"])
+        for i, im in enumerate(images):
+            im.save(tmp_path / "images" / f"{i}.png")
+            w.writerow([f"{i}.png", f"square at cell {i}", f"sq-{i}"])
+    np.save(tmp_path / "dino.npy", enc.encode_images(images).numpy())
+    (tmp_path / "ids.txt").write_text("\n".join(f"sq-{i}" for i in range(6)) + "\n")
+    build_bundle(world["ckpt"], "dino", tmp_path / "dino.npy", tmp_path / "b", ids=tmp_path / "ids.txt", progress=False)
+    argv = ["report", "--checkpoint", str(world["ckpt"]), "--index", f"squares={tmp_path / 'b'}", "--max-latents", "5"]
+    argv += ["--captions", str(tmp_path / "captions.csv"), "--images", str(tmp_path / "images"), "--heatmaps", "1"]
+    assert main([*argv, *world["flags"], "--out", str(tmp_path / "r")]) == 0
+    page = (tmp_path / "r" / "index.html").read_text()
+    heat = re.findall(r"<img class='heatmap' src='(thumbs/heat-\d+-[^']+)'", page)
+    assert len(heat) == 5  # one per shown latent (each fires on some square)
+    for src in heat:
+        with Image.open(tmp_path / "r" / src) as im:
+            assert im.size == HEATMAP_PNG_SIZE
