@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.chaos import IdleStreams, chaos_checkpoint, chaos_extract, chaos_index_add, chaos_index_build  # noqa: E402
+from tests.chaos import IdleStreams, chaos_checkpoint, chaos_extract, chaos_index_add, chaos_index_build, stop_during  # noqa: E402
 
 
 def kills_table(kills: int, seed: int) -> None:
@@ -124,24 +123,15 @@ def service_table(n_items: int) -> None:
             srv.stop(0)
 
         srv = SparcServer(load_settings(overrides=base | {"grace_seconds": 0.5}, environ={})).start()
-        errors: list = []
         with SparcClient(f"127.0.0.1:{srv.port}") as c:
             c.health()
 
             def heavy():
-                try:
-                    for _ in range(5):
-                        c.search_batch([req(q, top_k=10) for q in xq], timeout=120)
-                except grpc.RpcError as e:
-                    errors.append(e.code().name)
+                for _ in range(5):
+                    c.search_batch([req(q, top_k=10) for q in xq], timeout=120)
 
-            t = threading.Thread(target=heavy)
-            t.start()
-            time.sleep(0.5)
-            t0 = time.perf_counter()
-            srv.stop()
-            took = time.perf_counter() - t0
-            t.join(30)
+            took, codes = stop_during(srv, heavy, 0.5)
+            errors = [code.name for code in codes]
         print(f"| shutdown with a heavy call in flight, grace 0.5 s | {took:.2f} s; the client saw {errors or ['OK']} |")
 
         from sparc_core import ConfigError

@@ -301,3 +301,28 @@ class IdleStreams:
         for t in self.threads:
             t.join(timeout=10)
         self.channel.close()
+
+
+def stop_during(server, call, after: float, join: float = 30) -> tuple[float, list]:
+    """Run ``call()`` (a client call that raises grpc.RpcError when refused) in a thread, stop ``server``
+    ``after`` seconds in; returns (seconds the stop took, status codes the call saw)."""
+    import threading
+
+    import grpc
+
+    errors: list = []
+
+    def run():
+        try:
+            call()
+        except grpc.RpcError as e:
+            errors.append(e.code())
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(after)
+    t0 = time.perf_counter()
+    server.stop()
+    took = time.perf_counter() - t0
+    t.join(join)
+    return took, errors

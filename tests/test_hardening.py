@@ -19,6 +19,7 @@ from service.engine import ServiceError
 from service.server import SparcServer, pb
 from service.settings import load_settings
 from sparc_core import ConfigError
+from tests.chaos import stop_during
 
 TOKEN = "s3cret-token"
 
@@ -178,23 +179,9 @@ def test_an_expired_deadline_stops_the_work_within_100ms(trained_checkpoint, bun
 def test_shutdown_stops_in_flight_work_at_the_grace_period(trained_checkpoint, bundles, queries, monkeypatch):
     _busy_postings(monkeypatch, 0.01)  # 500 queries: 5 s of work
     srv = SparcServer(_settings(trained_checkpoint, bundles, grace_seconds=0.3)).start()
-    errors = []
     with SparcClient(f"127.0.0.1:{srv.port}") as c:
         c.health()
-
-        def call():
-            try:
-                c.search_batch([_req(q) for q in queries[:500]], timeout=30)
-            except grpc.RpcError as e:
-                errors.append(e.code())
-
-        t = threading.Thread(target=call)
-        t.start()
-        time.sleep(0.3)
-        t0 = time.perf_counter()
-        srv.stop()
-        stopped = time.perf_counter() - t0
-        t.join(10)
+        stopped, errors = stop_during(srv, lambda: c.search_batch([_req(q) for q in queries[:500]], timeout=30), 0.3, 10)
     assert stopped < 1.5, stopped  # grace 0.3 s, then the work stops
     assert errors and errors[0] != grpc.StatusCode.OK
     assert _count(srv.metrics.requests, "SearchBatch", "OK") == 0
