@@ -1,26 +1,33 @@
 """Index bundles: build, append, load and verify the on-disk form of a gallery.
 
-A bundle is a directory whose ``CURRENT`` file names the live version sub-directory::
+A bundle is a directory whose ``CURRENT`` file names the live version sub-directory; a version holds one
+or more parts (one per build or ``add``), each searched by the same kernel and merged::
 
-    BUNDLE/CURRENT                 "v-20261125T101500-3f2a"
-    BUNDLE/v-.../manifest.json     what was built, from which checkpoint, with which settings
-    BUNDLE/v-.../ids.npy           item ids (int64 or unicode), row order
-    BUNDLE/v-.../codes_idx.npy     [n, k] latent ids of every item's code (int16/int32)
-    BUNDLE/v-.../codes_val.npy     [n, k] float16 code values, L2-normalised per row
-    BUNDLE/v-.../post_*.npy        posting lists over latents (the sparse search structure)
-    BUNDLE/v-.../dense.faiss       FAISS index over the cross-decoded space (optional)
+    BUNDLE/CURRENT                          "v-20261125T101500-3f2a"
+    BUNDLE/v-.../manifest.json              what was built, from which checkpoint, with which settings
+    BUNDLE/v-.../part-00000/ids.npy         item ids: int64, or ids_utf8.npy + ids_offsets.npy for strings
+    BUNDLE/v-.../part-00000/id_keys.npy     sorted 64-bit id keys and their rows (id_rows.npy): id lookup
+    BUNDLE/v-.../part-00000/codes_idx.npy   [n, k] latent ids of every item's code (int16/int32)
+    BUNDLE/v-.../part-00000/codes_val.npy   [n, k] float16 code values, L2-normalised per row
+    BUNDLE/v-.../part-00000/post_*          block posting lists over latents (index/postings.py)
+    BUNDLE/v-.../part-00000/dense.faiss     FAISS index over the cross-decoded space (optional)
 
+A part is written block by block (memory bounded by one block of items, whatever the gallery size).
 A new version is written completely, fsynced, and only then does ``CURRENT`` move to it with an atomic
-rename; so a build killed at any point leaves the previous bundle untouched and loadable.
+rename; so a build killed at any point leaves the previous bundle untouched and loadable. ``add`` writes a
+new version whose old parts are hard links to the previous version's files (never rewritten) plus one new
+part. Bundles of format version 1 (one set of arrays per version) still load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import time
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -34,14 +41,15 @@ from sparc_core import SparcError, SparcModel, checkpoint_hash, load_checkpoint
 from sparc_core.checkpoint import atomic_write_bytes, atomic_write_json, pick_device
 from sparc_core.data import FeatureStore
 
-from .faiss_backend import build_dense_index, read_dense_index, write_dense_index
-from .postings import Postings
+from .faiss_backend import DenseBuilder, read_dense_index, write_dense_index
+from .ids import ItemIds, keys_of, read_ids, write_ids
+from .postings import BLOCK, Postings, PostingsWriter, load_postings, merge_topk
 
 FORMAT = "sparc-index"
-VERSION = 1
+VERSION = 2
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
-ARRAYS = ("ids", "codes_idx", "codes_val", "post_offsets", "post_items", "post_values")
+LEGACY_ARRAYS = ("ids", "codes_idx", "codes_val")  # format version 1: one set of arrays per version
 
 
 class BundleError(SparcError, RuntimeError):
@@ -54,6 +62,13 @@ class ShardInfo(BaseModel):
     count: int = 1  # shards in the whole gallery
     row_start: int = 0  # first feature row of this shard (inclusive)
     row_stop: int = 0  # last feature row (exclusive)
+
+
+class PartInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str  # sub-directory of the version
+    n_items: int
+    created_at: str
 
 
 class Manifest(BaseModel):
@@ -75,8 +90,10 @@ class Manifest(BaseModel):
     shard: ShardInfo
     created_at: str
     build_seconds: float
-    files: dict[str, int]  # file name -> size in bytes (truncation check)
+    files: dict[str, int]  # file path in the version -> size in bytes (truncation check)
     source: str  # features file the items came from
+    parts: list[PartInfo] = []  # format 2; empty in format-1 bundles
+    ids_unique_in_source: bool = False  # ids were checked unique over the whole source (all shards)
 
 
 def checkpoint_of(path: str | Path, manifest: Manifest) -> Path:
@@ -134,7 +151,7 @@ def read_manifest(path: str | Path) -> Manifest:
     vdir = current_version(path)
     mpath = vdir / MANIFEST
     try:
-        return Manifest.model_validate(json.loads(mpath.read_text()))
+        m = Manifest.model_validate(json.loads(mpath.read_text()))
     except FileNotFoundError:
         raise BundleError(f"{mpath}: missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -142,6 +159,9 @@ def read_manifest(path: str | Path) -> Manifest:
     except ValidationError as e:
         err = e.errors()[0]
         raise BundleError(f"{mpath}: invalid manifest ({'.'.join(map(str, err['loc']))}: {err['msg']})") from None
+    if m.version > VERSION:
+        raise BundleError(f"{mpath}: bundle format {m.version} is newer than this sparc reads ({VERSION}); upgrade sparc")
+    return m
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
@@ -149,6 +169,15 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         np.save(f, arr, allow_pickle=False)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _fsync_path(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load_ids(path: str | Path) -> np.ndarray:
@@ -191,83 +220,130 @@ def _item_ids(ids: str | Path | np.ndarray | None, store: FeatureStore, first_de
 
 
 def _check_unique(ids: np.ndarray, source: str) -> None:
-    uniq, counts = np.unique(ids, return_counts=True)
-    if len(uniq) != len(ids):
-        dup = uniq[counts > 1][:5].tolist()
+    dup = ItemIds.from_array(ids).duplicates()
+    if dup:
         raise BundleError(f"{source}: duplicate item ids, e.g. {dup}")
 
 
-@torch.no_grad()
-def encode_gallery(
-    model: SparcModel,
-    stream: str,
-    store: FeatureStore,
-    start: int,
-    stop: int,
-    batch_size: int = 8192,
-    dense: bool = True,
-    progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Codes (idx, L2-normalised float16 values) and, if ``dense``, the centred unit feature vectors."""
-    n = stop - start
-    idx_dtype = np.int16 if model.n_latents <= np.iinfo(np.int16).max else np.int32
-    codes_idx = np.empty((n, model.k), dtype=idx_dtype)
-    codes_val = np.empty((n, model.k), dtype=np.float16)
-    vectors = np.empty((n, store.dim), dtype=np.float32) if dense else None
-    b_dec = model.codecs[stream].b_dec
-    with tqdm(total=n, desc=f"encoding {stream}", unit="item", disable=not progress, leave=False) as bar:
-        for a in range(start, stop, batch_size):
-            b = min(stop, a + batch_size)
-            x = torch.from_numpy(store.read_range(a, b)).to(model.device)
-            if not torch.isfinite(x).all():
-                bad = a + int((~torch.isfinite(x).all(1)).nonzero()[0])
-                raise BundleError(f"{store.path}: row {bad} contains NaN or inf")
-            code = model.encode({stream: x})
-            vals = torch.nn.functional.normalize(code.values, dim=1)
-            codes_idx[a - start : b - start] = code.indices.cpu().numpy()
-            codes_val[a - start : b - start] = vals.cpu().numpy()
-            if vectors is not None:
-                centred = model.normalize(stream, x.float()) - b_dec
-                vectors[a - start : b - start] = torch.nn.functional.normalize(centred, dim=1).cpu().numpy()
-            bar.update(b - a)
-    return codes_idx, codes_val, vectors
+# ---- writing ------------------------------------------------------------------------------------------
+class PartWriter:
+    """Writes one part (codes, block postings, optional dense index, ids) into ``directory``, chunk by chunk:
+    memory stays bounded by one block of items plus the dense index being built."""
+
+    def __init__(self, directory: Path, n: int, k: int, n_latents: int, dense_dim: int | None = None, factory: str = "Flat"):
+        directory.mkdir(parents=True, exist_ok=False)
+        self.dir, self.n, self.k, self.n_latents = directory, n, k, n_latents
+        idx_dtype = np.int16 if n_latents <= np.iinfo(np.int16).max else np.int32
+        self.codes_idx = np.lib.format.open_memmap(directory / "codes_idx.npy", mode="w+", dtype=idx_dtype, shape=(n, k))
+        self.codes_val = np.lib.format.open_memmap(directory / "codes_val.npy", mode="w+", dtype=np.float16, shape=(n, k))
+        self.postings = PostingsWriter(n_latents, directory)
+        self.dense = DenseBuilder(dense_dim, factory) if dense_dim else None
+        self.pos = 0
+        self._done = 0  # rows already in posting blocks
+
+    def add(self, idx: np.ndarray, val: np.ndarray, vectors: np.ndarray | None = None) -> None:
+        """The next rows' codes ([m, k] latent ids, unit values) and, for a dense part, their vectors."""
+        m = len(idx)
+        if self.pos + m > self.n:
+            raise BundleError(f"part {self.dir.name}: {self.pos + m} rows written, {self.n} announced")
+        self.codes_idx[self.pos : self.pos + m] = idx
+        self.codes_val[self.pos : self.pos + m] = val
+        self.pos += m
+        while self.pos - self._done >= BLOCK or (self.pos == self.n and self._done < self.n):
+            b = min(self.n, self._done + BLOCK)
+            self.postings.add_block(self.codes_idx[self._done : b], self.codes_val[self._done : b])
+            self._done = b
+        if self.dense is not None:
+            if vectors is None:
+                raise BundleError("a dense part needs the items' vectors")
+            self.dense.add(vectors)
+
+    def finish(self, ids: np.ndarray) -> str:
+        """Flush everything to disk (fsynced); returns the id kind."""
+        if self.pos != self.n:
+            raise BundleError(f"part {self.dir.name}: {self.pos} rows written, {self.n} announced")
+        if len(ids) != self.n:
+            raise BundleError(f"part {self.dir.name}: {len(ids)} ids for {self.n} items")
+        offsets, _, _ = self.postings.finish()
+        _save_npy(self.dir / "post_offsets.npy", offsets)
+        for arr in (self.codes_idx, self.codes_val):
+            arr.flush()
+        for name in ("codes_idx.npy", "codes_val.npy"):
+            with open(self.dir / name, "rb+") as f:
+                os.fsync(f.fileno())
+        del self.codes_idx, self.codes_val
+        if self.dense is not None:
+            write_dense_index(self.dense.finish(), self.dir / "dense.faiss")
+        kind = write_ids(self.dir, ids, _save_npy)
+        _fsync_path(self.dir)
+        return kind
 
 
-def _write_version(
-    path: Path, manifest: dict[str, Any], arrays: dict[str, np.ndarray], dense_index: Any | None, keep: int = 1
-) -> Path:
-    """Write a complete new version, then atomically point CURRENT at it; prune older versions."""
+def _new_version_dir(path: Path) -> tuple[Path, Path]:
+    """(temp dir to write into, final version dir)."""
     path.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     vdir = path / f"v-{stamp}-{secrets.token_hex(3)}"
     tmp = path / f".building-{os.getpid()}-{vdir.name}"
     tmp.mkdir()
-    try:
-        files = {}
-        for name, arr in arrays.items():
-            _save_npy(tmp / f"{name}.npy", arr)
-            files[f"{name}.npy"] = (tmp / f"{name}.npy").stat().st_size
-        if dense_index is not None:
-            write_dense_index(dense_index, tmp / "dense.faiss")
-            files["dense.faiss"] = (tmp / "dense.faiss").stat().st_size
-        manifest = manifest | {"files": files}
-        Manifest.model_validate(manifest)
-        atomic_write_json(tmp / MANIFEST, manifest)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, vdir)
-        atomic_write_bytes(path / CURRENT, (vdir.name + "\n").encode())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return tmp, vdir
+
+
+def _commit_version(path: Path, tmp: Path, vdir: Path, manifest: dict[str, Any], keep: int = 1) -> Path:
+    """Record file sizes, write the manifest, rename ``tmp`` to ``vdir`` and point CURRENT at it; prune."""
+    files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    manifest = manifest | {"files": files}
+    Manifest.model_validate(manifest)
+    atomic_write_json(tmp / MANIFEST, manifest)
+    _fsync_path(tmp)
+    os.rename(tmp, vdir)
+    _fsync_path(path)
+    atomic_write_bytes(path / CURRENT, (vdir.name + "\n").encode())
     for old in _versions(path):
         if old != vdir and old not in _versions(path)[-keep:]:
             shutil.rmtree(old, ignore_errors=True)
     clean_stale_builds(path)
     return vdir
+
+
+@torch.no_grad()
+def encode_chunks(
+    model: SparcModel, stream: str, store: FeatureStore, start: int, stop: int, batch_size: int, dense: bool, progress: bool
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Codes (idx, L2-normalised float16 values) and, if ``dense``, the centred unit feature vectors, by batch."""
+    b_dec = model.codecs[stream].b_dec
+    with tqdm(total=stop - start, desc=f"encoding {stream}", unit="item", disable=not progress, leave=False) as bar:
+        for a in range(start, stop, batch_size):
+            b = min(stop, a + batch_size)
+            x = torch.from_numpy(np.ascontiguousarray(store.read_range(a, b))).to(model.device)
+            if not torch.isfinite(x).all():
+                bad = a + int((~torch.isfinite(x).all(1)).nonzero()[0])
+                raise BundleError(f"{store.path}: row {bad} contains NaN or inf")
+            code = model.encode({stream: x})
+            vals = torch.nn.functional.normalize(code.values, dim=1)
+            vectors = None
+            if dense:
+                centred = model.normalize(stream, x.float()) - b_dec
+                vectors = torch.nn.functional.normalize(centred, dim=1).cpu().numpy()
+            yield code.indices.cpu().numpy(), vals.cpu().numpy().astype(np.float16), vectors
+            bar.update(b - a)
+
+
+def write_part(
+    directory: Path,
+    n: int,
+    k: int,
+    n_latents: int,
+    chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+    ids: np.ndarray,
+    dense_dim: int | None = None,
+    factory: str = "Flat",
+) -> str:
+    """Write a part from chunks of (idx, val, vectors); returns the id kind."""
+    w = PartWriter(directory, n, k, n_latents, dense_dim, factory)
+    for idx, val, vec in chunks:
+        w.add(idx, val, vec)
+    return w.finish(ids)
 
 
 def build_bundle(
@@ -304,40 +380,98 @@ def build_bundle(
     if stop <= start:
         raise BundleError(f"{store.path}: shard {i}/{n_shards} holds no rows ({store.n_rows} rows in all)")
     all_ids = _item_ids(ids, store, first_default=0)
+    _check_unique(all_ids, "ids")  # the whole source: shards of one build never share an id
     item_ids = all_ids[start:stop]
-    _check_unique(item_ids, "ids")
-    codes_idx, codes_val, vectors = encode_gallery(model, stream, store, start, stop, batch_size, dense, progress)
-    post = Postings.from_codes(codes_idx, codes_val.astype(np.float32), model.n_latents)
-    dense_index = build_dense_index(vectors, faiss_factory) if vectors is not None else None
-    manifest = {
-        "stream": stream,
-        "n_latents": model.n_latents,
-        "k": model.k,
-        "dim": store.dim,
-        "n_items": stop - start,
-        "checkpoint_sha256": ckpt_hash,
-        "checkpoint_path": _relative_checkpoint(checkpoint, out),
-        "id_kind": "int" if item_ids.dtype.kind == "i" else "str",
-        "dense": dense,
-        "faiss_factory": faiss_factory if dense else None,
-        "shard": {"index": i, "count": n_shards, "row_start": start, "row_stop": stop},
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "build_seconds": round(time.perf_counter() - t0, 3),
-        "source": str(Path(features).resolve()),
-    }
-    arrays = {
-        "ids": item_ids,
-        "codes_idx": codes_idx,
-        "codes_val": codes_val,
-        "post_offsets": post.offsets,
-        "post_items": post.items,
-        "post_values": post.values,
-    }
-    return _write_version(Path(out), manifest, arrays, dense_index)
+    del all_ids
+    path = Path(out)
+    tmp, vdir = _new_version_dir(path)
+    try:
+        chunks = encode_chunks(model, stream, store, start, stop, batch_size, dense, progress)
+        kind = write_part(tmp / "part-00000", stop - start, model.k, model.n_latents, chunks, item_ids,
+                          store.dim if dense else None, faiss_factory)  # fmt: skip
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest = {
+            "stream": stream,
+            "n_latents": model.n_latents,
+            "k": model.k,
+            "dim": store.dim,
+            "n_items": stop - start,
+            "checkpoint_sha256": ckpt_hash,
+            "checkpoint_path": _relative_checkpoint(checkpoint, out),
+            "id_kind": kind,
+            "dense": dense,
+            "faiss_factory": faiss_factory if dense else None,
+            "shard": {"index": i, "count": n_shards, "row_start": start, "row_stop": stop},
+            "created_at": now,
+            "build_seconds": round(time.perf_counter() - t0, 3),
+            "source": str(Path(features).resolve()),
+            "parts": [{"name": "part-00000", "n_items": stop - start, "created_at": now}],
+            "ids_unique_in_source": True,
+        }
+        return _commit_version(path, tmp, vdir, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def build_bundle_from_codes(
+    out: str | Path,
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+    n: int,
+    k: int,
+    n_latents: int,
+    ids: np.ndarray | None = None,
+    stream: str = "codes",
+    checkpoint_sha256: str = "none",
+    progress: bool = True,
+) -> Path:
+    """A sparse-only bundle from codes computed elsewhere (chunks of [m, k] idx and unit values), in bounded
+    memory. Its checkpoint fields are placeholders unless given: search it through ``Bundle``, or with a
+    Searcher given the model whose codes these are."""
+    t0 = time.perf_counter()
+    path = Path(out)
+    ids = np.arange(n, dtype=np.int64) if ids is None else ids
+    tmp, vdir = _new_version_dir(path)
+    try:
+        bar = tqdm(total=n, desc="writing codes", unit="item", disable=not progress, leave=False)
+
+        def counted() -> Iterator[tuple[np.ndarray, np.ndarray, None]]:
+            for idx, val in chunks:
+                yield idx, val, None
+                bar.update(len(idx))
+
+        kind = write_part(tmp / "part-00000", n, k, n_latents, counted(), ids)
+        bar.close()
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest = {
+            "stream": stream, "n_latents": n_latents, "k": k, "dim": 0, "n_items": n,
+            "checkpoint_sha256": checkpoint_sha256, "checkpoint_path": "", "id_kind": kind, "dense": False,
+            "faiss_factory": None, "shard": {"index": 0, "count": 1, "row_start": 0, "row_stop": n},
+            "created_at": now, "build_seconds": round(time.perf_counter() - t0, 3), "source": "codes",
+            "parts": [{"name": "part-00000", "n_items": n, "created_at": now}], "ids_unique_in_source": False,
+        }  # fmt: skip
+        return _commit_version(path, tmp, vdir, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+class Part:
+    """One part of a loaded bundle: its ids, codes, postings and optional FAISS index; rows from ``row0``."""
+
+    def __init__(self, name: str, row0: int, ids: ItemIds, codes_idx: np.ndarray, codes_val: np.ndarray,
+                 postings: Postings, dense_index: Any | None) -> None:  # fmt: skip
+        self.name, self.row0, self.ids = name, row0, ids
+        self.codes_idx, self.codes_val, self.postings, self.dense_index = codes_idx, codes_val, postings, dense_index
+
+    @property
+    def n_items(self) -> int:
+        return len(self.ids)
 
 
 class Bundle:
-    """A loaded bundle (one shard): ids, codes, postings and the optional FAISS index."""
+    """A loaded bundle (one shard): its parts, searched and addressed as one list of rows."""
 
     def __init__(self, path: str | Path, expected_checkpoint: str | None = None, mmap: bool = True) -> None:
         self.path = Path(path)
@@ -355,8 +489,35 @@ class Bundle:
                 raise BundleError(f"{f}: missing")
             if f.stat().st_size != size:
                 raise BundleError(f"{f}: {f.stat().st_size} bytes, manifest says {size} (truncated or corrupt)")
-        arr: dict[str, np.ndarray] = {}
-        for name in ARRAYS:
+        self.parts = self._load_legacy(mmap) if m.version == 1 else self._load_parts(mmap)
+        if sum(p.n_items for p in self.parts) != m.n_items:
+            raise BundleError(f"{self.vdir}: parts hold {sum(p.n_items for p in self.parts)} items, manifest says {m.n_items}")
+        self._row0 = np.array([p.row0 for p in self.parts], dtype=np.int64)
+
+    def _load_parts(self, mmap: bool) -> list[Part]:
+        m, parts, row0 = self.manifest, [], 0
+        for info in m.parts:
+            d = self.vdir / info.name
+            n = info.n_items
+            try:
+                ids = read_ids(d, m.id_kind, n, mmap)
+                codes_idx = np.load(d / "codes_idx.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+                codes_val = np.load(d / "codes_val.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+                postings = load_postings(d, n, m.n_latents, mmap)
+            except (ValueError, OSError, EOFError) as e:
+                raise BundleError(f"{d}: unreadable part ({e})") from None
+            if codes_idx.shape != (n, m.k) or codes_val.shape != (n, m.k) or len(ids.keys) != n:
+                raise BundleError(f"{d}: array shapes do not match the manifest's {n} items x k={m.k}")
+            dense = read_dense_index(d / "dense.faiss") if m.dense else None
+            if dense is not None and dense.ntotal != n:
+                raise BundleError(f"{d / 'dense.faiss'}: holds {dense.ntotal} vectors, manifest says {n}")
+            parts.append(Part(info.name, row0, ids, codes_idx, codes_val, postings, dense))
+            row0 += n
+        return parts
+
+    def _load_legacy(self, mmap: bool) -> list[Part]:
+        m, arr = self.manifest, {}
+        for name in LEGACY_ARRAYS:
             f = self.vdir / f"{name}.npy"
             try:
                 arr[name] = np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
@@ -365,27 +526,104 @@ class Bundle:
         n = m.n_items
         if len(arr["ids"]) != n or arr["codes_idx"].shape != (n, m.k) or arr["codes_val"].shape != (n, m.k):
             raise BundleError(f"{self.vdir}: array shapes do not match the manifest's {n} items x k={m.k}")
-        if len(arr["post_offsets"]) != m.n_latents + 1 or int(arr["post_offsets"][-1]) != len(arr["post_items"]):
-            raise BundleError(f"{self.vdir / 'post_offsets.npy'}: inconsistent posting lists")
-        self.ids = np.asarray(arr["ids"])
-        self.codes_idx, self.codes_val = arr["codes_idx"], arr["codes_val"]
-        self.postings = Postings(arr["post_offsets"], arr["post_items"], arr["post_values"], n)
-        self.dense_index = read_dense_index(self.vdir / "dense.faiss") if m.dense else None
-        if self.dense_index is not None and self.dense_index.ntotal != n:
-            raise BundleError(f"{self.vdir / 'dense.faiss'}: holds {self.dense_index.ntotal} vectors, manifest says {n}")
-        self._row_of: dict[Any, int] | None = None
+        postings = Postings.from_codes(np.asarray(arr["codes_idx"]), np.asarray(arr["codes_val"]), m.n_latents)
+        dense = read_dense_index(self.vdir / "dense.faiss") if m.dense else None
+        if dense is not None and dense.ntotal != n:
+            raise BundleError(f"{self.vdir / 'dense.faiss'}: holds {dense.ntotal} vectors, manifest says {n}")
+        ids = ItemIds.from_array(np.asarray(arr["ids"]))
+        return [Part(".", 0, ids, arr["codes_idx"], arr["codes_val"], postings, dense)]
+
+    # ---- rows and ids -----------------------------------------------------------------------------
+    def _split(self, rows: np.ndarray) -> Iterator[tuple[Part, np.ndarray, np.ndarray]]:
+        """(part, positions in ``rows``, local rows) for each part that holds some of ``rows``."""
+        which = np.searchsorted(self._row0, rows, side="right") - 1
+        for pi in np.unique(which):
+            sel = np.flatnonzero(which == pi)
+            part = self.parts[int(pi)]
+            yield part, sel, rows[sel] - part.row0
+
+    def ids_at(self, rows: Any) -> list[Any]:
+        """Ids of rows (Python ints or strs)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out: list[Any] = [None] * len(rows)
+        for part, sel, local in self._split(rows):
+            for s, v in zip(sel.tolist(), part.ids.take(local)):
+                out[s] = v
+        return out
+
+    def id_at(self, row: int) -> Any:
+        return self.ids_at([row])[0]
 
     def row_of(self, item_id: Any) -> int:
         """Row number of an item id (KeyError if absent)."""
-        if self._row_of is None:
-            self._row_of = {v: i for i, v in enumerate(self.ids.tolist())}
-        key = int(item_id) if self.manifest.id_kind == "int" else str(item_id)
-        return self._row_of[key]
+        for part in self.parts:
+            r = int(part.ids.find([item_id])[0])
+            if r >= 0:
+                return part.row0 + r
+        raise KeyError(item_id)
+
+    def contains(self, ids: Any) -> np.ndarray:
+        """Whether each id is in the bundle (vectorised over parts)."""
+        ids = list(ids)
+        found = np.zeros(len(ids), dtype=bool)
+        for part in self.parts:
+            found |= part.ids.find(ids) >= 0
+        return found
+
+    def codes(self, rows: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Stored codes of rows: (latent ids int64 [m, k], unit values float32 [m, k])."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        idx = np.zeros((len(rows), self.manifest.k), dtype=np.int64)
+        val = np.zeros((len(rows), self.manifest.k), dtype=np.float32)
+        for part, sel, local in self._split(rows):
+            order = np.argsort(local, kind="stable")  # sorted reads from memory-mapped arrays
+            idx[sel[order]] = part.codes_idx[local[order]]
+            val[sel[order]] = part.codes_val[local[order]]
+        return idx, val
+
+    def iter_codes(self, chunk: int = BLOCK) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(rows, idx, val) of every item, part by part, in chunks."""
+        for part in self.parts:
+            for a in range(0, part.n_items, chunk):
+                b = min(part.n_items, a + chunk)
+                rows = np.arange(part.row0 + a, part.row0 + b)
+                yield rows, np.asarray(part.codes_idx[a:b]), np.asarray(part.codes_val[a:b], dtype=np.float32)
+
+    def all_ids(self) -> list[Any]:
+        return [v for p in self.parts for v in p.ids.tolist()]
+
+    # ---- search -----------------------------------------------------------------------------------
+    def search_sparse(
+        self,
+        q_idx: np.ndarray,
+        q_val: np.ndarray,
+        k: int,
+        require: list[int] | None = None,
+        exclude: list[int] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over all parts: (D, I) with I rows of this bundle (-1 = no hit)."""
+        out = []
+        for part in self.parts:
+            D, I = part.postings.search(q_idx, q_val, min(k, part.n_items), require=require, exclude=exclude,
+                                        should_stop=should_stop)  # fmt: skip
+            out.append((D, np.where(I >= 0, I + part.row0, -1)))
+        return merge_topk(out, k)
+
+    def posting(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and values of one latent over all parts."""
+        rows, vals = zip(*[(r + p.row0, v) for p in self.parts for r, v in [p.postings.posting(latent)]])
+        return np.concatenate(rows), np.concatenate(vals)
 
     def memory_bytes(self) -> dict[str, int]:
-        """Resident bytes of the sparse path (postings + ids) and of the dense index."""
-        dense = self.manifest.files.get("dense.faiss", 0)
-        return {"sparse": self.postings.nbytes() + self.ids.nbytes, "dense": dense + self.ids.nbytes}
+        """Bytes of the sparse path (postings + ids + codes) and of the dense index, as stored."""
+        sparse = dense = 0
+        for name, size in self.manifest.files.items():
+            if name.endswith("dense.faiss"):
+                dense += size
+            elif name != MANIFEST:
+                sparse += size
+        return {"sparse": sparse, "dense": dense}
 
 
 def append_to_bundle(
@@ -396,9 +634,10 @@ def append_to_bundle(
     batch_size: int = 8192,
     progress: bool = True,
 ) -> Path:
-    """Add items to a bundle: writes a new version holding the old items followed by the new ones."""
-    old = Bundle(path, mmap=False)
+    """Add items to a bundle as a new part: the new version links the old parts' files (nothing rewritten)."""
+    old = Bundle(path, mmap=True)
     m = old.manifest
+    path = Path(path)
     clean_stale_builds(path)
     ckpt = Path(checkpoint) if checkpoint is not None else checkpoint_of(path, m)
     if checkpoint_hash(ckpt) != m.checkpoint_sha256:
@@ -407,7 +646,9 @@ def append_to_bundle(
     store = FeatureStore(features)
     if store.dim != m.dim:
         raise BundleError(f"{store.path}: dim {store.dim}, bundle holds dim {m.dim}")
-    next_int = (int(old.ids.max()) + 1 if len(old.ids) else 0) if m.id_kind == "int" else None
+    next_int = None
+    if m.id_kind == "int":
+        next_int = max((int(np.asarray(p.ids.keys).view(np.int64).max()) + 1 for p in old.parts if p.n_items), default=0)
     new_ids = _item_ids(ids, store, first_default=next_int)
     if (new_ids.dtype.kind == "i") != (m.id_kind == "int"):
         hint = (
@@ -416,27 +657,81 @@ def append_to_bundle(
             else "give --ids with one string id per new row"
         )
         raise BundleError(f"new ids are {'int' if new_ids.dtype.kind == 'i' else 'str'}, the bundle's are {m.id_kind}: {hint}")
-    all_ids = np.concatenate([old.ids, new_ids])
-    _check_unique(all_ids, "ids (existing + new)")
-    codes_idx, codes_val, vectors = encode_gallery(model, m.stream, store, 0, store.n_rows, batch_size, m.dense, progress)
-    codes_idx = np.concatenate([old.codes_idx, codes_idx.astype(old.codes_idx.dtype)])
-    codes_val = np.concatenate([old.codes_val, codes_val])
-    post = Postings.from_codes(codes_idx, codes_val.astype(np.float32), m.n_latents)
-    dense_index = old.dense_index
-    if dense_index is not None and vectors is not None:
-        dense_index.add(vectors)
-    manifest = m.model_dump() | {
-        "n_items": len(all_ids),
-        "checkpoint_path": _relative_checkpoint(ckpt, path),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    manifest.pop("files")
-    arrays = {
-        "ids": all_ids,
-        "codes_idx": codes_idx,
-        "codes_val": codes_val,
-        "post_offsets": post.offsets,
-        "post_items": post.items,
-        "post_values": post.values,
-    }
-    return _write_version(Path(path), manifest, arrays, dense_index)
+    _check_unique(new_ids, "new ids")
+    clash = old.contains(new_ids.tolist() if len(new_ids) <= 1_000_000 else new_ids)
+    if clash.any():
+        raise BundleError(f"ids (existing + new): duplicate item ids, e.g. {new_ids[clash][:5].tolist()}")
+    tmp, vdir = _new_version_dir(path)
+    try:
+        parts = [p.model_dump() for p in m.parts]
+        if m.version == 1:  # rewrite the old arrays once as a part of the current format
+            write_part(tmp / "part-00000", m.n_items, m.k, m.n_latents,
+                       ((i, v.astype(np.float16), None) for _, i, v in old.iter_codes()), np.asarray(old.all_ids()))  # fmt: skip
+            if old.parts[0].dense_index is not None:
+                write_dense_index(old.parts[0].dense_index, tmp / "part-00000" / "dense.faiss")
+            parts = [{"name": "part-00000", "n_items": m.n_items, "created_at": m.created_at}]
+        else:
+            for info in m.parts:
+                _link_tree(old.vdir / info.name, tmp / info.name)
+        name = f"part-{len(parts):05d}"
+        chunks = encode_chunks(model, m.stream, store, 0, store.n_rows, batch_size, m.dense, progress)
+        kind = write_part(tmp / name, store.n_rows, m.k, m.n_latents, chunks, new_ids,
+                          m.dim if m.dense else None, m.faiss_factory or "Flat")  # fmt: skip
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        parts.append({"name": name, "n_items": store.n_rows, "created_at": now})
+        manifest = m.model_dump() | {
+            "version": VERSION,
+            "n_items": m.n_items + store.n_rows,
+            "id_kind": kind,
+            "checkpoint_path": _relative_checkpoint(ckpt, path),
+            "created_at": now,
+            "parts": parts,
+        }
+        manifest.pop("files")
+        return _commit_version(path, tmp, vdir, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link a part's files into a new version (copy where the filesystem cannot link)."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+
+
+def shards_share_ids(bundles: list[Bundle]) -> list[Any]:
+    """Ids found in more than one shard (at most 5), checked without a Python object per item: shards cut
+    from one build (same source, disjoint rows, no added parts) are unique by construction."""
+    ms = [b.manifest for b in bundles]
+    if len(bundles) < 2:
+        return []
+    one_build = all(
+        m.ids_unique_in_source and m.source == ms[0].source and len(m.parts) == 1 and m.shard.count == ms[0].shard.count
+        for m in ms
+    ) and len({m.shard.index for m in ms}) == len(ms)
+    if one_build:
+        return []
+    found: list[Any] = []
+    for a in range(len(bundles)):
+        for b in range(a + 1, len(bundles)):
+            for pa in bundles[a].parts:
+                for pb in bundles[b].parts:
+                    for s in range(0, pa.n_items, 1 << 20):
+                        keys = np.asarray(pa.ids.keys[s : s + (1 << 20)])
+                        pos = np.searchsorted(pb.ids.keys, keys)
+                        hit = np.flatnonzero(np.asarray(pb.ids.keys)[np.minimum(pos, pb.n_items - 1)] == keys)
+                        for h in hit[:5]:
+                            v = pa.ids.at(int(pa.ids.rows[s + h]))
+                            if pb.ids.find([v])[0] >= 0 and v not in found:
+                                found.append(v)
+                        if len(found) >= 5:
+                            return found
+    return found
+
+
+__all__ = ["Bundle", "BundleError", "Manifest", "append_to_bundle", "build_bundle", "build_bundle_from_codes", "keys_of"]

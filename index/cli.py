@@ -166,13 +166,14 @@ def _report(args: argparse.Namespace) -> int:
         b = Bundle(path, expected_checkpoint=sha)
         m = b.manifest
         n_latents = m.n_latents
-        ids = b.ids.tolist()
+        ids = b.all_ids()
+        codes_idx, codes_val = b.codes(np.arange(m.n_items))
         galleries.append(
-            Gallery(name, m.stream, np.asarray(b.codes_idx), np.asarray(b.codes_val), ids,
+            Gallery(name, m.stream, codes_idx, codes_val, ids,
                     {i: captions[str(i)] for i in ids if str(i) in captions},
                     {i: images[str(i)] for i in ids if str(i) in images})
         )  # fmt: skip
-        r = firing_rates(b.codes_idx, b.codes_val, m.n_latents)
+        r = firing_rates(codes_idx, codes_val, m.n_latents)
         rates[m.stream] = r if m.stream not in rates else np.maximum(rates[m.stream], r)
     names = {}
     f = Path(args.checkpoint) / NAMES_FILE

@@ -22,23 +22,45 @@ class DenseIndexError(SparcError, RuntimeError):
     """A FAISS index that cannot be built or read; the message names the file or factory string."""
 
 
-def build_dense_index(xb: np.ndarray, factory: str = "Flat", seed: int = 0) -> Any:
-    """An inner-product FAISS index over ``xb`` [n, d]: exact ``Flat`` or any index_factory string."""
-    xb = np.ascontiguousarray(xb, dtype=np.float32)
-    d = xb.shape[1]
-    try:
-        index = faiss.IndexFlatIP(d) if factory == "Flat" else faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise DenseIndexError(f"invalid FAISS factory string {factory!r}: {str(e).splitlines()[0]}") from None
-    if not index.is_trained:
-        rng = np.random.default_rng(seed)
-        sample = xb if len(xb) <= TRAIN_SAMPLE else xb[np.sort(rng.choice(len(xb), TRAIN_SAMPLE, replace=False))]
+class DenseBuilder:
+    """Builds an inner-product FAISS index from vectors given in chunks: a quantizer that needs training
+    is trained on the first TRAIN_SAMPLE vectors (held until then), everything else is added as it comes."""
+
+    def __init__(self, d: int, factory: str = "Flat") -> None:
         try:
-            index.train(sample)
+            flat = factory == "Flat"
+            self.index = faiss.IndexFlatIP(d) if flat else faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
-            raise DenseIndexError(f"training {factory!r} on {len(sample)} vectors failed: {str(e).splitlines()[-1]}") from None
-    index.add(xb)
-    return index
+            raise DenseIndexError(f"invalid FAISS factory string {factory!r}: {str(e).splitlines()[0]}") from None
+        self.factory = factory
+        self._held: list[np.ndarray] = []
+        self._n_held = 0
+
+    def add(self, xb: np.ndarray) -> None:
+        xb = np.ascontiguousarray(xb, dtype=np.float32)
+        if self.index.is_trained:
+            self.index.add(xb)
+            return
+        self._held.append(xb)
+        self._n_held += len(xb)
+        if self._n_held >= TRAIN_SAMPLE:
+            self._train()
+
+    def _train(self) -> None:
+        held = np.concatenate(self._held)
+        self._held, self._n_held = [], 0
+        try:
+            self.index.train(held[:TRAIN_SAMPLE])
+        except RuntimeError as e:
+            raise DenseIndexError(f"training {self.factory!r} on {len(held)} vectors failed: {str(e).splitlines()[-1]}") from None
+        self.index.add(held)
+
+    def finish(self) -> Any:
+        if not self.index.is_trained:
+            if not self._n_held:
+                raise DenseIndexError(f"no vectors to train {self.factory!r} on")
+            self._train()
+        return self.index
 
 
 def write_dense_index(index: Any, path: Path) -> None:

@@ -1,103 +1,278 @@
-"""Sparse latent search: an inverted index over latents (posting lists of item, value).
+"""Exact sparse latent search: block posting lists scored by a compiled kernel.
 
-Memory is k * (4 + 4) bytes per item (int32 item number + float32 value per active latent), never a dense
-[n_items, n_latents] matrix. Scoring a query touches only the posting lists of its k latents.
+Items are cut into blocks of BLOCK (65,536) rows. Inside a block, each latent has a posting list of
+(row in block: uint16, value: float16 bits), so an active entry costs 4 bytes and the index never holds a
+dense [n_items, n_latents] matrix. A query scores one block at a time into a 256 KB buffer that stays in
+cache, remembers the rows it touched, pushes them into a k-heap and zeroes only them: the work of a query
+is proportional to the postings it touches (plus a few offset reads per block), never to n_items, and no
+buffer of n_items floats exists. The kernel is compiled with numba and releases the GIL; a batch is split
+over a process-wide pool of threads (by query, or by block for a single query over a large gallery).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import numba
 import numpy as np
-import torch
+
+BLOCK = 1 << 16  # rows per block: local row numbers fit uint16, a block's score buffer fits the L2 cache
+_F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)  # float16 bits -> float32
+_POOL: ThreadPoolExecutor | None = None
+PIECE_POSTINGS = 2_000_000  # postings per piece of work (a few ms): the unit of threading and of stopping
 
 
 class SearchStopped(RuntimeError):
     """A search stopped early because its caller asked (deadline passed, call cancelled)."""
 
 
-class Postings:
-    """CSR-by-latent posting lists: for latent j, items[offsets[j]:offsets[j+1]] and their values."""
+def search_threads() -> int:
+    """Threads the sparse kernel may use per call (SPARC_SEARCH_THREADS, else the CPUs this process may use)."""
+    env = os.environ.get("SPARC_SEARCH_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-    def __init__(self, offsets: np.ndarray, items: np.ndarray, values: np.ndarray, n_items: int) -> None:
-        self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
-        self.items = np.ascontiguousarray(items, dtype=np.int32)
-        self.values = np.ascontiguousarray(values, dtype=np.float32)
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(search_threads(), thread_name_prefix="sparc-postings")
+    return _POOL
+
+
+# ---- the kernel ---------------------------------------------------------------------------------------
+@numba.njit(nogil=True, cache=True, inline="always")
+def _worse(s1: float, r1: int, s2: float, r2: int) -> bool:
+    return s1 < s2 or (s1 == s2 and r1 > r2)  # ties: the lower row ranks first (deterministic)
+
+
+@numba.njit(nogil=True, cache=True)
+def _heap_push(hs, hr, h, k, s, r):  # pragma: no cover - compiled
+    """Push (s, r) into the min-heap (worst at 0) of size h <= k; returns the new size."""
+    if h < k:
+        i = h
+        h += 1
+    elif _worse(hs[0], hr[0], s, r):
+        i = 0  # replace the root, then sift down
+        while True:
+            c = 2 * i + 1
+            if c >= h:
+                break
+            if c + 1 < h and _worse(hs[c + 1], hr[c + 1], hs[c], hr[c]):
+                c += 1
+            if _worse(hs[c], hr[c], s, r):
+                hs[i] = hs[c]
+                hr[i] = hr[c]
+                i = c
+            else:
+                break
+        hs[i] = s
+        hr[i] = r
+        return h
+    else:
+        return h
+    while i > 0:  # sift up
+        p = (i - 1) // 2
+        if _worse(s, r, hs[p], hr[p]):
+            hs[i] = hs[p]
+            hr[i] = hr[p]
+            i = p
+        else:
+            break
+    hs[i] = s
+    hr[i] = r
+    return h
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _max_of(x, a, b):  # pragma: no cover - compiled
+    m = np.float32(0.0)
+    for i in range(a, b):
+        m = max(m, x[i])
+    return m
+
+
+@numba.njit(nogil=True, cache=True)
+def _search_kernel(
+    q_lat, q_w, q_len, q0, q1, b0, b1, req, exc, offsets, items, values, f16, n_items, n_lat, k, D, I
+):  # pragma: no cover - compiled
+    """Exact top-k for queries [q0, q1) over blocks [b0, b1); rows into D, I (best first, I = -1 past the hits)."""
+    score = np.zeros(BLOCK, np.float32)
+    cnt = np.zeros(BLOCK, np.int32)
+    touched = np.empty(BLOCK, np.int32)
+    hs = np.empty(k, np.float32)
+    hr = np.empty(k, np.int64)
+    n_req = req.shape[0]
+    filtered = n_req > 0 or exc.shape[0] > 0
+    for q in range(q0, q1):
+        h = 0
+        for b in range(b0, b1):
+            base = b * n_lat
+            size = 0
+            for t in range(q_len[q]):
+                j = q_lat[q, t]
+                size += offsets[base + j + 1] - offsets[base + j]
+            if size == 0:
+                continue
+            row0 = b * BLOCK
+            rows = min(BLOCK, n_items - row0)
+            sparse = size * 8 < rows  # few postings: remember touched rows; else scan the block (no branch per posting)
+            nt = 0
+            for t in range(q_len[q]):
+                j = q_lat[q, t]
+                w = q_w[q, t]
+                if sparse:
+                    for p in range(offsets[base + j], offsets[base + j + 1]):
+                        it = items[p]
+                        if score[it] == 0.0:
+                            touched[nt] = it
+                            nt += 1
+                        score[it] += w * f16[values[p]]
+                else:
+                    for p in range(offsets[base + j], offsets[base + j + 1]):
+                        score[items[p]] += w * f16[values[p]]
+            if filtered:
+                for t in range(n_req):
+                    j = req[t]
+                    for p in range(offsets[base + j], offsets[base + j + 1]):
+                        cnt[items[p]] += 1
+                for t in range(exc.shape[0]):
+                    j = exc[t]
+                    for p in range(offsets[base + j], offsets[base + j + 1]):
+                        cnt[items[p]] = -(1 << 30)
+            if sparse:
+                for t in range(nt):
+                    it = touched[t]
+                    s = score[it]
+                    score[it] = 0.0
+                    if s > 0.0 and (not filtered or cnt[it] == n_req):
+                        h = _heap_push(hs, hr, h, k, s, row0 + it)
+            else:
+                thr = hs[0] if h == k else np.float32(0.0)  # a row must beat the heap's worst (ties: lower row wins)
+                for c0 in range(0, rows, 64):  # a SIMD max per 64 rows skips the rows that cannot enter
+                    c1 = min(rows, c0 + 64)
+                    if _max_of(score, c0, c1) < thr:
+                        continue
+                    for it in range(c0, c1):
+                        s = score[it]
+                        if s >= thr and s > 0.0 and (not filtered or cnt[it] == n_req):
+                            h = _heap_push(hs, hr, h, k, s, row0 + it)
+                            thr = hs[0] if h == k else np.float32(0.0)
+                score[:rows] = 0.0
+            if filtered:
+                for t in range(n_req):
+                    j = req[t]
+                    for p in range(offsets[base + j], offsets[base + j + 1]):
+                        cnt[items[p]] = 0
+                for t in range(exc.shape[0]):
+                    j = exc[t]
+                    for p in range(offsets[base + j], offsets[base + j + 1]):
+                        cnt[items[p]] = 0
+        # heap -> best first
+        for pos in range(h - 1, -1, -1):
+            D[q, pos] = hs[0]
+            I[q, pos] = hr[0]
+            last_s = hs[pos]
+            last_r = hr[pos]
+            hs[0] = last_s
+            hr[0] = last_r
+            m = pos  # heap size after removing the root
+            i = 0
+            while True:
+                c = 2 * i + 1
+                if c >= m:
+                    break
+                if c + 1 < m and _worse(hs[c + 1], hr[c + 1], hs[c], hr[c]):
+                    c += 1
+                if _worse(hs[c], hr[c], last_s, last_r):
+                    hs[i] = hs[c]
+                    hr[i] = hr[c]
+                    i = c
+                else:
+                    break
+            hs[i] = last_s
+            hr[i] = last_r
+        for pos in range(h, k):
+            D[q, pos] = -np.inf
+            I[q, pos] = -1
+
+
+def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-part (D, I) [nq, k_i] results (I already global, -1 = none) into the best k per query."""
+    if len(parts) == 1 and parts[0][0].shape[1] == k:
+        return parts[0]
+    D = np.concatenate([d for d, _ in parts], axis=1)
+    I = np.concatenate([i for _, i in parts], axis=1)
+    order = np.lexsort((np.where(I < 0, np.iinfo(np.int64).max, I), -D), axis=1)[:, :k]
+    D, I = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+    if D.shape[1] < k:
+        pad = k - D.shape[1]
+        D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
+        I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
+    return D, I
+
+
+# ---- the index ----------------------------------------------------------------------------------------
+class Postings:
+    """Block posting lists over ``n_items`` rows: block b, latent j holds entries
+    [offsets[b * n_latents + j], offsets[b * n_latents + j + 1]) of ``items`` (uint16 row in block) and
+    ``values`` (float16 bits as uint16)."""
+
+    def __init__(self, offsets: np.ndarray, items: np.ndarray, values: np.ndarray, n_items: int, n_latents: int) -> None:
         self.n_items = int(n_items)
-        with warnings.catch_warnings():  # memory-mapped, read-only: torch only ever reads these
-            warnings.simplefilter("ignore", UserWarning)
-            self._items_t = torch.from_numpy(self.items)
-            self._values_t = torch.from_numpy(self.values)
+        self._n_latents = int(n_latents)
+        self.n_blocks = max(1, -(-self.n_items // BLOCK))
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.items = np.asarray(items)
+        self.values = np.asarray(values)
+        if self.items.dtype != np.uint16 or self.values.dtype != np.uint16:
+            raise ValueError("posting items and values must be uint16 (row in block, float16 bits)")
+        if len(self.offsets) != self.n_blocks * self._n_latents + 1:
+            raise ValueError(f"{len(self.offsets)} posting offsets for {self.n_blocks} blocks x {self._n_latents} latents")
+        if len(self.items) != len(self.values) or int(self.offsets[-1]) != len(self.items):
+            raise ValueError("posting offsets, items and values disagree in length")
+        self._counts: np.ndarray | None = None
 
     @property
     def n_latents(self) -> int:
-        return len(self.offsets) - 1
+        return self._n_latents
+
+    @property
+    def n_entries(self) -> int:
+        return len(self.items)
 
     @classmethod
-    def from_codes(cls, indices: np.ndarray, values: np.ndarray, n_latents: int, first_item: int = 0) -> Postings:
-        """Build from item codes [n, k] (indices, values); only active (value > 0) entries are kept."""
-        n, k = indices.shape
-        active = values > 0
-        lat = indices[active].astype(np.int64)
-        item = np.broadcast_to(np.arange(first_item, first_item + n, dtype=np.int32)[:, None], (n, k))[active]
-        val = values[active]
-        order = np.argsort(lat, kind="stable")  # stable: items stay ascending inside each list
-        counts = np.bincount(lat, minlength=n_latents)
-        offsets = np.zeros(n_latents + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        return cls(offsets, item[order], val[order], first_item + n)
+    def from_codes(cls, indices: np.ndarray, values: np.ndarray, n_latents: int) -> Postings:
+        """Build in memory from item codes [n, k] (indices, values); only active (value > 0) entries are kept."""
+        w = PostingsWriter(n_latents)
+        for a in range(0, max(len(indices), 1), BLOCK):
+            w.add_block(indices[a : a + BLOCK], values[a : a + BLOCK])
+        offsets, items, vals = w.finish()
+        return cls(offsets, items, vals, len(indices), n_latents)
 
     def posting(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
-        """Items (row numbers) and values of one latent's posting list."""
-        a, b = self.offsets[latent], self.offsets[latent + 1]
-        return self.items[a:b], self.values[a:b]
+        """Rows and float32 values of one latent's posting list (all blocks)."""
+        rows, vals = [], []
+        for b in range(self.n_blocks):
+            a, e = self.offsets[b * self._n_latents + latent], self.offsets[b * self._n_latents + latent + 1]
+            rows.append(np.asarray(self.items[a:e], dtype=np.int64) + b * BLOCK)
+            vals.append(_F16[np.asarray(self.values[a:e])])
+        return np.concatenate(rows), np.concatenate(vals)
+
+    def latent_counts(self) -> np.ndarray:
+        """Active items of every latent (all blocks)."""
+        if self._counts is None:
+            per_block = np.diff(np.asarray(self.offsets)).reshape(self.n_blocks, self._n_latents)
+            self._counts = per_block.sum(0)
+        return self._counts
 
     def nbytes(self) -> int:
         return self.offsets.nbytes + self.items.nbytes + self.values.nbytes
-
-    def _items_of(self, latents: list[int]) -> torch.Tensor:
-        parts = [self._items_t[self.offsets[j] : self.offsets[j + 1]] for j in latents]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
-
-    def _search_one(
-        self,
-        lat: np.ndarray,
-        w: np.ndarray,
-        k: int,
-        scores: torch.Tensor,
-        require: list[int] | None = None,
-        exclude: torch.Tensor | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """One query (its active latents and weights): scores over its posting lists, then the top-k.
-
-        ``scores`` is all zero on entry and is left all zero. With ``require`` only items active on every
-        required latent are candidates (the intersection of those posting lists, so a rare latent makes
-        the search cheaper, not dearer); items of ``exclude`` (the items of the excluded latents) never are.
-        """
-        starts, ends = self.offsets[lat], self.offsets[lat + 1]
-        touched = False
-        for a, b, wj in zip(starts.tolist(), ends.tolist(), w.tolist()):
-            if b > a:
-                scores.index_add_(0, self._items_t[a:b], self._values_t[a:b], alpha=wj)
-                touched = True
-        empty = np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
-        if not touched:
-            return empty
-        if exclude is not None and len(exclude):
-            scores.index_fill_(0, exclude, 0.0)  # score 0 is "no hit"
-        if require:
-            cand = _intersect([self._items_t[self.offsets[j] : self.offsets[j + 1]] for j in require])
-            vals = scores[cand]
-            scores.zero_()
-            top = vals.topk(min(k, len(cand))) if len(cand) else None
-            if top is None:
-                return empty
-            return top.values.numpy(), cand[top.indices].numpy().astype(np.int64)
-        top = scores.topk(min(k, self.n_items))  # one pass over the buffer beats gathering touched items
-        scores.zero_()
-        return top.values.numpy(), top.indices.numpy().astype(np.int64)
 
     def search(
         self,
@@ -111,52 +286,169 @@ class Postings:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k inner products <query code, item code>. q_idx, q_val: [nq, kq] -> (D, I) [nq, k].
 
-        Each query accumulates its posting lists into a dense score buffer (index_add_ with the query
-        weight as alpha, no temporaries) and takes its top-k. Large batches over large galleries run
-        on worker threads (torch releases the GIL). Items sharing no active latent with the query are
-        not hits: fewer than k hits leave I = -1, D = -inf. ``require`` / ``exclude``: latents a hit must /
-        must not have active, applied inside the search. ``should_stop`` is polled between queries; once
-        true the search raises SearchStopped.
+        Items sharing no active latent with the query are not hits: fewer than k hits leave I = -1,
+        D = -inf; equal scores rank the lower row first. ``require`` / ``exclude``: latents a hit must /
+        must not have active, applied inside the kernel. ``should_stop`` is polled between pieces of the
+        batch; once true the search raises SearchStopped.
         """
         nq = q_idx.shape[0]
         D = np.full((nq, k), -np.inf, dtype=np.float32)
         I = np.full((nq, k), -1, dtype=np.int64)
         if nq == 0 or k == 0 or self.n_items == 0:
             return D, I
-        active = q_val > 0
-        excluded = self._items_of(sorted(set(exclude))).long() if exclude else None
-        required = sorted(set(require)) if require else None
-        stopped = False
+        q_lat, q_w, q_len = _pack_queries(q_idx, q_val, self._n_latents)
+        req = np.array(sorted(set(require or [])), dtype=np.int32)
+        exc = np.array(sorted(set(exclude or [])), dtype=np.int32)
+        if len(req) and len(exc) and np.isin(req, exc).any():
+            return D, I  # nothing can both have and not have a latent
+        args = (req, exc, self.offsets, self.items, self.values, _F16, self.n_items, self._n_latents, k)
+        threads = max(1, min(threads or search_threads(), search_threads()))
+        pieces = self._pieces(q_lat, q_len, threads)
+        results: list[tuple[int, int, np.ndarray, np.ndarray] | None] = []
 
-        def run(rows: range) -> None:
-            nonlocal stopped
-            scores = torch.zeros(self.n_items, dtype=torch.float32)
-            for r in rows:
-                if stopped or (should_stop is not None and should_stop()):
-                    stopped = True
-                    return
-                d, i = self._search_one(q_idx[r][active[r]], q_val[r][active[r]], k, scores, required, excluded)
-                hit = d > 0
-                m = int(hit.sum())
-                D[r, :m], I[r, :m] = d[hit], i[hit]
+        def run(piece: tuple[int, int, int, int]) -> tuple[int, int, np.ndarray, np.ndarray] | None:
+            q0, q1, b0, b1 = piece
+            if should_stop is not None and should_stop():
+                return None
+            if b0 == 0 and b1 == self.n_blocks:  # whole gallery: straight into the answer
+                _search_kernel(q_lat, q_w, q_len, q0, q1, b0, b1, *args, D, I)
+                return q0, q1, D[q0:q1], I[q0:q1]
+            d = np.empty((nq, k), dtype=np.float32)
+            i = np.empty((nq, k), dtype=np.int64)
+            _search_kernel(q_lat, q_w, q_len, q0, q1, b0, b1, *args, d, i)
+            return q0, q1, d[q0:q1], i[q0:q1]
 
-        threads = min(nq, threads or torch.get_num_threads())
-        if threads <= 1 or nq * self.n_items < 16 * 200_000:  # small work: threads cost more than they give
-            run(range(nq))
+        if len(pieces) == 1 or threads == 1:
+            for p in pieces:
+                results.append(run(p))
+                if results[-1] is None:
+                    break
         else:
-            with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(run, [range(t, nq, threads) for t in range(threads)]))
-        if stopped:
+            results = list(_pool().map(run, pieces))
+        if any(r is None for r in results):
             raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
+        split: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for (q0, q1, b0, b1), r in zip(pieces, results):
+            if not (b0 == 0 and b1 == self.n_blocks):
+                split.setdefault(q0, []).append((r[2], r[3]))
+        for q0, outs in split.items():  # a heavy query searched as block ranges: merge its pieces
+            D[q0 : q0 + 1], I[q0 : q0 + 1] = merge_topk(outs, k)
         return D, I
 
+    def _pieces(self, q_lat: np.ndarray, q_len: np.ndarray, threads: int) -> list[tuple[int, int, int, int]]:
+        """Cut a batch into pieces of about PIECE_POSTINGS postings each: (q0, q1, b0, b1). Light queries are
+        grouped; a heavy query (a large gallery) is cut into block ranges. Small pieces let ``should_stop``
+        be polled often and spread the work over threads."""
+        counts = self.latent_counts()
+        active = np.arange(q_lat.shape[1])[None, :] < q_len[:, None]
+        work = (counts[q_lat] * active).sum(1)
+        target = max(1, PIECE_POSTINGS)
+        if threads > 1:  # enough pieces for every thread (a lone query over a large gallery too)
+            target = max(1, min(target, max(int(work.sum()) // (2 * threads), PIECE_POSTINGS // 8)))
+        pieces, q0, acc = [], 0, 0
+        for q, w in enumerate(work.tolist()):
+            if w > target and self.n_blocks > 1:  # heavy: alone, over block ranges
+                if q > q0:
+                    pieces.append((q0, q, 0, self.n_blocks))
+                n_split = min(self.n_blocks, -(-w // target))
+                per = -(-self.n_blocks // n_split)
+                pieces += [(q, q + 1, b, min(self.n_blocks, b + per)) for b in range(0, self.n_blocks, per)]
+                q0, acc = q + 1, 0
+                continue
+            acc += w
+            if acc >= target:
+                pieces.append((q0, q + 1, 0, self.n_blocks))
+                q0, acc = q + 1, 0
+        if q0 < len(work):
+            pieces.append((q0, len(work), 0, self.n_blocks))
+        return pieces
 
-def _intersect(lists: list[torch.Tensor]) -> torch.Tensor:
-    """Items present in every posting list (each list holds an item at most once), ascending."""
-    lists = sorted(lists, key=len)
-    out = lists[0].long()
-    for other in lists[1:]:
-        if not len(out):
-            break
-        out = out[torch.from_numpy(np.isin(out.numpy(), other.numpy(), assume_unique=True))]
-    return torch.sort(out).values
+
+def _pack_queries(q_idx: np.ndarray, q_val: np.ndarray, n_latents: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Active entries of each query first: (latents int32 [nq, kq], weights float32, counts int32)."""
+    q_idx = np.asarray(q_idx)
+    q_val = np.asarray(q_val, dtype=np.float32)
+    active = q_val > 0
+    if active.any() and (q_idx[active].min() < 0 or q_idx[active].max() >= n_latents):
+        raise ValueError(f"query latents must be in [0, {n_latents})")
+    order = np.argsort(~active, axis=1, kind="stable")
+    q_lat = np.ascontiguousarray(np.take_along_axis(q_idx, order, 1), dtype=np.int32)
+    q_w = np.ascontiguousarray(np.take_along_axis(np.where(active, q_val, 0), order, 1), dtype=np.float32)
+    return q_lat, q_w, active.sum(1).astype(np.int32)
+
+
+class PostingsWriter:
+    """Builds block postings one block of codes at a time (memory bounded by one block), in memory or
+    appending to ``post_items.bin`` / ``post_values.bin`` in ``directory``."""
+
+    def __init__(self, n_latents: int, directory: Path | None = None) -> None:
+        self.n_latents = n_latents
+        self.offsets: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+        self.total = 0
+        self.dir = directory
+        self._items: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+        self._f = None
+        if directory is not None:
+            self._f = (open(directory / "post_items.bin", "wb"), open(directory / "post_values.bin", "wb"))
+
+    def add_block(self, indices: np.ndarray, values: np.ndarray) -> None:
+        """One block (at most BLOCK rows) of codes: [nb, k] latent ids and float16-representable values."""
+        nb = len(indices)
+        if nb > BLOCK:
+            raise ValueError(f"a block holds at most {BLOCK} rows, got {nb}")
+        values = np.asarray(values, dtype=np.float16)
+        active = values > 0
+        small = np.int16 if self.n_latents <= np.iinfo(np.int16).max else np.int32
+        lat = np.asarray(indices)[active].astype(small)  # 16-bit keys: numpy's stable sort is a radix sort
+        local = np.broadcast_to(np.arange(nb, dtype=np.uint16)[:, None], active.shape)[active]
+        vals = values[active].view(np.uint16)
+        order = np.argsort(lat, kind="stable")  # stable: rows stay ascending inside each list
+        counts = np.bincount(lat.astype(np.int64), minlength=self.n_latents)
+        if len(counts) > self.n_latents:
+            raise ValueError(f"a code holds latent {len(counts) - 1}, beyond n_latents {self.n_latents}")
+        self.offsets.append(self.total + np.cumsum(counts))
+        self.total += int(len(lat))
+        items, vals = np.ascontiguousarray(local[order]), np.ascontiguousarray(vals[order])
+        if self._f is not None:
+            self._f[0].write(items.tobytes())
+            self._f[1].write(vals.tobytes())
+        else:
+            self._items.append(items)
+            self._values.append(vals)
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(offsets, items, values); items/values are None when written to files (flushed and fsynced)."""
+        offsets = np.concatenate(self.offsets)
+        if self._f is not None:
+            for f in self._f:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+            return offsets, None, None
+        items = np.concatenate(self._items) if self._items else np.zeros(0, np.uint16)
+        vals = np.concatenate(self._values) if self._values else np.zeros(0, np.uint16)
+        return offsets, items, vals
+
+
+def load_postings(directory: Path, n_items: int, n_latents: int, mmap: bool = True) -> Postings:
+    """Postings written by a PostingsWriter into ``directory`` (memory-mapped read-only by default)."""
+    offsets = np.load(directory / "post_offsets.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mode = "r" if mmap else None
+
+        def raw(name: str) -> np.ndarray:
+            f = directory / name
+            if f.stat().st_size == 0:
+                return np.zeros(0, dtype=np.uint16)
+            return np.memmap(f, dtype=np.uint16, mode="r") if mode else np.fromfile(f, dtype=np.uint16)
+
+        return Postings(offsets, raw("post_items.bin"), raw("post_values.bin"), n_items, n_latents)
+
+
+def warm_up() -> None:
+    """Compile (or load the cached) kernels now, so the first real query does not pay for it."""
+    p = Postings.from_codes(np.array([[0, 1]]), np.array([[0.6, 0.8]]), 2)
+    p.search(np.array([[0, 1]]), np.array([[1.0, 0.5]], dtype=np.float32), 1)
+    p.search(np.array([[0, 1]]), np.array([[1.0, 0.5]], dtype=np.float32), 1, require=[0], exclude=[1])

@@ -19,9 +19,9 @@ import torch
 
 from sparc_core import SparcModel, SparseCode, load_checkpoint
 
-from .bundle import Bundle, BundleError, checkpoint_of
+from .bundle import Bundle, BundleError, checkpoint_of, shards_share_ids
 from .faiss_backend import DenseSearcher
-from .postings import SearchStopped
+from .postings import SearchStopped, merge_topk
 
 MAX_FILTER_CANDIDATES = 65_536  # dense path with latent filters: the most candidates fetched per query
 QUERY_CHUNK = 256  # queries searched between checks of should_stop
@@ -89,11 +89,12 @@ class Searcher:
         self.model = model
         self.stream = m.stream
         self.manifest = m
-        self.dense = [DenseSearcher(b.dense_index, use_gpu=use_gpu) if b.dense_index is not None else None for b in self.shards]
-        if len(self.shards) > 1:
-            ids_all = np.concatenate([b.ids for b in self.shards])
-            if len(np.unique(ids_all)) != len(ids_all):
-                raise BundleError("the same item id appears in more than one shard")
+        self.dense = [
+            [DenseSearcher(p.dense_index, use_gpu=use_gpu) for p in b.parts] if b.manifest.dense else None for b in self.shards
+        ]
+        shared = shards_share_ids(self.shards)
+        if shared:
+            raise BundleError(f"the same item id appears in more than one shard, e.g. {shared}")
 
     @property
     def n_items(self) -> int:
@@ -167,7 +168,12 @@ class Searcher:
                 D, refs = self._dense_filtered(qi, qv, top_k, nprobe, ef_search, require_l, exclude_l)
             for d, r in zip(D, refs):
                 d, r = d[:top_k], r[:top_k]
-                ids.append([self.shards[s].ids[row].item() for s, row in r])
+                row_ids: list[Any] = [None] * len(r)
+                for s in np.unique(r[:, 0]) if len(r) else []:
+                    sel = np.flatnonzero(r[:, 0] == s)
+                    for j, v in zip(sel.tolist(), self.shards[int(s)].ids_at(r[sel, 1])):
+                        row_ids[j] = v
+                ids.append(row_ids)
                 scores.append([float(x) for x in d])
                 shards.append([int(s) for s, _ in r])
         return SearchResult(ids=ids, scores=scores, path=path, shards=shards)
@@ -192,7 +198,7 @@ class Searcher:
             sel = refs[:, 0] == s
             b = self.shards[int(s)]
             rows = refs[sel, 1]
-            idx, val = np.asarray(b.codes_idx[rows]), np.asarray(b.codes_val[rows])
+            idx, val = b.codes(rows)
             on = np.where(val > 0, idx, -1)
             ok = np.ones(len(rows), dtype=bool)
             for lat in require:
@@ -211,14 +217,16 @@ class Searcher:
         for s, b in enumerate(self.shards):
             kk = min(k, b.manifest.n_items)
             if path == "sparse":
-                D, I = b.postings.search(
-                    q_idx.astype(np.int64), q_val, kk, require=require, exclude=exclude, should_stop=should_stop
-                )
+                D, I = b.search_sparse(q_idx, q_val, kk, require=require, exclude=exclude, should_stop=should_stop)
             else:
                 if xq is None:
                     n = self.model.n_latents
                     xq = self._dense_queries(SparseCode(torch.from_numpy(q_idx.astype(np.int64)), torch.from_numpy(q_val), n))
-                D, I = self.dense[s].search(xq, kk, nprobe=nprobe, ef_search=ef_search)
+                parts = []
+                for part, dense in zip(b.parts, self.dense[s]):
+                    Dp, Ip = dense.search(xq, min(kk, part.n_items), nprobe=nprobe, ef_search=ef_search)
+                    parts.append((Dp, np.where(Ip >= 0, Ip + part.row0, -1)))
+                D, I = merge_topk(parts, kk)
             per_shard.append((s, D, I))
         out_D, out_R = [], []
         for q in range(q_idx.shape[0]):
@@ -242,7 +250,8 @@ class Searcher:
                 row = b.row_of(item_id)
             except (KeyError, ValueError):
                 continue
-            return np.asarray(b.codes_idx[row], dtype=np.int64), np.asarray(b.codes_val[row], dtype=np.float32)
+            idx, val = b.codes([row])
+            return idx[0], val[0]
         raise KeyError(f"item {item_id!r} is not in this index")
 
     def explain(self, query: SparseCode, item_id: Any, top: int = 5, row: int = 0) -> list[Explanation]:

@@ -454,10 +454,10 @@ class Engine:
         found: list[tuple[float, Any]] = []
         n_active = 0
         for shard in self.searchers[index].shards:
-            items, values = shard.postings.posting(latent)
-            n_active += len(items)
+            rows, values = shard.posting(latent)
+            n_active += len(rows)
             top = np.argsort(-values, kind="stable")[:top_k]
-            found.extend((float(values[t]), shard.ids[items[t]].item()) for t in top)
+            found.extend(zip(values[top].tolist(), shard.ids_at(rows[top])))
         found.sort(key=lambda t: -t[0])
         return n_active, [(item, v) for v, item in found[:top_k]]
 

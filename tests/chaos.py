@@ -198,10 +198,10 @@ def chaos_index_add(work: Path, kills: int, seed: int = 0, n: int = 5_000) -> Re
         except Exception as e:  # noqa: BLE001
             return f"does not load: {e}"
         m = b.manifest.n_items
-        if (m - n) % 500 or not np.array_equal(b.ids, np.arange(m)):
+        if (m - n) % 500 or not np.array_equal(b.all_ids(), np.arange(m)):
             return f"{m} items / ids are not those of complete adds"
         rows = np.arange(m) % len(pool)
-        got_idx, got_val = np.asarray(b.codes_idx), np.asarray(b.codes_val, dtype=np.float32)
+        got_idx, got_val = b.codes(np.arange(m))
         same = np.sort(got_idx, 1) == np.sort(ref_idx[rows], 1)
         if not same.all() or not np.allclose(np.sort(got_val, 1), np.sort(ref_val[rows], 1), atol=2e-3):
             return "stored codes differ from the items' codes"

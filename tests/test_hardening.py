@@ -138,17 +138,18 @@ def test_overload_is_refused_fast_with_resource_exhausted(trained_checkpoint, bu
 
 # ---- deadlines and cancellation reach the work ------------------------------------------------------
 def _busy_postings(monkeypatch, seconds_per_query: float):
-    from index.postings import Postings
+    import index.postings as postings
 
-    orig = Postings._search_one
+    orig = postings._search_kernel
 
-    def busy(self, *a, **k):
+    def busy(q_lat, q_w, q_len, q0, q1, *rest):
         t0 = time.perf_counter()
-        while time.perf_counter() - t0 < seconds_per_query:  # CPU work, as a large gallery gives
+        while time.perf_counter() - t0 < seconds_per_query * (q1 - q0):  # CPU work, as a large gallery gives
             pass
-        return orig(self, *a, **k)
+        return orig(q_lat, q_w, q_len, q0, q1, *rest)
 
-    monkeypatch.setattr(Postings, "_search_one", busy)
+    monkeypatch.setattr(postings, "_search_kernel", busy)
+    monkeypatch.setattr(postings, "PIECE_POSTINGS", 1)  # a piece per query, as on a large gallery
 
 
 def test_an_expired_deadline_stops_the_work_within_100ms(trained_checkpoint, bundles, queries, monkeypatch):

@@ -109,13 +109,13 @@ def test_corrupt_manifest_truncated_file_and_wrong_checkpoint(random_ckpt, tmp_p
     with pytest.raises(BundleError, match="manifest.json: corrupt JSON"):
         Bundle(tmp_path / "b")
     manifest.write_text(good)
-    post = vdir / "post_items.npy"
+    post = vdir / "part-00000" / "post_items.bin"
     data = post.read_bytes()
     post.write_bytes(data[:-8])
-    with pytest.raises(BundleError, match="post_items.npy: .* bytes, manifest says .* \\(truncated or corrupt\\)"):
+    with pytest.raises(BundleError, match="post_items.bin: .* bytes, manifest says .* \\(truncated or corrupt\\)"):
         Bundle(tmp_path / "b")
     post.write_bytes(data)
-    dense = vdir / "dense.faiss"
+    dense = vdir / "part-00000" / "dense.faiss"
     dense_bytes = dense.read_bytes()
     other = SparcModel(SparcConfig(streams={"img": 32, "txt": 24}, n_latents=128, k=8, auxk=8), seed=99)
     other_ckpt = save_checkpoint(other, tmp_path / "other")
@@ -123,7 +123,7 @@ def test_corrupt_manifest_truncated_file_and_wrong_checkpoint(random_ckpt, tmp_p
         Searcher(tmp_path / "b", checkpoint=other_ckpt)
     with pytest.raises(BundleError, match="built with checkpoint .* rebuild the index"):
         Bundle(tmp_path / "b", expected_checkpoint="0" * 64)
-    assert Bundle(tmp_path / "b").dense_index.ntotal == 40 and dense.read_bytes() == dense_bytes
+    assert Bundle(tmp_path / "b").parts[0].dense_index.ntotal == 40 and dense.read_bytes() == dense_bytes
     (tmp_path / "b" / "CURRENT").write_text("v-nope\n")
     with pytest.raises(BundleError, match="names version 'v-nope', which does not exist"):
         Bundle(tmp_path / "b")
@@ -263,7 +263,7 @@ def test_approximate_factory_and_per_call_nprobe(random_ckpt, tmp_path):
 def faiss_nprobe(searcher: Searcher) -> int:
     import faiss
 
-    return faiss.extract_index_ivf(searcher.dense[0].index).nprobe
+    return faiss.extract_index_ivf(searcher.dense[0][0].index).nprobe
 
 
 def test_cli_build_info_search(random_ckpt, tmp_path, capsys):
