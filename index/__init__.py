@@ -3,7 +3,7 @@
 from .bundle import Bundle, BundleError, Manifest, append_to_bundle, build_bundle, read_manifest
 from .faiss_backend import DenseIndexError
 from .postings import SearchStopped
-from .searcher import DEFAULT_PATH, Explanation, Searcher, SearchResult
+from .searcher import DEFAULT_PATH, Explanation, Searcher, SearchResult, open_gallery
 
 __all__ = [
     "DEFAULT_PATH",
@@ -17,5 +17,6 @@ __all__ = [
     "Searcher",
     "append_to_bundle",
     "build_bundle",
+    "open_gallery",
     "read_manifest",
 ]

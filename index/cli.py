@@ -1,4 +1,4 @@
-"""``sparc index build|add|info|search``: registered into the sparc command via the sparc.commands entry point."""
+"""``sparc index build|add|export|info|search``: registered into the sparc command via the sparc.commands entry point."""
 
 from __future__ import annotations
 
@@ -52,6 +52,14 @@ def register(sub: Any) -> None:
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=_add)
 
+    e = isub.add_parser("export", help="export a bundle into a Milvus collection (resumes an interrupted export)")
+    e.add_argument("--bundle", required=True)
+    e.add_argument("--to", required=True, metavar="URI", help="milvus://HOST:PORT/COLLECTION or milvus-lite:PATH.db/COLLECTION")
+    e.add_argument("--batch", type=int, default=5000, help="items per insert")
+    e.add_argument("--dense-index", metavar="TYPE", help="also export the dense vectors, indexed as TYPE (FLAT, HNSW, ...)")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_export)
+
     i = isub.add_parser("info", help="print a bundle's manifest")
     i.add_argument("bundle")
     i.set_defaults(func=_info)
@@ -96,6 +104,17 @@ def _add(args: argparse.Namespace) -> int:
 
     append_to_bundle(args.bundle, args.features, ids=args.ids, checkpoint=args.checkpoint, progress=not args.quiet)
     print(f"bundle: {args.bundle} now holds {read_manifest(args.bundle).n_items} items")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .bundle import BundleError
+    from .milvus_backend import export_bundle
+
+    if args.batch < 1:
+        raise BundleError(f"--batch must be >= 1, got {args.batch}")
+    n = export_bundle(args.bundle, args.to, batch=args.batch, dense_index=args.dense_index, progress=not args.quiet)
+    print(f"exported {n} items to {args.to}")
     return 0
 
 

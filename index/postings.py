@@ -328,7 +328,7 @@ class Postings:
         if any(r is None for r in results):
             raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
         split: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-        for (q0, q1, b0, b1), r in zip(pieces, results):
+        for (q0, _q1, b0, b1), r in zip(pieces, results):
             if not (b0 == 0 and b1 == self.n_blocks):
                 split.setdefault(q0, []).append((r[2], r[3]))
         for q0, outs in split.items():  # a heavy query searched as block ranges: merge its pieces

@@ -242,6 +242,18 @@ class Searcher:
             out_R.append(r[order].astype(np.int64))
         return out_D, out_R
 
+    def latent_top_items(self, latent: int, top_k: int) -> tuple[int, list[tuple[Any, float]]]:
+        """Items with the largest value of ``latent`` and how many items have it active."""
+        found: list[tuple[float, Any]] = []
+        n_active = 0
+        for shard in self.shards:
+            rows, values = shard.posting(latent)
+            n_active += len(rows)
+            top = np.argsort(-values, kind="stable")[:top_k]
+            found.extend(zip(values[top].tolist(), shard.ids_at(rows[top])))
+        found.sort(key=lambda t: -t[0])
+        return n_active, [(item, v) for v, item in found[:top_k]]
+
     # ---- explanations -----------------------------------------------------------------------------
     def item_code(self, item_id: Any) -> tuple[np.ndarray, np.ndarray]:
         """An item's stored code (latent ids, unit values)."""
@@ -266,6 +278,18 @@ class Searcher:
                 shared.append(Explanation(lat, qv, iv, qv * iv))
         shared.sort(key=lambda e: -e.contribution)
         return shared[:top]
+
+
+def open_gallery(locations: list[str] | str, model: SparcModel, use_gpu: bool | None = None) -> Any:
+    """A searcher over bundle directories (a Searcher) or one Milvus collection (milvus://, milvus-lite:)."""
+    locations = [locations] if isinstance(locations, (str, Path)) else list(locations)
+    if any(str(x).startswith(("milvus://", "milvus-lite:")) for x in locations):
+        if len(locations) != 1:
+            raise BundleError("a Milvus index is one collection: give one milvus:// location (Milvus shards it itself)")
+        from .milvus_backend import MilvusSearcher
+
+        return MilvusSearcher(str(locations[0]), model)
+    return Searcher(locations, model=model, use_gpu=use_gpu)
 
 
 def _boosted(q_idx: np.ndarray, q_val: np.ndarray, boost: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,12 @@ def register(sub: Any) -> None:
     p.add_argument("--port", type=int)
     p.add_argument("--metrics-port", dest="metrics_port", type=int, help="Prometheus /metrics port (0 disables)")
     p.add_argument("--checkpoint")
-    p.add_argument("--index", action="append", metavar="NAME=DIR[,DIR...]", help="an index and its shard bundles")
+    p.add_argument(
+        "--index",
+        action="append",
+        metavar="NAME=DIR[,DIR...]",
+        help="an index and its shard bundles, or NAME=milvus://HOST:PORT/COLLECTION (or milvus-lite:PATH.db/NAME)",
+    )
     p.add_argument("--token-file", dest="token_file", help="require the bearer token in this file (or set SPARC_AUTH_TOKEN)")
     p.add_argument("--workers", type=int, help="gRPC worker threads: calls served at once (default 16)")
     p.add_argument("--no-reflection", dest="reflection", action="store_false", default=None, help="turn reflection off")

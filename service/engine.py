@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from index import Searcher, SearchStopped
+from index import Searcher, SearchStopped, open_gallery
 from sparc_core import SparseCode, checkpoint_hash, load_checkpoint
 from sparc_core.checkpoint import pick_device
 from sparc_core.encoders import FeatureEncoder, load_encoders
@@ -208,7 +208,7 @@ class Engine:
         self.names = load_latent_names(settings.checkpoint)  # latent -> name ({} without latent_names.json)
         self.searchers: dict[str, Searcher] = {}
         for name, bundles in settings.indexes.items():
-            s = Searcher(bundles, model=self.model)
+            s = open_gallery(bundles, model=self.model)
             if s.manifest.checkpoint_sha256 != self.checkpoint_sha256:
                 raise ServiceError(
                     "FAILED_PRECONDITION",
@@ -451,15 +451,7 @@ class Engine:
             raise ServiceError("INVALID_ARGUMENT", f"latent {latent} is out of range [0, {self.model.n_latents})")
         if not 1 <= top_k <= self.settings.max_top_k:
             raise ServiceError("INVALID_ARGUMENT", f"top_k must be in [1, {self.settings.max_top_k}], got {top_k}")
-        found: list[tuple[float, Any]] = []
-        n_active = 0
-        for shard in self.searchers[index].shards:
-            rows, values = shard.posting(latent)
-            n_active += len(rows)
-            top = np.argsort(-values, kind="stable")[:top_k]
-            found.extend(zip(values[top].tolist(), shard.ids_at(rows[top])))
-        found.sort(key=lambda t: -t[0])
-        return n_active, [(item, v) for v, item in found[:top_k]]
+        return self.searchers[index].latent_top_items(latent, top_k)
 
     # ---- see the concepts -------------------------------------------------------------------------
     def _target(self, text: str, latents: list[int], weights: list[float], top: int) -> Any:

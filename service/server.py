@@ -286,7 +286,7 @@ class SparcServicer(pb_grpc.SparcServicer):
             name=name,
             stream=m.stream,
             n_items=s.n_items,
-            shards=len(s.shards),
+            shards=max(1, len(s.shards)),
             checkpoint_sha256=m.checkpoint_sha256,
             manifest_json=m.model_dump_json(),
             dense=all(d is not None for d in s.dense),

@@ -1,0 +1,368 @@
+"""Milvus as the distributed backend: export a bundle into a collection and search it like a local bundle.
+
+A collection holds, per item: the id (primary key), the sparse code (SPARSE_FLOAT_VECTOR, latent id ->
+unit value, inner-product metric), the active latents (ARRAY<INT32>, so latent filters run inside Milvus)
+and optionally the cross-decodable dense vector. The bundle's manifest is stored in the collection's
+properties (checkpoint hash, stream, n_latents, k), so a collection built from another checkpoint is
+refused exactly as a local bundle is. The same client reaches a Milvus cluster (``milvus://HOST:PORT/NAME``)
+or the embedded milvus-lite (``milvus-lite:PATH.db/NAME``): only the URI changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sparc_core import SparcModel, SparseCode
+
+from .bundle import Bundle, BundleError, Manifest
+from .postings import SearchStopped
+
+SCHEME, LITE_SCHEME = "milvus://", "milvus-lite:"
+LITE_REFUSED = ("GPU_", "DISKANN", "SCANN")  # accepted by milvus-lite but not built by it
+MAX_STR_ID = 1024  # VARCHAR length of string ids
+QUERY_CHUNK = 64  # queries per Milvus search call (between checks of should_stop)
+CODE_CACHE = 100_000  # item codes kept from search replies, for explanations without another round trip
+
+
+def is_milvus(location: str) -> bool:
+    """Whether an index location names a Milvus collection rather than a bundle directory."""
+    return str(location).startswith((SCHEME, LITE_SCHEME))
+
+
+@dataclass
+class MilvusTarget:
+    """Where a collection lives: a server URI (or a milvus-lite file) and the collection name."""
+
+    uri: str
+    collection: str
+    embedded: bool
+
+    @classmethod
+    def parse(cls, location: str) -> MilvusTarget:
+        if location.startswith(SCHEME):
+            rest = location[len(SCHEME) :]
+            host, sep, coll = rest.partition("/")
+            if not host or not sep or not coll or "/" in coll:
+                raise BundleError(f"{location!r}: expected milvus://HOST:PORT/COLLECTION")
+            return cls(f"http://{host}", coll, embedded=False)
+        if location.startswith(LITE_SCHEME):
+            rest = location[len(LITE_SCHEME) :]
+            path, sep, coll = rest.rpartition("/")
+            if not sep or not path or not coll:
+                raise BundleError(f"{location!r}: expected milvus-lite:PATH/COLLECTION (PATH a .db file)")
+            if not path.endswith(".db"):
+                raise BundleError(f"{location!r}: the milvus-lite file must end in .db, got {path!r}")
+            return cls(path, coll, embedded=True)
+        raise BundleError(f"{location!r}: not a Milvus location (milvus://HOST:PORT/NAME or milvus-lite:PATH.db/NAME)")
+
+    def client(self) -> Any:
+        try:
+            from pymilvus import MilvusClient
+        except ImportError:
+            raise BundleError(
+                "Milvus indexes need pymilvus (and milvus-lite for milvus-lite:): pip install 'sparc[milvus]'"
+            ) from None
+
+        if self.embedded:
+            return MilvusClient(self.uri)
+        token = os.environ.get("MILVUS_TOKEN", "")  # user:password or an API key; never on the command line
+        return MilvusClient(uri=self.uri, token=token) if token else MilvusClient(uri=self.uri)
+
+
+def check_index_type(index_type: str, embedded: bool) -> None:
+    """Refuse dense index types that milvus-lite accepts but does not build."""
+    if embedded and index_type.upper().startswith(LITE_REFUSED):
+        raise BundleError(
+            f"index type {index_type!r} is not built by embedded milvus-lite (it would silently fall back); "
+            "use FLAT, IVF_FLAT or HNSW here, or a Milvus server for GPU_*, DISKANN and SCANN"
+        )
+
+
+def _identity(m: Manifest) -> dict[str, str]:
+    return {
+        "sparc.checkpoint_sha256": m.checkpoint_sha256,
+        "sparc.stream": m.stream,
+        "sparc.n_latents": str(m.n_latents),
+        "sparc.k": str(m.k),
+        "sparc.id_kind": m.id_kind,
+    }
+
+
+def _rows(bundle: Bundle, start: int, stop: int, dense: bool) -> list[dict[str, Any]]:
+    rows = np.arange(start, stop)
+    idx, val = bundle.codes(rows)
+    ids = bundle.ids_at(rows)
+    vectors = _dense_vectors(bundle, rows) if dense else None
+    out = []
+    for r in range(len(rows)):
+        on = val[r] > 0
+        lat = idx[r][on].tolist()
+        item = {"id": ids[r], "code": dict(zip(lat, val[r][on].tolist())), "latents": lat}
+        if vectors is not None:
+            item["dense"] = vectors[r].tolist()
+        out.append(item)
+    return out
+
+
+def _dense_vectors(bundle: Bundle, rows: np.ndarray) -> np.ndarray:
+    out = np.zeros((len(rows), bundle.manifest.dim), dtype=np.float32)
+    for part, sel, local in bundle._split(rows):
+        out[sel] = part.dense_index.reconstruct_n(int(local[0]), len(local))
+    return out
+
+
+def export_bundle(
+    bundle_path: str,
+    location: str,
+    batch: int = 5_000,
+    dense_index: str | None = None,
+    progress: bool = True,
+) -> int:
+    """Export a bundle into a Milvus collection (created if absent); resumes an interrupted export.
+
+    ``dense_index``: also export the dense vectors with this Milvus index type (FLAT, HNSW, IVF_FLAT...;
+    the bundle must hold an exact Flat dense index to read them from). Returns the items written now.
+    """
+    target = MilvusTarget.parse(location)
+    b = Bundle(bundle_path)
+    m = b.manifest
+    if dense_index is not None:
+        check_index_type(dense_index, target.embedded)
+        if not m.dense or (m.faiss_factory or "Flat") != "Flat":
+            raise BundleError(f"{bundle_path}: dense export needs a bundle built with the exact Flat dense index")
+    if m.id_kind == "str":
+        longest = max((len(str(x).encode()) for x in b.all_ids()), default=0)
+        if longest > MAX_STR_ID:
+            raise BundleError(f"{bundle_path}: an id is {longest} bytes long; Milvus string ids here hold at most {MAX_STR_ID}")
+    client = target.client()
+    name = target.collection
+    meta = _identity(m) | {"sparc.manifest": m.model_dump_json(exclude={"files"}), "sparc.n_items": str(m.n_items)}
+    if client.has_collection(name):
+        props = client.describe_collection(name).get("properties", {})
+        _check_identity(props, m, location)
+        has_dense = props.get("sparc.dense", "") != ""
+        if (dense_index is not None) != has_dense:
+            raise BundleError(f"{location}: the collection was {'' if has_dense else 'not '}exported with dense vectors")
+    else:
+        _create(client, name, m, dense_index, meta)
+    start = _resume_point(client, name, b, batch)
+    written = 0
+    client.alter_collection_properties(name, properties={"sparc.complete": "0"})
+    with tqdm(total=m.n_items, initial=start, desc=f"export to {name}", unit="item", disable=not progress) as bar:
+        for a in range(start, m.n_items, batch):
+            stop = min(m.n_items, a + batch)
+            data = _rows(b, a, stop, dense_index is not None)
+            if a == start and start > 0:
+                client.upsert(name, data)  # this batch may be partly there: replace, never duplicate
+            else:
+                client.insert(name, data)
+            written += stop - a
+            bar.update(stop - a)
+    client.flush(name)
+    client.alter_collection_properties(name, properties={"sparc.complete": "1", "sparc.n_items": str(m.n_items)})
+    return written
+
+
+def _create(client: Any, name: str, m: Manifest, dense_index: str | None, meta: dict[str, str]) -> None:
+    from pymilvus import DataType
+
+    schema = client.create_schema(auto_id=False, description=f"sparc codes of stream {m.stream}")
+    if m.id_kind == "int":
+        schema.add_field("id", DataType.INT64, is_primary=True)
+    else:
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_STR_ID)
+    schema.add_field("code", DataType.SPARSE_FLOAT_VECTOR)
+    schema.add_field("latents", DataType.ARRAY, element_type=DataType.INT32, max_capacity=max(1, m.k))
+    params = client.prepare_index_params()
+    params.add_index(field_name="code", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
+    if dense_index is not None:
+        schema.add_field("dense", DataType.FLOAT_VECTOR, dim=m.dim)
+        params.add_index(field_name="dense", index_type=dense_index.upper(), metric_type="IP")
+    props = meta | {"sparc.dense": dense_index.upper() if dense_index else ""}
+    client.create_collection(name, schema=schema, index_params=params, properties=props)
+
+
+def _check_identity(props: dict[str, Any], m: Manifest, location: str) -> None:
+    want = _identity(m)
+    for key, value in want.items():
+        if str(props.get(key, "")) != value:
+            raise BundleError(
+                f"{location}: holds {key.split('.', 1)[1]}={props.get(key, '?')!s:.12}, this bundle has {value:.12}; "
+                "export into another collection (or drop this one)"
+            )
+
+
+def _resume_point(client: Any, name: str, b: Bundle, batch: int) -> int:
+    """The first row of the first batch not known to be in the collection (batches go in in row order)."""
+    n_batches = -(-b.manifest.n_items // batch)
+
+    def present(i: int) -> bool:
+        last = min(b.manifest.n_items, (i + 1) * batch) - 1
+        return bool(client.get(name, ids=[b.id_at(last)], output_fields=["id"]))
+
+    lo, hi = 0, n_batches  # batches [0, lo) are present; find the first absent one
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if present(mid):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo * batch
+
+
+class MilvusSearcher:
+    """Search a Milvus collection with the Searcher API: encode the query, let Milvus rank by inner product
+    over the sparse code (or the dense vector), filters inside Milvus, explanations from the returned codes."""
+
+    def __init__(self, location: str, model: SparcModel) -> None:
+        from .searcher import Searcher
+
+        self.location = location
+        self.target = MilvusTarget.parse(location)
+        self.client = self.target.client()
+        name = self.target.collection
+        if not self.client.has_collection(name):
+            raise BundleError(f"{location}: no such collection (export one with `sparc index export`)")
+        props = self.client.describe_collection(name).get("properties", {})
+        if "sparc.manifest" not in props:
+            raise BundleError(f"{location}: not a sparc collection (no sparc.manifest property)")
+        self.manifest = Manifest.model_validate(json.loads(props["sparc.manifest"]) | {"files": {}})
+        _check_identity(props, self.manifest, location)
+        if props.get("sparc.complete") != "1":
+            raise BundleError(f"{location}: its export did not finish; run `sparc index export` again to complete it")
+        self.client.load_collection(name)
+        self.dense_type = props.get("sparc.dense", "")
+        self.model = model
+        self.stream = self.manifest.stream
+        self.shards: list[Any] = []
+        self.dense = [None] if not self.dense_type else [[self]]
+        self._encoder = Searcher.__new__(Searcher)  # borrow encode / dense decoding, which need only the model
+        self._encoder.model, self._encoder.stream = model, self.stream
+        self._codes: OrderedDict[Any, dict[int, float]] = OrderedDict()
+        self._lock = threading.Lock()
+        if model.n_latents != self.manifest.n_latents or self.stream not in model.streams:
+            raise BundleError(
+                f"{location}: holds stream {self.stream!r} with {self.manifest.n_latents} latents; the model does not match"
+            )
+
+    @property
+    def n_items(self) -> int:
+        return self.manifest.n_items
+
+    def encode(self, stream: str, vectors: np.ndarray) -> SparseCode:
+        return self._encoder.encode(stream, vectors)
+
+    def search(
+        self,
+        query: SparseCode | tuple[str, np.ndarray],
+        top_k: int = 10,
+        path: str | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        require: list[int] | None = None,
+        exclude: list[int] | None = None,
+        boost: dict[int, float] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Any:
+        """Top-k items per query, as ``Searcher.search`` (filters are Milvus array filters)."""
+        from .searcher import SearchResult, _boosted, _unit_code
+
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        code = query if isinstance(query, SparseCode) else self.encode(*query)
+        path = path or "sparse"
+        if path not in ("sparse", "dense"):
+            raise ValueError(f"unknown search path {path!r} (use 'sparse' or 'dense')")
+        if path == "dense" and not self.dense_type:
+            raise BundleError(f"{self.location}: exported without dense vectors; use the sparse path")
+        for lat in [*(require or []), *(exclude or []), *((boost or {}).keys())]:
+            if not 0 <= int(lat) < self.model.n_latents:
+                raise ValueError(f"latent {lat} is out of range [0, {self.model.n_latents})")
+        q_idx, q_val = _unit_code(code)
+        if boost:
+            q_idx, q_val = _boosted(q_idx, q_val, boost)
+        expr = _filter_expr(sorted({int(x) for x in require or []}), sorted({int(x) for x in exclude or []}))
+        ids, scores = [], []
+        for a in range(0, len(q_idx), QUERY_CHUNK):
+            if should_stop is not None and should_stop():
+                raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
+            qi, qv = q_idx[a : a + QUERY_CHUNK], q_val[a : a + QUERY_CHUNK]
+            if path == "sparse":
+                data = [{int(j): float(v) for j, v in zip(i, w) if v > 0} for i, w in zip(qi, qv)]
+                params: dict[str, Any] = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
+                field = "code"
+            else:
+                n = self.model.n_latents
+                xq = self._encoder._dense_queries(SparseCode(torch.from_numpy(qi.astype(np.int64)), torch.from_numpy(qv), n))
+                data = [row.tolist() for row in xq]
+                extra = {"nprobe": nprobe} if nprobe else {}
+                extra |= {"ef": max(ef_search, top_k)} if ef_search else {}
+                params, field = {"metric_type": "IP", "params": extra}, "dense"
+            found = self.client.search(self.target.collection, data=data, anns_field=field, limit=top_k, filter=expr,
+                                       output_fields=["code"], search_params=params)  # fmt: skip
+            for hits in found:
+                row_ids, row_scores = [], []
+                for h in hits:
+                    item = h["id"]
+                    if path == "sparse" and h["distance"] <= 0:
+                        continue  # no shared active latent: not a hit (as in the local search)
+                    row_ids.append(item)
+                    row_scores.append(float(h["distance"]))
+                    self._remember(item, h["entity"]["code"])
+                ids.append(row_ids)
+                scores.append(row_scores)
+        return SearchResult(ids=ids, scores=scores, path=path, shards=[[0] * len(r) for r in ids])
+
+    def _remember(self, item: Any, code: dict[int, float]) -> None:
+        with self._lock:
+            self._codes[item] = code
+            self._codes.move_to_end(item)
+            while len(self._codes) > CODE_CACHE:
+                self._codes.popitem(last=False)
+
+    def item_code(self, item_id: Any) -> tuple[np.ndarray, np.ndarray]:
+        """An item's stored code (latent ids, unit values)."""
+        with self._lock:
+            code = self._codes.get(item_id)
+        if code is None:
+            key = int(item_id) if self.manifest.id_kind == "int" else str(item_id)
+            got = self.client.get(self.target.collection, ids=[key], output_fields=["code"])
+            if not got:
+                raise KeyError(f"item {item_id!r} is not in this index")
+            code = got[0]["code"]
+        lat = np.array(sorted(code), dtype=np.int64)
+        return lat, np.array([code[j] for j in lat.tolist()], dtype=np.float32)
+
+    def explain(self, query: SparseCode, item_id: Any, top: int = 5, row: int = 0) -> list[Any]:
+        from .searcher import Searcher
+
+        return Searcher.explain(self, query, item_id, top, row)  # type: ignore[arg-type]
+
+    def latent_top_items(self, latent: int, top_k: int) -> tuple[int, list[tuple[Any, float]]]:
+        """Items with the largest value of ``latent`` (a one-hot query) and how many items have it active."""
+        found = self.client.search(self.target.collection, data=[{int(latent): 1.0}], anns_field="code", limit=top_k,
+                                   filter=f"array_contains(latents, {int(latent)})",
+                                   search_params={"metric_type": "IP", "params": {"drop_ratio_search": 0.0}})  # fmt: skip
+        top = [(h["id"], float(h["distance"])) for h in found[0]]
+        count = self.client.query(self.target.collection, filter=f"array_contains(latents, {int(latent)})",
+                                  output_fields=["count(*)"])  # fmt: skip
+        return int(count[0]["count(*)"]), top
+
+
+def _filter_expr(require: list[int], exclude: list[int]) -> str:
+    parts = []
+    if require:
+        parts.append(f"array_contains_all(latents, {require})")
+    if exclude:
+        parts.append(f"not array_contains_any(latents, {exclude})")
+    return " and ".join(parts)

@@ -1,0 +1,155 @@
+"""Milvus backend against embedded milvus-lite: export, search equal to the local exact search, identity
+checks, resumable export, refusals, and the gRPC service over a Milvus index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pymilvus")
+pytest.importorskip("milvus_lite")
+
+from index import BundleError, Searcher, build_bundle  # noqa: E402
+from index.milvus_backend import MilvusSearcher, MilvusTarget, check_index_type, export_bundle  # noqa: E402
+from service.client import SparcClient  # noqa: E402
+from service.server import SparcServer  # noqa: E402
+from service.settings import load_settings  # noqa: E402
+from sparc_core import SparcConfig, SparcModel, load_checkpoint, save_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world(trained_checkpoint, medium_synth, tmp_path_factory):
+    root = tmp_path_factory.mktemp("milvus")
+    bundle = root / "dino"
+    build_bundle(trained_checkpoint, "dino", medium_synth / "eval" / "dino.npy", bundle, progress=False)
+    location = f"milvus-lite:{root / 'm.db'}/dino"
+    assert export_bundle(str(bundle), location, batch=97, dense_index="FLAT", progress=False) > 0
+    queries = np.load(medium_synth / "eval" / "clip_txt.npy")[:40]
+    return bundle, location, queries
+
+
+def _same_ranking(a_ids, a_scores, b_ids, b_scores, top_k):
+    """Equal up to the order of tied scores: scores match rank by rank, and the items above the last
+    (possibly tied) score are the same."""
+    assert len(a_ids) == len(b_ids)
+    np.testing.assert_allclose(a_scores, b_scores, rtol=1e-5, atol=1e-6)
+    if len(a_scores) == top_k:
+        last = a_scores[-1]
+        assert {i for i, s in zip(a_ids, a_scores) if s > last + 1e-5} == {i for i, s in zip(b_ids, b_scores) if s > last + 1e-5}
+    else:
+        assert set(a_ids) == set(b_ids)
+
+
+def test_milvus_search_equals_local_exact_search(world, trained_checkpoint):
+    bundle, location, xq = world
+    model = load_checkpoint(trained_checkpoint)
+    local = Searcher(bundle, model=model)
+    remote = MilvusSearcher(location, model)
+    assert remote.n_items == local.n_items and remote.manifest.checkpoint_sha256 == local.manifest.checkpoint_sha256
+    for kw in ({}, {"require": [int(local.encode("clip_txt", xq[:1]).indices[0, 0])]}, {"exclude": [3, 5, 7]}):
+        a = local.search(("clip_txt", xq), top_k=10, **kw)
+        b = remote.search(("clip_txt", xq), top_k=10, **kw)
+        hits = 0
+        for q in range(len(xq)):
+            _same_ranking(a.ids[q], a.scores[q], b.ids[q], b.scores[q], 10)
+            hits += len(a.ids[q])
+        assert hits > 0
+    code = local.encode("clip_txt", xq[:1])
+    item = a.ids[0][0]
+    assert [e.latent for e in remote.explain(code, item)] == [e.latent for e in local.explain(code, item)]
+    dense_l = local.search(("clip_txt", xq), top_k=5, path="dense")
+    dense_r = remote.search(("clip_txt", xq), top_k=5, path="dense")
+    for q in range(len(xq)):
+        np.testing.assert_allclose(dense_l.scores[q], dense_r.scores[q], rtol=1e-4, atol=1e-5)
+    n_local, top_local = local.latent_top_items(int(code.indices[0, 0]), 5)
+    n_remote, top_remote = remote.latent_top_items(int(code.indices[0, 0]), 5)
+    assert n_local == n_remote > 0
+    np.testing.assert_allclose([v for _, v in top_local], [v for _, v in top_remote], rtol=1e-3)
+
+
+def test_a_mismatched_checkpoint_is_refused(world, tmp_path, medium_synth):
+    _, location, _ = world
+    other = SparcModel(SparcConfig(streams={"dino": 48, "clip_img": 40, "clip_txt": 32}, n_latents=256, k=8), seed=7)
+    dims = {s: np.load(medium_synth / "eval" / f"{s}.npy", mmap_mode="r").shape[1] for s in ("dino", "clip_img", "clip_txt")}
+    other = SparcModel(SparcConfig(streams=dims, n_latents=256, k=8), seed=7)
+    ckpt = save_checkpoint(other, tmp_path / "other")
+    build_bundle(ckpt, "dino", medium_synth / "eval" / "dino.npy", tmp_path / "b", progress=False)
+    with pytest.raises(BundleError, match="holds checkpoint_sha256=.*export into another collection"):
+        export_bundle(str(tmp_path / "b"), location, progress=False)
+    with pytest.raises(BundleError, match="the model does not match"):
+        MilvusSearcher(location, other)
+
+
+def test_an_interrupted_export_resumes_without_duplicates(world, tmp_path, monkeypatch):
+    bundle, _, _ = world
+    location = f"milvus-lite:{tmp_path / 'r.db'}/resume"
+    from pymilvus import MilvusClient
+
+    real = MilvusClient.insert
+    calls = {"n": 0}
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed mid-export")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(MilvusClient, "insert", dying)
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(str(bundle), location, batch=50, progress=False)
+    monkeypatch.setattr(MilvusClient, "insert", real)
+    model_free = MilvusTarget.parse(location).client()
+    assert model_free.query("resume", filter="", output_fields=["count(*)"])[0]["count(*)"] == 150
+    with pytest.raises(BundleError, match="export did not finish"):
+        MilvusSearcher(location, model=None)  # type: ignore[arg-type]
+    written = export_bundle(str(bundle), location, batch=50, progress=False)
+    n = Searcher(bundle).n_items
+    assert written == n - 150
+    assert model_free.query("resume", filter="", output_fields=["count(*)"])[0]["count(*)"] == n
+
+
+def test_refusals_and_uris(tmp_path):
+    with pytest.raises(BundleError, match="not built by embedded milvus-lite"):
+        check_index_type("DISKANN", embedded=True)
+    with pytest.raises(BundleError, match="not built by embedded milvus-lite"):
+        check_index_type("GPU_CAGRA", embedded=True)
+    check_index_type("DISKANN", embedded=False)
+    assert MilvusTarget.parse("milvus://db.example:19530/images") == MilvusTarget("http://db.example:19530", "images", False)
+    with pytest.raises(BundleError, match="expected milvus://HOST:PORT/COLLECTION"):
+        MilvusTarget.parse("milvus://host")
+    with pytest.raises(BundleError, match="must end in .db"):
+        MilvusTarget.parse(f"milvus-lite:{tmp_path}/x/images")
+
+
+def test_grpc_search_over_a_milvus_index_equals_the_local_bundle(world, trained_checkpoint):
+    bundle, location, xq = world
+    settings = load_settings(
+        overrides={"checkpoint": str(trained_checkpoint), "indexes": {"local": [str(bundle)], "remote": [location]},
+                   "port": 0, "metrics_port": 0},
+        environ={},
+    )  # fmt: skip
+    srv = SparcServer(settings).start()
+    try:
+        with SparcClient(f"127.0.0.1:{srv.port}") as c:
+            for q in xq[:5]:
+                a = c.search_vector("clip_txt", q, indexes=["local"], top_k=5, explain=True)
+                b = c.search_vector("clip_txt", q, indexes=["remote"], top_k=5, explain=True)
+                _same_ranking([h.id for h in a.hits], [h.score for h in a.hits], [h.id for h in b.hits],
+                              [h.score for h in b.hits], 5)  # fmt: skip
+                assert [h.explanation[0].latent for h in a.hits[:1]] == [h.explanation[0].latent for h in b.hits[:1]]
+            names = {i.name: i for i in c.list_indexes()}
+            assert names["remote"].n_items == names["local"].n_items
+    finally:
+        srv.stop(0)
+
+
+def test_cli_export(world, tmp_path):
+    from sparc_core.cli import main
+
+    bundle, _, _ = world
+    loc = f"milvus-lite:{tmp_path / 'c.db'}/cli"
+    assert main(["index", "export", "--bundle", str(bundle), "--to", loc, "--quiet"]) == 0
+    assert main(["index", "export", "--bundle", str(bundle), "--to", loc, "--quiet"]) == 0  # complete: nothing to do
+    assert Path(tmp_path / "c.db").exists()
