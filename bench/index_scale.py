@@ -1,0 +1,293 @@
+"""Index at scale: exact sparse search vs Seismic (approximate sparse) vs FAISS Flat / HNSW on raw 768-d
+vectors, at 1M and 10M items, every number measured in this run.
+
+Codes are synthetic with a realistic, skewed latent-frequency distribution (bench/skewed_codes.py: 8192
+latents, log-normal firing rates); queries are 200 distinct codes from the same distribution. For each size:
+
+- the bundle is built in a child process from code chunks (bounded memory): build time and the child's
+  peak RSS; bytes per item on disk (the search memory-maps them, so this is also what it keeps resident);
+- ground truth: brute force in numpy/scipy over the same stored codes, in chunks (recall@10 counts a hit
+  when its true score reaches the 10th true score: ties are not misses);
+- exact sparse (our kernel), Seismic at a few settings, FAISS IndexFlatIP and IndexHNSWFlat over random
+  768-d float32 vectors (their cost does not depend on the content), single queries (p50/p99 latency,
+  queries/s) and one batch of all queries; variants alternate over rounds and medians are reported.
+
+    python bench/index_scale.py --sizes 1000000,10000000 --l0 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from skewed_codes import code_chunks, latent_probabilities, sample_codes  # noqa: E402
+
+from index.bundle import Bundle, build_bundle_from_codes  # noqa: E402
+
+N_LATENTS = 8192
+
+
+def build_child(out: str, n: int, k: int, l0: int, sigma: float) -> None:
+    """(In a child process) write a bundle of n synthetic codes in bounded memory."""
+    p = latent_probabilities(N_LATENTS, sigma)
+    chunks = ((i, v) for i, v in code_chunks(n, k, p, seed=1))
+    build_bundle_from_codes(out, chunks, n, k, N_LATENTS, progress=False)
+
+
+def timed_build(out: Path, n: int, k: int, l0: int, sigma: float) -> tuple[float, float]:
+    """(seconds, peak RSS GB) of a bundle build in a child process."""
+    code = f"import sys; sys.argv=['x']; import index_scale as b; b.build_child({str(out)!r}, {n}, {k}, {l0}, {sigma})"
+    env = os.environ | {"PYTHONPATH": f"{Path(__file__).parent}:{Path(__file__).parents[1]}"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"build of {n} items failed (status {status})")
+    return time.perf_counter() - t0, usage.ru_maxrss / 1e6  # ru_maxrss: kB on Linux
+
+
+def truth_top10(bundle: Bundle, qi: np.ndarray, qv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-10 scores and rows over the stored codes (scipy CSR, 1M items at a time)."""
+    import scipy.sparse as sp
+
+    nq = len(qi)
+    Q = sp.csr_matrix((qv.ravel(), (np.repeat(np.arange(nq), qi.shape[1]), qi.ravel())), shape=(nq, N_LATENTS))
+    best_s = np.full((nq, 10), -np.inf, dtype=np.float32)
+    best_r = np.full((nq, 10), -1, dtype=np.int64)
+    for rows, idx, val in bundle.iter_codes(chunk=1 << 20):
+        m, kk = idx.shape
+        G = sp.csr_matrix((val.ravel(), (np.repeat(np.arange(m), kk), idx.ravel().astype(np.int64))), shape=(m, N_LATENTS))
+        S = (Q @ G.T).toarray().astype(np.float32)
+        top = np.argpartition(-S, 10, axis=1)[:, :10]
+        s = np.concatenate([best_s, np.take_along_axis(S, top, 1)], 1)
+        r = np.concatenate([best_r, rows[top]], 1)
+        o = np.argsort(-s, axis=1)[:, :10]
+        best_s, best_r = np.take_along_axis(s, o, 1), np.take_along_axis(r, o, 1)
+    return best_s, best_r
+
+
+def recall_at_10(found_scores: list[np.ndarray], truth_s: np.ndarray) -> float:
+    """Share of the 10 returned items per query whose true score reaches the 10th true score (tie-aware)."""
+    hits = [np.sum(np.asarray(s[:10]) >= t[9] - 1e-4) for s, t in zip(found_scores, truth_s)]
+    return float(np.mean(hits) / 10)
+
+
+def true_scores(bundle: Bundle, qi: np.ndarray, qv: np.ndarray, rows: list[np.ndarray]) -> list[np.ndarray]:
+    """The exact scores of returned rows (so an approximate method's own score estimates are not trusted)."""
+    out = []
+    for q, r in enumerate(rows):
+        r = np.asarray([x for x in r if x >= 0], dtype=np.int64)
+        if not len(r):
+            out.append(np.zeros(0))
+            continue
+        idx, val = bundle.codes(r)
+        w = dict(zip(qi[q].tolist(), qv[q].tolist()))
+        out.append(np.array([sum(w.get(j, 0.0) * v for j, v in zip(i, vv)) for i, vv in zip(idx.tolist(), val.tolist())]))
+    return out
+
+
+def write_seismic(path: Path, idx_iter, nq: int | None = None) -> None:
+    """Seismic's inner binary format: [n u32] then per vector [nnz u32][components u32][values f32]."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<I", 0))
+        n = 0
+        for idx, val in idx_iter:
+            for i, v in zip(idx, val):
+                on = v > 0
+                ii, vv = i[on].astype(np.uint32), v[on].astype(np.float32)
+                o = np.argsort(ii)
+                f.write(struct.pack("<I", len(ii)))
+                f.write(ii[o].tobytes())
+                f.write(vv[o].tobytes())
+                n += 1
+        f.seek(0)
+        f.write(struct.pack("<I", n))
+
+
+def p99(xs: list[float]) -> float:
+    return float(np.percentile(xs, 99))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000000,10000000")
+    ap.add_argument("--l0", type=int, default=64, help="active latents per item (and code width k)")
+    ap.add_argument("--sigma", type=float, default=1.0, help="spread of log-normal latent firing rates")
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--flat-max", type=int, default=2_000_000, help="largest size with FAISS Flat (768-d float32 in RAM)")
+    ap.add_argument("--hnsw-max", type=int, default=200_000, help="largest size with an HNSW build (slow on few cores)")
+    ap.add_argument("--seismic-max", type=int, default=10_000_000)
+    ap.add_argument("--heap-factors", default="0.7,0.8,0.9")
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temp folder)")
+    args = ap.parse_args()
+    import faiss
+
+    from index.postings import search_threads, warm_up
+
+    warm_up()
+    threads = search_threads()
+    faiss.omp_set_num_threads(threads)
+    k = args.l0
+    p = latent_probabilities(N_LATENTS, args.sigma)
+    qi, qv16 = sample_codes(args.queries, k, p, seed=987_654)
+    qv = qv16.astype(np.float32)
+    rows_out = []
+    tmp = tempfile.TemporaryDirectory(prefix="sparc-scale-", dir=args.work)
+    for n in [int(x) for x in args.sizes.split(",")]:
+        work = Path(tmp.name) / f"n{n}"
+        build_s, rss = timed_build(work / "bundle", n, k, args.l0, args.sigma)
+        b = Bundle(work / "bundle")
+        disk = sum(b.manifest.files.values())
+        counts = b.parts[0].postings.latent_counts()
+        l0 = float(sum(p.postings.n_entries for p in b.parts) / n)
+        print(
+            f"\n== {n:,} items: L0 {l0:.1f}, busiest latent on {counts.max() / n:.1%} of items, median {np.median(counts) / n:.2%}"
+        )
+        print(f"build {build_s:.1f} s, peak RSS {rss:.2f} GB, {disk / n:.0f} bytes/item on disk (memory-mapped)")
+        t0 = time.perf_counter()
+        truth_s, _ = truth_top10(b, qi, qv)
+        print(f"brute-force truth: {time.perf_counter() - t0:.1f} s")
+        cells: dict[str, dict[str, list]] = {}
+
+        def cell(name: str) -> dict[str, list]:
+            return cells.setdefault(name, {"single": [], "lat": [], "batch": [], "recall": []})
+
+        def exact_round() -> None:
+            c = cell("exact sparse (ours)")
+            lat = []
+            for q in range(len(qi)):
+                t = time.perf_counter()
+                b.search_sparse(qi[q : q + 1], qv[q : q + 1], 10)
+                lat.append(time.perf_counter() - t)
+            c["lat"] += lat
+            c["single"].append(len(qi) / sum(lat))
+            t = time.perf_counter()
+            D, I = b.search_sparse(qi, qv, 10)
+            c["batch"].append(len(qi) / (time.perf_counter() - t))
+            c["recall"].append(recall_at_10([d[d > -np.inf] for d in D], truth_s))
+
+        variants = [exact_round]
+        if n <= args.seismic_max:
+            variants += seismic_variants(
+                b, work, qi, qv, truth_s, [float(x) for x in args.heap_factors.split(",")], k, cell, threads
+            )
+        if n <= args.flat_max:
+            variants += faiss_variants(n, qi, cell, args.hnsw_max)
+        for _ in range(args.rounds):
+            for v in variants:
+                v()
+        for name, c in cells.items():
+            rows_out.append((n, name, np.median(c["recall"]) if c["recall"] else float("nan"), np.median(c["single"]),
+                             1e3 * np.median(c["lat"]), 1e3 * p99(c["lat"]), np.median(c["batch"])))  # fmt: skip
+        print_table([r for r in rows_out if r[0] == n])
+        del b
+    print(f"\nall sizes ({threads} threads; recall@10 vs brute force over the same codes; FAISS rows: random 768-d, recall n/a)")
+    print_table(rows_out)
+
+
+def print_table(rows: list[tuple]) -> None:
+    exact = {r[0]: r for r in rows if r[1].startswith("exact")}
+    flat = {r[0]: r for r in rows if r[1].startswith("FAISS Flat")}
+    print(
+        f"| items | method | recall@10 | single q/s | p50 ms | p99 ms | batch q/s | single / exact | batch / exact | single / Flat | batch / Flat |"
+    )  # noqa: E501
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n, name, rec, single, p50, p99_, batch in rows:
+        e, f = exact.get(n), flat.get(n)
+        rs = f"{single / e[3]:.2f}x" if e else "-"
+        rb = f"{batch / e[6]:.2f}x" if e else "-"
+        fs = f"{single / f[3]:.1f}x" if f else "-"
+        fb = f"{batch / f[6]:.2f}x" if f else "-"
+        rec_s = "n/a" if np.isnan(rec) else f"{rec:.3f}"
+        print(f"| {n:,} | {name} | {rec_s} | {single:.1f} | {p50:.2f} | {p99_:.2f} | {batch:.1f} | {rs} | {rb} | {fs} | {fb} |")
+
+
+def seismic_variants(b, work, qi, qv, truth_s, heap_factors, k, cell, threads):
+    import seismic
+
+    data = work / "seismic-docs.bin"
+    write_seismic(data, ((i, v) for _, i, v in b.iter_codes()))
+    t0 = time.perf_counter()
+    ix = seismic.SeismicIndexRaw.build(str(data))  # its default pruning (n_postings 3500 per list)
+    print(f"seismic build: {time.perf_counter() - t0:.1f} s (library defaults)")
+    data.unlink()
+    qfile = work / "seismic-queries.bin"
+    comps = [qi[q][qv[q] > 0].astype(np.int32) for q in range(len(qi))]
+    vals = [qv[q][qv[q] > 0].astype(np.float32) for q in range(len(qi))]
+    out = []
+    for hf in heap_factors:
+        name = f"seismic heap_factor {hf}"
+
+        def run(hf=hf, name=name) -> None:
+            c = cell(name)
+            lat, rows = [], []
+            for q in range(len(qi)):
+                t = time.perf_counter()
+                res = ix.search(comps[q], vals[q], 10, len(comps[q]), hf, 0, True)
+                lat.append(time.perf_counter() - t)
+                rows.append(np.array([r for _, r in res], dtype=np.int64))
+            c["lat"] += lat
+            c["single"].append(len(qi) / sum(lat))
+            t = time.perf_counter()
+            write_seismic(qfile, [(qi, qv)])  # its batch API reads queries from a file: the write is part of the cost
+            ix.batch_search(str(qfile), 10, k, hf, 0, True, threads)
+            c["batch"].append(len(qi) / (time.perf_counter() - t))
+            c["recall"].append(recall_at_10(true_scores(b, qi, qv, rows), truth_s))
+
+        out.append(run)
+    return out
+
+
+def faiss_variants(n, qi, cell, hnsw_max):
+    import faiss
+
+    rng = np.random.default_rng(0)
+    xb = np.empty((n, 768), dtype=np.float32)
+    for a in range(0, n, 1 << 18):
+        xb[a : a + (1 << 18)] = rng.standard_normal((min(n, a + (1 << 18)) - a, 768), dtype=np.float32)
+    xq = rng.standard_normal((len(qi), 768), dtype=np.float32)
+    flat = faiss.IndexFlatIP(768)
+    flat.add(xb)
+    indexes = [("FAISS Flat (raw 768-d)", flat)]
+    if n <= hnsw_max:
+        h = faiss.IndexHNSWFlat(768, 32, faiss.METRIC_INNER_PRODUCT)
+        t0 = time.perf_counter()
+        h.add(xb)
+        print(f"HNSW32 build: {time.perf_counter() - t0:.1f} s")
+        indexes.append(("FAISS HNSW32 (raw 768-d)", h))
+    out = []
+    for name, ix in indexes:
+
+        def run(ix=ix, name=name) -> None:
+            c = cell(name)
+            lat = []
+            for q in range(min(len(xq), 50) if "Flat" in name else len(xq)):  # Flat singles are slow: 50 distinct
+                t = time.perf_counter()
+                ix.search(xq[q : q + 1], 10)
+                lat.append(time.perf_counter() - t)
+            c["lat"] += lat
+            c["single"].append(len(lat) / sum(lat))
+            t = time.perf_counter()
+            ix.search(xq, 10)
+            c["batch"].append(len(xq) / (time.perf_counter() - t))
+
+        out.append(run)
+    return out
+
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    main()
