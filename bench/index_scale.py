@@ -154,7 +154,8 @@ def main() -> None:
         counts = b.parts[0].postings.latent_counts()
         l0 = float(sum(p.postings.n_entries for p in b.parts) / n)
         print(
-            f"\n== {n:,} items: L0 {l0:.1f}, busiest latent on {counts.max() / n:.1%} of items, median {np.median(counts) / n:.2%}"
+            f"\n== {n:,} items: L0 {l0:.1f}, busiest latent on {counts.max() / n:.1%} of items, "
+            f"median {np.median(counts) / n:.2%}"
         )
         print(f"build {build_s:.1f} s, peak RSS {rss:.2f} GB, {disk / n:.0f} bytes/item on disk (memory-mapped)")
         t0 = time.perf_counter()
@@ -162,10 +163,10 @@ def main() -> None:
         print(f"brute-force truth: {time.perf_counter() - t0:.1f} s")
         cells: dict[str, dict[str, list]] = {}
 
-        def cell(name: str) -> dict[str, list]:
+        def cell(name: str, cells: dict = cells) -> dict[str, list]:
             return cells.setdefault(name, {"single": [], "lat": [], "batch": [], "recall": []})
 
-        def exact_round() -> None:
+        def exact_round(b: Bundle = b, truth_s: np.ndarray = truth_s) -> None:
             c = cell("exact sparse (ours)")
             lat = []
             for q in range(len(qi)):
@@ -193,7 +194,6 @@ def main() -> None:
             rows_out.append((n, name, np.median(c["recall"]) if c["recall"] else float("nan"), np.median(c["single"]),
                              1e3 * np.median(c["lat"]), 1e3 * p99(c["lat"]), np.median(c["batch"])))  # fmt: skip
         print_table([r for r in rows_out if r[0] == n])
-        del b
     print(f"\nall sizes ({threads} threads; recall@10 vs brute force over the same codes; FAISS rows: random 768-d, recall n/a)")
     print_table(rows_out)
 
@@ -201,9 +201,9 @@ def main() -> None:
 def print_table(rows: list[tuple]) -> None:
     exact = {r[0]: r for r in rows if r[1].startswith("exact")}
     flat = {r[0]: r for r in rows if r[1].startswith("FAISS Flat")}
-    print(
-        f"| items | method | recall@10 | single q/s | p50 ms | p99 ms | batch q/s | single / exact | batch / exact | single / Flat | batch / Flat |"
-    )  # noqa: E501
+    cols = ["items", "method", "recall@10", "single q/s", "p50 ms", "p99 ms", "batch q/s"]
+    cols += ["single / exact", "batch / exact", "single / Flat", "batch / Flat"]
+    print("| " + " | ".join(cols) + " |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n, name, rec, single, p50, p99_, batch in rows:
         e, f = exact.get(n), flat.get(n)

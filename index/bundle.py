@@ -43,7 +43,8 @@ from sparc_core.data import FeatureStore
 
 from .faiss_backend import DenseBuilder, read_dense_index, write_dense_index
 from .ids import ItemIds, keys_of, read_ids, write_ids
-from .postings import BLOCK, Postings, PostingsWriter, load_postings, merge_topk
+from .postings import BLOCK, Postings, PostingsWriter, _pool, load_postings, merge_topk, search_threads
+from .seismic_backend import INDEX_FILE, ApproxSettings, build_part_index, load_part_index, search_one
 
 FORMAT = "sparc-index"
 VERSION = 2
@@ -94,6 +95,7 @@ class Manifest(BaseModel):
     source: str  # features file the items came from
     parts: list[PartInfo] = []  # format 2; empty in format-1 bundles
     ids_unique_in_source: bool = False  # ids were checked unique over the whole source (all shards)
+    approx: ApproxSettings | None = None  # Seismic indexes in every part (approximate sparse path)
 
 
 def checkpoint_of(path: str | Path, manifest: Manifest) -> Path:
@@ -358,8 +360,10 @@ def build_bundle(
     batch_size: int = 8192,
     progress: bool = True,
     model: SparcModel | None = None,
+    approx: ApproxSettings | None = None,
 ) -> Path:
-    """Encode one stream's gallery with a checkpoint and write a bundle (or shard ``i`` of ``n``) to ``out``."""
+    """Encode one stream's gallery with a checkpoint and write a bundle (or shard ``i`` of ``n``) to ``out``;
+    with ``approx``, each part also gets a Seismic index (the approximate sparse path)."""
     t0 = time.perf_counter()
     clean_stale_builds(out)  # what killed builds left behind
     ckpt_hash = checkpoint_hash(checkpoint)
@@ -389,6 +393,8 @@ def build_bundle(
         chunks = encode_chunks(model, stream, store, start, stop, batch_size, dense, progress)
         kind = write_part(tmp / "part-00000", stop - start, model.k, model.n_latents, chunks, item_ids,
                           store.dim if dense else None, faiss_factory)  # fmt: skip
+        if approx is not None:
+            build_part_index(tmp / "part-00000", _part_codes(tmp / "part-00000"), approx)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         manifest = {
             "stream": stream,
@@ -407,6 +413,7 @@ def build_bundle(
             "source": str(Path(features).resolve()),
             "parts": [{"name": "part-00000", "n_items": stop - start, "created_at": now}],
             "ids_unique_in_source": True,
+            "approx": approx.model_dump() if approx is not None else None,
         }
         return _commit_version(path, tmp, vdir, manifest)
     except BaseException:
@@ -456,14 +463,48 @@ def build_bundle_from_codes(
         raise
 
 
+def _part_codes(part_dir: Path, chunk: int = BLOCK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A written part's codes, in chunks (memory-mapped)."""
+    idx = np.load(part_dir / "codes_idx.npy", mmap_mode="r")
+    val = np.load(part_dir / "codes_val.npy", mmap_mode="r")
+    for a in range(0, len(idx), chunk):
+        yield np.asarray(idx[a : a + chunk]), np.asarray(val[a : a + chunk], dtype=np.float32)
+
+
+def add_approx_index(path: str | Path, settings: ApproxSettings | None = None) -> Path:
+    """Give every part of a bundle a Seismic index (a new version; the parts' other files are linked)."""
+    path = Path(path)
+    old = Bundle(path)
+    m = old.manifest
+    if m.version == 1:
+        raise BundleError(f"{path}: a format-1 bundle; rebuild it (or `sparc index add` to it) first")
+    settings = settings or ApproxSettings()
+    clean_stale_builds(path)
+    tmp, vdir = _new_version_dir(path)
+    try:
+        for info in m.parts:
+            _link_tree(old.vdir / info.name, tmp / info.name, skip={INDEX_FILE})
+            build_part_index(tmp / info.name, _part_codes(tmp / info.name), settings)
+        manifest = m.model_dump() | {
+            "approx": settings.model_dump(),
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        manifest.pop("files")
+        return _commit_version(path, tmp, vdir, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 # ---- reading ------------------------------------------------------------------------------------------
 class Part:
     """One part of a loaded bundle: its ids, codes, postings and optional FAISS index; rows from ``row0``."""
 
     def __init__(self, name: str, row0: int, ids: ItemIds, codes_idx: np.ndarray, codes_val: np.ndarray,
-                 postings: Postings, dense_index: Any | None) -> None:  # fmt: skip
+                 postings: Postings, dense_index: Any | None, approx_index: Any | None = None) -> None:  # fmt: skip
         self.name, self.row0, self.ids = name, row0, ids
         self.codes_idx, self.codes_val, self.postings, self.dense_index = codes_idx, codes_val, postings, dense_index
+        self.approx_index = approx_index
 
     @property
     def n_items(self) -> int:
@@ -511,7 +552,8 @@ class Bundle:
             dense = read_dense_index(d / "dense.faiss") if m.dense else None
             if dense is not None and dense.ntotal != n:
                 raise BundleError(f"{d / 'dense.faiss'}: holds {dense.ntotal} vectors, manifest says {n}")
-            parts.append(Part(info.name, row0, ids, codes_idx, codes_val, postings, dense))
+            approx = load_part_index(d) if m.approx is not None else None
+            parts.append(Part(info.name, row0, ids, codes_idx, codes_val, postings, dense, approx))
             row0 += n
         return parts
 
@@ -610,6 +652,47 @@ class Bundle:
             out.append((D, np.where(I >= 0, I + part.row0, -1)))
         return merge_topk(out, k)
 
+    def search_approx(
+        self,
+        q_idx: np.ndarray,
+        q_val: np.ndarray,
+        k: int,
+        query_cut: int | None = None,
+        heap_factor: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-k (Seismic candidates, exact scores) over all parts: (D, I) as ``search_sparse``."""
+        a = self.manifest.approx
+        if a is None:
+            raise BundleError(f"{self.path}: has no approximate index; add one with `sparc index approx --bundle {self.path}`")
+        cut = a.query_cut if query_cut is None else int(query_cut)
+        hf = a.heap_factor if heap_factor is None else float(heap_factor)
+        if not 0 < hf <= 1:
+            raise ValueError(f"heap_factor must be in (0, 1], got {hf}")
+        nq = len(q_idx)
+        D = np.full((nq, k), -np.inf, dtype=np.float32)
+        I = np.full((nq, k), -1, dtype=np.int64)
+
+        def one(q: int) -> bool:
+            if should_stop is not None and should_stop():
+                return False
+            on = q_val[q] > 0
+            found = []
+            for part in self.parts:
+                d, r = search_one(part.approx_index, part.codes_idx, part.codes_val, np.asarray(q_idx[q])[on],
+                                  np.asarray(q_val[q])[on], min(k, part.n_items), cut, hf)  # fmt: skip
+                found.append((d[None, :], (r + part.row0)[None, :]))
+            d, r = merge_topk(found, k)
+            D[q], I[q] = d[0], r[0]
+            return True
+
+        done = list(_pool().map(one, range(nq))) if nq > 1 and search_threads() > 1 else [one(q) for q in range(nq)]
+        if not all(done):
+            from .postings import SearchStopped
+
+            raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
+        return D, I
+
     def posting(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows and values of one latent over all parts."""
         rows, vals = zip(*[(r + p.row0, v) for p in self.parts for r, v in [p.postings.posting(latent)]])
@@ -677,6 +760,8 @@ def append_to_bundle(
         chunks = encode_chunks(model, m.stream, store, 0, store.n_rows, batch_size, m.dense, progress)
         kind = write_part(tmp / name, store.n_rows, m.k, m.n_latents, chunks, new_ids,
                           m.dim if m.dense else None, m.faiss_factory or "Flat")  # fmt: skip
+        if m.approx is not None:
+            build_part_index(tmp / name, _part_codes(tmp / name), m.approx)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         parts.append({"name": name, "n_items": store.n_rows, "created_at": now})
         manifest = m.model_dump() | {
@@ -694,10 +779,12 @@ def append_to_bundle(
         raise
 
 
-def _link_tree(src: Path, dst: Path) -> None:
+def _link_tree(src: Path, dst: Path, skip: set[str] | frozenset[str] = frozenset()) -> None:
     """Hard-link a part's files into a new version (copy where the filesystem cannot link)."""
     dst.mkdir(parents=True)
     for f in src.iterdir():
+        if f.name in skip:
+            continue
         try:
             os.link(f, dst / f.name)
         except OSError:
@@ -734,4 +821,14 @@ def shards_share_ids(bundles: list[Bundle]) -> list[Any]:
     return found
 
 
-__all__ = ["Bundle", "BundleError", "Manifest", "append_to_bundle", "build_bundle", "build_bundle_from_codes", "keys_of"]
+__all__ = [
+    "ApproxSettings",
+    "Bundle",
+    "BundleError",
+    "Manifest",
+    "add_approx_index",
+    "append_to_bundle",
+    "build_bundle",
+    "build_bundle_from_codes",
+    "keys_of",
+]

@@ -40,6 +40,7 @@ def register(sub: Any) -> None:
     b.add_argument("--faiss", default="Flat", help="FAISS factory string for the dense path (default exact Flat)")
     b.add_argument("--no-dense", action="store_true", help="sparse latent search only (no FAISS index)")
     b.add_argument("--shard", default="0/1", help="build shard I/N of the rows (default 0/1)")
+    b.add_argument("--approx", action="store_true", help="also build a Seismic index (the approximate sparse path)")
     b.add_argument("--batch-size", type=int, default=8192)
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_build)
@@ -60,6 +61,12 @@ def register(sub: Any) -> None:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_export)
 
+    x = isub.add_parser("approx", help="add a Seismic index to every part of a bundle (the approximate sparse path)")
+    x.add_argument("--bundle", required=True)
+    _approx_flags(x)
+    x.set_defaults(func=_approx)
+    _approx_flags(b)
+
     i = isub.add_parser("info", help="print a bundle's manifest")
     i.add_argument("bundle")
     i.set_defaults(func=_info)
@@ -69,7 +76,9 @@ def register(sub: Any) -> None:
     s.add_argument("--stream", required=True, help="the queries' stream")
     s.add_argument("--queries", required=True, help=".npy [nq, d]")
     s.add_argument("--top-k", type=int, default=10)
-    s.add_argument("--path", choices=["sparse", "dense"])
+    s.add_argument("--path", choices=["sparse", "dense", "approx"])
+    s.add_argument("--query-cut", type=int, help="approx path: the query's largest entries used")
+    s.add_argument("--heap-factor", type=float, help="approx path: in (0, 1], lower is faster and less exact")
     s.add_argument("--nprobe", type=int)
     s.add_argument("--explain", action="store_true")
     s.add_argument("--checkpoint", help="default: the checkpoint the bundle records (its hash must match)")
@@ -94,8 +103,31 @@ def _build(args: argparse.Namespace) -> int:
         shard=(i, n),
         batch_size=args.batch_size,
         progress=not args.quiet,
+        approx=_approx_settings(args) if args.approx else None,
     )
     print(f"bundle: {args.out} (version {out.name})")
+    return 0
+
+
+def _approx_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-postings", type=int, default=0, help="Seismic: mean entries kept per posting list (0: its default)")
+    p.add_argument("--summary-energy", type=float, default=0.4, help="Seismic: share of a block's mass its summary keeps")
+    p.add_argument("--query-cut", type=int, default=0, help="default per call: the query's largest entries used (0: all)")
+    p.add_argument("--heap-factor", type=float, default=0.9, help="default per call, in (0, 1]: lower is faster, less exact")
+
+
+def _approx_settings(args: argparse.Namespace) -> Any:
+    from .seismic_backend import ApproxSettings
+
+    return ApproxSettings(n_postings=args.n_postings, summary_energy=args.summary_energy, query_cut=args.query_cut,
+                          heap_factor=args.heap_factor)  # fmt: skip
+
+
+def _approx(args: argparse.Namespace) -> int:
+    from .bundle import add_approx_index
+
+    out = add_approx_index(args.bundle, _approx_settings(args))
+    print(f"bundle: {args.bundle} (version {out.name}) has an approximate index")
     return 0
 
 
@@ -142,7 +174,8 @@ def _search(args: argparse.Namespace) -> int:
     if xq.ndim == 1:
         xq = xq[None]
     code = searcher.encode(args.stream, xq)
-    res = searcher.search(code, top_k=args.top_k, path=args.path, nprobe=args.nprobe)
+    res = searcher.search(code, top_k=args.top_k, path=args.path, nprobe=args.nprobe, query_cut=args.query_cut,
+                          heap_factor=args.heap_factor)  # fmt: skip
     for q, (ids, scores) in enumerate(zip(res.ids, res.scores)):
         hits = []
         for item, score in zip(ids, scores):

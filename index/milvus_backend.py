@@ -273,14 +273,17 @@ class MilvusSearcher:
         exclude: list[int] | None = None,
         boost: dict[int, float] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        query_cut: int | None = None,
+        heap_factor: float | None = None,
     ) -> Any:
-        """Top-k items per query, as ``Searcher.search`` (filters are Milvus array filters)."""
+        """Top-k items per query, as ``Searcher.search`` (filters are Milvus array filters; Milvus's sparse
+        index is exact, so there is no separate approximate path)."""
         from .searcher import SearchResult, _boosted, _unit_code
 
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         code = query if isinstance(query, SparseCode) else self.encode(*query)
-        path = path or "sparse"
+        path = "sparse" if path in (None, "approx") else path
         if path not in ("sparse", "dense"):
             raise ValueError(f"unknown search path {path!r} (use 'sparse' or 'dense')")
         if path == "dense" and not self.dense_type:

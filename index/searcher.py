@@ -25,7 +25,7 @@ from .postings import SearchStopped, merge_topk
 
 MAX_FILTER_CANDIDATES = 65_536  # dense path with latent filters: the most candidates fetched per query
 QUERY_CHUNK = 256  # queries searched between checks of should_stop
-SearchPath = Literal["sparse", "dense"]
+SearchPath = Literal["sparse", "dense", "approx"]
 DEFAULT_PATH: SearchPath = "sparse"  # faster and smaller at every gallery size measured (bench/index_search.py)
 
 
@@ -100,6 +100,10 @@ class Searcher:
     def n_items(self) -> int:
         return sum(b.manifest.n_items for b in self.shards)
 
+    @property
+    def has_approx(self) -> bool:
+        return all(b.manifest.approx is not None for b in self.shards)
+
     # ---- queries ----------------------------------------------------------------------------------
     def encode(self, stream: str, vectors: np.ndarray | torch.Tensor) -> SparseCode:
         """The shared sparse code of raw feature vectors of ``stream`` [n, d]; a wrong stream, shape, or a
@@ -132,8 +136,13 @@ class Searcher:
         exclude: list[int] | None = None,
         boost: dict[int, float] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        query_cut: int | None = None,
+        heap_factor: float | None = None,
     ) -> SearchResult:
         """Top-k items for each query (a SparseCode, or (stream, vectors) to encode first).
+
+        path "approx": Seismic's candidates rescored exactly (``query_cut``, ``heap_factor`` per call, else
+        the bundle's defaults); with latent filters it runs the exact sparse kernel, where filters are cheap.
 
         require / exclude: latents an item must / must not have active (inside the posting-list search on
         the sparse path; on the dense path over at most MAX_FILTER_CANDIDATES candidates per query, so
@@ -145,8 +154,12 @@ class Searcher:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         code = query if isinstance(query, SparseCode) else self.encode(*query)
         path = path or DEFAULT_PATH
-        if path not in ("sparse", "dense"):
-            raise ValueError(f"unknown search path {path!r} (use 'sparse' or 'dense')")
+        if path not in ("sparse", "dense", "approx"):
+            raise ValueError(f"unknown search path {path!r} (use 'sparse', 'dense' or 'approx')")
+        if path == "approx" and any(b.manifest.approx is None for b in self.shards):
+            raise BundleError(f"{self.shards[0].path}: has no approximate index; add one with `sparc index approx`")
+        if path == "approx" and (require or exclude):
+            path = "sparse"
         if path == "dense" and any(d is None for d in self.dense):
             raise BundleError(f"{self.shards[0].path}: built without a dense index; use the sparse path")
         for lat in [*(require or []), *(exclude or []), *((boost or {}).keys())]:
@@ -162,8 +175,10 @@ class Searcher:
             if should_stop is not None and should_stop():
                 raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
             qi, qv = q_idx[a : a + QUERY_CHUNK], q_val[a : a + QUERY_CHUNK]
-            if path == "sparse":  # filters run inside the posting-list search
-                D, refs = self._search_all(qi, qv, top_k, path, nprobe, ef_search, require_l, exclude_l, should_stop)
+            if path in ("sparse", "approx"):  # filters run inside the posting-list search
+                D, refs = self._search_all(
+                    qi, qv, top_k, path, nprobe, ef_search, require_l, exclude_l, should_stop, (query_cut, heap_factor)
+                )
             else:
                 D, refs = self._dense_filtered(qi, qv, top_k, nprobe, ef_search, require_l, exclude_l)
             for d, r in zip(D, refs):
@@ -209,7 +224,7 @@ class Searcher:
         return mask
 
     def _search_all(
-        self, q_idx, q_val, k, path, nprobe, ef_search, require=None, exclude=None, should_stop=None
+        self, q_idx, q_val, k, path, nprobe, ef_search, require=None, exclude=None, should_stop=None, approx=(None, None)
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Search every shard and merge: per query, scores desc and (shard, row) refs."""
         per_shard = []
@@ -218,6 +233,8 @@ class Searcher:
             kk = min(k, b.manifest.n_items)
             if path == "sparse":
                 D, I = b.search_sparse(q_idx, q_val, kk, require=require, exclude=exclude, should_stop=should_stop)
+            elif path == "approx":
+                D, I = b.search_approx(q_idx, q_val, kk, *approx, should_stop=should_stop)
             else:
                 if xq is None:
                     n = self.model.n_latents

@@ -20,7 +20,12 @@ ensure_stubs()
 from ._proto.sparc.v1 import sparc_pb2 as pb  # noqa: E402
 from ._proto.sparc.v1 import sparc_pb2_grpc as pb_grpc  # noqa: E402
 
-PATHS = {None: pb.SEARCH_PATH_DEFAULT, "sparse": pb.SEARCH_PATH_SPARSE, "dense": pb.SEARCH_PATH_DENSE}
+PATHS = {
+    None: pb.SEARCH_PATH_DEFAULT,
+    "sparse": pb.SEARCH_PATH_SPARSE,
+    "dense": pb.SEARCH_PATH_DENSE,
+    "approx": pb.SEARCH_PATH_APPROX,
+}
 
 
 @dataclass
@@ -92,6 +97,8 @@ def search_request(
     exclude: Sequence[int] = (),
     boost: dict[int, float] | None = None,
     nprobe: int = 0,
+    query_cut: int = 0,
+    heap_factor: float = 0.0,
 ) -> pb.SearchRequest:
     """A SearchRequest message."""
     return pb.SearchRequest(
@@ -102,6 +109,8 @@ def search_request(
         explain=explain,
         return_code=return_code,
         nprobe=nprobe,
+        query_cut=query_cut,
+        heap_factor=heap_factor,
         filter=pb.LatentFilter(require=list(require), exclude=list(exclude), boost=boost or {}),
     )
 

@@ -73,6 +73,8 @@ class SearchSpec:
     explain: bool = False
     return_code: bool = False
     nprobe: int | None = None
+    query_cut: int | None = None  # approx path only
+    heap_factor: float | None = None  # approx path only
 
 
 @dataclass
@@ -313,6 +315,10 @@ class Engine:
                 raise ServiceError("NOT_FOUND", f"unknown index {name!r}; this server has {sorted(self.searchers)}")
             if spec.path == "dense" and any(d is None for d in self.searchers[name].dense):
                 raise ServiceError("FAILED_PRECONDITION", f"index {name!r} was built without a dense index; use the sparse path")
+            if spec.path == "approx" and not getattr(self.searchers[name], "has_approx", False):
+                raise ServiceError("FAILED_PRECONDITION", f"index {name!r} has no approximate index (sparc index approx)")
+        if spec.heap_factor is not None and not 0 < spec.heap_factor <= 1:
+            raise ServiceError("INVALID_ARGUMENT", f"heap_factor must be in (0, 1], got {spec.heap_factor}")
         if not 1 <= spec.top_k <= self.settings.max_top_k:
             raise ServiceError("INVALID_ARGUMENT", f"top_k must be in [1, {self.settings.max_top_k}], got {spec.top_k}")
         n = self.model.n_latents
@@ -409,6 +415,8 @@ class Engine:
                 tuple(s.exclude),
                 tuple(sorted(s.boost.items())),
                 s.nprobe,
+                s.query_cut,
+                s.heap_factor,
             )
             groups.setdefault(key, []).append(i)
         for members in groups.values():
@@ -425,6 +433,8 @@ class Engine:
                     top_k=spec.top_k,
                     path=spec.path,
                     nprobe=spec.nprobe,
+                    query_cut=spec.query_cut,
+                    heap_factor=spec.heap_factor,
                     require=spec.require or None,
                     exclude=spec.exclude or None,
                     boost=spec.boost or None,

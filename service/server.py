@@ -32,7 +32,12 @@ from ._proto.sparc.v1 import sparc_pb2 as pb  # noqa: E402
 from ._proto.sparc.v1 import sparc_pb2_grpc as pb_grpc  # noqa: E402
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Sparc"].full_name
-PATHS = {pb.SEARCH_PATH_DEFAULT: None, pb.SEARCH_PATH_SPARSE: "sparse", pb.SEARCH_PATH_DENSE: "dense"}
+PATHS = {
+    pb.SEARCH_PATH_DEFAULT: None,
+    pb.SEARCH_PATH_SPARSE: "sparse",
+    pb.SEARCH_PATH_DENSE: "dense",
+    pb.SEARCH_PATH_APPROX: "approx",
+}
 log = logging.getLogger("sparc.service")
 
 
@@ -162,6 +167,8 @@ class SparcServicer(pb_grpc.SparcServicer):
             explain=r.explain,
             return_code=r.return_code,
             nprobe=r.nprobe or None,
+            query_cut=r.query_cut or None,
+            heap_factor=r.heap_factor or None,
         )
 
     def _responses(self, specs: list[SearchSpec], context: grpc.ServicerContext) -> list[pb.SearchResponse]:

@@ -425,3 +425,82 @@ def test_add_with_the_wrong_id_kind_says_what_to_do_and_stale_builds_are_cleaned
     append_to_bundle(tmp_path / "b", _feats(tmp_path, 10, 32, name="m.npy"), progress=False)
     assert not stale.exists()
     assert read_manifest(tmp_path / "b").n_items == 40
+
+
+def test_approx_path_seismic_candidates_rescored_exactly(random_ckpt, tmp_path):
+    pytest.importorskip("seismic")
+    from index.seismic_backend import ApproxSettings
+
+    feats = _feats(tmp_path, 3000, 32)
+    build_bundle(random_ckpt, "img", feats, tmp_path / "b", progress=False, dense=False)
+    s = Searcher(tmp_path / "b")
+    xq = np.random.default_rng(5).standard_normal((30, 32)).astype(np.float32)
+    with pytest.raises(BundleError, match="has no approximate index"):
+        s.search(("img", xq), top_k=10, path="approx")
+    from index.bundle import add_approx_index
+
+    add_approx_index(tmp_path / "b", ApproxSettings(heap_factor=1.0))
+    s = Searcher(tmp_path / "b")
+    exact = s.search(("img", xq), top_k=10)
+    approx = s.search(("img", xq), top_k=10, path="approx")
+    assert approx.path == "approx"
+    recall = np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approx.ids, exact.ids)])
+    assert recall >= 0.9
+    code = s.encode("img", xq)
+    for q in range(len(xq)):  # scores are exact (rescored from the stored codes), best first
+        for item, score in zip(approx.ids[q], approx.scores[q]):
+            assert abs(sum(e.contribution for e in s.explain(code, item, top=64, row=q)) - score) < 1e-4
+        assert approx.scores[q] == sorted(approx.scores[q], reverse=True)
+    cut = s.search(("img", xq), top_k=10, path="approx", query_cut=2, heap_factor=0.5)
+    assert np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(cut.ids, exact.ids)]) < recall  # per call, coarser
+    filtered = s.search(("img", xq[:1]), top_k=5, path="approx", require=[int(code.indices[0, 0])])
+    assert filtered.ids == s.search(("img", xq[:1]), top_k=5, require=[int(code.indices[0, 0])]).ids  # filters: exact
+    extra = _feats(tmp_path, 100, 32, seed=9, name="extra.npy")
+    append_to_bundle(tmp_path / "b", extra, progress=False)
+    grown = Searcher(tmp_path / "b")
+    assert grown.has_approx and len(grown.shards[0].parts) == 2
+    assert grown.search(("img", np.load(extra)[:3]), top_k=1, path="approx").ids == [[3000], [3001], [3002]]
+
+
+def test_search_kernel_matches_brute_force_with_filters_and_blocks(tmp_path):
+    """Several blocks (small BLOCK-crossing gallery), ties, filters: the kernel equals numpy brute force."""
+    import index.postings as postings
+
+    rng = np.random.default_rng(3)
+    n, k, L = 140_000, 6, 64  # > 2 blocks of 65,536 rows
+    idx = np.stack([rng.choice(L, k, replace=False) for _ in range(2000)])[rng.integers(0, 2000, n)]
+    val = np.round(rng.random((n, k)) * 4) / 4  # coarse values: many exact ties
+    val[rng.random((n, k)) < 0.2] = 0
+    val = val.astype(np.float16)
+    P = postings.Postings.from_codes(idx, val, L)
+    G = np.zeros((n, L), dtype=np.float32)
+    np.put_along_axis(G, idx.astype(np.int64), val.astype(np.float32), 1)
+    qi = rng.integers(0, L, (12, 5))
+    qv = rng.random((12, 5)).astype(np.float32)
+    Q = np.zeros((12, L), dtype=np.float32)
+    for q in range(12):
+        np.add.at(Q[q], qi[q], qv[q])
+    for require, exclude in [(None, None), ([int(qi[0, 0])], None), (None, [int(qi[0, 1]), 7])]:
+        S = Q @ G.T
+        ok = np.ones(n, dtype=bool)
+        if require:
+            ok &= (G[:, require] > 0).all(1)
+        if exclude:
+            ok &= ~(G[:, exclude] > 0).any(1)
+        for threads in (1, 2):
+            D, I = P.search(qi, qv, 10, threads=threads, require=require, exclude=exclude)
+            for q in range(12):
+                s = np.where(ok & (S[q] > 0), S[q], -np.inf)
+                order = np.lexsort((np.arange(n), -s))[:10]  # ties: the lower row first
+                want = order[s[order] > -np.inf]
+                np.testing.assert_array_equal(I[q, : len(want)], want)
+                np.testing.assert_allclose(D[q, : len(want)], s[want], rtol=1e-5)
+                assert (I[q, len(want) :] == -1).all()
+    monkey = postings.PIECE_POSTINGS
+    postings.PIECE_POSTINGS = 1000  # heavy queries split over block ranges and merged
+    try:
+        D2, I2 = P.search(qi, qv, 10, threads=2)
+    finally:
+        postings.PIECE_POSTINGS = monkey
+    D1, I1 = P.search(qi, qv, 10, threads=1)
+    np.testing.assert_array_equal(I1, I2)
