@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import struct
 import subprocess
 import sys
 import tempfile
@@ -82,38 +81,6 @@ def recall_at_10(found_scores: list[np.ndarray], truth_s: np.ndarray) -> float:
     """Share of the 10 returned items per query whose true score reaches the 10th true score (tie-aware)."""
     hits = [np.sum(np.asarray(s[:10]) >= t[9] - 1e-4) for s, t in zip(found_scores, truth_s)]
     return float(np.mean(hits) / 10)
-
-
-def true_scores(bundle: Bundle, qi: np.ndarray, qv: np.ndarray, rows: list[np.ndarray]) -> list[np.ndarray]:
-    """The exact scores of returned rows (so an approximate method's own score estimates are not trusted)."""
-    out = []
-    for q, r in enumerate(rows):
-        r = np.asarray([x for x in r if x >= 0], dtype=np.int64)
-        if not len(r):
-            out.append(np.zeros(0))
-            continue
-        idx, val = bundle.codes(r)
-        w = dict(zip(qi[q].tolist(), qv[q].tolist()))
-        out.append(np.array([sum(w.get(j, 0.0) * v for j, v in zip(i, vv)) for i, vv in zip(idx.tolist(), val.tolist())]))
-    return out
-
-
-def write_seismic(path: Path, idx_iter, nq: int | None = None) -> None:
-    """Seismic's inner binary format: [n u32] then per vector [nnz u32][components u32][values f32]."""
-    with open(path, "wb") as f:
-        f.write(struct.pack("<I", 0))
-        n = 0
-        for idx, val in idx_iter:
-            for i, v in zip(idx, val):
-                on = v > 0
-                ii, vv = i[on].astype(np.uint32), v[on].astype(np.float32)
-                o = np.argsort(ii)
-                f.write(struct.pack("<I", len(ii)))
-                f.write(ii[o].tobytes())
-                f.write(vv[o].tobytes())
-                n += 1
-        f.seek(0)
-        f.write(struct.pack("<I", n))
 
 
 def p99(xs: list[float]) -> float:
@@ -216,36 +183,31 @@ def print_table(rows: list[tuple]) -> None:
 
 
 def seismic_variants(b, work, qi, qv, truth_s, heap_factors, k, cell, threads):
-    import seismic
+    """Seismic through the Searcher's approximate path (candidates rescored exactly), library build defaults."""
+    from index.bundle import add_approx_index
 
-    data = work / "seismic-docs.bin"
-    write_seismic(data, ((i, v) for _, i, v in b.iter_codes()))
     t0 = time.perf_counter()
-    ix = seismic.SeismicIndexRaw.build(str(data))  # its default pruning (n_postings 3500 per list)
+    add_approx_index(b.path)
     print(f"seismic build: {time.perf_counter() - t0:.1f} s (library defaults)")
-    data.unlink()
-    qfile = work / "seismic-queries.bin"
-    comps = [qi[q][qv[q] > 0].astype(np.int32) for q in range(len(qi))]
-    vals = [qv[q][qv[q] > 0].astype(np.float32) for q in range(len(qi))]
+    ab = Bundle(b.path)
     out = []
     for hf in heap_factors:
         name = f"seismic heap_factor {hf}"
 
         def run(hf=hf, name=name) -> None:
             c = cell(name)
-            lat, rows = [], []
+            lat, found = [], []
             for q in range(len(qi)):
                 t = time.perf_counter()
-                res = ix.search(comps[q], vals[q], 10, len(comps[q]), hf, 0, True)
+                D, _ = ab.search_approx(qi[q : q + 1], qv[q : q + 1], 10, heap_factor=hf)
                 lat.append(time.perf_counter() - t)
-                rows.append(np.array([r for _, r in res], dtype=np.int64))
+                found.append(D[0][D[0] > -np.inf])
             c["lat"] += lat
             c["single"].append(len(qi) / sum(lat))
             t = time.perf_counter()
-            write_seismic(qfile, [(qi, qv)])  # its batch API reads queries from a file: the write is part of the cost
-            ix.batch_search(str(qfile), 10, k, hf, 0, True, threads)
+            ab.search_approx(qi, qv, 10, heap_factor=hf)
             c["batch"].append(len(qi) / (time.perf_counter() - t))
-            c["recall"].append(recall_at_10(true_scores(b, qi, qv, rows), truth_s))
+            c["recall"].append(recall_at_10(found, truth_s))  # its scores are exact (rescored from the codes)
 
         out.append(run)
     return out

@@ -104,12 +104,19 @@ def search_one(
     heap_factor: float,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """One query (active latents, weights) -> (exact scores, local rows) of Seismic's candidates, best first."""
+    inside = lat < index.dim  # latents no item has active: Seismic refuses them, they match nothing
+    lat, w = lat[inside], w[inside]
     if not len(lat):
         return np.zeros(0, np.float32), np.zeros(0, np.int64)
     order = np.argsort(lat)  # Seismic requires ascending components
     lat, w = lat[order].astype(np.int32), w[order].astype(np.float32)
     cut = len(lat) if query_cut <= 0 else min(query_cut, len(lat))
-    found = index.search(lat, w, k, cut, float(heap_factor), 0, True)
+    try:
+        found = index.search(lat, w, k, cut, float(heap_factor), 0, True)
+    except BaseException as e:  # a Rust panic arrives as a BaseException subclass
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ApproxError(f"Seismic search failed: {e}") from None
     rows = np.array(sorted(r for _, r in found), dtype=np.int64)
     if not len(rows):
         return np.zeros(0, np.float32), rows
