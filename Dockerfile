@@ -38,6 +38,8 @@ RUN pip wheel --no-deps --wheel-dir /tmp/wheels . \
     && useradd --create-home --uid 10001 sparc && mkdir -p /app/runs && chown -R sparc /app
 
 WORKDIR /app
+# numba caches the compiled search kernel here (the installed package is read-only for the service user)
+ENV NUMBA_CACHE_DIR=/tmp/sparc-numba-cache
 USER sparc
 
 EXPOSE 50051 9464

@@ -127,12 +127,12 @@ def run_size(n: int, args: argparse.Namespace, model, work: Path) -> list[dict]:
     searcher = Searcher(work / "b", model=model)
     bundle = searcher.shards[0]
     code = searcher.encode(QUERY, xq_raw)  # encoded once: the timings are of search itself
-    l0_items = float((np.asarray(bundle.codes_val) > 0).sum(1).mean())
+    c_idx, c_val = bundle.codes(np.arange(n))
+    l0_items = float((c_val > 0).sum(1).mean())
 
     # Independent brute force over the stored codes: query unit codes (dense) @ item codes (dense, per chunk).
     q_dense = code.to_dense().numpy()
     q_dense /= np.linalg.norm(q_dense, axis=1, keepdims=True).clip(1e-12)
-    c_idx, c_val = np.asarray(bundle.codes_idx, dtype=np.int64), np.asarray(bundle.codes_val, dtype=np.float32)
 
     def sparse_scores(a: int, b: int) -> np.ndarray:
         g = np.zeros((b - a, model.n_latents), dtype=np.float32)
@@ -142,7 +142,7 @@ def run_size(n: int, args: argparse.Namespace, model, work: Path) -> list[dict]:
     truth_sparse = top10_numpy(sparse_scores, n, nq, 8192)
     # Dense path: the same vectors the FAISS index holds, searched by brute force in numpy.
     xq_dense = searcher._dense_queries(code)
-    truth_dense = top10_numpy(lambda a, b: xq_dense @ bundle.dense_index.reconstruct_n(a, b - a).T, n, nq, 65536)
+    truth_dense = top10_numpy(lambda a, b: xq_dense @ bundle.parts[0].dense_index.reconstruct_n(a, b - a).T, n, nq, 65536)
     # Raw CLIP baseline: exact IP over raw CLIP image features with raw CLIP text queries.
     truth_raw = top10_numpy(lambda a, b: xq_raw @ raw[a:b].T, n, nq, 65536)
 

@@ -45,6 +45,15 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None  # a forked child has none of the parent's threads: it starts its own pool
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 # ---- the kernel ---------------------------------------------------------------------------------------
 @numba.njit(nogil=True, cache=True, inline="always")
 def _worse(s1: float, r1: int, s2: float, r2: int) -> bool:

@@ -21,7 +21,7 @@ from sparc_core import SparcModel, SparseCode, load_checkpoint
 
 from .bundle import Bundle, BundleError, checkpoint_of, shards_share_ids
 from .faiss_backend import DenseSearcher
-from .postings import SearchStopped, merge_topk
+from .postings import SearchStopped, merge_topk, warm_up
 
 MAX_FILTER_CANDIDATES = 65_536  # dense path with latent filters: the most candidates fetched per query
 QUERY_CHUNK = 256  # queries searched between checks of should_stop
@@ -89,6 +89,7 @@ class Searcher:
         self.model = model
         self.stream = m.stream
         self.manifest = m
+        warm_up()  # compile (or load the cached) search kernel now, not on the first query
         self.dense = [
             [DenseSearcher(p.dense_index, use_gpu=use_gpu) for p in b.parts] if b.manifest.dense else None for b in self.shards
         ]

@@ -504,3 +504,34 @@ def test_search_kernel_matches_brute_force_with_filters_and_blocks(tmp_path):
         postings.PIECE_POSTINGS = monkey
     D1, I1 = P.search(qi, qv, 10, threads=1)
     np.testing.assert_array_equal(I1, I2)
+
+
+def _search_in_child(queue) -> None:  # runs in a forked child
+    import index.postings as postings
+
+    rng = np.random.default_rng(0)
+    P = postings.Postings.from_codes(rng.integers(0, 32, (5000, 4)), rng.random((5000, 4)) + 0.1, 32)
+    D, _ = P.search(rng.integers(0, 32, (8, 3)), rng.random((8, 3)).astype(np.float32) + 0.1, 5, threads=2)
+    queue.put(bool(np.isfinite(D).all()))
+
+
+def test_search_in_a_forked_child_does_not_hang(monkeypatch):
+    """The thread pool is process-wide; a forked child (a worker process) must start its own, not wait on
+    threads that do not exist there."""
+    import multiprocessing as mp
+
+    import index.postings as postings
+
+    monkeypatch.setattr(postings, "PIECE_POSTINGS", 10)  # several pieces: the pool is used
+    rng = np.random.default_rng(1)
+    P = postings.Postings.from_codes(rng.integers(0, 32, (5000, 4)), rng.random((5000, 4)) + 0.1, 32)
+    P.search(rng.integers(0, 32, (8, 3)), rng.random((8, 3)).astype(np.float32) + 0.1, 5, threads=2)  # pool up
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    child = ctx.Process(target=_search_in_child, args=(q,))
+    child.start()
+    child.join(60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and q.get(timeout=5) is True
