@@ -97,7 +97,8 @@ def main() -> None:
     ap.add_argument("--flat-max", type=int, default=2_000_000, help="largest size with FAISS Flat (768-d float32 in RAM)")
     ap.add_argument("--hnsw-max", type=int, default=200_000, help="largest size with an HNSW build (slow on few cores)")
     ap.add_argument("--seismic-max", type=int, default=10_000_000)
-    ap.add_argument("--heap-factors", default="0.7,0.8,0.9")
+    ap.add_argument("--heap-factors", default="0.7,0.9")
+    ap.add_argument("--seismic-postings", type=int, default=0, help="Seismic n_postings (0: the shipped auto default)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp folder)")
     args = ap.parse_args()
     import faiss
@@ -149,9 +150,8 @@ def main() -> None:
 
         variants = [exact_round]
         if n <= args.seismic_max:
-            variants += seismic_variants(
-                b, work, qi, qv, truth_s, [float(x) for x in args.heap_factors.split(",")], k, cell, threads
-            )
+            hfs = [float(x) for x in args.heap_factors.split(",")]
+            variants += seismic_variants(b, work, qi, qv, truth_s, hfs, k, cell, threads, args.seismic_postings)
         if n <= args.flat_max:
             variants += faiss_variants(n, qi, cell, args.hnsw_max)
         for _ in range(args.rounds):
@@ -182,17 +182,19 @@ def print_table(rows: list[tuple]) -> None:
         print(f"| {n:,} | {name} | {rec_s} | {single:.1f} | {p50:.2f} | {p99_:.2f} | {batch:.1f} | {rs} | {rb} | {fs} | {fb} |")
 
 
-def seismic_variants(b, work, qi, qv, truth_s, heap_factors, k, cell, threads):
-    """Seismic through the Searcher's approximate path (candidates rescored exactly), library build defaults."""
+def seismic_variants(b, work, qi, qv, truth_s, heap_factors, k, cell, threads, n_postings):
+    """Seismic through the Searcher's approximate path (candidates rescored exactly)."""
     from index.bundle import add_approx_index
+    from index.seismic_backend import ApproxSettings
 
     t0 = time.perf_counter()
-    add_approx_index(b.path)
-    print(f"seismic build: {time.perf_counter() - t0:.1f} s (library defaults)")
+    add_approx_index(b.path, ApproxSettings(n_postings=n_postings))
+    tag = f"n_postings {n_postings}" if n_postings else "n_postings auto"
+    print(f"seismic build: {time.perf_counter() - t0:.1f} s ({tag})")
     ab = Bundle(b.path)
     out = []
     for hf in heap_factors:
-        name = f"seismic heap_factor {hf}"
+        name = f"seismic {tag}, heap_factor {hf}"
 
         def run(hf=hf, name=name) -> None:
             c = cell(name)

@@ -394,7 +394,7 @@ def build_bundle(
         kind = write_part(tmp / "part-00000", stop - start, model.k, model.n_latents, chunks, item_ids,
                           store.dim if dense else None, faiss_factory)  # fmt: skip
         if approx is not None:
-            build_part_index(tmp / "part-00000", _part_codes(tmp / "part-00000"), approx)
+            build_part_index(tmp / "part-00000", _part_codes(tmp / "part-00000"), approx, model.n_latents)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         manifest = {
             "stream": stream,
@@ -484,7 +484,7 @@ def add_approx_index(path: str | Path, settings: ApproxSettings | None = None) -
     try:
         for info in m.parts:
             _link_tree(old.vdir / info.name, tmp / info.name, skip={INDEX_FILE})
-            build_part_index(tmp / info.name, _part_codes(tmp / info.name), settings)
+            build_part_index(tmp / info.name, _part_codes(tmp / info.name), settings, m.n_latents)
         manifest = m.model_dump() | {
             "approx": settings.model_dump(),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -761,7 +761,7 @@ def append_to_bundle(
         kind = write_part(tmp / name, store.n_rows, m.k, m.n_latents, chunks, new_ids,
                           m.dim if m.dense else None, m.faiss_factory or "Flat")  # fmt: skip
         if m.approx is not None:
-            build_part_index(tmp / name, _part_codes(tmp / name), m.approx)
+            build_part_index(tmp / name, _part_codes(tmp / name), m.approx, m.n_latents)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         parts.append({"name": name, "n_items": store.n_rows, "created_at": now})
         manifest = m.model_dump() | {

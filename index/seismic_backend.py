@@ -29,11 +29,11 @@ class ApproxSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: str = "seismic"
-    n_postings: int = Field(0, ge=0)  # entries kept per posting list on average; 0: the library default (3500)
+    n_postings: int = Field(0, ge=0)  # entries kept per posting list on average; 0: the part's mean list length
     summary_energy: float = Field(0.4, gt=0, le=1)  # share of a block's mass its summary keeps
     centroid_fraction: float = Field(0.1, gt=0, le=1)  # blocks per posting list, as a share of its entries
     query_cut: int = Field(0, ge=0)  # default per call: the query's largest entries used (0: all)
-    heap_factor: float = Field(0.9, gt=0, le=1)  # default per call
+    heap_factor: float = Field(0.9, gt=0, le=1)  # default per call (bench/index_scale.py: recall vs speed)
 
 
 class ApproxError(SparcError, RuntimeError):
@@ -48,9 +48,10 @@ def _seismic() -> Any:
     return seismic
 
 
-def write_inner_format(path: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> int:
-    """Codes in Seismic's binary format: [n u32], then per item [nnz u32][latents u32 ascending][values f32]."""
-    n = 0
+def write_inner_format(path: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[int, int]:
+    """Codes in Seismic's binary format: [n u32], then per item [nnz u32][latents u32 ascending][values f32];
+    returns (items, active entries)."""
+    n = total = 0
     with open(path, "wb") as f:
         f.write(struct.pack("<I", 0))
         for idx, val in chunks:
@@ -59,6 +60,7 @@ def write_inner_format(path: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray
             order = np.argsort(np.where(val > 0, idx, np.iinfo(np.int64).max), axis=1, kind="stable")
             idx, val = np.take_along_axis(idx, order, 1), np.take_along_axis(val, order, 1)
             nnz = (val > 0).sum(1)
+            total += int(nnz.sum())
             buf = bytearray()
             for i in range(len(idx)):
                 m = int(nnz[i])
@@ -67,18 +69,22 @@ def write_inner_format(path: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray
             n += len(idx)
         f.seek(0)
         f.write(struct.pack("<I", n))
-    return n
+    return n, total
 
 
-def build_part_index(part_dir: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]], settings: ApproxSettings) -> None:
+def build_part_index(
+    part_dir: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]], settings: ApproxSettings, n_latents: int
+) -> None:
     """Build and save a part's Seismic index (``seismic.index``) from its codes."""
     seismic = _seismic()
     tmp = part_dir / ".seismic-input.bin"
     try:
-        write_inner_format(tmp, chunks)
-        kw: dict[str, Any] = {"summary_energy": settings.summary_energy, "centroid_fraction": settings.centroid_fraction}
-        if settings.n_postings:
-            kw["n_postings"] = settings.n_postings
+        _, nnz = write_inner_format(tmp, chunks)
+        # Seismic keeps about n_postings entries per list; its own default (3500) prunes a 10M-item gallery's
+        # lists to a tenth and loses half the top 10 (bench/index_scale.py), so the default scales with the part.
+        n_postings = settings.n_postings or max(1, -(-nnz // n_latents))
+        kw: dict[str, Any] = {"summary_energy": settings.summary_energy, "centroid_fraction": settings.centroid_fraction,
+                              "n_postings": n_postings}  # fmt: skip
         index = seismic.SeismicIndexRaw.build(str(tmp), **kw)
         index.save(str(part_dir / INDEX_FILE))
         with open(part_dir / INDEX_FILE, "rb+") as f:
