@@ -21,7 +21,6 @@ part. Bundles of format version 1 (one set of arrays per version) still load.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -38,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm.auto import tqdm
 
 from sparc_core import SparcError, SparcModel, checkpoint_hash, load_checkpoint
-from sparc_core.checkpoint import atomic_write_bytes, atomic_write_json, pick_device
+from sparc_core.checkpoint import atomic_write_bytes, atomic_write_json, fsync_dir, pick_device
 from sparc_core.data import FeatureStore
 
 from .faiss_backend import DenseBuilder, read_dense_index, write_dense_index
@@ -173,15 +172,6 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_path(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def load_ids(path: str | Path) -> np.ndarray:
     """Item ids from .npy (ints or strings) or a text file (one id per line)."""
     p = Path(path)
@@ -277,7 +267,7 @@ class PartWriter:
         if self.dense is not None:
             write_dense_index(self.dense.finish(), self.dir / "dense.faiss")
         kind = write_ids(self.dir, ids, _save_npy)
-        _fsync_path(self.dir)
+        fsync_dir(self.dir)
         return kind
 
 
@@ -297,9 +287,9 @@ def _commit_version(path: Path, tmp: Path, vdir: Path, manifest: dict[str, Any],
     manifest = manifest | {"files": files}
     Manifest.model_validate(manifest)
     atomic_write_json(tmp / MANIFEST, manifest)
-    _fsync_path(tmp)
+    fsync_dir(tmp)
     os.rename(tmp, vdir)
-    _fsync_path(path)
+    fsync_dir(path)
     atomic_write_bytes(path / CURRENT, (vdir.name + "\n").encode())
     for old in _versions(path):
         if old != vdir and old not in _versions(path)[-keep:]:

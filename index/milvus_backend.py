@@ -278,7 +278,7 @@ class MilvusSearcher:
     ) -> Any:
         """Top-k items per query, as ``Searcher.search`` (filters are Milvus array filters; Milvus's sparse
         index is exact, so there is no separate approximate path)."""
-        from .searcher import SearchResult, _boosted, _unit_code
+        from .searcher import SearchResult, query_arrays
 
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -288,13 +288,8 @@ class MilvusSearcher:
             raise ValueError(f"unknown search path {path!r} (use 'sparse' or 'dense')")
         if path == "dense" and not self.dense_type:
             raise BundleError(f"{self.location}: exported without dense vectors; use the sparse path")
-        for lat in [*(require or []), *(exclude or []), *((boost or {}).keys())]:
-            if not 0 <= int(lat) < self.model.n_latents:
-                raise ValueError(f"latent {lat} is out of range [0, {self.model.n_latents})")
-        q_idx, q_val = _unit_code(code)
-        if boost:
-            q_idx, q_val = _boosted(q_idx, q_val, boost)
-        expr = _filter_expr(sorted({int(x) for x in require or []}), sorted({int(x) for x in exclude or []}))
+        q_idx, q_val, require_l, exclude_l = query_arrays(code, self.model.n_latents, require, exclude, boost)
+        expr = _filter_expr(require_l, exclude_l)
         ids, scores = [], []
         for a in range(0, len(q_idx), QUERY_CHUNK):
             if should_stop is not None and should_stop():

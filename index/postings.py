@@ -61,30 +61,33 @@ def _worse(s1: float, r1: int, s2: float, r2: int) -> bool:
 
 
 @numba.njit(nogil=True, cache=True)
+def _sift_down(hs, hr, m, s, r):  # pragma: no cover - compiled
+    """Put (s, r) at the root of the min-heap of size m (worst at 0) and sift it down."""
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= m:
+            break
+        if c + 1 < m and _worse(hs[c + 1], hr[c + 1], hs[c], hr[c]):
+            c += 1
+        if _worse(hs[c], hr[c], s, r):
+            hs[i] = hs[c]
+            hr[i] = hr[c]
+            i = c
+        else:
+            break
+    hs[i] = s
+    hr[i] = r
+
+
+@numba.njit(nogil=True, cache=True)
 def _heap_push(hs, hr, h, k, s, r):  # pragma: no cover - compiled
     """Push (s, r) into the min-heap (worst at 0) of size h <= k; returns the new size."""
-    if h < k:
-        i = h
-        h += 1
-    elif _worse(hs[0], hr[0], s, r):
-        i = 0  # replace the root, then sift down
-        while True:
-            c = 2 * i + 1
-            if c >= h:
-                break
-            if c + 1 < h and _worse(hs[c + 1], hr[c + 1], hs[c], hr[c]):
-                c += 1
-            if _worse(hs[c], hr[c], s, r):
-                hs[i] = hs[c]
-                hr[i] = hr[c]
-                i = c
-            else:
-                break
-        hs[i] = s
-        hr[i] = r
+    if h == k:
+        if _worse(hs[0], hr[0], s, r):
+            _sift_down(hs, hr, h, s, r)  # replace the worst
         return h
-    else:
-        return h
+    i = h
     while i > 0:  # sift up
         p = (i - 1) // 2
         if _worse(s, r, hs[p], hr[p]):
@@ -95,7 +98,7 @@ def _heap_push(hs, hr, h, k, s, r):  # pragma: no cover - compiled
             break
     hs[i] = s
     hr[i] = r
-    return h
+    return h + 1
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
@@ -182,30 +185,10 @@ def _search_kernel(
                     j = exc[t]
                     for p in range(offsets[base + j], offsets[base + j + 1]):
                         cnt[items[p]] = 0
-        # heap -> best first
-        for pos in range(h - 1, -1, -1):
+        for pos in range(h - 1, -1, -1):  # heap -> best first: pop the worst into the last free place
             D[q, pos] = hs[0]
             I[q, pos] = hr[0]
-            last_s = hs[pos]
-            last_r = hr[pos]
-            hs[0] = last_s
-            hr[0] = last_r
-            m = pos  # heap size after removing the root
-            i = 0
-            while True:
-                c = 2 * i + 1
-                if c >= m:
-                    break
-                if c + 1 < m and _worse(hs[c + 1], hr[c + 1], hs[c], hr[c]):
-                    c += 1
-                if _worse(hs[c], hr[c], last_s, last_r):
-                    hs[i] = hs[c]
-                    hr[i] = hr[c]
-                    i = c
-                else:
-                    break
-            hs[i] = last_s
-            hr[i] = last_r
+            _sift_down(hs, hr, pos, hs[pos], hr[pos])
         for pos in range(h, k):
             D[q, pos] = -np.inf
             I[q, pos] = -1

@@ -163,14 +163,7 @@ class Searcher:
             path = "sparse"
         if path == "dense" and any(d is None for d in self.dense):
             raise BundleError(f"{self.shards[0].path}: built without a dense index; use the sparse path")
-        for lat in [*(require or []), *(exclude or []), *((boost or {}).keys())]:
-            if not 0 <= int(lat) < self.model.n_latents:
-                raise ValueError(f"latent {lat} is out of range [0, {self.model.n_latents})")
-        q_idx, q_val = _unit_code(code)
-        if boost:
-            q_idx, q_val = _boosted(q_idx, q_val, boost)
-        require_l = sorted({int(x) for x in require or []})
-        exclude_l = sorted({int(x) for x in exclude or []})
+        q_idx, q_val, require_l, exclude_l = query_arrays(code, self.model.n_latents, require, exclude, boost)
         ids, scores, shards = [], [], []
         for a in range(0, len(q_idx), QUERY_CHUNK):  # chunks: a stopped call stops within one chunk
             if should_stop is not None and should_stop():
@@ -296,6 +289,20 @@ class Searcher:
                 shared.append(Explanation(lat, qv, iv, qv * iv))
         shared.sort(key=lambda e: -e.contribution)
         return shared[:top]
+
+
+def query_arrays(
+    code: SparseCode, n_latents: int, require: list[int] | None, exclude: list[int] | None, boost: dict[int, float] | None
+) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
+    """(latent ids, unit weights with boosts applied, required, excluded) of a batch of query codes; a latent
+    out of range raises ValueError."""
+    for lat in [*(require or []), *(exclude or []), *((boost or {}).keys())]:
+        if not 0 <= int(lat) < n_latents:
+            raise ValueError(f"latent {lat} is out of range [0, {n_latents})")
+    q_idx, q_val = _unit_code(code)
+    if boost:
+        q_idx, q_val = _boosted(q_idx, q_val, boost)
+    return q_idx, q_val, sorted({int(x) for x in require or []}), sorted({int(x) for x in exclude or []})
 
 
 def open_gallery(locations: list[str] | str, model: SparcModel, use_gpu: bool | None = None) -> Any:

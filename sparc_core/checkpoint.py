@@ -104,7 +104,8 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
+    """fsync a directory (its entries: a rename into it is durable), where the filesystem allows."""
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
         fd = os.open(d, os.O_RDONLY)
         try:
@@ -209,14 +210,14 @@ def save_checkpoint(
             "weights_sha256": file_sha256(weights),
         }
         _write_json(tmp / CONFIG, config)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.replace(tmp, d / name)
-        _fsync_dir(d)
+        fsync_dir(d)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_bytes(d / POINTER, (name + "\n").encode())  # the switch
-    _fsync_dir(d)
+    fsync_dir(d)
     if metrics is not None:
         atomic_write_json(d / METRICS, metrics)  # a copy beside the logs, for people and dashboards
     clean_checkpoint_dir(d)
