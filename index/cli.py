@@ -78,7 +78,7 @@ def register(sub: Any) -> None:
     s.add_argument("--top-k", type=int, default=10)
     s.add_argument("--path", choices=["sparse", "dense", "approx"])
     s.add_argument("--query-cut", type=int, help="approx path: the query's largest entries used")
-    s.add_argument("--heap-factor", type=float, help="approx path: in (0, 1], lower is faster and less exact")
+    s.add_argument("--heap-factor", type=float, help="approx path: in (0, 1], higher is faster and less exact")
     s.add_argument("--nprobe", type=int)
     s.add_argument("--explain", action="store_true")
     s.add_argument("--checkpoint", help="default: the checkpoint the bundle records (its hash must match)")
@@ -113,7 +113,7 @@ def _approx_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-postings", type=int, default=0, help="Seismic: mean entries kept per posting list (0: its default)")
     p.add_argument("--summary-energy", type=float, default=0.4, help="Seismic: share of a block's mass its summary keeps")
     p.add_argument("--query-cut", type=int, default=0, help="default per call: the query's largest entries used (0: all)")
-    p.add_argument("--heap-factor", type=float, default=0.9, help="default per call, in (0, 1]: lower is faster, less exact")
+    p.add_argument("--heap-factor", type=float, default=0.9, help="default per call, in (0, 1]: higher is faster, less exact")
 
 
 def _approx_settings(args: argparse.Namespace) -> Any:

@@ -1,6 +1,6 @@
 """Approximate sparse search with Seismic (pyseismic-lsr): an index per bundle part, searched per call with
 ``query_cut`` (how many of the query's largest entries are used) and ``heap_factor`` (how eagerly blocks
-of a posting list are skipped: lower skips more).
+of a posting list are skipped: higher skips more, faster and less exact).
 
 Seismic stores values as float16 and answers with its own score estimates, so the candidates it returns are
 rescored exactly from the part's stored codes and re-ranked. Its batch call reads queries from a file and
