@@ -250,7 +250,7 @@ def test_revival_keeps_stream_private_latents_and_gives_revived_ones_a_real_scal
         assert not torch.equal(model.codecs[s].W_enc[5], before[s][5])
         # The revived latent's logit on its sample reaches the selection threshold (the k-th largest
         # logit, before the activation floor), not a tiny fraction of it, so it can compete for a slot.
-        logits = model.logits(s, batch[s])
+        logits = model.logits(s, batch[s]).detach()
         kth = logits[:, [i for i in range(model.n_latents) if i != 5]].topk(model.k, dim=1).values[:, -1]
         assert float(logits[:, 5].max()) >= 0.5 * float(kth.mean())
         assert float(logits[:, 5].max()) <= 3.0 * float(logits.max(dim=1).values.mean())  # without taking over
