@@ -41,7 +41,7 @@ from sparc_core.checkpoint import atomic_write_bytes, atomic_write_json, fsync_d
 from sparc_core.data import FeatureStore
 
 from .faiss_backend import DenseBuilder, read_dense_index, write_dense_index
-from .ids import ItemIds, keys_of, read_ids, write_ids
+from .ids import ItemIds, read_ids, write_ids
 from .postings import BLOCK, Postings, PostingsWriter, _pool, load_postings, merge_topk, search_threads
 from .seismic_backend import INDEX_FILE, ApproxSettings, build_part_index, load_part_index, search_one
 
@@ -820,5 +820,4 @@ __all__ = [
     "append_to_bundle",
     "build_bundle",
     "build_bundle_from_codes",
-    "keys_of",
 ]

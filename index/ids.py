@@ -166,9 +166,4 @@ def read_ids(directory: Path, kind: str, n: int, mmap: bool = True) -> ItemIds:
     return ItemIds("str", n, blob=load("ids_utf8.npy"), offsets=load("ids_offsets.npy"), keys=keys, rows=rows)
 
 
-def id_files(kind: str) -> tuple[str, ...]:
-    """File names a part's ids occupy."""
-    return ("ids.npy",) if kind == "int" else ("ids_utf8.npy", "ids_offsets.npy")
-
-
-__all__ = ["ItemIds", "encode_strings", "id_files", "keys_of", "read_ids", "string_keys", "write_ids"]
+__all__ = ["ItemIds", "encode_strings", "keys_of", "read_ids", "string_keys", "write_ids"]
