@@ -110,12 +110,18 @@ class ItemIds:
             q = keys_of(ids, "str")
         keys = self.keys
         lo = np.searchsorted(keys, q, side="left")
+        if self.kind == "int":  # the key is the id: equal keys are the answer, vectorised
+            hit = lo < self.n
+            hit[hit] = np.asarray(keys[lo[hit]]) == q[hit]
+            out = np.full(len(q), -1, dtype=np.int64)
+            out[hit] = np.asarray(self.rows)[lo[hit]]
+            return out
         out = np.full(len(q), -1, dtype=np.int64)
         for i in range(len(q)):
             j = int(lo[i])
             while j < self.n and keys[j] == q[i]:  # strings: a key may be shared by a few ids
                 r = int(self.rows[j])
-                if self.kind == "int" or self.at(r) == ids[i]:
+                if self.at(r) == ids[i]:
                     out[i] = r
                     break
                 j += 1

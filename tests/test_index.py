@@ -535,3 +535,26 @@ def test_search_in_a_forked_child_does_not_hang(monkeypatch):
     if alive:
         child.kill()
     assert not alive and q.get(timeout=5) is True
+
+
+def test_item_ids_lookup_without_python_objects(tmp_path):
+    from index.bundle import _save_npy
+    from index.ids import ItemIds, read_ids, write_ids
+
+    rng = np.random.default_rng(4)
+    ints = rng.permutation(50_000).astype(np.int64) * 7 - 3
+    strs = np.array([f"img/{i:06d}.jpg" for i in rng.permutation(5_000)] + ["é-ünïcode", ""])
+    for ids in (ints, strs):
+        d = tmp_path / str(ids.dtype.kind)
+        d.mkdir()
+        kind = write_ids(d, ids, _save_npy)
+        got = read_ids(d, kind, len(ids))
+        rows = rng.integers(0, len(ids), 200)
+        want = ids[rows].tolist()
+        np.testing.assert_array_equal(got.find(want), rows)
+        assert got.take(rows) == want and got.at(int(rows[0])) == want[0]
+        missing = [10**12 + 1, -1] if kind == "int" else ["nope", "img/999999.jpg"]
+        assert (got.find(missing) == -1).all()
+        assert got.duplicates() == []
+    assert ItemIds.from_array(np.array([5, 3, 5, 9, 3])).duplicates() == [3, 5]
+    assert ItemIds.from_array(np.array(["a", "b", "a"])).duplicates() == ["a"]
