@@ -57,6 +57,38 @@ def timed_build(out: Path, n: int, k: int, l0: int, sigma: float) -> tuple[float
     return time.perf_counter() - t0, usage.ru_maxrss / 1e6  # ru_maxrss: kB on Linux
 
 
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def search_child(bundle: str, n_queries: int, k: int, sigma: float) -> None:
+    """(In a child process) load a bundle, search distinct queries one at a time and as a batch; print the
+    resident memory before loading and the peak after (kB)."""
+    from index.postings import warm_up
+
+    warm_up()
+    p = latent_probabilities(N_LATENTS, sigma)
+    qi, qv = sample_codes(n_queries, k, p, seed=123)
+    base = _status_kb("VmRSS")
+    b = Bundle(bundle)
+    for q in range(n_queries):
+        b.search_sparse(qi[q : q + 1], qv[q : q + 1].astype(np.float32), 10)
+    b.search_sparse(qi, qv.astype(np.float32), 10)
+    print(f"RSS {base} {_status_kb('VmHWM')}", flush=True)
+
+
+def search_rss(out: Path, n_queries: int, k: int, sigma: float) -> float:
+    """Resident bytes a fresh process adds by loading the bundle and searching it (mapped pages included)."""
+    code = f"import index_scale as b; b.search_child({str(out)!r}, {n_queries}, {k}, {sigma})"
+    env = os.environ | {"PYTHONPATH": f"{Path(__file__).parent}:{Path(__file__).parents[1]}"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    base, peak = (int(x) for x in res.stdout.split("RSS ")[1].split()[:2])
+    return (peak - base) * 1e3
+
+
 def truth_top10(bundle: Bundle, qi: np.ndarray, qv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-10 scores and rows over the stored codes (scipy CSR, 1M items at a time)."""
     import scipy.sparse as sp
@@ -126,6 +158,9 @@ def main() -> None:
             f"median {np.median(counts) / n:.2%}"
         )
         print(f"build {build_s:.1f} s, peak RSS {rss:.2f} GB, {disk / n:.0f} bytes/item on disk (memory-mapped)")
+        added = search_rss(work / "bundle", 2 * args.queries, k, args.sigma)
+        print(f"a fresh process loading it and searching {2 * args.queries} queries adds {added / 1e9:.2f} GB resident, "
+              f"{added / n:.0f} bytes/item")  # fmt: skip
         t0 = time.perf_counter()
         truth_s, _ = truth_top10(b, qi, qv)
         print(f"brute-force truth: {time.perf_counter() - t0:.1f} s")
