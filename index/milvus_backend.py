@@ -225,8 +225,6 @@ class MilvusSearcher:
     over the sparse code (or the dense vector), filters inside Milvus, explanations from the returned codes."""
 
     def __init__(self, location: str, model: SparcModel) -> None:
-        from .searcher import Searcher
-
         self.location = location
         self.target = MilvusTarget.parse(location)
         self.client = self.target.client()
@@ -246,8 +244,6 @@ class MilvusSearcher:
         self.stream = self.manifest.stream
         self.shards: list[Any] = []
         self.dense = [None] if not self.dense_type else [[self]]
-        self._encoder = Searcher.__new__(Searcher)  # borrow encode / dense decoding, which need only the model
-        self._encoder.model, self._encoder.stream = model, self.stream
         self._codes: OrderedDict[Any, dict[int, float]] = OrderedDict()
         self._lock = threading.Lock()
         if model.n_latents != self.manifest.n_latents or self.stream not in model.streams:
@@ -260,7 +256,9 @@ class MilvusSearcher:
         return self.manifest.n_items
 
     def encode(self, stream: str, vectors: np.ndarray) -> SparseCode:
-        return self._encoder.encode(stream, vectors)
+        from .searcher import encode_queries
+
+        return encode_queries(self.model, stream, vectors)
 
     def search(
         self,
@@ -278,7 +276,7 @@ class MilvusSearcher:
     ) -> Any:
         """Top-k items per query, as ``Searcher.search`` (filters are Milvus array filters; Milvus's sparse
         index is exact, so there is no separate approximate path)."""
-        from .searcher import SearchResult, query_arrays
+        from .searcher import SearchResult, dense_queries, query_arrays
 
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -301,7 +299,9 @@ class MilvusSearcher:
                 field = "code"
             else:
                 n = self.model.n_latents
-                xq = self._encoder._dense_queries(SparseCode(torch.from_numpy(qi.astype(np.int64)), torch.from_numpy(qv), n))
+                xq = dense_queries(
+                    self.model, self.stream, SparseCode(torch.from_numpy(qi.astype(np.int64)), torch.from_numpy(qv), n)
+                )
                 data = [row.tolist() for row in xq]
                 extra = {"nprobe": nprobe} if nprobe else {}
                 extra |= {"ef": max(ef_search, top_k)} if ef_search else {}

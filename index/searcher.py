@@ -107,24 +107,11 @@ class Searcher:
 
     # ---- queries ----------------------------------------------------------------------------------
     def encode(self, stream: str, vectors: np.ndarray | torch.Tensor) -> SparseCode:
-        """The shared sparse code of raw feature vectors of ``stream`` [n, d]; a wrong stream, shape, or a
-        row with NaN/inf raises BundleError naming it."""
-        if stream not in self.model.cfg.streams:
-            raise BundleError(f"unknown query stream {stream!r}; the model has {self.model.streams}")
-        arr = np.asarray(vectors, dtype=np.float32)
-        dim = self.model.cfg.streams[stream]
-        if arr.ndim != 2 or arr.shape[1] != dim:
-            raise BundleError(f"stream {stream!r} takes [n, {dim}] vectors, got shape {list(arr.shape)}")
-        bad = np.flatnonzero(~np.isfinite(arr).all(1))
-        if len(bad):
-            raise BundleError(f"query row {int(bad[0])} contains NaN or inf ({len(bad)} such rows)")
-        x = torch.as_tensor(arr).to(self.model.device)
-        return self.model.encode({stream: x})
+        """The shared sparse code of raw feature vectors of ``stream`` [n, d] (see ``encode_queries``)."""
+        return encode_queries(self.model, stream, vectors)
 
     def _dense_queries(self, code: SparseCode) -> np.ndarray:
-        codec = self.model.codecs[self.stream]
-        decoded = self.model.decode(code.to(self.model.device), self.stream, "normalized") - codec.b_dec
-        return torch.nn.functional.normalize(decoded.float(), dim=1).detach().cpu().numpy()
+        return dense_queries(self.model, self.stream, code)
 
     def search(
         self,
@@ -289,6 +276,29 @@ class Searcher:
                 shared.append(Explanation(lat, qv, iv, qv * iv))
         shared.sort(key=lambda e: -e.contribution)
         return shared[:top]
+
+
+def encode_queries(model: SparcModel, stream: str, vectors: np.ndarray | torch.Tensor) -> SparseCode:
+    """The shared sparse code of raw feature vectors of ``stream`` [n, d]; a wrong stream, shape, or a
+    row with NaN/inf raises BundleError naming it."""
+    if stream not in model.cfg.streams:
+        raise BundleError(f"unknown query stream {stream!r}; the model has {model.streams}")
+    arr = np.asarray(vectors, dtype=np.float32)
+    dim = model.cfg.streams[stream]
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise BundleError(f"stream {stream!r} takes [n, {dim}] vectors, got shape {list(arr.shape)}")
+    bad = np.flatnonzero(~np.isfinite(arr).all(1))
+    if len(bad):
+        raise BundleError(f"query row {int(bad[0])} contains NaN or inf ({len(bad)} such rows)")
+    return model.encode({stream: torch.as_tensor(arr).to(model.device)})
+
+
+def dense_queries(model: SparcModel, gallery_stream: str, code: SparseCode) -> np.ndarray:
+    """Query codes decoded into the gallery stream (cross-reconstruction), centred and unit: the dense path's
+    query vectors."""
+    codec = model.codecs[gallery_stream]
+    decoded = model.decode(code.to(model.device), gallery_stream, "normalized") - codec.b_dec
+    return torch.nn.functional.normalize(decoded.float(), dim=1).detach().cpu().numpy()
 
 
 def query_arrays(
