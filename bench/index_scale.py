@@ -1,8 +1,11 @@
-"""Index at scale: exact sparse search vs Seismic (approximate sparse) vs FAISS Flat / HNSW on raw 768-d
-vectors, at 1M and 10M items, every number measured in this run.
+"""Index at scale: exact sparse search vs the approximate paths (ours: impact-ordered budget; Seismic) vs
+FAISS Flat / HNSW on raw 768-d vectors, at 1M and 10M items, every number measured in this run.
 
 Codes are synthetic with a realistic, skewed latent-frequency distribution (bench/skewed_codes.py: 8192
-latents, log-normal firing rates); queries are 200 distinct codes from the same distribution. For each size:
+latents, log-normal firing rates), in one of two worlds: ``skewed`` (every item an independent draw: no
+neighbour stands out, the worst case for any approximate search) or ``topics`` (items share half their
+latents with one of n/100 topics: queries have true neighbours, as a caption has its image). Queries are
+200 distinct codes drawn the same way. For each size:
 
 - the bundle is built in a child process from code chunks (bounded memory): build time and the child's
   peak RSS; bytes per item on disk (the search memory-maps them, so this is also what it keeps resident);
@@ -31,23 +34,37 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from skewed_codes import code_chunks, latent_probabilities, sample_codes  # noqa: E402
+from skewed_codes import code_chunks, latent_probabilities, sample_codes, topic_chunks, topic_codes  # noqa: E402
 
 from index.bundle import Bundle, build_bundle_from_codes  # noqa: E402
 
 N_LATENTS = 8192
 
 
-def build_child(out: str, n: int, k: int, l0: int, sigma: float) -> None:
+def n_topics(n: int) -> int:
+    return max(1, n // 100)
+
+
+def build_child(out: str, n: int, k: int, l0: int, sigma: float, world: str = "skewed") -> None:
     """(In a child process) write a bundle of n synthetic codes in bounded memory."""
     p = latent_probabilities(N_LATENTS, sigma)
-    chunks = ((i, v) for i, v in code_chunks(n, k, p, seed=1))
+    if world == "topics":
+        chunks = topic_chunks(n, k, p, n_topics(n), seed=1)
+    else:
+        chunks = ((i, v) for i, v in code_chunks(n, k, p, seed=1))
     build_bundle_from_codes(out, chunks, n, k, N_LATENTS, progress=False)
 
 
-def timed_build(out: Path, n: int, k: int, l0: int, sigma: float) -> tuple[float, float]:
+def queries(world: str, n: int, nq: int, k: int, p: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if world == "topics":
+        return topic_codes(nq, k, p, n_topics(n), seed=seed)
+    return sample_codes(nq, k, p, seed=seed)
+
+
+def timed_build(out: Path, n: int, k: int, l0: int, sigma: float, world: str = "skewed") -> tuple[float, float]:
     """(seconds, peak RSS GB) of a bundle build in a child process."""
-    code = f"import sys; sys.argv=['x']; import index_scale as b; b.build_child({str(out)!r}, {n}, {k}, {l0}, {sigma})"
+    code = (f"import sys; sys.argv=['x']; import index_scale as b; "
+            f"b.build_child({str(out)!r}, {n}, {k}, {l0}, {sigma}, {world!r})")  # fmt: skip
     env = os.environ | {"PYTHONPATH": f"{Path(__file__).parent}:{Path(__file__).parents[1]}"}
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
@@ -64,14 +81,14 @@ def _status_kb(field: str) -> int:
     return 0
 
 
-def search_child(bundle: str, n_queries: int, k: int, sigma: float) -> None:
+def search_child(bundle: str, n_queries: int, k: int, sigma: float, world: str = "skewed", n: int = 0) -> None:
     """(In a child process) load a bundle, search distinct queries one at a time and as a batch; print the
     resident memory before loading and the peak after (kB)."""
     from index.postings import warm_up
 
     warm_up()
     p = latent_probabilities(N_LATENTS, sigma)
-    qi, qv = sample_codes(n_queries, k, p, seed=123)
+    qi, qv = queries(world, n, n_queries, k, p, seed=123)
     base = _status_kb("VmRSS")
     b = Bundle(bundle)
     for q in range(n_queries):
@@ -80,9 +97,9 @@ def search_child(bundle: str, n_queries: int, k: int, sigma: float) -> None:
     print(f"RSS {base} {_status_kb('VmHWM')}", flush=True)
 
 
-def search_rss(out: Path, n_queries: int, k: int, sigma: float) -> float:
+def search_rss(out: Path, n_queries: int, k: int, sigma: float, world: str, n: int) -> float:
     """Resident bytes a fresh process adds by loading the bundle and searching it (mapped pages included)."""
-    code = f"import index_scale as b; b.search_child({str(out)!r}, {n_queries}, {k}, {sigma})"
+    code = f"import index_scale as b; b.search_child({str(out)!r}, {n_queries}, {k}, {sigma}, {world!r}, {n})"
     env = os.environ | {"PYTHONPATH": f"{Path(__file__).parent}:{Path(__file__).parents[1]}"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     base, peak = (int(x) for x in res.stdout.split("RSS ")[1].split()[:2])
@@ -128,6 +145,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--flat-max", type=int, default=2_000_000, help="largest size with FAISS Flat (768-d float32 in RAM)")
     ap.add_argument("--hnsw-max", type=int, default=200_000, help="largest size with an HNSW build (slow on few cores)")
+    ap.add_argument("--world", choices=["skewed", "topics"], default="skewed")
+    ap.add_argument("--budgets", default="0.05,0.1,0.3", help="approximate path (ours): shares of postings read")
+    ap.add_argument("--candidates", type=int, default=0, help="approximate path (ours): rows rescored (0: default)")
+    ap.add_argument(
+        "--flat-chunked-max",
+        type=int,
+        default=10_000_000,
+        help="sizes above --flat-max: FAISS Flat scanned as chunks of --flat-max vectors, times summed",
+    )
     ap.add_argument("--seismic-max", type=int, default=10_000_000)
     ap.add_argument("--heap-factors", default="0.7,0.9")
     ap.add_argument("--seismic-postings", type=int, default=0, help="Seismic n_postings (0: the shipped auto default)")
@@ -142,13 +168,14 @@ def main() -> None:
     faiss.omp_set_num_threads(threads)
     k = args.l0
     p = latent_probabilities(N_LATENTS, args.sigma)
-    qi, qv16 = sample_codes(args.queries, k, p, seed=987_654)
-    qv = qv16.astype(np.float32)
     rows_out = []
     tmp = tempfile.TemporaryDirectory(prefix="sparc-scale-", dir=args.work)
+    print(f"world: {args.world}")
     for n in [int(x) for x in args.sizes.split(",")]:
+        qi, qv16 = queries(args.world, n, args.queries, k, p, seed=987_654)
+        qv = qv16.astype(np.float32)
         work = Path(tmp.name) / f"n{n}"
-        build_s, rss = timed_build(work / "bundle", n, k, args.l0, args.sigma)
+        build_s, rss = timed_build(work / "bundle", n, k, args.l0, args.sigma, args.world)
         b = Bundle(work / "bundle")
         disk = sum(b.manifest.files.values())
         counts = b.parts[0].postings.latent_counts()
@@ -158,7 +185,7 @@ def main() -> None:
             f"median {np.median(counts) / n:.2%}"
         )
         print(f"build {build_s:.1f} s, peak RSS {rss:.2f} GB, {disk / n:.0f} bytes/item on disk (memory-mapped)")
-        added = search_rss(work / "bundle", 2 * args.queries, k, args.sigma)
+        added = search_rss(work / "bundle", 2 * args.queries, k, args.sigma, args.world, n)
         print(f"a fresh process loading it and searching {2 * args.queries} queries adds {added / 1e9:.2f} GB resident, "
               f"{added / n:.0f} bytes/item")  # fmt: skip
         t0 = time.perf_counter()
@@ -169,7 +196,7 @@ def main() -> None:
         def cell(name: str, cells: dict = cells) -> dict[str, list]:
             return cells.setdefault(name, {"single": [], "lat": [], "batch": [], "recall": []})
 
-        def exact_round(b: Bundle = b, truth_s: np.ndarray = truth_s) -> None:
+        def exact_round(b: Bundle = b, truth_s: np.ndarray = truth_s, qi: np.ndarray = qi, qv: np.ndarray = qv) -> None:
             c = cell("exact sparse (ours)")
             lat = []
             for q in range(len(qi)):
@@ -184,11 +211,19 @@ def main() -> None:
             c["recall"].append(recall_at_10([d[d > -np.inf] for d in D], truth_s))
 
         variants = [exact_round]
+        from index.postings import DEFAULT_BUDGET, DEFAULT_CANDIDATES
+
+        cands = args.candidates or DEFAULT_CANDIDATES
+        for budget in sorted({float(x) for x in args.budgets.split(",")} | {DEFAULT_BUDGET}):
+            tag = " (default)" if budget == DEFAULT_BUDGET and cands == DEFAULT_CANDIDATES else ""
+            variants.append(approx_variant(b, qi, qv, truth_s, budget, cands, cell, tag))
         if n <= args.seismic_max:
             hfs = [float(x) for x in args.heap_factors.split(",")]
             variants += seismic_variants(b, work, qi, qv, truth_s, hfs, k, cell, threads, args.seismic_postings)
         if n <= args.flat_max:
             variants += faiss_variants(n, qi, cell, args.hnsw_max)
+        elif n <= args.flat_chunked_max:
+            variants.append(flat_chunked_variant(n, qi, cell, args.flat_max))
         for _ in range(args.rounds):
             for v in variants:
                 v()
@@ -217,8 +252,63 @@ def print_table(rows: list[tuple]) -> None:
         print(f"| {n:,} | {name} | {rec_s} | {single:.1f} | {p50:.2f} | {p99_:.2f} | {batch:.1f} | {rs} | {rb} | {fs} | {fb} |")
 
 
+def approx_variant(b, qi, qv, truth_s, budget, candidates, cell, tag):
+    """Our approximate path: about ``budget`` of each query's postings, ``candidates`` rescored exactly."""
+    name = f"approx (ours) budget {budget:g}, candidates {candidates}{tag}"
+
+    def run() -> None:
+        c = cell(name)
+        lat, found = [], []
+        for q in range(len(qi)):
+            t = time.perf_counter()
+            D, _ = b.search_approx(qi[q : q + 1], qv[q : q + 1], 10, budget=budget, candidates=candidates)
+            lat.append(time.perf_counter() - t)
+            found.append(D[0][D[0] > -np.inf])
+        c["lat"] += lat
+        c["single"].append(len(qi) / sum(lat))
+        t = time.perf_counter()
+        b.search_approx(qi, qv, 10, budget=budget, candidates=candidates)
+        c["batch"].append(len(qi) / (time.perf_counter() - t))
+        c["recall"].append(recall_at_10(found, truth_s))  # scores are exact (rescored from the codes)
+
+    return run
+
+
+def flat_chunked_variant(n, qi, cell, chunk):
+    """FAISS IndexFlatIP over n random 768-d vectors that do not fit in memory at once: scanned as
+    chunks of ``chunk`` vectors (a Flat search is a linear scan: the chunks' times add up to the whole's),
+    the chunks regenerated once per round; per query and per batch, the search times are summed."""
+    import faiss
+
+    xq = np.random.default_rng(1).standard_normal((len(qi), 768), dtype=np.float32)
+    n_single = min(len(xq), 20)
+    name = f"FAISS Flat (raw 768-d, scanned as {chunk:,}-vector chunks)"
+
+    def run() -> None:
+        c = cell(name)
+        single = np.zeros(n_single)
+        batch = 0.0
+        for i, a in enumerate(range(0, n, chunk)):
+            rng = np.random.default_rng(1000 + i)
+            index = faiss.IndexFlatIP(768)
+            index.add(rng.standard_normal((min(n, a + chunk) - a, 768), dtype=np.float32))
+            for q in range(n_single):
+                t = time.perf_counter()
+                index.search(xq[q : q + 1], 10)
+                single[q] += time.perf_counter() - t
+            t = time.perf_counter()
+            index.search(xq, 10)
+            batch += time.perf_counter() - t
+            del index
+        c["lat"] += single.tolist()
+        c["single"].append(n_single / single.sum())
+        c["batch"].append(len(xq) / batch)
+
+    return run
+
+
 def seismic_variants(b, work, qi, qv, truth_s, heap_factors, k, cell, threads, n_postings):
-    """Seismic through the Searcher's approximate path (candidates rescored exactly)."""
+    """Seismic through the bundle's seismic path (candidates rescored exactly)."""
     from index.bundle import add_approx_index
     from index.seismic_backend import ApproxSettings
 
@@ -236,13 +326,13 @@ def seismic_variants(b, work, qi, qv, truth_s, heap_factors, k, cell, threads, n
             lat, found = [], []
             for q in range(len(qi)):
                 t = time.perf_counter()
-                D, _ = ab.search_approx(qi[q : q + 1], qv[q : q + 1], 10, heap_factor=hf)
+                D, _ = ab.search_seismic(qi[q : q + 1], qv[q : q + 1], 10, heap_factor=hf)
                 lat.append(time.perf_counter() - t)
                 found.append(D[0][D[0] > -np.inf])
             c["lat"] += lat
             c["single"].append(len(qi) / sum(lat))
             t = time.perf_counter()
-            ab.search_approx(qi, qv, 10, heap_factor=hf)
+            ab.search_seismic(qi, qv, 10, heap_factor=hf)
             c["batch"].append(len(qi) / (time.perf_counter() - t))
             c["recall"].append(recall_at_10(found, truth_s))  # its scores are exact (rescored from the codes)
 

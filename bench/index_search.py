@@ -190,6 +190,8 @@ def run_size(n: int, args: argparse.Namespace, model, work: Path) -> list[dict]:
 
     variants = {
         "sparc sparse (postings)": lambda q: searcher.search(code_rows(q), top_k=10, path="sparse"),
+        "sparc approx (default budget)": lambda q: searcher.search(code_rows(q), top_k=10, path="approx"),
+        "sparc approx budget 0.05": lambda q: searcher.search(code_rows(q), top_k=10, path="approx", budget=0.05),
         "sparc dense (FAISS Flat, cross-decoded)": lambda q: searcher.search(code_rows(q), top_k=10, path="dense"),
         "scipy CSR over the same codes": scipy_search,
         "FAISS Flat raw CLIP 768-d": lambda q: flat.search(xq_raw[q], 10)[1],
@@ -205,6 +207,8 @@ def run_size(n: int, args: argparse.Namespace, model, work: Path) -> list[dict]:
         found[name] = ids_of(out) if hasattr(out, "ids") else np.asarray(out)
     reference = {
         "sparc sparse (postings)": truth_sparse,
+        "sparc approx (default budget)": truth_sparse,
+        "sparc approx budget 0.05": truth_sparse,
         "sparc dense (FAISS Flat, cross-decoded)": truth_dense,
         "scipy CSR over the same codes": truth_sparse,
     }
@@ -215,6 +219,8 @@ def run_size(n: int, args: argparse.Namespace, model, work: Path) -> list[dict]:
     secs = time_rounds(variants, batches, args.rounds)
     builds = {
         "sparc sparse (postings)": build_s,
+        "sparc approx (default budget)": build_s,
+        "sparc approx budget 0.05": build_s,
         "sparc dense (FAISS Flat, cross-decoded)": build_s,
         "scipy CSR over the same codes": csr_build,
         "FAISS Flat raw CLIP 768-d": flat_build,

@@ -48,3 +48,38 @@ def code_chunks(n: int, k: int, p: np.ndarray, chunk: int = 1 << 16, seed: int =
     """``n`` codes in chunks (the same codes for the same seed and chunk size)."""
     for i, a in enumerate(range(0, n, chunk)):
         yield sample_codes(min(chunk, n - a), k, p, seed=seed * 1_000_003 + i)
+
+
+def topic_codes(
+    n: int, k: int, p: np.ndarray, n_topics: int, shared: float = 0.5, seed: int = 0, topic_seed: int = 7
+) -> tuple[np.ndarray, np.ndarray]:
+    """Codes with structure: every item belongs to one of ``n_topics`` topics (scenes); ``shared`` of its
+    latents are its topic's (drawn once per topic from the same skewed rates, values jittered per item),
+    the rest its own draws. Queries drawn the same way have true neighbours (their topic's items) above a
+    background of chance overlaps, as a caption has its image among unrelated ones."""
+    rng = np.random.default_rng(seed)
+    t_idx, t_val = sample_codes(n_topics, k, p, seed=topic_seed)
+    own_idx, own_val = sample_codes(n, k, p, seed=seed + 1)
+    topic = rng.integers(0, n_topics, n)
+    m = int(round(k * shared))
+    idx = np.concatenate([t_idx[topic, :m], own_idx[:, : k - m]], axis=1).astype(np.int32)
+    val = np.concatenate([t_val[topic, :m] * rng.uniform(0.5, 1.5, (n, m)), own_val[:, : k - m]], axis=1)
+    val = val.astype(np.float32)
+    srt = np.sort(idx, axis=1)  # a latent both shared and own: keep one entry
+    dup = np.zeros_like(idx, dtype=bool)
+    order = np.argsort(idx, axis=1, kind="stable")
+    dup_sorted = np.zeros_like(srt, dtype=bool)
+    dup_sorted[:, 1:] = srt[:, 1:] == srt[:, :-1]
+    np.put_along_axis(dup, order, dup_sorted, axis=1)
+    val[dup] = 0
+    val /= np.maximum(np.linalg.norm(val, axis=1, keepdims=True), 1e-12)
+    idx[dup] = 0
+    return idx.astype(np.int16 if len(p) <= np.iinfo(np.int16).max else np.int32), val.astype(np.float16)
+
+
+def topic_chunks(
+    n: int, k: int, p: np.ndarray, n_topics: int, chunk: int = 1 << 16, seed: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``n`` topic codes in chunks (the same codes for the same seed and chunk size)."""
+    for i, a in enumerate(range(0, n, chunk)):
+        yield topic_codes(min(chunk, n - a), k, p, n_topics, seed=seed * 1_000_003 + i)

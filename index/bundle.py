@@ -42,7 +42,17 @@ from sparc_core.data import FeatureStore
 
 from .faiss_backend import DenseBuilder, read_dense_index, write_dense_index
 from .ids import ItemIds, read_ids, write_ids
-from .postings import BLOCK, Postings, PostingsWriter, _pool, load_postings, merge_topk, search_threads
+from .postings import (
+    BLOCK,
+    DEFAULT_BUDGET,
+    DEFAULT_CANDIDATES,
+    Postings,
+    PostingsWriter,
+    _pool,
+    load_postings,
+    merge_topk,
+    search_threads,
+)
 from .seismic_backend import INDEX_FILE, ApproxSettings, build_part_index, load_part_index, search_one
 
 FORMAT = "sparc-index"
@@ -647,6 +657,30 @@ class Bundle:
         q_idx: np.ndarray,
         q_val: np.ndarray,
         k: int,
+        budget: float | None = None,
+        candidates: int | None = None,
+        require: list[int] | None = None,
+        exclude: list[int] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-k over all parts (index/postings.py: about ``budget`` of each query's postings,
+        highest impact first; the best ``candidates`` rows rescored exactly): (D, I) as ``search_sparse``,
+        every score exact."""
+        budget = DEFAULT_BUDGET if budget is None else float(budget)
+        candidates = DEFAULT_CANDIDATES if candidates is None else int(candidates)
+        out = []
+        for part in self.parts:
+            D, I = part.postings.search(q_idx, q_val, min(k, part.n_items), require=require, exclude=exclude,
+                                        should_stop=should_stop,
+                                        approx=(budget, candidates, part.codes_idx, part.codes_val))  # fmt: skip
+            out.append((D, np.where(I >= 0, I + part.row0, -1)))
+        return merge_topk(out, k)
+
+    def search_seismic(
+        self,
+        q_idx: np.ndarray,
+        q_val: np.ndarray,
+        k: int,
         query_cut: int | None = None,
         heap_factor: float | None = None,
         should_stop: Callable[[], bool] | None = None,
@@ -654,7 +688,7 @@ class Bundle:
         """Approximate top-k (Seismic candidates, exact scores) over all parts: (D, I) as ``search_sparse``."""
         a = self.manifest.approx
         if a is None:
-            raise BundleError(f"{self.path}: has no approximate index; add one with `sparc index approx --bundle {self.path}`")
+            raise BundleError(f"{self.path}: has no Seismic index; add one with `sparc index approx --bundle {self.path}`")
         cut = a.query_cut if query_cut is None else int(query_cut)
         hf = a.heap_factor if heap_factor is None else float(heap_factor)
         if not 0 < hf <= 1:

@@ -40,7 +40,7 @@ def register(sub: Any) -> None:
     b.add_argument("--faiss", default="Flat", help="FAISS factory string for the dense path (default exact Flat)")
     b.add_argument("--no-dense", action="store_true", help="sparse latent search only (no FAISS index)")
     b.add_argument("--shard", default="0/1", help="build shard I/N of the rows (default 0/1)")
-    b.add_argument("--approx", action="store_true", help="also build a Seismic index (the approximate sparse path)")
+    b.add_argument("--approx", action="store_true", help="also build a Seismic index (the seismic path)")
     b.add_argument("--batch-size", type=int, default=8192)
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_build)
@@ -61,7 +61,7 @@ def register(sub: Any) -> None:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_export)
 
-    x = isub.add_parser("approx", help="add a Seismic index to every part of a bundle (the approximate sparse path)")
+    x = isub.add_parser("approx", help="add a Seismic index to every part of a bundle (the seismic path)")
     x.add_argument("--bundle", required=True)
     _approx_flags(x)
     x.set_defaults(func=_approx)
@@ -76,9 +76,11 @@ def register(sub: Any) -> None:
     s.add_argument("--stream", required=True, help="the queries' stream")
     s.add_argument("--queries", required=True, help=".npy [nq, d]")
     s.add_argument("--top-k", type=int, default=10)
-    s.add_argument("--path", choices=["sparse", "dense", "approx"])
-    s.add_argument("--query-cut", type=int, help="approx path: the query's largest entries used")
-    s.add_argument("--heap-factor", type=float, help="approx path: in (0, 1], higher is faster and less exact")
+    s.add_argument("--path", choices=["sparse", "dense", "approx", "seismic"])
+    s.add_argument("--budget", type=float, help="approx path: share of the query's postings read, in (0, 1]")
+    s.add_argument("--candidates", type=int, help="approx path: rows rescored exactly")
+    s.add_argument("--query-cut", type=int, help="seismic path: the query's largest entries used")
+    s.add_argument("--heap-factor", type=float, help="seismic path: in (0, 1], higher is faster and less exact")
     s.add_argument("--nprobe", type=int)
     s.add_argument("--explain", action="store_true")
     s.add_argument("--checkpoint", help="default: the checkpoint the bundle records (its hash must match)")
@@ -127,7 +129,7 @@ def _approx(args: argparse.Namespace) -> int:
     from .bundle import add_approx_index
 
     out = add_approx_index(args.bundle, _approx_settings(args))
-    print(f"bundle: {args.bundle} (version {out.name}) has an approximate index")
+    print(f"bundle: {args.bundle} (version {out.name}) has a Seismic index (search with --path seismic)")
     return 0
 
 
@@ -175,7 +177,7 @@ def _search(args: argparse.Namespace) -> int:
         xq = xq[None]
     code = searcher.encode(args.stream, xq)
     res = searcher.search(code, top_k=args.top_k, path=args.path, nprobe=args.nprobe, query_cut=args.query_cut,
-                          heap_factor=args.heap_factor)  # fmt: skip
+                          heap_factor=args.heap_factor, budget=args.budget, candidates=args.candidates)  # fmt: skip
     for q, (ids, scores) in enumerate(zip(res.ids, res.scores)):
         hits = []
         for item, score in zip(ids, scores):

@@ -273,15 +273,17 @@ class MilvusSearcher:
         should_stop: Callable[[], bool] | None = None,
         query_cut: int | None = None,
         heap_factor: float | None = None,
+        budget: float | None = None,
+        candidates: int | None = None,
     ) -> Any:
         """Top-k items per query, as ``Searcher.search`` (filters are Milvus array filters; Milvus's sparse
-        index is exact, so there is no separate approximate path)."""
+        index is exact, so the approximate paths run as its sparse search)."""
         from .searcher import SearchResult, dense_queries, query_arrays
 
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         code = query if isinstance(query, SparseCode) else self.encode(*query)
-        path = "sparse" if path in (None, "approx") else path
+        path = "sparse" if path in (None, "approx", "seismic") else path
         if path not in ("sparse", "dense"):
             raise ValueError(f"unknown search path {path!r} (use 'sparse' or 'dense')")
         if path == "dense" and not self.dense_type:

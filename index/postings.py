@@ -7,10 +7,19 @@ cache, remembers the rows it touched, pushes them into a k-heap and zeroes only 
 is proportional to the postings it touches (plus a few offset reads per block), never to n_items, and no
 buffer of n_items floats exists. The kernel is compiled with numba and releases the GIL; a batch is split
 over a process-wide pool of threads (by query, or by block for a single query over a large gallery).
+
+Inside a list, entries are ordered by value, largest first (ties: lower row first), and every part keeps a
+histogram of each latent's values (``post_hist.npy``). That gives the approximate path its cut: a query's
+entries of impact ``weight x value`` at least tau, tau chosen from the histograms so that a ``budget``
+share of the query's postings is scored, are read (each list's prefix), the best ``candidates`` rows by
+that partial score are rescored exactly from the stored codes, and the top-k of those is returned. Parts
+written before lists were value-ordered (no histogram file) still answer correctly (their lists are read
+whole, skipping the entries below the cut), just without the speed-up.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -24,6 +33,11 @@ BLOCK = 1 << 16  # rows per block: local row numbers fit uint16, a block's score
 _F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)  # float16 bits -> float32
 _POOL: ThreadPoolExecutor | None = None
 PIECE_POSTINGS = 2_000_000  # postings per piece of work (a few ms): the unit of threading and of stopping
+HIST_BINS = 128  # value histogram bins per latent: float16 bits >> 8 (4 bins per octave; positive halves < 0x7C00)
+DEFAULT_BUDGET = 0.3  # approximate path: share of the query's postings read (recall >= 0.95 on both bench worlds)
+DEFAULT_CANDIDATES = 300  # approximate path: rows rescored exactly (bench/index_scale.py)
+MAX_CANDIDATES = 100_000
+APPROX_SPARSE = 3.0  # approximate path: a block's entries above the cut x this < its rows -> touched-row mode
 
 
 class SearchStopped(RuntimeError):
@@ -194,6 +208,244 @@ def _search_kernel(
             I[q, pos] = -1
 
 
+@numba.njit(nogil=True, cache=True)
+def _f16_bits(x):  # pragma: no cover - compiled
+    """float16 bit pattern of a positive float32 (rounded down; 0x7C00 past the largest half)."""
+    if x >= 65520.0:
+        return 0x7C00
+    if x <= 0.0:
+        return 0
+    m, e = math.frexp(x)  # x = m * 2**e, m in [0.5, 1)
+    biased = e + 14
+    if biased <= 0:
+        return int(x * 16777216.0)  # subnormal: value = bits * 2**-24
+    return (biased << 10) | int((2.0 * m - 1.0) * 1024.0)
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_at_least(suffix, hist, j, x):  # pragma: no cover - compiled
+    """Estimated entries of latent j with value >= x (histogram, linear inside a bin)."""
+    bits = _f16_bits(x)
+    if bits >= 0x7C00:
+        return 0.0
+    b = bits >> 8
+    return suffix[j, b + 1] + hist[j, b] * (1.0 - (bits & 255) / 256.0)
+
+
+@numba.njit(nogil=True, cache=True)
+def _budget_taus(q_lat, q_w, q_len, suffix, hist, budget, out):  # pragma: no cover - compiled
+    """Per query, the impact cut tau that leaves about ``budget`` of its postings (bisection on tau)."""
+    for q in range(q_lat.shape[0]):
+        total = 0.0
+        hi = 0.0
+        for t in range(q_len[q]):
+            j = q_lat[q, t]
+            total += suffix[j, 0]
+            top = 0
+            for b in range(hist.shape[1] - 1, -1, -1):
+                if hist[j, b] > 0:
+                    top = b
+                    break
+            vmax = 65504.0 if top >= 123 else math.ldexp(1.0 + 0.25 * ((top & 3) + 1), (top >> 2) - 15)
+            hi = max(hi, q_w[q, t] * vmax)
+        if budget >= 1.0 or total == 0.0:
+            out[q] = 0.0
+            continue
+        target = budget * total
+        lo = hi * 1e-6  # geometric bisection: the cut's relative precision matters, not its absolute one
+        for _ in range(24):
+            mid = math.sqrt(lo * hi)
+            c = 0.0
+            for t in range(q_len[q]):
+                c += _count_at_least(suffix, hist, q_lat[q, t], mid / q_w[q, t])
+            if c > target:
+                lo = mid
+            else:
+                hi = mid
+        out[q] = hi
+
+
+@numba.njit(nogil=True, cache=True)
+def _keep_best(hs, hr, h, n):  # pragma: no cover - compiled
+    """Keep the best n of the h > n buffered candidates (in place); returns (n, the n-th best score)."""
+    thr = np.partition(hs[:h], h - n)[h - n]
+    ties = n
+    for i in range(h):
+        if hs[i] > thr:
+            ties -= 1
+    w = 0
+    for i in range(h):  # in place, forwards (w <= i): the strictly better, then ties with the n-th up to n
+        if hs[i] > thr or (hs[i] == thr and ties > 0):
+            if hs[i] == thr:
+                ties -= 1
+            hs[w] = hs[i]
+            hr[w] = hr[i]
+            w += 1
+    return w, thr
+
+
+@numba.njit(nogil=True, cache=True)
+def _approx_kernel(
+    q_lat,
+    q_w,
+    q_len,
+    tau,
+    budget,
+    q0,
+    q1,
+    b0,
+    b1,
+    req,
+    exc,
+    offsets,
+    items,
+    values,
+    f16,
+    n_items,
+    n_lat,
+    ordered,
+    n_cand,
+    CS,
+    CR,
+):  # pragma: no cover - compiled
+    """Candidates for queries [q0, q1) over blocks [b0, b1): entries of impact >= tau[q] are scored and the
+    best ``n_cand`` rows by that partial score go into CS (partial scores), CR (rows; -1 past the last)."""
+    score = np.zeros(BLOCK, np.float32)
+    cnt = np.zeros(BLOCK, np.int32)
+    touched = np.empty(BLOCK, np.int32)
+    hs = np.empty(2 * n_cand, np.float32)  # candidates: kept above thr, cut back to the best n_cand when full
+    hr = np.empty(2 * n_cand, np.int64)
+    n_req = req.shape[0]
+    filtered = n_req > 0 or exc.shape[0] > 0
+    for q in range(q0, q1):
+        h = 0
+        thr = np.float32(0.0)
+        t_q = tau[q]
+        for b in range(b0, b1):
+            base = b * n_lat
+            size = 0
+            for t in range(q_len[q]):
+                j = q_lat[q, t]
+                size += offsets[base + j + 1] - offsets[base + j]
+            if size == 0:
+                continue
+            row0 = b * BLOCK
+            rows = min(BLOCK, n_items - row0)
+            sparse = size * budget * APPROX_SPARSE < rows  # few entries above the cut: remember touched rows
+            nt = 0
+            for t in range(q_len[q]):
+                j = q_lat[q, t]
+                w = q_w[q, t]
+                cut = t_q / w
+                a = offsets[base + j]
+                e = offsets[base + j + 1]
+                # a value-ordered list stops at the cut (read in order: bisection would miss the cache)
+                if sparse:
+                    for p in range(a, e):
+                        v = f16[values[p]]
+                        if v < cut:
+                            if ordered:
+                                break
+                            continue
+                        it = items[p]
+                        c = w * v
+                        touched[nt] = it  # branch-free: counted only when the row is new (and c adds something)
+                        nt += (score[it] == 0.0) & (c > 0.0)
+                        score[it] += c
+                else:
+                    for p in range(a, e):
+                        v = f16[values[p]]
+                        if v < cut:
+                            if ordered:
+                                break
+                            continue
+                        score[items[p]] += w * v
+            if filtered:
+                for t in range(n_req):
+                    j = req[t]
+                    for p in range(offsets[base + j], offsets[base + j + 1]):
+                        cnt[items[p]] += 1
+                for t in range(exc.shape[0]):
+                    j = exc[t]
+                    for p in range(offsets[base + j], offsets[base + j + 1]):
+                        cnt[items[p]] = -(1 << 30)
+            if sparse:
+                for t in range(nt):
+                    it = touched[t]
+                    s = score[it]
+                    score[it] = 0.0
+                    if s > thr and (not filtered or cnt[it] == n_req):
+                        hs[h] = s
+                        hr[h] = row0 + it
+                        h += 1
+                        if h == 2 * n_cand:
+                            h, thr = _keep_best(hs, hr, h, n_cand)
+            else:
+                for c0 in range(0, rows, 64):
+                    c1 = min(rows, c0 + 64)
+                    if _max_of(score, c0, c1) <= thr:
+                        continue
+                    for it in range(c0, c1):
+                        s = score[it]
+                        if s > thr and (not filtered or cnt[it] == n_req):
+                            hs[h] = s
+                            hr[h] = row0 + it
+                            h += 1
+                            if h == 2 * n_cand:
+                                h, thr = _keep_best(hs, hr, h, n_cand)
+                score[:rows] = 0.0
+            if filtered:
+                for t in range(n_req):
+                    j = req[t]
+                    for p in range(offsets[base + j], offsets[base + j + 1]):
+                        cnt[items[p]] = 0
+                for t in range(exc.shape[0]):
+                    j = exc[t]
+                    for p in range(offsets[base + j], offsets[base + j + 1]):
+                        cnt[items[p]] = 0
+        if h > n_cand:
+            h, thr = _keep_best(hs, hr, h, n_cand)
+        for c in range(h):
+            CS[q, c] = hs[c]
+            CR[q, c] = hr[c]
+        for c in range(h, n_cand):
+            CS[q, c] = 0.0
+            CR[q, c] = -1
+
+
+@numba.njit(nogil=True, cache=True)
+def _rescore(q_lat, q_w, q_len, q0, q1, cand, cidx, cval, f16, n_lat, k, D, I):  # pragma: no cover - compiled
+    """Exact scores of each query's candidate rows (cand [nq, m], -1 = none) from the codes (cidx, cval:
+    float16 bits); the top-k of them into D, I (best first; ties: lower row first)."""
+    qd = np.zeros(n_lat, np.float32)
+    ks = np.empty(k, np.float32)
+    kr = np.empty(k, np.int64)
+    for q in range(q0, q1):
+        for t in range(q_len[q]):
+            qd[q_lat[q, t]] = q_w[q, t]
+        m = 0
+        for c in range(cand.shape[1]):
+            r = cand[q, c]
+            if r < 0:
+                continue
+            s = np.float32(0.0)
+            for u in range(cidx.shape[1]):
+                w = qd[cidx[r, u]]
+                if w != 0.0:  # most of an item's latents are not in the query: skip the value lookup
+                    s += w * f16[cval[r, u]]
+            if s > 0.0:
+                m = _heap_push(ks, kr, m, k, s, r)
+        for t in range(q_len[q]):
+            qd[q_lat[q, t]] = 0.0
+        for pos in range(m - 1, -1, -1):
+            D[q, pos] = ks[0]
+            I[q, pos] = kr[0]
+            _sift_down(ks, kr, pos, ks[pos], kr[pos])
+        for pos in range(m, k):
+            D[q, pos] = -np.inf
+            I[q, pos] = -1
+
+
 def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Merge per-part (D, I) [nq, k_i] results (I already global, -1 = none) into the best k per query."""
     if len(parts) == 1 and parts[0][0].shape[1] == k:
@@ -215,7 +467,17 @@ class Postings:
     [offsets[b * n_latents + j], offsets[b * n_latents + j + 1]) of ``items`` (uint16 row in block) and
     ``values`` (float16 bits as uint16)."""
 
-    def __init__(self, offsets: np.ndarray, items: np.ndarray, values: np.ndarray, n_items: int, n_latents: int) -> None:
+    def __init__(
+        self,
+        offsets: np.ndarray,
+        items: np.ndarray,
+        values: np.ndarray,
+        n_items: int,
+        n_latents: int,
+        hist: np.ndarray | None = None,
+    ) -> None:
+        """``hist``: [n_latents, HIST_BINS] value histogram, given when the lists are value-ordered (see the
+        module doc); without it the lists are taken as row-ordered and a histogram is counted when needed."""
         self.n_items = int(n_items)
         self._n_latents = int(n_latents)
         self.n_blocks = max(1, -(-self.n_items // BLOCK))
@@ -229,6 +491,11 @@ class Postings:
         if len(self.items) != len(self.values) or int(self.offsets[-1]) != len(self.items):
             raise ValueError("posting offsets, items and values disagree in length")
         self._counts: np.ndarray | None = None
+        self.value_ordered = hist is not None
+        if hist is not None and np.shape(hist) != (self._n_latents, HIST_BINS):
+            raise ValueError(f"value histogram of shape {np.shape(hist)}, expected ({self._n_latents}, {HIST_BINS})")
+        self._hist = None if hist is None else np.asarray(hist, dtype=np.float64)
+        self._suffix: np.ndarray | None = None
 
     @property
     def n_latents(self) -> int:
@@ -245,7 +512,7 @@ class Postings:
         for a in range(0, max(len(indices), 1), BLOCK):
             w.add_block(indices[a : a + BLOCK], values[a : a + BLOCK])
         offsets, items, vals = w.finish()
-        return cls(offsets, items, vals, len(indices), n_latents)
+        return cls(offsets, items, vals, len(indices), n_latents, hist=w.hist)
 
     def posting(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows and float32 values of one latent's posting list (all blocks)."""
@@ -263,6 +530,23 @@ class Postings:
             self._counts = per_block.sum(0)
         return self._counts
 
+    def value_histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        """(hist [n_latents, HIST_BINS], suffix sums [n_latents, HIST_BINS + 1]) of the entries' values;
+        counted from the lists (block by block) when the part did not store one."""
+        if self._suffix is None:
+            if self._hist is None:
+                hist = np.zeros(self._n_latents * HIST_BINS, dtype=np.int64)
+                for b in range(self.n_blocks):
+                    o = np.asarray(self.offsets[b * self._n_latents : (b + 1) * self._n_latents + 1])
+                    lat = np.repeat(np.arange(self._n_latents, dtype=np.int64), np.diff(o))
+                    bins = np.asarray(self.values[o[0] : o[-1]]) >> 8
+                    hist += np.bincount(lat * HIST_BINS + np.minimum(bins, HIST_BINS - 1), minlength=len(hist))
+                self._hist = hist.reshape(self._n_latents, HIST_BINS).astype(np.float64)
+            suffix = np.zeros((self._n_latents, HIST_BINS + 1), dtype=np.float64)
+            suffix[:, :-1] = np.cumsum(self._hist[:, ::-1], axis=1)[:, ::-1]
+            self._suffix = suffix
+        return self._hist, self._suffix
+
     def nbytes(self) -> int:
         return self.offsets.nbytes + self.items.nbytes + self.values.nbytes
 
@@ -275,8 +559,14 @@ class Postings:
         require: list[int] | None = None,
         exclude: list[int] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        approx: tuple[float, int, np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k inner products <query code, item code>. q_idx, q_val: [nq, kq] -> (D, I) [nq, k].
+        """Top-k inner products <query code, item code>. q_idx, q_val: [nq, kq] -> (D, I) [nq, k].
+
+        Exact by default. ``approx`` = (budget, candidates, codes_idx, codes_val) makes it approximate (see
+        the module doc): about ``budget`` of each query's postings, highest impact first, pick
+        ``candidates`` rows per piece of work, rescored exactly from the codes ([n_items, k] latent ids
+        and float16 values); every score returned is exact.
 
         Items sharing no active latent with the query are not hits: fewer than k hits leave I = -1,
         D = -inf; equal scores rank the lower row first. ``require`` / ``exclude``: latents a hit must /
@@ -293,23 +583,76 @@ class Postings:
         exc = np.array(sorted(set(exclude or [])), dtype=np.int32)
         if len(req) and len(exc) and np.isin(req, exc).any():
             return D, I  # nothing can both have and not have a latent
-        args = (req, exc, self.offsets, self.items, self.values, _F16, self.n_items, self._n_latents, k)
         threads = max(1, min(threads or search_threads(), search_threads()))
-        pieces = self._pieces(q_lat, q_len, threads)
-        results: list[tuple[int, int, np.ndarray, np.ndarray] | None] = []
+        if approx is None:
+            args = (req, exc, self.offsets, self.items, self.values, _F16, self.n_items, self._n_latents, k)
+
+            def kernel(q0: int, q1: int, b0: int, b1: int, d: np.ndarray, i: np.ndarray) -> None:
+                _search_kernel(q_lat, q_w, q_len, q0, q1, b0, b1, *args, d, i)
+
+            return self._run_pieces(kernel, q_lat, q_len, threads, 1.0, D, I, should_stop)
+        budget, n_cand, cidx, cval = approx
+        if not 0 < budget <= 1:
+            raise ValueError(f"budget must be in (0, 1], got {budget}")
+        if not 1 <= n_cand <= MAX_CANDIDATES:
+            raise ValueError(f"candidates must be in [1, {MAX_CANDIDATES}], got {n_cand}")
+        if np.shape(cidx)[0] != self.n_items or np.shape(cval) != np.shape(cidx):
+            raise ValueError("codes for the approximate path must be [n_items, k] latent ids and values")
+        hist, suffix = self.value_histogram()
+        tau = np.zeros(nq, dtype=np.float32)
+        _budget_taus(q_lat, q_w, q_len, suffix, hist, float(budget), tau)
+        cval_bits = cval.view(np.uint16) if cval.dtype == np.float16 else np.asarray(cval, np.float16).view(np.uint16)
+        n_cand = min(max(int(n_cand), k), self.n_items)
+        args = (req, exc, self.offsets, self.items, self.values, _F16, self.n_items, self._n_latents,
+                self.value_ordered, n_cand)  # fmt: skip
+
+        def candidates(q0: int, q1: int, b0: int, b1: int, cs: np.ndarray, cr: np.ndarray) -> None:
+            _approx_kernel(q_lat, q_w, q_len, tau, np.float32(budget), q0, q1, b0, b1, *args, cs, cr)
+
+        CS = np.zeros((nq, n_cand), dtype=np.float32)
+        CR = np.full((nq, n_cand), -1, dtype=np.int64)
+        self._run_pieces(candidates, q_lat, q_len, threads, float(budget), CS, CR, should_stop)
+        step = max(1, -(-nq // threads))  # rescoring: the best candidates of all pieces, exactly, once
+
+        def rescore(q0: int) -> None:
+            _rescore(q_lat, q_w, q_len, q0, min(nq, q0 + step), CR, cidx, cval_bits, _F16, self._n_latents, k, D, I)
+
+        starts = list(range(0, nq, step))
+        if len(starts) == 1:
+            rescore(0)
+        else:
+            list(_pool().map(rescore, starts))
+        return D, I
+
+    def _run_pieces(
+        self,
+        kernel: Callable[[int, int, int, int, np.ndarray, np.ndarray], None],
+        q_lat: np.ndarray,
+        q_len: np.ndarray,
+        threads: int,
+        share: float,
+        D: np.ndarray,
+        I: np.ndarray,
+        should_stop: Callable[[], bool] | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Run ``kernel(q0, q1, b0, b1, D, I)`` over the pieces of the batch (in parallel), each query's
+        best ``D.shape[1]`` into D, I; pieces of one heavy query (block ranges) are merged."""
+        nq, width = D.shape
+        pieces = self._pieces(q_lat, q_len, threads, share)
 
         def run(piece: tuple[int, int, int, int]) -> tuple[int, int, np.ndarray, np.ndarray] | None:
             q0, q1, b0, b1 = piece
             if should_stop is not None and should_stop():
                 return None
             if b0 == 0 and b1 == self.n_blocks:  # whole gallery: straight into the answer
-                _search_kernel(q_lat, q_w, q_len, q0, q1, b0, b1, *args, D, I)
+                kernel(q0, q1, b0, b1, D, I)
                 return q0, q1, D[q0:q1], I[q0:q1]
-            d = np.empty((nq, k), dtype=np.float32)
-            i = np.empty((nq, k), dtype=np.int64)
-            _search_kernel(q_lat, q_w, q_len, q0, q1, b0, b1, *args, d, i)
+            d = np.empty((nq, width), dtype=D.dtype)
+            i = np.empty((nq, width), dtype=np.int64)
+            kernel(q0, q1, b0, b1, d, i)
             return q0, q1, d[q0:q1], i[q0:q1]
 
+        results: list[tuple[int, int, np.ndarray, np.ndarray] | None] = []
         if len(pieces) == 1 or threads == 1:
             for p in pieces:
                 results.append(run(p))
@@ -324,16 +667,16 @@ class Postings:
             if not (b0 == 0 and b1 == self.n_blocks):
                 split.setdefault(q0, []).append((r[2], r[3]))
         for q0, outs in split.items():  # a heavy query searched as block ranges: merge its pieces
-            D[q0 : q0 + 1], I[q0 : q0 + 1] = merge_topk(outs, k)
+            D[q0 : q0 + 1], I[q0 : q0 + 1] = merge_topk(outs, width)
         return D, I
 
-    def _pieces(self, q_lat: np.ndarray, q_len: np.ndarray, threads: int) -> list[tuple[int, int, int, int]]:
+    def _pieces(self, q_lat: np.ndarray, q_len: np.ndarray, threads: int, share: float = 1.0) -> list[tuple[int, int, int, int]]:
         """Cut a batch into pieces of about PIECE_POSTINGS postings each: (q0, q1, b0, b1). Light queries are
         grouped; a heavy query (a large gallery) is cut into block ranges. Small pieces let ``should_stop``
-        be polled often and spread the work over threads."""
+        be polled often and spread the work over threads. ``share``: the part of its postings a query reads."""
         counts = self.latent_counts()
         active = np.arange(q_lat.shape[1])[None, :] < q_len[:, None]
-        work = (counts[q_lat] * active).sum(1)
+        work = ((counts[q_lat] * active).sum(1) * share).astype(np.int64)
         target = max(1, PIECE_POSTINGS)
         if threads > 1:  # enough pieces for every thread (a lone query over a large gallery too)
             target = max(1, min(target, max(int(work.sum()) // (2 * threads), PIECE_POSTINGS // 8)))
@@ -361,6 +704,11 @@ def _pack_queries(q_idx: np.ndarray, q_val: np.ndarray, n_latents: int) -> tuple
     q_idx = np.asarray(q_idx)
     q_val = np.asarray(q_val, dtype=np.float32)
     active = q_val > 0
+    if active.all():  # the common case (no padding): nothing to move
+        if q_idx.size and (q_idx.min() < 0 or q_idx.max() >= n_latents):
+            raise ValueError(f"query latents must be in [0, {n_latents})")
+        n = np.full(len(q_idx), q_idx.shape[1] if q_idx.ndim == 2 else 0, dtype=np.int32)
+        return np.ascontiguousarray(q_idx, dtype=np.int32), np.ascontiguousarray(q_val), n
     if active.any() and (q_idx[active].min() < 0 or q_idx[active].max() >= n_latents):
         raise ValueError(f"query latents must be in [0, {n_latents})")
     order = np.argsort(~active, axis=1, kind="stable")
@@ -378,6 +726,7 @@ class PostingsWriter:
         self.offsets: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
         self.total = 0
         self.dir = directory
+        self.hist = np.zeros((n_latents, HIST_BINS), dtype=np.int64)  # values per latent (see the module doc)
         self._items: list[np.ndarray] = []
         self._values: list[np.ndarray] = []
         self._f = None
@@ -395,10 +744,13 @@ class PostingsWriter:
         lat = np.asarray(indices)[active].astype(small)  # 16-bit keys: numpy's stable sort is a radix sort
         local = np.broadcast_to(np.arange(nb, dtype=np.uint16)[:, None], active.shape)[active]
         vals = values[active].view(np.uint16)
-        order = np.argsort(lat, kind="stable")  # stable: rows stay ascending inside each list
+        by_value = np.argsort(np.uint16(0xFFFF) - vals, kind="stable")  # largest first, rows ascending on ties
+        order = by_value[np.argsort(lat[by_value], kind="stable")]  # then by latent (both radix sorts)
         counts = np.bincount(lat.astype(np.int64), minlength=self.n_latents)
         if len(counts) > self.n_latents:
             raise ValueError(f"a code holds latent {len(counts) - 1}, beyond n_latents {self.n_latents}")
+        bins = np.minimum(vals >> 8, HIST_BINS - 1).astype(np.int64)
+        self.hist += np.bincount(lat.astype(np.int64) * HIST_BINS + bins, minlength=self.hist.size).reshape(self.hist.shape)
         self.offsets.append(self.total + np.cumsum(counts))
         self.total += int(len(lat))
         items, vals = np.ascontiguousarray(local[order]), np.ascontiguousarray(vals[order])
@@ -417,6 +769,10 @@ class PostingsWriter:
                 f.flush()
                 os.fsync(f.fileno())
                 f.close()
+            with open(self.dir / "post_hist.npy", "wb") as f:
+                np.save(f, self.hist.astype(np.uint32), allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
             return offsets, None, None
         items = np.concatenate(self._items) if self._items else np.zeros(0, np.uint16)
         vals = np.concatenate(self._values) if self._values else np.zeros(0, np.uint16)
@@ -436,7 +792,9 @@ def load_postings(directory: Path, n_items: int, n_latents: int, mmap: bool = Tr
                 return np.zeros(0, dtype=np.uint16)
             return np.memmap(f, dtype=np.uint16, mode="r") if mode else np.fromfile(f, dtype=np.uint16)
 
-        return Postings(offsets, raw("post_items.bin"), raw("post_values.bin"), n_items, n_latents)
+        hist_file = directory / "post_hist.npy"  # present: the lists are value-ordered
+        hist = np.load(hist_file, allow_pickle=False) if hist_file.exists() else None
+        return Postings(offsets, raw("post_items.bin"), raw("post_values.bin"), n_items, n_latents, hist=hist)
 
 
 def warm_up() -> None:
@@ -444,3 +802,5 @@ def warm_up() -> None:
     p = Postings.from_codes(np.array([[0, 1]]), np.array([[0.6, 0.8]]), 2)
     p.search(np.array([[0, 1]]), np.array([[1.0, 0.5]], dtype=np.float32), 1)
     p.search(np.array([[0, 1]]), np.array([[1.0, 0.5]], dtype=np.float32), 1, require=[0], exclude=[1])
+    codes = (np.array([[0, 1]], dtype=np.int16), np.array([[0.6, 0.8]], dtype=np.float16))
+    p.search(np.array([[0, 1]]), np.array([[1.0, 0.5]], dtype=np.float32), 1, approx=(0.5, 4, *codes))

@@ -1,10 +1,13 @@
-"""Searcher: one logical gallery (one or many shards), two search paths, latent filters, explanations.
+"""Searcher: one logical gallery (one or many shards), four search paths, latent filters, explanations.
 
 Paths:
-  "sparse": exact cosine between the query's k-sparse code and every item's code, over posting lists.
-  "dense":  the query code decoded by the gallery stream's decoder (cross-reconstruction), then inner
-            product against the items' centred unit features with FAISS (exact Flat, or the bundle's
-            approximate factory).
+  "sparse":  exact cosine between the query's k-sparse code and every item's code, over posting lists.
+  "dense":   the query code decoded by the gallery stream's decoder (cross-reconstruction), then inner
+             product against the items' centred unit features with FAISS (exact Flat, or the bundle's
+             approximate factory).
+  "approx":  the posting lists read highest impact first up to a budget, the best candidates rescored
+             exactly (index/postings.py; every bundle has it).
+  "seismic": Seismic's candidates rescored exactly (bundles given a Seismic index).
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from sparc_core import SparcModel, SparseCode, load_checkpoint
 
 from .bundle import Bundle, BundleError, checkpoint_of, shards_share_ids
 from .faiss_backend import DenseSearcher
-from .postings import SearchStopped, merge_topk, warm_up
+from .postings import MAX_CANDIDATES, SearchStopped, merge_topk, warm_up
 
 MAX_FILTER_CANDIDATES = 65_536  # dense path with latent filters: the most candidates fetched per query
 QUERY_CHUNK = 256  # queries searched between checks of should_stop
-SearchPath = Literal["sparse", "dense", "approx"]
+SearchPath = Literal["sparse", "dense", "approx", "seismic"]
+PATHS = ("sparse", "dense", "approx", "seismic")
 DEFAULT_PATH: SearchPath = "sparse"  # faster and smaller at every gallery size measured (bench/index_search.py)
 
 
@@ -102,7 +106,7 @@ class Searcher:
         return sum(b.manifest.n_items for b in self.shards)
 
     @property
-    def has_approx(self) -> bool:
+    def has_seismic(self) -> bool:
         return all(b.manifest.approx is not None for b in self.shards)
 
     # ---- queries ----------------------------------------------------------------------------------
@@ -126,11 +130,16 @@ class Searcher:
         should_stop: Callable[[], bool] | None = None,
         query_cut: int | None = None,
         heap_factor: float | None = None,
+        budget: float | None = None,
+        candidates: int | None = None,
     ) -> SearchResult:
         """Top-k items for each query (a SparseCode, or (stream, vectors) to encode first).
 
-        path "approx": Seismic's candidates rescored exactly (``query_cut``, ``heap_factor`` per call, else
-        the bundle's defaults); with latent filters it runs the exact sparse kernel, where filters are cheap.
+        path "approx": the posting lists read highest impact first up to ``budget`` (share of the query's
+        postings, in (0, 1]), the best ``candidates`` rows rescored exactly (index/postings.py); filters
+        apply inside. path "seismic": Seismic's candidates rescored exactly (``query_cut``, ``heap_factor``
+        per call, else the bundle's defaults; bundles given a Seismic index by `sparc index approx`); with
+        latent filters it runs the exact sparse kernel, where filters are cheap.
 
         require / exclude: latents an item must / must not have active (inside the posting-list search on
         the sparse path; on the dense path over at most MAX_FILTER_CANDIDATES candidates per query, so
@@ -142,12 +151,16 @@ class Searcher:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         code = query if isinstance(query, SparseCode) else self.encode(*query)
         path = path or DEFAULT_PATH
-        if path not in ("sparse", "dense", "approx"):
-            raise ValueError(f"unknown search path {path!r} (use 'sparse', 'dense' or 'approx')")
-        if path == "approx" and any(b.manifest.approx is None for b in self.shards):
-            raise BundleError(f"{self.shards[0].path}: has no approximate index; add one with `sparc index approx`")
-        if path == "approx" and (require or exclude):
+        if path not in PATHS:
+            raise ValueError(f"unknown search path {path!r} (use one of {', '.join(PATHS)})")
+        if path == "seismic" and any(b.manifest.approx is None for b in self.shards):
+            raise BundleError(f"{self.shards[0].path}: has no Seismic index; add one with `sparc index approx`")
+        if path == "seismic" and (require or exclude):
             path = "sparse"
+        if budget is not None and not 0 < budget <= 1:
+            raise ValueError(f"budget must be in (0, 1], got {budget}")
+        if candidates is not None and not 1 <= candidates <= MAX_CANDIDATES:
+            raise ValueError(f"candidates must be in [1, {MAX_CANDIDATES}], got {candidates}")
         if path == "dense" and any(d is None for d in self.dense):
             raise BundleError(f"{self.shards[0].path}: built without a dense index; use the sparse path")
         q_idx, q_val, require_l, exclude_l = query_arrays(code, self.model.n_latents, require, exclude, boost)
@@ -156,10 +169,11 @@ class Searcher:
             if should_stop is not None and should_stop():
                 raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
             qi, qv = q_idx[a : a + QUERY_CHUNK], q_val[a : a + QUERY_CHUNK]
-            if path in ("sparse", "approx"):  # filters run inside the posting-list search
+            if path in ("sparse", "approx", "seismic"):  # filters run inside the posting-list search
                 D, refs = self._search_all(
-                    qi, qv, top_k, path, nprobe, ef_search, require_l, exclude_l, should_stop, (query_cut, heap_factor)
-                )
+                    qi, qv, top_k, path, nprobe, ef_search, require_l, exclude_l, should_stop,
+                    (query_cut, heap_factor, budget, candidates),
+                )  # fmt: skip
             else:
                 D, refs = self._dense_filtered(qi, qv, top_k, nprobe, ef_search, require_l, exclude_l)
             for d, r in zip(D, refs):
@@ -205,8 +219,9 @@ class Searcher:
         return mask
 
     def _search_all(
-        self, q_idx, q_val, k, path, nprobe, ef_search, require=None, exclude=None, should_stop=None, approx=(None, None)
-    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        self, q_idx, q_val, k, path, nprobe, ef_search, require=None, exclude=None, should_stop=None,
+        approx=(None, None, None, None),
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:  # fmt: skip
         """Search every shard and merge: per query, scores desc and (shard, row) refs."""
         per_shard = []
         xq = None
@@ -215,7 +230,10 @@ class Searcher:
             if path == "sparse":
                 D, I = b.search_sparse(q_idx, q_val, kk, require=require, exclude=exclude, should_stop=should_stop)
             elif path == "approx":
-                D, I = b.search_approx(q_idx, q_val, kk, *approx, should_stop=should_stop)
+                D, I = b.search_approx(q_idx, q_val, kk, approx[2], approx[3], require=require, exclude=exclude,
+                                       should_stop=should_stop)  # fmt: skip
+            elif path == "seismic":
+                D, I = b.search_seismic(q_idx, q_val, kk, approx[0], approx[1], should_stop=should_stop)
             else:
                 if xq is None:
                     n = self.model.n_latents

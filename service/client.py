@@ -25,6 +25,7 @@ PATHS = {
     "sparse": pb.SEARCH_PATH_SPARSE,
     "dense": pb.SEARCH_PATH_DENSE,
     "approx": pb.SEARCH_PATH_APPROX,
+    "seismic": pb.SEARCH_PATH_SEISMIC,
 }
 
 
@@ -99,6 +100,8 @@ def search_request(
     nprobe: int = 0,
     query_cut: int = 0,
     heap_factor: float = 0.0,
+    budget: float = 0.0,
+    candidates: int = 0,
 ) -> pb.SearchRequest:
     """A SearchRequest message."""
     return pb.SearchRequest(
@@ -111,6 +114,8 @@ def search_request(
         nprobe=nprobe,
         query_cut=query_cut,
         heap_factor=heap_factor,
+        budget=budget,
+        candidates=candidates,
         filter=pb.LatentFilter(require=list(require), exclude=list(exclude), boost=boost or {}),
     )
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from index import Searcher, SearchStopped, open_gallery
+from index.postings import MAX_CANDIDATES
 from sparc_core import SparseCode, checkpoint_hash, load_checkpoint
 from sparc_core.checkpoint import pick_device
 from sparc_core.encoders import FeatureEncoder, load_encoders
@@ -73,8 +74,10 @@ class SearchSpec:
     explain: bool = False
     return_code: bool = False
     nprobe: int | None = None
-    query_cut: int | None = None  # approx path only
-    heap_factor: float | None = None  # approx path only
+    query_cut: int | None = None  # seismic path only
+    heap_factor: float | None = None  # seismic path only
+    budget: float | None = None  # approx path only
+    candidates: int | None = None  # approx path only
 
 
 @dataclass
@@ -315,10 +318,14 @@ class Engine:
                 raise ServiceError("NOT_FOUND", f"unknown index {name!r}; this server has {sorted(self.searchers)}")
             if spec.path == "dense" and any(d is None for d in self.searchers[name].dense):
                 raise ServiceError("FAILED_PRECONDITION", f"index {name!r} was built without a dense index; use the sparse path")
-            if spec.path == "approx" and not getattr(self.searchers[name], "has_approx", False):
-                raise ServiceError("FAILED_PRECONDITION", f"index {name!r} has no approximate index (sparc index approx)")
+            if spec.path == "seismic" and not getattr(self.searchers[name], "has_seismic", True):
+                raise ServiceError("FAILED_PRECONDITION", f"index {name!r} has no Seismic index (sparc index approx)")
         if spec.heap_factor is not None and not 0 < spec.heap_factor <= 1:
             raise ServiceError("INVALID_ARGUMENT", f"heap_factor must be in (0, 1], got {spec.heap_factor}")
+        if spec.budget is not None and not (np.isfinite(spec.budget) and 0 < spec.budget <= 1):
+            raise ServiceError("INVALID_ARGUMENT", f"budget must be in (0, 1], got {spec.budget}")
+        if spec.candidates is not None and not 1 <= spec.candidates <= MAX_CANDIDATES:
+            raise ServiceError("INVALID_ARGUMENT", f"candidates must be in [1, {MAX_CANDIDATES}], got {spec.candidates}")
         if not 1 <= spec.top_k <= self.settings.max_top_k:
             raise ServiceError("INVALID_ARGUMENT", f"top_k must be in [1, {self.settings.max_top_k}], got {spec.top_k}")
         n = self.model.n_latents
@@ -417,6 +424,8 @@ class Engine:
                 s.nprobe,
                 s.query_cut,
                 s.heap_factor,
+                s.budget,
+                s.candidates,
             )
             groups.setdefault(key, []).append(i)
         for members in groups.values():
@@ -435,6 +444,8 @@ class Engine:
                     nprobe=spec.nprobe,
                     query_cut=spec.query_cut,
                     heap_factor=spec.heap_factor,
+                    budget=spec.budget,
+                    candidates=spec.candidates,
                     require=spec.require or None,
                     exclude=spec.exclude or None,
                     boost=spec.boost or None,

@@ -37,6 +37,7 @@ PATHS = {
     pb.SEARCH_PATH_SPARSE: "sparse",
     pb.SEARCH_PATH_DENSE: "dense",
     pb.SEARCH_PATH_APPROX: "approx",
+    pb.SEARCH_PATH_SEISMIC: "seismic",
 }
 log = logging.getLogger("sparc.service")
 
@@ -169,6 +170,8 @@ class SparcServicer(pb_grpc.SparcServicer):
             nprobe=r.nprobe or None,
             query_cut=r.query_cut or None,
             heap_factor=r.heap_factor or None,
+            budget=r.budget or None,
+            candidates=r.candidates or None,
         )
 
     def _responses(self, specs: list[SearchSpec], context: grpc.ServicerContext) -> list[pb.SearchResponse]:

@@ -42,7 +42,7 @@ class ServiceSettings(BaseModel):
     stream_idle_seconds: float = Field(30.0, gt=0)  # a stream with no message either way for this long is ended
     batch_max_size: int = Field(256, ge=1)  # micro-batching: queries encoded together
     batch_max_wait_ms: float = Field(0.0, ge=0)  # micro-batching: extra wait for company (0: batch what is queued)
-    default_path: Literal["sparse", "dense", "approx"] = "sparse"
+    default_path: Literal["sparse", "dense", "approx", "seismic"] = "sparse"
     auth_token: str | None = None  # if set, calls need "authorization: Bearer <token>" (env SPARC_AUTH_TOKEN)
     auth_token_file: str | None = None  # or read the token from this file (never from the command line)
     reflection: bool = True  # gRPC server reflection (behind the token when auth is on)

@@ -427,7 +427,7 @@ def test_add_with_the_wrong_id_kind_says_what_to_do_and_stale_builds_are_cleaned
     assert read_manifest(tmp_path / "b").n_items == 40
 
 
-def test_approx_path_seismic_candidates_rescored_exactly(random_ckpt, tmp_path):
+def test_seismic_path_candidates_rescored_exactly(random_ckpt, tmp_path):
     pytest.importorskip("seismic")
     from index.seismic_backend import ApproxSettings
 
@@ -435,15 +435,15 @@ def test_approx_path_seismic_candidates_rescored_exactly(random_ckpt, tmp_path):
     build_bundle(random_ckpt, "img", feats, tmp_path / "b", progress=False, dense=False)
     s = Searcher(tmp_path / "b")
     xq = np.random.default_rng(5).standard_normal((30, 32)).astype(np.float32)
-    with pytest.raises(BundleError, match="has no approximate index"):
-        s.search(("img", xq), top_k=10, path="approx")
+    with pytest.raises(BundleError, match="has no Seismic index"):
+        s.search(("img", xq), top_k=10, path="seismic")
     from index.bundle import add_approx_index
 
     add_approx_index(tmp_path / "b", ApproxSettings(heap_factor=1.0))
     s = Searcher(tmp_path / "b")
     exact = s.search(("img", xq), top_k=10)
-    approx = s.search(("img", xq), top_k=10, path="approx")
-    assert approx.path == "approx"
+    approx = s.search(("img", xq), top_k=10, path="seismic")
+    assert approx.path == "seismic"
     recall = np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approx.ids, exact.ids)])
     assert recall >= 0.9
     code = s.encode("img", xq)
@@ -451,15 +451,15 @@ def test_approx_path_seismic_candidates_rescored_exactly(random_ckpt, tmp_path):
         for item, score in zip(approx.ids[q], approx.scores[q]):
             assert abs(sum(e.contribution for e in s.explain(code, item, top=64, row=q)) - score) < 1e-4
         assert approx.scores[q] == sorted(approx.scores[q], reverse=True)
-    cut = s.search(("img", xq), top_k=10, path="approx", query_cut=2, heap_factor=0.5)
+    cut = s.search(("img", xq), top_k=10, path="seismic", query_cut=2, heap_factor=0.5)
     assert np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(cut.ids, exact.ids)]) < recall  # per call, coarser
-    filtered = s.search(("img", xq[:1]), top_k=5, path="approx", require=[int(code.indices[0, 0])])
+    filtered = s.search(("img", xq[:1]), top_k=5, path="seismic", require=[int(code.indices[0, 0])])
     assert filtered.ids == s.search(("img", xq[:1]), top_k=5, require=[int(code.indices[0, 0])]).ids  # filters: exact
     extra = _feats(tmp_path, 100, 32, seed=9, name="extra.npy")
     append_to_bundle(tmp_path / "b", extra, progress=False)
     grown = Searcher(tmp_path / "b")
-    assert grown.has_approx and len(grown.shards[0].parts) == 2
-    assert grown.search(("img", np.load(extra)[:3]), top_k=1, path="approx").ids == [[3000], [3001], [3002]]
+    assert grown.has_seismic and len(grown.shards[0].parts) == 2
+    assert grown.search(("img", np.load(extra)[:3]), top_k=1, path="seismic").ids == [[3000], [3001], [3002]]
 
 
 def test_search_kernel_matches_brute_force_with_filters_and_blocks(tmp_path):
@@ -504,6 +504,107 @@ def test_search_kernel_matches_brute_force_with_filters_and_blocks(tmp_path):
         postings.PIECE_POSTINGS = monkey
     D1, I1 = P.search(qi, qv, 10, threads=1)
     np.testing.assert_array_equal(I1, I2)
+
+
+def _sparse_world(n=140_000, k=6, L=2000, seed=4):
+    rng = np.random.default_rng(seed)
+    idx = np.stack([rng.choice(L, k, replace=False) for _ in range(3000)])[rng.integers(0, 3000, n)]
+    val = (np.round(rng.random((n, k)) * 8) / 8 + 0.125).astype(np.float16)  # coarse: ties
+    val[rng.random((n, k)) < 0.2] = 0
+    return idx.astype(np.int16), val
+
+
+def test_approx_path_with_full_budget_equals_the_exact_kernel():
+    """budget 1 with room for every touched row: the same hits (ties too), filters and block splits."""
+    import index.postings as postings
+
+    idx, val = _sparse_world()
+    P = postings.Postings.from_codes(idx, val, 2000)
+    assert P.value_ordered
+    rng = np.random.default_rng(1)
+    qi, qv = rng.integers(0, 2000, (10, 5)), rng.random((10, 5)).astype(np.float32) + 0.05
+    for require, exclude in [(None, None), ([int(qi[0, 0])], None), (None, [int(qi[0, 1])])]:
+        for threads in (1, 2):
+            De, Ie = P.search(qi, qv, 10, threads=threads, require=require, exclude=exclude)
+            Da, Ia = P.search(qi, qv, 10, threads=threads, require=require, exclude=exclude,
+                              approx=(1.0, 20_000, idx, val))  # fmt: skip
+            np.testing.assert_array_equal(Ia, Ie)
+            np.testing.assert_allclose(Da, De, rtol=1e-5)
+    with pytest.raises(ValueError, match="budget"):
+        P.search(qi, qv, 10, approx=(0.0, 10, idx, val))
+    with pytest.raises(ValueError, match="candidates"):
+        P.search(qi, qv, 10, approx=(0.5, 0, idx, val))
+
+
+def test_approx_budget_reads_its_share_and_scores_exactly():
+    """A smaller budget reads fewer entries (the cut is where the histogram says), recall falls
+    gracefully, and whatever comes back has its exact score; row-ordered lists (parts written before
+    value order) answer the same as value-ordered ones."""
+    import index.postings as postings
+
+    idx, val = _sparse_world(seed=8)
+    n, L = len(idx), 2000
+    P = postings.Postings.from_codes(idx, val, L)
+    G = np.zeros((n, L), dtype=np.float32)
+    np.put_along_axis(G, idx.astype(np.int64), val.astype(np.float32), 1)
+    rng = np.random.default_rng(2)
+    rows = rng.integers(0, n, 40)  # queries: noisy copies of items (their neighbours exist)
+    qi = idx[rows].astype(np.int64)
+    qv = val[rows].astype(np.float32) * rng.uniform(0.7, 1.3, idx[rows].shape).astype(np.float32)
+    S = np.zeros((40, n), dtype=np.float32)
+    for q in range(40):
+        on = qv[q] > 0
+        S[q] = G[:, qi[q][on]] @ qv[q][on]
+    kth = -np.sort(-S, axis=1)[:, 9]
+    q_lat, q_w, q_len = postings._pack_queries(qi, qv, L)
+    hist, suffix = P.value_histogram()
+    recalls = []
+    for budget in (0.05, 0.2, 0.5):
+        tau = np.zeros(40, dtype=np.float32)
+        postings._budget_taus(q_lat, q_w, q_len, suffix, hist, budget, tau)
+        read = total = 0
+        for q in range(40):
+            for t in range(q_len[q]):
+                _, v = P.posting(int(q_lat[q, t]))
+                read += int((v * q_w[q, t] >= tau[q]).sum())
+                total += len(v)
+        assert abs(read / total - budget) < 0.35 * budget + 0.01, (budget, read / total)
+        D, I = P.search(qi, qv, 10, approx=(budget, 200, idx, val))
+        for q in range(40):
+            got = I[q][I[q] >= 0]
+            np.testing.assert_allclose(D[q][: len(got)], S[q, got], rtol=1e-4, atol=1e-5)  # exact scores
+        recalls.append(float(np.mean(D >= kth[:, None] - 1e-4)))
+    assert recalls[0] <= recalls[1] <= recalls[2] and recalls[2] >= 0.95, recalls
+    assert recalls[0] < 1.0  # a small budget does skip work that matters here
+    seg = np.repeat(np.arange(len(P.offsets) - 1), np.diff(P.offsets))
+    o = np.lexsort((np.asarray(P.items), seg))  # the same lists, row-ordered, no histogram
+    R = postings.Postings(P.offsets, np.asarray(P.items)[o], np.asarray(P.values)[o], n, L)
+    assert not R.value_ordered
+    for budget in (0.05, 0.5):
+        Dv, Iv = P.search(qi, qv, 10, approx=(budget, 200, idx, val), threads=1)
+        Dr, Ir = R.search(qi, qv, 10, approx=(budget, 200, idx, val), threads=1)
+        np.testing.assert_allclose(Dr, Dv, rtol=1e-5)
+
+
+def test_approx_path_through_the_searcher(random_ckpt, tmp_path):
+    feats = _feats(tmp_path, 3000, 32)
+    build_bundle(random_ckpt, "img", feats, tmp_path / "b", progress=False, dense=False)
+    s = Searcher(tmp_path / "b")
+    xq = np.load(feats)[:20] + 0.05 * np.random.default_rng(5).standard_normal((20, 32)).astype(np.float32)
+    exact = s.search(("img", xq), top_k=10)
+    full = s.search(("img", xq), top_k=10, path="approx", budget=1.0, candidates=3000)
+    assert full.path == "approx" and full.ids == exact.ids
+    approx = s.search(("img", xq), top_k=10, path="approx")
+    assert [a[0] for a in approx.ids] == list(range(20))  # each query's own item first
+    code = s.encode("img", xq)
+    for q in range(20):
+        for item, score in zip(approx.ids[q], approx.scores[q]):
+            assert abs(sum(e.contribution for e in s.explain(code, item, top=64, row=q)) - score) < 1e-4
+    lat = int(code.indices[0, 0])
+    filtered = s.search(("img", xq[:1]), top_k=5, path="approx", require=[lat], budget=1.0, candidates=3000)
+    assert filtered.ids == s.search(("img", xq[:1]), top_k=5, require=[lat]).ids
+    with pytest.raises(ValueError, match="budget must be in"):
+        s.search(("img", xq), path="approx", budget=1.5)
 
 
 def _search_in_child(queue) -> None:  # runs in a forked child

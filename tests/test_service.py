@@ -107,6 +107,23 @@ def test_search_over_several_indexes_merges_by_score(client, queries):
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_approx_path_over_grpc(client, queries):
+    for i in range(5):
+        exact = client.search_vector("clip_txt", queries[i], indexes=["dino"], top_k=5, path="sparse")
+        full = client.search(search_request(make_query(stream="clip_txt", vector=queries[i]), ["dino"], top_k=5,
+                                            path="approx", budget=1.0, candidates=600))  # fmt: skip
+        assert [h.id for h in full.hits] == [h.id for h in exact.hits]
+        np.testing.assert_allclose([h.score for h in full.hits], [h.score for h in exact.hits], rtol=1e-5)
+    bad = search_request(make_query(stream="clip_txt", vector=queries[0]), ["dino"], path="approx", budget=1.5)
+    with pytest.raises(grpc.RpcError) as e:
+        client.search(bad)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "budget" in e.value.details()
+    seismic = search_request(make_query(stream="clip_txt", vector=queries[0]), ["dino"], path="seismic")
+    with pytest.raises(grpc.RpcError) as e:
+        client.search(seismic)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "Seismic" in e.value.details()
+
+
 def test_batch_and_stream_match_single_calls(client, queries):
     reqs = [search_request(make_query(stream="clip_txt", vector=queries[i]), ["dino"], top_k=4) for i in range(20)]
     singles = [client.search(r) for r in reqs]
