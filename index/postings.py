@@ -129,7 +129,7 @@ def _search_kernel(
 ):  # pragma: no cover - compiled
     """Exact top-k for queries [q0, q1) over blocks [b0, b1); rows into D, I (best first, I = -1 past the hits)."""
     score = np.zeros(BLOCK, np.float32)
-    cnt = np.zeros(BLOCK, np.int32)
+    cnt = np.zeros(BLOCK if req.shape[0] > 0 or exc.shape[0] > 0 else 1, np.int32)
     touched = np.empty(BLOCK, np.int32)
     hs = np.empty(k, np.float32)
     hr = np.empty(k, np.int64)
@@ -233,21 +233,16 @@ def _count_at_least(suffix, hist, j, x):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def _budget_taus(q_lat, q_w, q_len, suffix, hist, budget, out):  # pragma: no cover - compiled
-    """Per query, the impact cut tau that leaves about ``budget`` of its postings (bisection on tau)."""
+def _budget_taus(q_lat, q_w, q_len, suffix, hist, vmax, budget, out):  # pragma: no cover - compiled
+    """Per query, the impact cut tau that leaves about ``budget`` of its postings (bisection on tau);
+    vmax: an upper bound of each latent's values."""
     for q in range(q_lat.shape[0]):
         total = 0.0
         hi = 0.0
         for t in range(q_len[q]):
             j = q_lat[q, t]
             total += suffix[j, 0]
-            top = 0
-            for b in range(hist.shape[1] - 1, -1, -1):
-                if hist[j, b] > 0:
-                    top = b
-                    break
-            vmax = 65504.0 if top >= 123 else math.ldexp(1.0 + 0.25 * ((top & 3) + 1), (top >> 2) - 15)
-            hi = max(hi, q_w[q, t] * vmax)
+            hi = max(hi, q_w[q, t] * vmax[j])
         if budget >= 1.0 or total == 0.0:
             out[q] = 0.0
             continue
@@ -311,7 +306,7 @@ def _approx_kernel(
     """Candidates for queries [q0, q1) over blocks [b0, b1): entries of impact >= tau[q] are scored and the
     best ``n_cand`` rows by that partial score go into CS (partial scores), CR (rows; -1 past the last)."""
     score = np.zeros(BLOCK, np.float32)
-    cnt = np.zeros(BLOCK, np.int32)
+    cnt = np.zeros(BLOCK if req.shape[0] > 0 or exc.shape[0] > 0 else 1, np.int32)
     touched = np.empty(BLOCK, np.int32)
     hs = np.empty(2 * n_cand, np.float32)  # candidates: kept above thr, cut back to the best n_cand when full
     hr = np.empty(2 * n_cand, np.int64)
@@ -530,9 +525,10 @@ class Postings:
             self._counts = per_block.sum(0)
         return self._counts
 
-    def value_histogram(self) -> tuple[np.ndarray, np.ndarray]:
-        """(hist [n_latents, HIST_BINS], suffix sums [n_latents, HIST_BINS + 1]) of the entries' values;
-        counted from the lists (block by block) when the part did not store one."""
+    def value_histogram(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(hist [n_latents, HIST_BINS], suffix sums [n_latents, HIST_BINS + 1], an upper bound of each
+        latent's values) of the entries' values; counted from the lists (block by block) when the part did
+        not store one."""
         if self._suffix is None:
             if self._hist is None:
                 hist = np.zeros(self._n_latents * HIST_BINS, dtype=np.int64)
@@ -544,8 +540,11 @@ class Postings:
                 self._hist = hist.reshape(self._n_latents, HIST_BINS).astype(np.float64)
             suffix = np.zeros((self._n_latents, HIST_BINS + 1), dtype=np.float64)
             suffix[:, :-1] = np.cumsum(self._hist[:, ::-1], axis=1)[:, ::-1]
+            top = np.where(self._hist.any(1), HIST_BINS - 1 - np.argmax(self._hist[:, ::-1] > 0, axis=1), 0)
+            # bin b holds float16 bits [256 b, 256 (b + 1)): exponent b >> 2, top mantissa bits b & 3
+            self._vmax = np.minimum(np.ldexp(1.0 + 0.25 * ((top & 3) + 1), (top >> 2) - 15), 65504.0)
             self._suffix = suffix
-        return self._hist, self._suffix
+        return self._hist, self._suffix, self._vmax
 
     def nbytes(self) -> int:
         return self.offsets.nbytes + self.items.nbytes + self.values.nbytes
@@ -598,9 +597,9 @@ class Postings:
             raise ValueError(f"candidates must be in [1, {MAX_CANDIDATES}], got {n_cand}")
         if np.shape(cidx)[0] != self.n_items or np.shape(cval) != np.shape(cidx):
             raise ValueError("codes for the approximate path must be [n_items, k] latent ids and values")
-        hist, suffix = self.value_histogram()
+        hist, suffix, vmax = self.value_histogram()
         tau = np.zeros(nq, dtype=np.float32)
-        _budget_taus(q_lat, q_w, q_len, suffix, hist, float(budget), tau)
+        _budget_taus(q_lat, q_w, q_len, suffix, hist, vmax, float(budget), tau)
         cval_bits = cval.view(np.uint16) if cval.dtype == np.float16 else np.asarray(cval, np.float16).view(np.uint16)
         n_cand = min(max(int(n_cand), k), self.n_items)
         args = (req, exc, self.offsets, self.items, self.values, _F16, self.n_items, self._n_latents,

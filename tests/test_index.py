@@ -557,11 +557,12 @@ def test_approx_budget_reads_its_share_and_scores_exactly():
         S[q] = G[:, qi[q][on]] @ qv[q][on]
     kth = -np.sort(-S, axis=1)[:, 9]
     q_lat, q_w, q_len = postings._pack_queries(qi, qv, L)
-    hist, suffix = P.value_histogram()
+    hist, suffix, vmax = P.value_histogram()
+    assert (vmax >= np.asarray([P.posting(j)[1].max(initial=0) for j in range(L)])).all()
     recalls = []
     for budget in (0.05, 0.2, 0.5):
         tau = np.zeros(40, dtype=np.float32)
-        postings._budget_taus(q_lat, q_w, q_len, suffix, hist, budget, tau)
+        postings._budget_taus(q_lat, q_w, q_len, suffix, hist, vmax, budget, tau)
         read = total = 0
         for q in range(40):
             for t in range(q_len[q]):
