@@ -9,7 +9,8 @@ or more parts (one per build or ``add``), each searched by the same kernel and m
     BUNDLE/v-.../part-00000/id_keys.npy     sorted 64-bit id keys and their rows (id_rows.npy): id lookup
     BUNDLE/v-.../part-00000/codes_idx.npy   [n, k] latent ids of every item's code (int16/int32)
     BUNDLE/v-.../part-00000/codes_val.npy   [n, k] float16 code values, L2-normalised per row
-    BUNDLE/v-.../part-00000/post_*          block posting lists over latents (index/postings.py)
+    BUNDLE/v-.../part-00000/post_*          block posting lists over latents, value-ordered, and each
+                                            latent's value histogram (index/postings.py)
     BUNDLE/v-.../part-00000/dense.faiss     FAISS index over the cross-decoded space (optional)
 
 A part is written block by block (memory bounded by one block of items, whatever the gallery size).

@@ -562,7 +562,7 @@ def test_approx_budget_reads_its_share_and_scores_exactly():
     recalls = []
     for budget in (0.05, 0.2, 0.5):
         tau = np.zeros(40, dtype=np.float32)
-        postings._budget_taus(q_lat, q_w, q_len, suffix, hist, vmax, budget, tau)
+        postings._budget_taus(q_lat, q_w, q_len, suffix, hist, vmax, np.ones(L, np.float32), budget, tau)
         read = total = 0
         for q in range(40):
             for t in range(q_len[q]):
