@@ -125,6 +125,32 @@ def _max_of(x, a, b):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
+def _mark_filters(req, exc, offsets, items, base, cnt):  # pragma: no cover - compiled
+    """In a block: count each row's required latents into cnt; rows with an excluded latent go negative."""
+    for t in range(req.shape[0]):
+        j = req[t]
+        for p in range(offsets[base + j], offsets[base + j + 1]):
+            cnt[items[p]] += 1
+    for t in range(exc.shape[0]):
+        j = exc[t]
+        for p in range(offsets[base + j], offsets[base + j + 1]):
+            cnt[items[p]] = -(1 << 30)
+
+
+@numba.njit(nogil=True, cache=True)
+def _clear_filters(req, exc, offsets, items, base, cnt):  # pragma: no cover - compiled
+    """Undo _mark_filters (zero only the rows it touched)."""
+    for t in range(req.shape[0]):
+        j = req[t]
+        for p in range(offsets[base + j], offsets[base + j + 1]):
+            cnt[items[p]] = 0
+    for t in range(exc.shape[0]):
+        j = exc[t]
+        for p in range(offsets[base + j], offsets[base + j + 1]):
+            cnt[items[p]] = 0
+
+
+@numba.njit(nogil=True, cache=True)
 def _search_kernel(
     q_lat, q_w, q_len, q0, q1, b0, b1, req, exc, offsets, items, values, f16, n_items, n_lat, k, D, I
 ):  # pragma: no cover - compiled
@@ -164,14 +190,7 @@ def _search_kernel(
                     for p in range(offsets[base + j], offsets[base + j + 1]):
                         score[items[p]] += w * f16[values[p]]
             if filtered:
-                for t in range(n_req):
-                    j = req[t]
-                    for p in range(offsets[base + j], offsets[base + j + 1]):
-                        cnt[items[p]] += 1
-                for t in range(exc.shape[0]):
-                    j = exc[t]
-                    for p in range(offsets[base + j], offsets[base + j + 1]):
-                        cnt[items[p]] = -(1 << 30)
+                _mark_filters(req, exc, offsets, items, base, cnt)
             if sparse:
                 for t in range(nt):
                     it = touched[t]
@@ -192,14 +211,7 @@ def _search_kernel(
                             thr = hs[0] if h == k else np.float32(0.0)
                 score[:rows] = 0.0
             if filtered:
-                for t in range(n_req):
-                    j = req[t]
-                    for p in range(offsets[base + j], offsets[base + j + 1]):
-                        cnt[items[p]] = 0
-                for t in range(exc.shape[0]):
-                    j = exc[t]
-                    for p in range(offsets[base + j], offsets[base + j + 1]):
-                        cnt[items[p]] = 0
+                _clear_filters(req, exc, offsets, items, base, cnt)
         for pos in range(h - 1, -1, -1):  # heap -> best first: pop the worst into the last free place
             D[q, pos] = hs[0]
             I[q, pos] = hr[0]
@@ -359,14 +371,7 @@ def _approx_kernel(
                             continue
                         score[items[p]] += w * v
             if filtered:
-                for t in range(n_req):
-                    j = req[t]
-                    for p in range(offsets[base + j], offsets[base + j + 1]):
-                        cnt[items[p]] += 1
-                for t in range(exc.shape[0]):
-                    j = exc[t]
-                    for p in range(offsets[base + j], offsets[base + j + 1]):
-                        cnt[items[p]] = -(1 << 30)
+                _mark_filters(req, exc, offsets, items, base, cnt)
             if sparse:
                 for t in range(nt):
                     it = touched[t]
@@ -393,14 +398,7 @@ def _approx_kernel(
                                 h, thr = _keep_best(hs, hr, h, n_cand)
                 score[:rows] = 0.0
             if filtered:
-                for t in range(n_req):
-                    j = req[t]
-                    for p in range(offsets[base + j], offsets[base + j + 1]):
-                        cnt[items[p]] = 0
-                for t in range(exc.shape[0]):
-                    j = exc[t]
-                    for p in range(offsets[base + j], offsets[base + j + 1]):
-                        cnt[items[p]] = 0
+                _clear_filters(req, exc, offsets, items, base, cnt)
         if h > n_cand:
             h, thr = _keep_best(hs, hr, h, n_cand)
         for c in range(h):
