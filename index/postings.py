@@ -125,6 +125,16 @@ def _max_of(x, a, b):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
+def _block_postings(q_lat, q_len, q, offsets, base):  # pragma: no cover - compiled
+    """Entries of query q's latents in the block whose offsets start at ``base``."""
+    size = 0
+    for t in range(q_len[q]):
+        j = q_lat[q, t]
+        size += offsets[base + j + 1] - offsets[base + j]
+    return size
+
+
+@numba.njit(nogil=True, cache=True)
 def _mark_filters(req, exc, offsets, items, base, cnt):  # pragma: no cover - compiled
     """In a block: count each row's required latents into cnt; rows with an excluded latent go negative."""
     for t in range(req.shape[0]):
@@ -166,10 +176,7 @@ def _search_kernel(
         h = 0
         for b in range(b0, b1):
             base = b * n_lat
-            size = 0
-            for t in range(q_len[q]):
-                j = q_lat[q, t]
-                size += offsets[base + j + 1] - offsets[base + j]
+            size = _block_postings(q_lat, q_len, q, offsets, base)
             if size == 0:
                 continue
             row0 = b * BLOCK
@@ -333,10 +340,7 @@ def _approx_kernel(
         t_q = tau[q]
         for b in range(b0, b1):
             base = b * n_lat
-            size = 0
-            for t in range(q_len[q]):
-                j = q_lat[q, t]
-                size += offsets[base + j + 1] - offsets[base + j]
+            size = _block_postings(q_lat, q_len, q, offsets, base)
             if size == 0:
                 continue
             row0 = b * BLOCK
