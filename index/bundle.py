@@ -689,7 +689,7 @@ class Bundle:
         """Approximate top-k (Seismic candidates, exact scores) over all parts: (D, I) as ``search_sparse``."""
         a = self.manifest.approx
         if a is None:
-            raise BundleError(f"{self.path}: has no Seismic index; add one with `sparc index approx --bundle {self.path}`")
+            raise BundleError(f"{self.path}: has no Seismic index; add one with `sparc index seismic --bundle {self.path}`")
         cut = a.query_cut if query_cut is None else int(query_cut)
         hf = a.heap_factor if heap_factor is None else float(heap_factor)
         if not 0 < hf <= 1:

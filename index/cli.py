@@ -40,7 +40,7 @@ def register(sub: Any) -> None:
     b.add_argument("--faiss", default="Flat", help="FAISS factory string for the dense path (default exact Flat)")
     b.add_argument("--no-dense", action="store_true", help="sparse latent search only (no FAISS index)")
     b.add_argument("--shard", default="0/1", help="build shard I/N of the rows (default 0/1)")
-    b.add_argument("--approx", action="store_true", help="also build a Seismic index (the seismic path)")
+    b.add_argument("--seismic", "--approx", dest="approx", action="store_true", help="also build a Seismic index (seismic path)")
     b.add_argument("--batch-size", type=int, default=8192)
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_build)
@@ -61,7 +61,7 @@ def register(sub: Any) -> None:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_export)
 
-    x = isub.add_parser("approx", help="add a Seismic index to every part of a bundle (the seismic path)")
+    x = isub.add_parser("seismic", aliases=["approx"], help="add a Seismic index to every part of a bundle (the seismic path)")
     x.add_argument("--bundle", required=True)
     _approx_flags(x)
     x.set_defaults(func=_approx)

@@ -138,7 +138,7 @@ class Searcher:
         path "approx": the posting lists read highest impact first up to ``budget`` (share of the query's
         postings, in (0, 1]), the best ``candidates`` rows rescored exactly (index/postings.py); filters
         apply inside. path "seismic": Seismic's candidates rescored exactly (``query_cut``, ``heap_factor``
-        per call, else the bundle's defaults; bundles given a Seismic index by `sparc index approx`); with
+        per call, else the bundle's defaults; bundles given a Seismic index by `sparc index seismic`); with
         latent filters it runs the exact sparse kernel, where filters are cheap.
 
         require / exclude: latents an item must / must not have active (inside the posting-list search on
@@ -154,7 +154,7 @@ class Searcher:
         if path not in PATHS:
             raise ValueError(f"unknown search path {path!r} (use one of {', '.join(PATHS)})")
         if path == "seismic" and any(b.manifest.approx is None for b in self.shards):
-            raise BundleError(f"{self.shards[0].path}: has no Seismic index; add one with `sparc index approx`")
+            raise BundleError(f"{self.shards[0].path}: has no Seismic index; add one with `sparc index seismic`")
         if path == "seismic" and (require or exclude):
             path = "sparse"
         if budget is not None and not 0 < budget <= 1:

@@ -319,7 +319,7 @@ class Engine:
             if spec.path == "dense" and any(d is None for d in self.searchers[name].dense):
                 raise ServiceError("FAILED_PRECONDITION", f"index {name!r} was built without a dense index; use the sparse path")
             if spec.path == "seismic" and not getattr(self.searchers[name], "has_seismic", True):
-                raise ServiceError("FAILED_PRECONDITION", f"index {name!r} has no Seismic index (sparc index approx)")
+                raise ServiceError("FAILED_PRECONDITION", f"index {name!r} has no Seismic index (sparc index seismic)")
         if spec.heap_factor is not None and not 0 < spec.heap_factor <= 1:
             raise ServiceError("INVALID_ARGUMENT", f"heap_factor must be in (0, 1], got {spec.heap_factor}")
         if spec.budget is not None and not (np.isfinite(spec.budget) and 0 < spec.budget <= 1):
