@@ -135,29 +135,17 @@ def _block_postings(q_lat, q_len, q, offsets, base):  # pragma: no cover - compi
 
 
 @numba.njit(nogil=True, cache=True)
-def _mark_filters(req, exc, offsets, items, base, cnt):  # pragma: no cover - compiled
-    """In a block: count each row's required latents into cnt; rows with an excluded latent go negative."""
+def _mark_filters(req, exc, offsets, items, base, cnt, clear):  # pragma: no cover - compiled
+    """In a block: count each row's required latents into cnt and send rows with an excluded latent
+    negative; with ``clear``, zero exactly those rows again."""
     for t in range(req.shape[0]):
         j = req[t]
         for p in range(offsets[base + j], offsets[base + j + 1]):
-            cnt[items[p]] += 1
+            cnt[items[p]] = 0 if clear else cnt[items[p]] + 1
     for t in range(exc.shape[0]):
         j = exc[t]
         for p in range(offsets[base + j], offsets[base + j + 1]):
-            cnt[items[p]] = -(1 << 30)
-
-
-@numba.njit(nogil=True, cache=True)
-def _clear_filters(req, exc, offsets, items, base, cnt):  # pragma: no cover - compiled
-    """Undo _mark_filters (zero only the rows it touched)."""
-    for t in range(req.shape[0]):
-        j = req[t]
-        for p in range(offsets[base + j], offsets[base + j + 1]):
-            cnt[items[p]] = 0
-    for t in range(exc.shape[0]):
-        j = exc[t]
-        for p in range(offsets[base + j], offsets[base + j + 1]):
-            cnt[items[p]] = 0
+            cnt[items[p]] = 0 if clear else -(1 << 30)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -197,7 +185,7 @@ def _search_kernel(
                     for p in range(offsets[base + j], offsets[base + j + 1]):
                         score[items[p]] += w * f16[values[p]]
             if filtered:
-                _mark_filters(req, exc, offsets, items, base, cnt)
+                _mark_filters(req, exc, offsets, items, base, cnt, False)
             if sparse:
                 for t in range(nt):
                     it = touched[t]
@@ -218,7 +206,7 @@ def _search_kernel(
                             thr = hs[0] if h == k else np.float32(0.0)
                 score[:rows] = 0.0
             if filtered:
-                _clear_filters(req, exc, offsets, items, base, cnt)
+                _mark_filters(req, exc, offsets, items, base, cnt, True)
         for pos in range(h - 1, -1, -1):  # heap -> best first: pop the worst into the last free place
             D[q, pos] = hs[0]
             I[q, pos] = hr[0]
@@ -375,7 +363,7 @@ def _approx_kernel(
                             continue
                         score[items[p]] += w * v
             if filtered:
-                _mark_filters(req, exc, offsets, items, base, cnt)
+                _mark_filters(req, exc, offsets, items, base, cnt, False)
             if sparse:
                 for t in range(nt):
                     it = touched[t]
@@ -402,7 +390,7 @@ def _approx_kernel(
                                 h, thr = _keep_best(hs, hr, h, n_cand)
                 score[:rows] = 0.0
             if filtered:
-                _clear_filters(req, exc, offsets, items, base, cnt)
+                _mark_filters(req, exc, offsets, items, base, cnt, True)
         if h > n_cand:
             h, thr = _keep_best(hs, hr, h, n_cand)
         for c in range(h):
