@@ -6,7 +6,9 @@ dense [n_items, n_latents] matrix. A query scores one block at a time into a 256
 cache, remembers the rows it touched, pushes them into a k-heap and zeroes only them: the work of a query
 is proportional to the postings it touches (plus a few offset reads per block), never to n_items, and no
 buffer of n_items floats exists. The kernel is compiled with numba and releases the GIL; a batch is split
-over a process-wide pool of threads (by query, or by block for a single query over a large gallery).
+over a process-wide pool of threads (by query, or by block for a heavy query), and a lone query of up to a
+few milliseconds runs its block ranges on numba's own threads (a launch costs microseconds where a hand-off
+between Python threads costs a good part of such a query).
 
 Inside a list, entries are ordered by value, largest first (ties: lower row first), and every part keeps a
 histogram of each latent's values (``post_hist.npy``). That gives the approximate path its cut: a query's
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +42,8 @@ DEFAULT_BUDGET = 0.5  # approximate path: share of the query's postings read (re
 DEFAULT_CANDIDATES = 300  # approximate path: rows rescored exactly (bench/index_scale.py)
 MAX_CANDIDATES = 100_000
 APPROX_SPARSE = 3.0  # approximate path: a block's entries above the cut x this < its rows -> touched-row mode
+LONE_MIN = 20_000  # a lone query reading at least this many postings runs on numba's threads (a launch: ~10 us)
+RESCORE_AHEAD = 8  # rescoring: the code row this many candidates ahead is touched, so its lines are on their way
 
 
 class SearchStopped(RuntimeError):
@@ -61,8 +66,13 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _forget_pool() -> None:
-    global _POOL
+    global _POOL, _LONE_FORKED
     _POOL = None  # a forked child has none of the parent's threads: it starts its own pool
+    _LONE_FORKED = True  # and an OpenMP runtime started before a fork can hang in the child: no numba threads
+
+
+_LONE = threading.Lock()  # one lone query at a time on numba's threads (not every threading layer is thread-safe)
+_LONE_FORKED = False
 
 
 if hasattr(os, "register_at_fork"):
@@ -216,6 +226,42 @@ def _search_kernel(
             I[q, pos] = -1
 
 
+@numba.njit(nogil=True, cache=True, parallel=True)
+def _search_lone(
+    q_lat, q_w, q_len, req, exc, offsets, items, values, f16, n_items, n_lat, k, D, I, n_parts
+):  # pragma: no cover - compiled
+    """Exact top-k of one query (row 0) on ``n_parts`` threads of numba's pool: each part scores a range of
+    blocks into its own top-k, then the top-k of those."""
+    nb = (n_items + BLOCK - 1) // BLOCK
+    n_parts = max(1, min(n_parts, nb))
+    PD = np.empty((n_parts, k), np.float32)
+    PI = np.empty((n_parts, k), np.int64)
+    for s in numba.prange(n_parts):
+        b0, b1 = s * nb // n_parts, (s + 1) * nb // n_parts
+        _search_kernel(q_lat, q_w, q_len, 0, 1, b0, b1, req, exc, offsets, items, values, f16, n_items, n_lat, k,
+                       PD[s : s + 1], PI[s : s + 1])  # fmt: skip
+    _merge_parts(PD, PI, k, D, I)
+
+
+@numba.njit(nogil=True, cache=True)
+def _merge_parts(PD, PI, k, D, I):  # pragma: no cover - compiled
+    """Row 0 of D, I: the best k of the parts' top-k lists PD, PI (I = -1: none)."""
+    ks = np.empty(k, np.float32)
+    kr = np.empty(k, np.int64)
+    m = 0
+    for s in range(PD.shape[0]):
+        for c in range(PD.shape[1]):
+            if PI[s, c] >= 0:
+                m = _heap_push(ks, kr, m, k, PD[s, c], PI[s, c])
+    for pos in range(m - 1, -1, -1):
+        D[0, pos] = ks[0]
+        I[0, pos] = kr[0]
+        _sift_down(ks, kr, pos, ks[pos], kr[pos])
+    for pos in range(m, k):
+        D[0, pos] = -np.inf
+        I[0, pos] = -1
+
+
 @numba.njit(nogil=True, cache=True)
 def _f16_bits(x):  # pragma: no cover - compiled
     """float16 bit pattern of a positive float32 (rounded down; 0x7C00 past the largest half)."""
@@ -256,7 +302,7 @@ def _budget_taus(q_lat, q_w, q_len, suffix, hist, vmax, prio, budget, out):  # p
             continue
         target = budget * total
         lo = hi * 1e-6  # geometric bisection: the cut's relative precision matters, not its absolute one
-        for _ in range(24):
+        for _ in range(14):  # (1e6) ** (2 ** -14): the cut within 0.1%
             mid = math.sqrt(lo * hi)
             c = 0.0
             for t in range(q_len[q]):
@@ -312,12 +358,15 @@ def _approx_kernel(
     n_cand,
     CS,
     CR,
+    qoff,
 ):  # pragma: no cover - compiled
     """Candidates for queries [q0, q1) over blocks [b0, b1): entries of impact >= tau[q] are scored and the
-    best ``n_cand`` rows by that partial score go into CS (partial scores), CR (rows; -1 past the last)."""
+    best ``n_cand`` rows by that partial score go into CS[q - qoff] (partial scores), CR[q - qoff] (rows; -1
+    past the last)."""
     score = np.zeros(BLOCK, np.float32)
     cnt = np.zeros(BLOCK if req.shape[0] > 0 or exc.shape[0] > 0 else 1, np.int32)
-    touched = np.empty(BLOCK, np.int32)
+    touched = np.empty(BLOCK + 1, np.int32)  # rows as read (repeats too); past BLOCK entries: the block is scanned
+    cb = np.empty(q_lat.shape[1], np.uint16)  # per query latent: float16 bits of its value cut
     hs = np.empty(2 * n_cand, np.float32)  # candidates: kept above thr, cut back to the best n_cand when full
     hr = np.empty(2 * n_cand, np.int64)
     n_req = req.shape[0]
@@ -325,7 +374,10 @@ def _approx_kernel(
     for q in range(q0, q1):
         h = 0
         thr = np.float32(0.0)
-        t_q = tau[q]
+        for t in range(q_len[q]):  # value >= cut  <=>  bits >= cb (positive halves order as their bits)
+            cut = tau[q] / (q_w[q, t] * prio[q_lat[q, t]])
+            bits = _f16_bits(cut)
+            cb[t] = bits + 1 if bits < 0x7C00 and f16[bits] < cut else bits
         for b in range(b0, b1):
             base = b * n_lat
             size = _block_postings(q_lat, q_len, q, offsets, base)
@@ -338,30 +390,31 @@ def _approx_kernel(
             for t in range(q_len[q]):
                 j = q_lat[q, t]
                 w = q_w[q, t]
-                cut = t_q / (w * prio[j])
+                c_t = cb[t]
                 a = offsets[base + j]
                 e = offsets[base + j + 1]
                 # a value-ordered list stops at the cut (read in order: bisection would miss the cache)
                 if sparse:
                     for p in range(a, e):
-                        v = f16[values[p]]
-                        if v < cut:
+                        x = values[p]
+                        if x < c_t:
                             if ordered:
                                 break
                             continue
                         it = items[p]
-                        c = w * v
-                        touched[nt] = it  # branch-free: counted only when the row is new (and c adds something)
-                        nt += (score[it] == 0.0) & (c > 0.0)
-                        score[it] += c
+                        touched[nt] = it  # every entry (no test of the row: no wait on the score's load)
+                        nt += nt < BLOCK
+                        score[it] += w * f16[x]
                 else:
                     for p in range(a, e):
-                        v = f16[values[p]]
-                        if v < cut:
+                        x = values[p]
+                        if x < c_t:
                             if ordered:
                                 break
                             continue
-                        score[items[p]] += w * v
+                        score[items[p]] += w * f16[x]
+            if sparse and nt >= BLOCK:  # more entries than the list holds: scan the block instead
+                sparse = False
             if filtered:
                 _mark_filters(req, exc, offsets, items, base, cnt, False)
             if sparse:
@@ -394,30 +447,39 @@ def _approx_kernel(
         if h > n_cand:
             h, thr = _keep_best(hs, hr, h, n_cand)
         for c in range(h):
-            CS[q, c] = hs[c]
-            CR[q, c] = hr[c]
+            CS[q - qoff, c] = hs[c]
+            CR[q - qoff, c] = hr[c]
         for c in range(h, n_cand):
-            CS[q, c] = 0.0
-            CR[q, c] = -1
+            CS[q - qoff, c] = 0.0
+            CR[q - qoff, c] = -1
 
 
 @numba.njit(nogil=True, cache=True)
-def _rescore(q_lat, q_w, q_len, q0, q1, cand, cidx, cval, f16, n_lat, k, D, I):  # pragma: no cover - compiled
-    """Exact scores of each query's candidate rows (cand [nq, m], -1 = none) from the codes (cidx, cval:
-    float16 bits); the top-k of them into D, I (best first; ties: lower row first)."""
+def _rescore(q_lat, q_w, q_len, q0, q1, cand, coff, cidx, cval, f16, n_lat, k, D, I):  # pragma: no cover - compiled
+    """Exact scores of each query's candidate rows (cand[q - coff] [m], -1 = none) from the codes (cidx,
+    cval: float16 bits); the top-k of them into D, I (best first; ties: lower row first). Returns a value
+    of no meaning (it keeps the touches ahead from being optimised away)."""
     qd = np.zeros(n_lat, np.float32)
     ks = np.empty(k, np.float32)
     kr = np.empty(k, np.int64)
+    width = cidx.shape[1]
+    m_cand = cand.shape[1]
+    sink = 0
     for q in range(q0, q1):
         for t in range(q_len[q]):
             qd[q_lat[q, t]] = q_w[q, t]
         m = 0
-        for c in range(cand.shape[1]):
-            r = cand[q, c]
+        for c in range(m_cand):
+            if c + RESCORE_AHEAD < m_cand:  # random rows miss the cache: start fetching one a few rows ahead
+                r2 = cand[q - coff, c + RESCORE_AHEAD]
+                if r2 >= 0:
+                    for u in range(0, width, 32):
+                        sink += cidx[r2, u] + cval[r2, u]
+            r = cand[q - coff, c]
             if r < 0:
                 continue
             s = np.float32(0.0)
-            for u in range(cidx.shape[1]):
+            for u in range(width):
                 w = qd[cidx[r, u]]
                 if w != 0.0:  # most of an item's latents are not in the query: skip the value lookup
                     s += w * f16[cval[r, u]]
@@ -432,6 +494,108 @@ def _rescore(q_lat, q_w, q_len, q0, q1, cand, cidx, cval, f16, n_lat, k, D, I): 
         for pos in range(m, k):
             D[q, pos] = -np.inf
             I[q, pos] = -1
+    return sink
+
+
+@numba.njit(nogil=True, cache=True)
+def _approx_search(
+    q_lat,
+    q_w,
+    q_len,
+    tau,
+    budget,
+    q0,
+    q1,
+    req,
+    exc,
+    offsets,
+    items,
+    values,
+    f16,
+    n_items,
+    n_lat,
+    ordered,
+    prio,
+    n_cand,
+    cidx,
+    cval,
+    k,
+    D,
+    I,
+):  # pragma: no cover - compiled
+    """The approximate path for queries [q0, q1) over the whole gallery in one call, a query at a time:
+    candidates (``_approx_kernel``), then their exact rescoring into D, I."""
+    CS = np.empty((1, n_cand), np.float32)
+    CR = np.empty((1, n_cand), np.int64)
+    nb = (n_items + BLOCK - 1) // BLOCK
+    sink = 0
+    for q in range(q0, q1):
+        _approx_kernel(q_lat, q_w, q_len, tau, budget, q, q + 1, 0, nb, req, exc, offsets, items, values, f16,
+                       n_items, n_lat, ordered, prio, n_cand, CS, CR, q)  # fmt: skip
+        sink += _rescore(q_lat, q_w, q_len, q, q + 1, CR, q, cidx, cval, f16, n_lat, k, D, I)
+    return sink
+
+
+@numba.njit(nogil=True, cache=True, parallel=True)
+def _approx_lone(
+    q_lat,
+    q_w,
+    q_len,
+    tau,
+    budget,
+    req,
+    exc,
+    offsets,
+    items,
+    values,
+    f16,
+    n_items,
+    n_lat,
+    ordered,
+    prio,
+    n_cand,
+    cidx,
+    cval,
+    k,
+    D,
+    I,
+    n_parts,
+):  # pragma: no cover - compiled
+    """The approximate path for one query (row 0) on ``n_parts`` threads of numba's pool (a launch costs
+    microseconds, where a hand-off between Python threads costs a good part of such a query): each part
+    reads a range of blocks, the best ``n_cand`` of all parts' candidates are rescored, split again."""
+    nb = (n_items + BLOCK - 1) // BLOCK
+    n_parts = max(1, min(n_parts, nb))
+    CS = np.zeros((n_parts, n_cand), np.float32)
+    CR = np.full((n_parts, n_cand), -1, np.int64)
+    for s in numba.prange(n_parts):
+        b0, b1 = s * nb // n_parts, (s + 1) * nb // n_parts
+        _approx_kernel(q_lat, q_w, q_len, tau, budget, 0, 1, b0, b1, req, exc, offsets, items, values, f16,
+                       n_items, n_lat, ordered, prio, n_cand, CS[s : s + 1], CR[s : s + 1], 0)  # fmt: skip
+    hs = np.empty(n_parts * n_cand, np.float32)
+    hr = np.empty(n_parts * n_cand, np.int64)
+    h = 0
+    for s in range(n_parts):
+        for c in range(n_cand):
+            if CR[s, c] >= 0:
+                hs[h] = CS[s, c]
+                hr[h] = CR[s, c]
+                h += 1
+    if h > n_cand:
+        h, _ = _keep_best(hs, hr, h, n_cand)
+    # rescoring, split the same way: each part's top-k, then the top-k of those
+    per = -(-h // n_parts)
+    PD = np.full((n_parts, k), -np.inf, np.float32)
+    PI = np.full((n_parts, k), -1, np.int64)
+    cand = np.full((n_parts, max(per, 1)), -1, np.int64)
+    for s in range(n_parts):
+        for c in range(s * per, min(h, (s + 1) * per)):
+            cand[s, c - s * per] = hr[c]
+    sink = 0
+    for s in numba.prange(n_parts):
+        sink += _rescore(q_lat, q_w, q_len, 0, 1, cand[s : s + 1], 0, cidx, cval, f16, n_lat, k, PD[s : s + 1], PI[s : s + 1])
+    _merge_parts(PD, PI, k, D, I)
+    return sink
 
 
 def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -579,18 +743,38 @@ class Postings:
         if nq == 0 or k == 0 or self.n_items == 0:
             return D, I
         q_lat, q_w, q_len = _pack_queries(q_idx, q_val, self._n_latents)
-        req = np.array(sorted(set(require or [])), dtype=np.int32)
-        exc = np.array(sorted(set(exclude or [])), dtype=np.int32)
+        req = np.array(sorted(set(require)), dtype=np.int32) if require else _NONE
+        exc = np.array(sorted(set(exclude)), dtype=np.int32) if exclude else _NONE
         if len(req) and len(exc) and np.isin(req, exc).any():
             return D, I  # nothing can both have and not have a latent
         threads = max(1, min(threads or search_threads(), search_threads()))
         if approx is None:
             args = (req, exc, self.offsets, self.items, self.values, _F16, self.n_items, self._n_latents, k)
 
-            def kernel(q0: int, q1: int, b0: int, b1: int, d: np.ndarray, i: np.ndarray) -> None:
+            def kernel(q0: int, q1: int, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray]:
+                whole = b0 == 0 and b1 == self.n_blocks  # whole gallery: straight into the answer
+                d, i = (D, I) if whole else (np.empty((nq, k), np.float32), np.empty((nq, k), np.int64))
                 _search_kernel(q_lat, q_w, q_len, q0, q1, b0, b1, *args, d, i)
+                return d[q0:q1], i[q0:q1]
 
-            return self._run_pieces(kernel, q_lat, q_len, threads, 1.0, D, I, should_stop)
+            if self._lone(nq, threads, q_lat, q_len, 1.0):
+                try:
+                    if should_stop is not None and should_stop():
+                        raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
+                    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+                    _search_lone(q_lat, q_w, q_len, *args, D, I, threads)
+                finally:
+                    _LONE.release()
+                return D, I
+            pieces = self._pieces(q_lat, q_len, threads)
+            results = _map_pieces(kernel, pieces, threads, should_stop)
+            split: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+            for (q0, _q1, b0, b1), r in zip(pieces, results):
+                if not (b0 == 0 and b1 == self.n_blocks):
+                    split.setdefault(q0, []).append(r)
+            for q0, outs in split.items():  # a heavy query searched as block ranges: merge its pieces
+                D[q0 : q0 + 1], I[q0 : q0 + 1] = merge_topk(outs, k)
+            return D, I
         budget, n_cand, cidx, cval = approx
         if not 0 < budget <= 1:
             raise ValueError(f"budget must be in (0, 1], got {budget}")
@@ -607,80 +791,64 @@ class Postings:
         args = (req, exc, self.offsets, self.items, self.values, _F16, self.n_items, self._n_latents,
                 self.value_ordered, prio, n_cand)  # fmt: skip
 
-        def candidates(q0: int, q1: int, b0: int, b1: int, cs: np.ndarray, cr: np.ndarray) -> None:
-            _approx_kernel(q_lat, q_w, q_len, tau, np.float32(budget), q0, q1, b0, b1, *args, cs, cr)
-
-        CS = np.zeros((nq, n_cand), dtype=np.float32)
-        CR = np.full((nq, n_cand), -1, dtype=np.int64)
-        self._run_pieces(candidates, q_lat, q_len, threads, float(budget), CS, CR, should_stop)
-        step = max(1, -(-nq // threads))  # rescoring: the best candidates of all pieces, exactly, once
-
-        def rescore(q0: int) -> None:
-            _rescore(q_lat, q_w, q_len, q0, min(nq, q0 + step), CR, cidx, cval_bits, _F16, self._n_latents, k, D, I)
-
-        starts = list(range(0, nq, step))
-        if len(starts) == 1:
-            rescore(0)
-        else:
-            list(_pool().map(rescore, starts))
-        return D, I
-
-    def _run_pieces(
-        self,
-        kernel: Callable[[int, int, int, int, np.ndarray, np.ndarray], None],
-        q_lat: np.ndarray,
-        q_len: np.ndarray,
-        threads: int,
-        share: float,
-        D: np.ndarray,
-        I: np.ndarray,
-        should_stop: Callable[[], bool] | None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Run ``kernel(q0, q1, b0, b1, D, I)`` over the pieces of the batch (in parallel), each query's
-        best ``D.shape[1]`` into D, I; pieces of one heavy query (block ranges) are merged."""
-        nq, width = D.shape
-        pieces = self._pieces(q_lat, q_len, threads, share)
-
-        def run(piece: tuple[int, int, int, int]) -> tuple[int, int, np.ndarray, np.ndarray] | None:
-            q0, q1, b0, b1 = piece
-            if should_stop is not None and should_stop():
+        def run(q0: int, q1: int, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray] | None:
+            if b0 == 0 and b1 == self.n_blocks:  # whole gallery: candidates and rescoring in one call
+                _approx_search(q_lat, q_w, q_len, tau, np.float32(budget), q0, q1, req, exc, *args[2:],
+                               cidx, cval_bits, k, D, I)  # fmt: skip
                 return None
-            if b0 == 0 and b1 == self.n_blocks:  # whole gallery: straight into the answer
-                kernel(q0, q1, b0, b1, D, I)
-                return q0, q1, D[q0:q1], I[q0:q1]
-            d = np.empty((nq, width), dtype=D.dtype)
-            i = np.empty((nq, width), dtype=np.int64)
-            kernel(q0, q1, b0, b1, d, i)
-            return q0, q1, d[q0:q1], i[q0:q1]
+            cs, cr = np.empty((q1 - q0, n_cand), np.float32), np.empty((q1 - q0, n_cand), np.int64)
+            _approx_kernel(q_lat, q_w, q_len, tau, np.float32(budget), q0, q1, b0, b1, *args, cs, cr, q0)
+            return cs, cr
 
-        results: list[tuple[int, int, np.ndarray, np.ndarray] | None] = []
-        if len(pieces) == 1 or threads == 1:
-            for p in pieces:
-                results.append(run(p))
-                if results[-1] is None:
-                    break
-        else:
-            results = list(_pool().map(run, pieces))
-        if any(r is None for r in results):
-            raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
-        split: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-        for (q0, _q1, b0, b1), r in zip(pieces, results):
-            if not (b0 == 0 and b1 == self.n_blocks):
-                split.setdefault(q0, []).append((r[2], r[3]))
-        for q0, outs in split.items():  # a heavy query searched as block ranges: merge its pieces
-            D[q0 : q0 + 1], I[q0 : q0 + 1] = merge_topk(outs, width)
+        if self._lone(nq, threads, q_lat, q_len, float(budget)):
+            try:
+                if should_stop is not None and should_stop():
+                    raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+                _approx_lone(q_lat, q_w, q_len, tau, np.float32(budget), req, exc, *args[2:], cidx, cval_bits, k, D, I,
+                             threads)  # fmt: skip
+            finally:
+                _LONE.release()
+            return D, I
+        pieces = self._pieces(q_lat, q_len, threads, float(budget))
+        results = _map_pieces(run, pieces, threads, should_stop)
+        split = {}
+        for (q0, _q1, _b0, _b1), r in zip(pieces, results):
+            if r is not None:
+                split.setdefault(q0, []).append(r)
+        for q0, outs in split.items():  # a heavy query read as block ranges: its best candidates, rescored
+            _, cr = merge_topk([(cs, np.where(cs > 0, cr, -1)) for cs, cr in outs], n_cand)
+            _rescore(q_lat, q_w, q_len, q0, q0 + 1, cr, q0, cidx, cval_bits, _F16, self._n_latents, k, D, I)
         return D, I
 
-    def _pieces(self, q_lat: np.ndarray, q_len: np.ndarray, threads: int, share: float = 1.0) -> list[tuple[int, int, int, int]]:
+    def _lone(self, nq: int, threads: int, q_lat: np.ndarray, q_len: np.ndarray, share: float) -> bool:
+        """Whether a call runs as a lone query on numba's threads (then it holds _LONE: release it). Only one
+        query, on more than one block, with work between LONE_MIN and a few pieces (a few ms: should_stop
+        is polled before it starts, larger work goes in pieces where it is polled as they go), and only one
+        such query at a time in the process (not every threading layer is thread-safe), never in a child
+        forked from a process that used them (an OpenMP runtime does not survive a fork)."""
+        if nq != 1 or threads < 2 or self.n_blocks < 2 or _LONE_FORKED:
+            return False
+        work = int(self.latent_counts()[q_lat[0, : q_len[0]]].sum() * share)
+        return LONE_MIN <= work <= PIECE_POSTINGS * threads and _LONE.acquire(blocking=False)
+
+    def _pieces(
+        self, q_lat: np.ndarray, q_len: np.ndarray, threads: int, share: float = 1.0, min_piece: int | None = None
+    ) -> list[tuple[int, int, int, int]]:
         """Cut a batch into pieces of about PIECE_POSTINGS postings each: (q0, q1, b0, b1). Light queries are
         grouped; a heavy query (a large gallery) is cut into block ranges. Small pieces let ``should_stop``
-        be polled often and spread the work over threads. ``share``: the part of its postings a query reads."""
+        be polled often and spread the work over threads. ``share``: the part of its postings a query reads;
+        ``min_piece``: no piece is cut smaller than this to feed more threads (default PIECE_POSTINGS / 8)."""
         counts = self.latent_counts()
-        active = np.arange(q_lat.shape[1])[None, :] < q_len[:, None]
-        work = ((counts[q_lat] * active).sum(1) * share).astype(np.int64)
+        if len(q_lat) == 1:  # a lone query (the common call): no mask
+            work = np.array([int(counts[q_lat[0, : q_len[0]]].sum() * share)], dtype=np.int64)
+        else:
+            active = np.arange(q_lat.shape[1])[None, :] < q_len[:, None]
+            work = ((counts[q_lat] * active).sum(1) * share).astype(np.int64)
         target = max(1, PIECE_POSTINGS)
+        min_piece = PIECE_POSTINGS // 8 if min_piece is None else min_piece
         if threads > 1:  # enough pieces for every thread (a lone query over a large gallery too)
-            target = max(1, min(target, max(int(work.sum()) // (2 * threads), PIECE_POSTINGS // 8)))
+            target = max(1, min(target, max(int(work.sum()) // (2 * threads), min_piece)))
         pieces, q0, acc = [], 0, 0
         for q, w in enumerate(work.tolist()):
             if w > target and self.n_blocks > 1:  # heavy: alone, over block ranges
@@ -698,6 +866,41 @@ class Postings:
         if q0 < len(work):
             pieces.append((q0, len(work), 0, self.n_blocks))
         return pieces
+
+
+_NONE = np.zeros(0, dtype=np.int32)
+_STOPPED = object()
+
+
+def _map_pieces(
+    fn: Callable[[int, int, int, int], object],
+    pieces: list[tuple[int, int, int, int]],
+    threads: int,
+    should_stop: Callable[[], bool] | None,
+) -> list:
+    """``fn(q0, q1, b0, b1)`` over the pieces, in parallel, results in order; ``should_stop`` is polled
+    before each piece (raises SearchStopped once true). When every piece has a thread, this thread takes
+    the first itself (one hand-off fewer: it matters for sub-millisecond queries)."""
+
+    def run(piece: tuple[int, int, int, int]) -> object:
+        if should_stop is not None and should_stop():
+            return _STOPPED
+        return fn(*piece)
+
+    results: list = []
+    if len(pieces) == 1 or threads == 1:
+        for p in pieces:
+            results.append(run(p))
+            if results[-1] is _STOPPED:
+                break
+    elif len(pieces) <= threads:
+        futures = [_pool().submit(run, p) for p in pieces[1:]]
+        results = [run(pieces[0])] + [f.result() for f in futures]
+    else:
+        results = list(_pool().map(run, pieces))
+    if any(r is _STOPPED for r in results):
+        raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
+    return results
 
 
 def _pack_queries(q_idx: np.ndarray, q_val: np.ndarray, n_latents: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -805,3 +1008,8 @@ def warm_up() -> None:
     p.search(np.array([[0, 1]]), np.array([[1.0, 0.5]], dtype=np.float32), 1, require=[0], exclude=[1])
     codes = (np.array([[0, 1]], dtype=np.int16), np.array([[0.6, 0.8]], dtype=np.float16))
     p.search(np.array([[0, 1]]), np.array([[1.0, 0.5]], dtype=np.float32), 1, approx=(0.5, 4, *codes))
+    n = BLOCK + 1  # two blocks: a lone approximate query on numba's threads
+    codes = (np.zeros((n, 1), dtype=np.int16), np.full((n, 1), 0.5, dtype=np.float16))
+    p = Postings.from_codes(*codes, 2)
+    p.search(np.array([[0]]), np.array([[1.0]], dtype=np.float32), 1)
+    p.search(np.array([[0]]), np.array([[1.0]], dtype=np.float32), 1, approx=(1.0, 4, *codes))

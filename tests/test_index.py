@@ -536,6 +536,37 @@ def test_approx_path_with_full_budget_equals_the_exact_kernel():
         P.search(qi, qv, 10, approx=(0.5, 0, idx, val))
 
 
+def test_a_lone_query_on_numba_threads_answers_as_the_serial_kernels(monkeypatch):
+    """One query over several blocks runs on numba's threads (block ranges, then merged): the same hits as
+    the one-thread kernels, exact and approximate, with filters and ties."""
+    import index.postings as postings
+
+    idx, val = _sparse_world(seed=5)
+    P = postings.Postings.from_codes(idx, val, 2000)
+    rng = np.random.default_rng(6)
+    qi, qv = rng.integers(0, 2000, (8, 5)), rng.random((8, 5)).astype(np.float32) + 0.05
+    monkeypatch.setattr(postings, "LONE_MIN", 1)  # these small queries qualify too
+    q_lat, _, q_len = postings._pack_queries(qi[:1], qv[:1], 2000)
+    assert P._lone(1, 2, q_lat, q_len, 1.0)  # the path under test is the one taken
+    postings._LONE.release()
+    assert not P._lone(2, 2, *postings._pack_queries(qi[:2], qv[:2], 2000)[::2], 1.0)  # batches: pieces
+    for q in range(8):
+        for require, exclude in [(None, None), ([int(qi[q, 0])], None), (None, [int(qi[q, 1])])]:
+            one = dict(require=require, exclude=exclude)
+            De, Ie = P.search(qi[q : q + 1], qv[q : q + 1], 10, threads=1, **one)
+            Dl, Il = P.search(qi[q : q + 1], qv[q : q + 1], 10, threads=2, **one)
+            np.testing.assert_array_equal(Il, Ie)
+            np.testing.assert_allclose(Dl, De, rtol=1e-5)
+            for budget in (1.0, 0.3):
+                a = (budget, 20_000, idx, val)
+                Ds, Is = P.search(qi[q : q + 1], qv[q : q + 1], 10, threads=1, approx=a, **one)
+                Dp, Ip = P.search(qi[q : q + 1], qv[q : q + 1], 10, threads=2, approx=a, **one)
+                np.testing.assert_array_equal(Ip, Is)
+                np.testing.assert_allclose(Dp, Ds, rtol=1e-5)
+                if budget == 1.0:
+                    np.testing.assert_array_equal(Ip, Ie)
+
+
 def test_approx_budget_reads_its_share_and_scores_exactly():
     """A smaller budget reads fewer entries (the cut is where the histogram says), recall falls
     gracefully, and whatever comes back has its exact score; row-ordered lists (parts written before
@@ -614,18 +645,26 @@ def _search_in_child(queue) -> None:  # runs in a forked child
     rng = np.random.default_rng(0)
     P = postings.Postings.from_codes(rng.integers(0, 32, (5000, 4)), rng.random((5000, 4)) + 0.1, 32)
     D, _ = P.search(rng.integers(0, 32, (8, 3)), rng.random((8, 3)).astype(np.float32) + 0.1, 5, threads=2)
-    queue.put(bool(np.isfinite(D).all()))
+    postings.PIECE_POSTINGS = 2_000_000  # a lone query that would go to numba's threads, were this no child
+    two = postings.Postings.from_codes(rng.integers(0, 32, (70_000, 4)), rng.random((70_000, 4)) + 0.1, 32)
+    D1, _ = two.search(rng.integers(0, 32, (1, 3)), rng.random((1, 3)).astype(np.float32) + 0.1, 5, threads=2)
+    queue.put(bool(np.isfinite(D).all() and np.isfinite(D1).all() and postings._LONE_FORKED))
 
 
 def test_search_in_a_forked_child_does_not_hang(monkeypatch):
     """The thread pool is process-wide; a forked child (a worker process) must start its own, not wait on
-    threads that do not exist there."""
+    threads that do not exist there (nor on numba's: a lone query in the child runs in pieces instead)."""
     import multiprocessing as mp
 
     import index.postings as postings
 
-    monkeypatch.setattr(postings, "PIECE_POSTINGS", 10)  # several pieces: the pool is used
     rng = np.random.default_rng(1)
+    two = postings.Postings.from_codes(rng.integers(0, 32, (70_000, 4)), rng.random((70_000, 4)) + 0.1, 32)
+    q_lat, _, q_len = postings._pack_queries(np.array([[1, 2, 3]]), np.ones((1, 3), np.float32), 32)
+    assert two._lone(1, 2, q_lat, q_len, 1.0)  # numba's threads (OpenMP where present) up
+    postings._LONE.release()
+    two.search(np.array([[1, 2, 3]]), np.ones((1, 3), np.float32), 5, threads=2)
+    monkeypatch.setattr(postings, "PIECE_POSTINGS", 10)  # several pieces: the pool is used
     P = postings.Postings.from_codes(rng.integers(0, 32, (5000, 4)), rng.random((5000, 4)) + 0.1, 32)
     P.search(rng.integers(0, 32, (8, 3)), rng.random((8, 3)).astype(np.float32) + 0.1, 5, threads=2)  # pool up
     ctx = mp.get_context("fork")
