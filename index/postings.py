@@ -362,7 +362,7 @@ def _approx_kernel(
 ):  # pragma: no cover - compiled
     """Candidates for queries [q0, q1) over blocks [b0, b1): entries of impact >= tau[q] are scored and the
     best ``n_cand`` rows by that partial score go into CS[q - qoff] (partial scores), CR[q - qoff] (rows; -1
-    past the last)."""
+    past the last). Returns a value of no meaning (it keeps the early touches from being optimised away)."""
     score = np.zeros(BLOCK, np.float32)
     cnt = np.zeros(BLOCK if req.shape[0] > 0 or exc.shape[0] > 0 else 1, np.int32)
     touched = np.empty(BLOCK + 1, np.int32)  # rows as read (repeats too); past BLOCK entries: the block is scanned
@@ -371,6 +371,8 @@ def _approx_kernel(
     hr = np.empty(2 * n_cand, np.int64)
     n_req = req.shape[0]
     filtered = n_req > 0 or exc.shape[0] > 0
+    n_entries = items.shape[0]
+    sink = 0
     for q in range(q0, q1):
         h = 0
         thr = np.float32(0.0)
@@ -380,6 +382,11 @@ def _approx_kernel(
             cb[t] = bits + 1 if bits < 0x7C00 and f16[bits] < cut else bits
         for b in range(b0, b1):
             base = b * n_lat
+            if b + 1 < b1:  # the next block's list heads miss the cache: start fetching them now
+                for t in range(q_len[q]):
+                    a = offsets[base + n_lat + q_lat[q, t]]
+                    if a < n_entries:
+                        sink += items[a] + values[a]
             size = _block_postings(q_lat, q_len, q, offsets, base)
             if size == 0:
                 continue
@@ -452,6 +459,7 @@ def _approx_kernel(
         for c in range(h, n_cand):
             CS[q - qoff, c] = 0.0
             CR[q - qoff, c] = -1
+    return sink
 
 
 @numba.njit(nogil=True, cache=True)
@@ -530,7 +538,7 @@ def _approx_search(
     nb = (n_items + BLOCK - 1) // BLOCK
     sink = 0
     for q in range(q0, q1):
-        _approx_kernel(q_lat, q_w, q_len, tau, budget, q, q + 1, 0, nb, req, exc, offsets, items, values, f16,
+        sink += _approx_kernel(q_lat, q_w, q_len, tau, budget, q, q + 1, 0, nb, req, exc, offsets, items, values, f16,
                        n_items, n_lat, ordered, prio, n_cand, CS, CR, q)  # fmt: skip
         sink += _rescore(q_lat, q_w, q_len, q, q + 1, CR, q, cidx, cval, f16, n_lat, k, D, I)
     return sink
@@ -568,9 +576,10 @@ def _approx_lone(
     n_parts = max(1, min(n_parts, nb))
     CS = np.zeros((n_parts, n_cand), np.float32)
     CR = np.full((n_parts, n_cand), -1, np.int64)
+    sink = 0
     for s in numba.prange(n_parts):
         b0, b1 = s * nb // n_parts, (s + 1) * nb // n_parts
-        _approx_kernel(q_lat, q_w, q_len, tau, budget, 0, 1, b0, b1, req, exc, offsets, items, values, f16,
+        sink += _approx_kernel(q_lat, q_w, q_len, tau, budget, 0, 1, b0, b1, req, exc, offsets, items, values, f16,
                        n_items, n_lat, ordered, prio, n_cand, CS[s : s + 1], CR[s : s + 1], 0)  # fmt: skip
     hs = np.empty(n_parts * n_cand, np.float32)
     hr = np.empty(n_parts * n_cand, np.int64)
@@ -591,7 +600,6 @@ def _approx_lone(
     for s in range(n_parts):
         for c in range(s * per, min(h, (s + 1) * per)):
             cand[s, c - s * per] = hr[c]
-    sink = 0
     for s in numba.prange(n_parts):
         sink += _rescore(q_lat, q_w, q_len, 0, 1, cand[s : s + 1], 0, cidx, cval, f16, n_lat, k, PD[s : s + 1], PI[s : s + 1])
     _merge_parts(PD, PI, k, D, I)
