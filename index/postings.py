@@ -923,6 +923,9 @@ def _pack_queries(q_idx: np.ndarray, q_val: np.ndarray, n_latents: int) -> tuple
         return np.ascontiguousarray(q_idx, dtype=np.int32), np.ascontiguousarray(q_val), n
     if active.any() and (q_idx[active].min() < 0 or q_idx[active].max() >= n_latents):
         raise ValueError(f"query latents must be in [0, {n_latents})")
+    if len(q_idx) == 1:  # a lone query: keep its active entries
+        lat = q_idx[active]
+        return lat.astype(np.int32)[None], q_val[active][None], np.array([len(lat)], dtype=np.int32)
     order = np.argsort(~active, axis=1, kind="stable")
     q_lat = np.ascontiguousarray(np.take_along_axis(q_idx, order, 1), dtype=np.int32)
     q_w = np.ascontiguousarray(np.take_along_axis(np.where(active, q_val, 0), order, 1), dtype=np.float32)
