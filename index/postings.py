@@ -766,13 +766,7 @@ class Postings:
                 return d[q0:q1], i[q0:q1]
 
             if self._lone(nq, threads, q_lat, q_len, 1.0):
-                try:
-                    if should_stop is not None and should_stop():
-                        raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
-                    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-                    _search_lone(q_lat, q_w, q_len, *args, D, I, threads)
-                finally:
-                    _LONE.release()
+                _run_lone(lambda: _search_lone(q_lat, q_w, q_len, *args, D, I, threads), threads, should_stop)
                 return D, I
             pieces = self._pieces(q_lat, q_len, threads)
             results = _map_pieces(kernel, pieces, threads, should_stop)
@@ -809,14 +803,8 @@ class Postings:
             return cs, cr
 
         if self._lone(nq, threads, q_lat, q_len, float(budget)):
-            try:
-                if should_stop is not None and should_stop():
-                    raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
-                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-                _approx_lone(q_lat, q_w, q_len, tau, np.float32(budget), req, exc, *args[2:], cidx, cval_bits, k, D, I,
-                             threads)  # fmt: skip
-            finally:
-                _LONE.release()
+            _run_lone(lambda: _approx_lone(q_lat, q_w, q_len, tau, np.float32(budget), req, exc, *args[2:], cidx, cval_bits,
+                                           k, D, I, threads), threads, should_stop)  # fmt: skip
             return D, I
         pieces = self._pieces(q_lat, q_len, threads, float(budget))
         results = _map_pieces(run, pieces, threads, should_stop)
@@ -878,6 +866,17 @@ class Postings:
 
 _NONE = np.zeros(0, dtype=np.int32)
 _STOPPED = object()
+
+
+def _run_lone(call: Callable[[], object], threads: int, should_stop: Callable[[], bool] | None) -> None:
+    """Run a lone query's parallel kernel (``Postings._lone`` granted, so _LONE is held: released here)."""
+    try:
+        if should_stop is not None and should_stop():
+            raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        call()
+    finally:
+        _LONE.release()
 
 
 def _map_pieces(
