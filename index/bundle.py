@@ -106,6 +106,10 @@ class Manifest(BaseModel):
     parts: list[PartInfo] = []  # format 2; empty in format-1 bundles
     ids_unique_in_source: bool = False  # ids were checked unique over the whole source (all shards)
     approx: ApproxSettings | None = None  # Seismic indexes in every part (approximate sparse path)
+    # Which of the model's codes the items hold (sparc_core.model.CodeKind; queries are encoded the same way),
+    # and the checkpoint's search weight of unagreed latents when built (0: the agreed code alone).
+    code: Literal["search", "agreed", "full"] = "search"
+    soft_weight: float = 0.0
 
 
 def checkpoint_of(path: str | Path, manifest: Manifest) -> Path:
@@ -415,6 +419,8 @@ def build_bundle(
             "parts": [{"name": "part-00000", "n_items": stop - start, "created_at": now}],
             "ids_unique_in_source": True,
             "approx": approx.model_dump() if approx is not None else None,
+            "code": "search",
+            "soft_weight": model.soft_weight,
         }
         return _commit_version(path, tmp, vdir, manifest)
     except BaseException:

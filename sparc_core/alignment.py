@@ -37,7 +37,8 @@ QUERY, IMAGE_STREAMS = "clip_txt", ("dino", "clip_img")
 
 
 def world_data(world: SynthConfig, out: Path) -> dict[str, Any]:
-    """Write (or reuse) a world's train/eval files; returns paths, eval arrays and per-pair ceilings."""
+    """Write (or reuse) a world's train/eval files; returns paths, eval arrays, per-pair ceilings and the
+    concepts each stream can see in each eval sample (for the oracle)."""
     if not (out / "synth.json").is_file():
         write_synthetic(world, out)
     planted = PlantedConcepts(world)
@@ -49,7 +50,20 @@ def world_data(world: SynthConfig, out: Path) -> dict[str, Any]:
         "eval": {s: np.load(out / "eval" / f"{s}.npy") for s in streams},
         "eval_labels": labels,
         "ceiling": ceiling(planted, labels),
+        "visible": planted.visible_labels(labels),
     }
+
+
+def oracle_recall_at_1(query_sets: np.ndarray, gallery_sets: np.ndarray) -> float:
+    """Recall@1 of a perfect concept code: query i's concept set against the gallery's by cosine, item i the
+    match, ties shared at random (a tie of m items at the top counts 1/m)."""
+    q = F.normalize(torch.as_tensor(query_sets, dtype=torch.float64), dim=1)
+    g = F.normalize(torch.as_tensor(gallery_sets, dtype=torch.float64), dim=1)
+    scores = q @ g.T
+    true = scores.diagonal().unsqueeze(1)
+    above = (scores > true + 1e-12).sum(1)
+    tied = (scores >= true - 1e-12).sum(1) - above
+    return float(torch.where(above == 0, 1.0 / tied, torch.zeros_like(tied, dtype=torch.float64)).mean())
 
 
 def measure(model: Any, data: dict[str, Any], gallery: int = 2000) -> dict[str, Any]:
@@ -65,19 +79,24 @@ def measure(model: Any, data: dict[str, Any], gallery: int = 2000) -> dict[str, 
         "worst_pair_vs_ceiling": float(min(ratios)),
         "label_jaccard": report["summary"].get("mean_label_jaccard"),
         "dead": {s: v["dead_fraction"] for s, v in report["streams"].items()},
+        "dead_search": {s: v["dead_fraction_search"] for s, v in report["streams"].items()},
         "l0": report["summary"]["mean_l0"],
+        "l0_search": report["summary"]["mean_l0_search"],
+        "soft_weight": report["summary"]["soft_weight"],
         "nmse_self": report["summary"]["mean_nmse_self"],
         "nmse_self_shared": report["summary"]["mean_nmse_self_shared"],
         "nmse_cross": report["summary"]["mean_nmse_cross"],
     }
+    g = min(gallery, len(labels))
     for target in IMAGE_STREAMS:
         key = f"{QUERY}->{target}"
         if key in pairs:
-            for path in ("latent", "xrecon"):
+            for path in ("latent", "latent_topk", "xrecon"):
                 r = pairs[key][f"retrieval_{path}"]
                 row[f"{key} {path}"] = {"R@1": r["R@1"], "R@10": r["R@10"]}
+            if "visible" in data:
+                row[f"{key} oracle R@1"] = oracle_recall_at_1(data["visible"][QUERY][:g], data["visible"][target][:g])
     if QUERY in feats and "clip_img" in feats:  # the raw-feature reference a user has without SPARC
-        g = min(gallery, len(feats[QUERY]))
         q = F.normalize(torch.as_tensor(feats[QUERY][:g]), dim=1)
         x = F.normalize(torch.as_tensor(feats["clip_img"][:g]), dim=1)
         row["raw clip_txt->clip_img R@1"] = retrieval_scores(q @ x.T)["R@1"]

@@ -101,7 +101,7 @@ def text_target(model: SparcModel, text_encoder: FeatureEncoder, text: str, top:
     if not text.strip():
         raise AttributionError("empty caption")
     feats = text_encoder.encode_texts([text]).to(model.device)
-    code = model.encode({text_encoder.stream: feats})
+    code = model.encode({text_encoder.stream: feats}, code="agreed")  # the concepts the streams agree on
     vals, idx = code.values[0].cpu(), code.indices[0].cpu()
     order = torch.argsort(vals, descending=True)
     keep = [int(j) for j in order if vals[j] > 0][: top or None]
@@ -294,7 +294,7 @@ def localize(
         if method != "clip-sim":
             score.backward()
     with torch.no_grad():
-        code = model.encode({encoder.stream: feats.detach().to(model.device)})
+        code = model.encode({encoder.stream: feats.detach().to(model.device)}, code="agreed")
         acts = dict(zip(code.indices[0].tolist(), code.values[0].tolist()))
     n_patches = tokens.shape[1] - prefix
     gh, gw = _grid(n_patches, pixels)

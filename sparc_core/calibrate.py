@@ -19,6 +19,7 @@ import torch
 
 from .model import SparcModel
 
+SOFT_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)  # search-code weights of unagreed latents tried
 NEVER = float(np.finfo(np.float32).max)  # the threshold of a latent that must not fire (finite: stored safely)
 
 
@@ -110,4 +111,52 @@ def calibrate(model: SparcModel, features: dict[str, np.ndarray], rounds: int = 
             new_on[s] = entries[s][2] >= thresholds[s][entries[s][1]]
         on = new_on
     model.set_thresholds({s: torch.from_numpy(t) for s, t in thresholds.items()})
+    model.set_soft_weight(choose_soft_weight(model, features)[0])
     return {s: float(on[s].sum()) / n for s in streams}
+
+
+@torch.no_grad()
+def _code_parts(model: SparcModel, stream: str, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, n_latents] dense agreed part and below-threshold part of the full top-k code of ``x``, on the CPU."""
+    xt = torch.as_tensor(np.array(x, dtype=np.float32), device=model.device)
+    top = model.logits(stream, xt).topk(model.k, dim=1, sorted=False)
+    full = model.activate(top.values, stream, top.indices, "full")
+    agreed = model.activate(top.values, stream, top.indices, "agreed")
+    dense = lambda v: torch.zeros(len(xt), model.n_latents).scatter(1, top.indices.cpu(), v.float().cpu())  # noqa: E731
+    return dense(agreed), dense(full - agreed)
+
+
+def choose_soft_weight(
+    model: SparcModel, features: dict[str, np.ndarray], rows: int = 2000, grid: tuple[float, ...] = SOFT_WEIGHTS
+) -> tuple[float, dict[float, float]]:
+    """The search code's weight of below-threshold latents that retrieves best across streams.
+
+    For each candidate weight, every ordered stream pair s -> t retrieves t's row of each paired sample
+    among ``rows`` samples by cosine of the search codes (ties count against); the weight with the best
+    mean Recall@1 wins (the smaller on a tie) and is set on the model. Returns it and the mean Recall@1
+    of every candidate. The thresholds must be set first.
+    """
+    streams = [s for s in model.streams if s in features]
+    n = min(rows, min(len(features[s]) for s in streams))
+    parts = {s: _code_parts(model, s, features[s][:n]) for s in streams}
+    # A search code is a + w u with disjoint supports: its norms and every pair's cosines follow from a few
+    # products computed once, whatever the weight.
+    sq = {s: (a.pow(2).sum(1), u.pow(2).sum(1)) for s, (a, u) in parts.items()}
+    recall: dict[float, list[float]] = {w: [] for w in grid}
+    for s in streams:
+        for t in streams:
+            if s == t:
+                continue
+            (a_s, u_s), (a_t, u_t) = parts[s], parts[t]
+            aa, uu, mixed = a_s @ a_t.T, u_s @ u_t.T, a_s @ u_t.T + u_s @ a_t.T
+            for w in grid:
+                norm_s = (sq[s][0] + w * w * sq[s][1]).sqrt().clamp_min(1e-12)
+                norm_t = (sq[t][0] + w * w * sq[t][1]).sqrt().clamp_min(1e-12)
+                sim = (aa + w * mixed + w * w * uu) / norm_s[:, None] / norm_t[None, :]
+                true = sim.diagonal().unsqueeze(1)
+                recall[w].append(float(((sim >= true).sum(1) == 1).float().mean()))
+    scores = {w: float(np.mean(r)) for w, r in recall.items()}
+    best = max(scores.values())
+    chosen = min(w for w, r in scores.items() if r >= best - 1e-9)
+    model.set_soft_weight(chosen)
+    return chosen, scores

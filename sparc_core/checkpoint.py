@@ -266,7 +266,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify
     model = SparcModel(model_cfg)
     expected = model.state_dict()
     for name in expected:  # saved before calibration existed: uncalibrated (the relative floor applies)
-        if name.endswith((".threshold", ".calibrated")) and name not in state:
+        if name.endswith((".threshold", ".calibrated", ".soft_weight")) and name not in state:
             state[name] = expected[name].clone()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

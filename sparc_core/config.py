@@ -153,6 +153,7 @@ class SynthConfig(_Strict):
     n_eval: int = Field(5_000, ge=0)
     n_concepts: int = Field(512, ge=2)
     concepts_per_sample: float = Field(8.0, gt=0)  # mean of the Poisson number of drawn concepts (at least 1)
+    max_concepts_per_sample: int | None = Field(None, ge=1)  # cap on drawn concepts (None: 4 x the mean + 4)
     zipf_exponent: float = Field(0.8, ge=0)  # concept popularity: frequency of the r-th concept ~ r^-exponent
     shared_fraction: float = Field(0.85, ge=0, le=1)  # concepts visible to every stream (rest: random subsets)
     visibility: dict[str, float] = {}  # "dino+clip_img" -> share of concepts seen by exactly those streams

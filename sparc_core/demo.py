@@ -103,7 +103,7 @@ def write_demo_concepts(paths: dict[str, Path], feats: dict[str, np.ndarray], la
     concept_names = [f"concept-{c}" for c in range(DEMO_SYNTH.n_concepts)]
     named = name_latents(model, "clip_txt", world.concept_vectors("clip_txt"), concept_names)
     write_latent_names(paths["sparc"], named, "planted concepts (synthetic world)", "clip_txt", model.n_latents)
-    codes = {s: model.encode({s: torch.from_numpy(x)}) for s, x in feats.items()}
+    codes = {s: model.encode({s: torch.from_numpy(x)}, code="agreed") for s, x in feats.items()}
     score = naming_score(named, codes["dino"].indices.numpy(), codes["dino"].values.numpy(), labels, concept_names)
     print(
         f"named latents: {score['top1']:.1%} of {int(score['scored_latents'])} latents active on DINO are named "

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import SparcModel, SparseCode
+from .model import CodeKind, SparcModel, SparseCode
 
 
 def _batches(n: int, size: int) -> list[slice]:
@@ -22,14 +22,16 @@ def _batches(n: int, size: int) -> list[slice]:
 
 
 @torch.no_grad()
-def encode_alone(model: SparcModel, feats: dict[str, np.ndarray | Tensor], batch_size: int = 2048) -> dict[str, SparseCode]:
-    """Each stream's codes computed from that stream alone."""
+def encode_alone(
+    model: SparcModel, feats: dict[str, np.ndarray | Tensor], batch_size: int = 2048, code: CodeKind = "search"
+) -> dict[str, SparseCode]:
+    """Each stream's codes (of kind ``code``) computed from that stream alone."""
     out = {}
     for s, x in feats.items():
         parts = []
         for sl in _batches(len(x), batch_size):
             xb = torch.tensor(np.asarray(x[sl]), device=model.device)
-            parts.append(model.encode({s: xb}).to("cpu"))
+            parts.append(model.encode({s: xb}, code=code).to("cpu"))
         out[s] = SparseCode(torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]), model.n_latents)
     return out
 
@@ -136,7 +138,11 @@ def evaluate(
     model.eval()
     streams = [s for s in model.streams if s in features]
     n = len(next(iter(features.values())))
-    codes = encode_alone(model, {s: features[s] for s in streams})
+    # Agreement (Jaccard, L0, dead latents) is measured on the agreed code, retrieval and reconstruction on
+    # the search code the service serves, and retrieval again on the plain top-k code for comparison.
+    codes = encode_alone(model, {s: features[s] for s in streams}, code="agreed")
+    search = encode_alone(model, {s: features[s] for s in streams}, code="search")
+    plain = encode_alone(model, {s: features[s] for s in streams}, code="full")
     normed = {s: model.normalize(s, torch.tensor(np.asarray(features[s]), device=model.device).float()).cpu() for s in streams}
     g = min(gallery, n)
     report: dict[str, Any] = {"n_samples": n, "gallery": g, "streams": {}, "pairs": {}}
@@ -154,7 +160,7 @@ def evaluate(
 
     for s in streams:
         x = normed[s]
-        shared = cross_decoded(model, codes[s], s) + model.codecs[s].b_dec.cpu()
+        shared = cross_decoded(model, search[s], s) + model.codecs[s].b_dec.cpu()
         full = torch.cat(
             [
                 model.reconstruct(s, torch.tensor(np.asarray(features[s][sl]), device=model.device), "normalized").cpu()
@@ -167,23 +173,25 @@ def evaluate(
             "nmse_self": float(nmse),  # the model's reconstruction: shared code + the stream's private dictionary
             "nmse_self_shared": float(nmse_shared),  # the shared code alone
             "nmse_self_joint": float(torch.cat(joint_nmse[s]).mean()) if joint_nmse[s] else None,
-            "l0": float(codes[s].l0().float().mean()),
-            "dead_fraction": dead_fraction(codes[s]),
+            "l0": float(codes[s].l0().float().mean()),  # agreed latents
+            "l0_search": float(search[s].l0().float().mean()),
+            "dead_fraction": dead_fraction(codes[s]),  # never agreed
+            "dead_fraction_search": dead_fraction(search[s]),  # never in a search code
         }
 
     for s, t in permutations(streams, 2):
-        recon = cross_decoded(model, codes[s], t)
+        recon = cross_decoded(model, search[s], t)
         target = centred_features(model, t, features[t])
         x = normed[t]
         full = recon + model.codecs[t].b_dec.cpu()
         nmse = ((full - x).pow(2).sum(1) / x.pow(2).sum(1).clamp_min(1e-8)).mean()
-        q = SparseCode(codes[s].indices[:g], codes[s].values[:g], codes[s].n_latents)
-        gal = SparseCode(codes[t].indices[:g], codes[t].values[:g], codes[t].n_latents)
+        head = lambda c: SparseCode(c.indices[:g], c.values[:g], c.n_latents)  # noqa: E731
         xrecon_scores = F.normalize(recon[:g], dim=1) @ F.normalize(target[:g], dim=1).T
         entry = {
             "nmse_cross": float(nmse),
             "jaccard": per_sample_jaccard(codes[s], codes[t]),
-            "retrieval_latent": retrieval_scores(code_cosine(q, gal)),
+            "retrieval_latent": retrieval_scores(code_cosine(head(search[s]), head(search[t]))),  # what is served
+            "retrieval_latent_topk": retrieval_scores(code_cosine(head(plain[s]), head(plain[t]))),  # plain top-k
             "retrieval_xrecon": retrieval_scores(xrecon_scores),
         }
         if labels is not None:
@@ -199,8 +207,12 @@ def evaluate(
         "mean_nmse_self_shared": float(np.mean([v["nmse_self_shared"] for v in per_stream])),
         "mean_nmse_cross": float(np.mean([p["nmse_cross"] for p in pairs])) if pairs else None,
         "mean_R@1_latent": float(np.mean([p["retrieval_latent"]["R@1"] for p in pairs])) if pairs else None,
+        "mean_R@1_latent_topk": float(np.mean([p["retrieval_latent_topk"]["R@1"] for p in pairs])) if pairs else None,
         "mean_R@1_xrecon": float(np.mean([p["retrieval_xrecon"]["R@1"] for p in pairs])) if pairs else None,
         "mean_l0": float(np.mean([v["l0"] for v in per_stream])),
+        "mean_l0_search": float(np.mean([v["l0_search"] for v in per_stream])),
+        "max_dead_fraction_search": max(v["dead_fraction_search"] for v in per_stream),
+        "soft_weight": model.soft_weight,
     }
     if labels is not None and pairs:
         report["summary"]["mean_label_jaccard"] = float(np.mean([p["label_jaccard"] for p in pairs]))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,18 @@ from .kernels import (
     use_compact_decode,
 )
 from .losses import auxk_loss, cross_reconstruction, normalized_mse
+
+CodeKind = Literal["search", "agreed", "full"]
+"""Which code ``encode`` returns; all three share the top-k indices and differ in their values.
+
+- "search": what indexes store and queries score with: the agreed latents at full value, the rest of the
+  top k scaled by the stream's calibrated ``soft_weight`` (chosen for cross-stream retrieval).
+- "agreed": only the latents whose activation reaches the stream's calibrated threshold, where the
+  streams agree: explanations, latent names, one-stream agreement.
+- "full": the plain top-k ReLU values, none dropped.
+Before calibration "search" and "agreed" are both the relative-floor code of training.
+"""
+CODE_KINDS: tuple[str, ...] = ("search", "agreed", "full")
 
 
 class SparseCode(NamedTuple):
@@ -96,6 +108,8 @@ class StreamCodec(nn.Module):
         self.register_buffer("input_scale", torch.ones(()))  # per-stream input normalisation (mode "scale")
         self.register_buffer("threshold", torch.zeros(n_latents))  # per-latent activation thresholds (calibrated)
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))  # thresholds replace the floor
+        # weight of a calibrated search code's latents that miss their threshold (0: the agreed code alone)
+        self.register_buffer("soft_weight", torch.zeros(()))
         if n_private:
             P = torch.empty(n_private, d_in).uniform_(-bound, bound, generator=generator)
             self.W_enc_p = nn.Parameter(P.clone())
@@ -150,17 +164,29 @@ class SparcModel(nn.Module):
             c.b_dec.copy_(self.normalize(s, x).mean(0))
 
     # ---- encoding ---------------------------------------------------------------------------------
-    def activate(self, selected: Tensor, stream: str | None = None, idx: Tensor | None = None) -> Tensor:
-        """ReLU of the k selected logits, minus the weak ones.
+    def activate(
+        self, selected: Tensor, stream: str | None = None, idx: Tensor | None = None, code: CodeKind = "search"
+    ) -> Tensor:
+        """The values of the k selected logits in one of the three codes (see ``CodeKind``).
 
-        Before calibration: those weaker than min_rel_activation x the row's strongest. The relative floor
-        gives each sample as many active latents as it has clear concepts (at most k) and drops the weak
-        tail, where one-stream codes of the same item disagree most. After calibration (``calibrate``),
-        each stream's latent i fires where its activation reaches that stream's threshold for i.
+        "full": their ReLU. Before calibration, "search" and "agreed" drop those weaker than
+        min_rel_activation x the row's strongest: the relative floor gives each sample as many active
+        latents as it has clear concepts (at most k) and drops the weak tail, where one-stream codes of the
+        same item disagree most. After calibration (``calibrate``), stream s's latent i is agreed where its
+        activation reaches s's threshold for i; the search code keeps the other top-k latents too, scaled
+        by the stream's calibrated ``soft_weight``.
         """
+        if code not in CODE_KINDS:
+            raise ValueError(f"code must be one of {CODE_KINDS}, got {code!r}")
         values = selected.relu()
+        if code == "full":
+            return values
         if stream is not None and idx is not None and bool(self.codecs[stream].calibrated):
-            return values * (values >= self.codecs[stream].threshold[idx])
+            c = self.codecs[stream]
+            agreed = values >= c.threshold[idx]
+            if code == "agreed":
+                return values * agreed
+            return torch.where(agreed, values, values * c.soft_weight)
         rho = self.cfg.min_rel_activation
         if rho > 0:
             floor = rho * values.detach().amax(dim=1, keepdim=True)
@@ -174,6 +200,19 @@ class SparcModel(nn.Module):
             c = self.codecs[s]
             c.threshold.copy_(t.to(c.threshold))
             c.calibrated.fill_(True)
+
+    @torch.no_grad()
+    def set_soft_weight(self, weight: float) -> None:
+        """The search code's weight, in every stream, of the top-k latents below their calibrated threshold."""
+        if not 0 <= weight <= 1:
+            raise ValueError(f"soft_weight must be in [0, 1], got {weight}")
+        for c in self.codecs.values():
+            c.soft_weight.fill_(weight)
+
+    @property
+    def soft_weight(self) -> float:
+        """The search code's weight of below-threshold latents (0 before calibration chose one)."""
+        return float(next(iter(self.codecs.values())).soft_weight)
 
     def _check_inputs(self, inputs: dict[str, Tensor]) -> list[str]:
         if not inputs:
@@ -201,27 +240,28 @@ class SparcModel(nn.Module):
         return F.linear(self._centered(stream, x), c.W_enc, c.b_enc)
 
     @torch.no_grad()
-    def encode_streams(self, inputs: dict[str, Tensor]) -> dict[str, SparseCode]:
+    def encode_streams(self, inputs: dict[str, Tensor], code: CodeKind = "search") -> dict[str, SparseCode]:
         """Per-stream codes; under Global TopK all present streams share one set of indices."""
         streams = self._check_inputs(inputs)
         h = {s: self.logits(s, inputs[s]) for s in streams}
         if self.cfg.topk == "global":
             idx = torch.stack(list(h.values())).sum(0).topk(self.k, dim=1, sorted=False).indices
-            return {s: SparseCode(idx, self.activate(h[s].gather(1, idx), s, idx), self.n_latents) for s in streams}
+            return {s: SparseCode(idx, self.activate(h[s].gather(1, idx), s, idx, code), self.n_latents) for s in streams}
         out = {}
         for s in streams:
             top = h[s].topk(self.k, dim=1, sorted=False)
-            out[s] = SparseCode(top.indices, self.activate(top.values, s, top.indices), self.n_latents)
+            out[s] = SparseCode(top.indices, self.activate(top.values, s, top.indices, code), self.n_latents)
         return out
 
     @torch.no_grad()
-    def encode(self, inputs: dict[str, Tensor]) -> SparseCode:
+    def encode(self, inputs: dict[str, Tensor], code: CodeKind = "search") -> SparseCode:
         """The shared sparse code of each row, from any non-empty subset of streams.
 
         One stream alone is the query case. With several streams the indices come from the summed
-        logits (Global TopK) and the values are the mean of the streams' activations.
+        logits (Global TopK) and the values are the mean of the streams' activations. ``code`` picks
+        which of the three codes (``CodeKind``): the search code by default, what indexes store.
         """
-        codes = self.encode_streams(inputs)
+        codes = self.encode_streams(inputs, code)
         if len(codes) == 1:
             return next(iter(codes.values()))
         if self.cfg.topk == "local":

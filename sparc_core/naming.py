@@ -45,7 +45,7 @@ def name_latents(
     heaps: dict[int, list[tuple[float, int]]] = {}
     with torch.no_grad():
         for a in range(0, len(x), batch):
-            code = model.encode({stream: x[a : a + batch].to(model.device)})
+            code = model.encode({stream: x[a : a + batch].to(model.device)}, code="agreed")
             idx, val = code.indices.cpu().numpy(), code.values.float().cpu().numpy()
             rows, cols = np.nonzero(val > 0)
             for r, c in zip(rows.tolist(), cols.tolist()):

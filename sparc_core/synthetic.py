@@ -131,7 +131,8 @@ class PlantedConcepts:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, seed])
         c = cfg.n_concepts
-        counts = np.clip(rng.poisson(cfg.concepts_per_sample, size=n), 1, min(c, 4 * int(cfg.concepts_per_sample) + 4))
+        cap = cfg.max_concepts_per_sample or 4 * int(cfg.concepts_per_sample) + 4
+        counts = np.clip(rng.poisson(cfg.concepts_per_sample, size=n), 1, min(c, cap))
         # Distinct concepts weighted by frequency: Gumbel top-m on log-frequencies.
         keys = np.log(self.freq)[None, :] + rng.gumbel(size=(n, c))
         m = int(counts.max())

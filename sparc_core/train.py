@@ -436,7 +436,7 @@ class Trainer:
                     )
                 if done == cfg.steps and cfg.calibrate_rounds > 0 and self.model.cfg.topk == "global":
                     l0 = self._calibrate()
-                    self._log({"kind": "calibrate", "step": done, "l0": l0})
+                    self._log({"kind": "calibrate", "step": done, "l0": l0, "soft_weight": self.model.soft_weight})
                 if done == cfg.steps and cfg.prune_unused and self.model.n_latents > self.model.k:
                     self.pruned = self._prune()
                     self._log({"kind": "prune", "step": done, **self.pruned})

@@ -223,9 +223,12 @@ def test_cli_eval_writes_a_report(trained_checkpoint, medium_synth, tmp_path, ca
     report = json.loads(out.read_text())
     assert report["n_samples"] == 600 and report["gallery"] == 300
     pair = report["pairs"]["clip_txt->dino"]
-    assert {"nmse_cross", "jaccard", "label_jaccard", "retrieval_latent", "retrieval_xrecon"} <= set(pair)
+    assert {"nmse_cross", "jaccard", "label_jaccard", "retrieval_latent", "retrieval_latent_topk", "retrieval_xrecon"} <= set(
+        pair
+    )
     assert pair["retrieval_latent"]["R@1"] > 0.1  # chance is 1/300
-    assert "cross-stream R@1, latent cosine" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "R@1, latent cosine, search code (served)" in printed and "R@1, latent cosine, plain top-k code" in printed
     bad = ["eval", "--checkpoint", str(trained_checkpoint), "--features", f"dino={medium_synth / 'eval' / 'clip_txt.npy'}"]
     assert main(bad) == 2
     assert "stream 'dino' has dim 48, expected 64" in capsys.readouterr().err
