@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from sparc_core import SparcConfig, SparcModel
-from sparc_core.calibrate import NEVER, calibrate, f1_thresholds
+from sparc_core.calibrate import NEVER, calibrate, choose_soft_weight, f1_thresholds
 
 
 def test_f1_threshold_separates_supported_from_unsupported_firing():
@@ -27,12 +28,10 @@ def test_f1_threshold_separates_supported_from_unsupported_firing():
     assert th[0] == np.float32(0.3)
 
 
-def test_calibration_keeps_shared_latents_and_silences_one_stream_noise():
-    # Two streams see the same 8 concepts through their own mixing; stream b also carries strong noise
-    # in its own subspace. A model whose latents 0..7 read the concepts and 8..15 read b's noise (and,
-    # in a, nothing) must end with 0..7 firing in both streams and 8..15 firing in neither.
+def _concepts_and_noise(n: int = 4000, d: int = 32) -> tuple[SparcModel, dict[str, np.ndarray], np.ndarray]:
+    """Two streams see the same 8 concepts through their own mixing; stream b also carries strong noise in
+    its own subspace. The model's latents 0..7 read the concepts and 8..15 read b's noise (in a, nothing)."""
     g = np.random.default_rng(0)
-    n, d = 4000, 32
     conc = (g.random((n, 8)) < 0.3) * g.uniform(0.5, 1.5, (n, 8))
     Ma, Mb = np.linalg.qr(g.standard_normal((d, d)))[0], np.linalg.qr(g.standard_normal((d, d)))[0]
     xa = conc @ Ma[:8]
@@ -46,13 +45,63 @@ def test_calibration_keeps_shared_latents_and_silences_one_stream_noise():
             c.b_enc.zero_()
             c.W_enc.copy_(torch.from_numpy(np.concatenate([M[:8], M[8:16]])).float())
             c.W_dec.copy_(c.W_enc)
-    feats = {"a": xa.astype(np.float32), "b": xb.astype(np.float32)}
+    return model, {"a": xa.astype(np.float32), "b": xb.astype(np.float32)}, conc
+
+
+def test_calibration_keeps_shared_latents_and_silences_one_stream_noise():
+    # After calibration latents 0..7 must fire in both streams and 8..15 in neither (the agreed code).
+    model, feats, conc = _concepts_and_noise()
+    n = len(conc)
     before = model.encode({"b": torch.from_numpy(feats["b"])})
     assert (before.indices[before.active] >= 8).float().mean() > 0.3  # noise latents fire in b
     calibrate(model, feats)
     for s, x in feats.items():
-        code = model.encode({s: torch.from_numpy(x)})
+        code = model.encode({s: torch.from_numpy(x)}, code="agreed")
         fired = code.indices[code.active]
         assert (fired >= 8).sum() == 0, s  # no support in the other stream: silenced
         on = torch.zeros(n, 16, dtype=torch.bool).scatter(1, code.indices, code.active)[:, :8].numpy()
         assert (on == (conc > 0)).mean() > 0.97, s  # the shared concepts fire where they are present
+
+
+def test_the_three_codes_share_indices_and_differ_only_by_the_soft_weight():
+    model, feats, _ = _concepts_and_noise(n=500)
+    calibrate(model, feats)
+    x = torch.from_numpy(feats["b"])
+    model.set_soft_weight(0.3)
+    full, agreed, search = (model.encode({"b": x}, code=c) for c in ("full", "agreed", "search"))
+    assert torch.equal(full.indices, agreed.indices) and torch.equal(full.indices, search.indices)
+    top = model.logits("b", x).topk(model.k, dim=1, sorted=False)
+    torch.testing.assert_close(full.values, top.values.relu())
+    passed = full.values >= model.codecs["b"].threshold[full.indices]
+    assert passed.any() and (~passed & (full.values > 0)).any()  # both kinds of latents are present
+    torch.testing.assert_close(agreed.values, full.values * passed)
+    torch.testing.assert_close(search.values, torch.where(passed, full.values, 0.3 * full.values))
+    model.set_soft_weight(0.0)
+    torch.testing.assert_close(model.encode({"b": x}).values, agreed.values)  # the dial's ends
+    model.set_soft_weight(1.0)
+    torch.testing.assert_close(model.encode({"b": x}).values, full.values)
+    with pytest.raises(ValueError, match="soft_weight"):
+        model.set_soft_weight(1.5)
+    with pytest.raises(ValueError, match="code must be one of"):
+        model.encode({"b": x}, code="dense")
+
+
+def test_soft_weight_is_the_grid_point_that_retrieves_best_by_brute_force():
+    # choose_soft_weight scores every weight from a few products; recompute each one from scratch.
+    model, feats, _ = _concepts_and_noise(n=600)
+    calibrate(model, feats)
+    grid = (0.0, 0.25, 0.5, 1.0)
+    chosen, scores = choose_soft_weight(model, feats, rows=400, grid=grid)
+    assert model.soft_weight == chosen  # the winner is left set on the model
+    for w in grid:
+        model.set_soft_weight(w)
+        codes = {s: model.encode({s: torch.from_numpy(x[:400])}) for s, x in feats.items()}
+        unit = {s: torch.nn.functional.normalize(c.to_dense(), dim=1) for s, c in codes.items()}
+        recalls = []
+        for s, t in (("a", "b"), ("b", "a")):
+            sim = unit[s] @ unit[t].T
+            recalls.append(float(((sim >= sim.diagonal().unsqueeze(1) - 1e-6).sum(1) == 1).float().mean()))
+        assert abs(scores[w] - np.mean(recalls)) <= 0.01, (w, scores[w], recalls)
+    assert scores[chosen] == max(scores.values()) and chosen == min(w for w in grid if scores[w] == scores[chosen])
+    # stream b's unagreed latents are its own noise: adding them back can only hurt retrieval here
+    assert scores[1.0] < scores[0.0], scores

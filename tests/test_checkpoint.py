@@ -32,6 +32,33 @@ def test_round_trip_gives_identical_outputs(tmp_path, small_model, batch):
     assert len(checkpoint_hash(path)) == 64
 
 
+def test_calibration_round_trips_and_older_checkpoints_serve_the_agreed_code(tmp_path, small_model, batch):
+    from safetensors.torch import load_file, save_file
+
+    from sparc_core.checkpoint import file_sha256
+
+    small_model.fit_input_norm(batch)
+    small_model.set_thresholds({s: torch.full((small_model.n_latents,), 0.05) for s in small_model.streams})
+    small_model.set_soft_weight(0.35)
+    path = save_checkpoint(small_model, tmp_path / "ckpt")
+    loaded = load_checkpoint(path)
+    assert loaded.soft_weight == pytest.approx(0.35)
+    for code in ("search", "agreed", "full"):
+        assert_close(
+            loaded.encode({"dino": batch["dino"]}, code=code).values,
+            small_model.encode({"dino": batch["dino"]}, code=code).values,
+        )
+    # a checkpoint saved before the soft weight existed: weight 0, so its search code is its agreed code
+    version = resolve_checkpoint(path)
+    state = {k: v for k, v in load_file(version / "model.safetensors").items() if not k.endswith(".soft_weight")}
+    save_file(state, version / "model.safetensors")
+    cfg = json.loads((version / "config.json").read_text())
+    (version / "config.json").write_text(json.dumps(cfg | {"weights_sha256": file_sha256(version / "model.safetensors")}))
+    old = load_checkpoint(path)
+    assert old.soft_weight == 0.0
+    assert_close(old.encode({"dino": batch["dino"]}).values, old.encode({"dino": batch["dino"]}, code="agreed").values)
+
+
 def test_no_pickle_in_checkpoint(tmp_path, small_model):
     path = resolve_checkpoint(save_checkpoint(small_model, tmp_path / "ckpt"))
     head = (path / "model.safetensors").read_bytes()[:8]

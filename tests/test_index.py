@@ -34,8 +34,13 @@ def test_cross_stream_search_finds_the_paired_item(trained_checkpoint, medium_sy
     out = build_bundle(trained_checkpoint, "dino", medium_synth / "eval" / "dino.npy", tmp_path / "b", progress=False)
     assert out.parent == tmp_path / "b"
     searcher = Searcher(tmp_path / "b")
+    # the bundle holds the checkpoint's search code (agreed latents plus the rest at the calibrated weight)
+    assert searcher.manifest.code == "search" and searcher.manifest.soft_weight == searcher.model.soft_weight
     xq = np.load(medium_synth / "eval" / "clip_txt.npy")
     n = len(xq)
+    idx, val = searcher.shards[0].codes(np.arange(5))
+    expect = searcher.model.encode({"dino": torch.from_numpy(np.load(medium_synth / "eval" / "dino.npy")[:5])})
+    assert np.array_equal(np.sort(idx, 1), np.sort(expect.indices.numpy(), 1))
     for path in ("sparse", "dense"):
         res = searcher.search(("clip_txt", xq), top_k=10, path=path)
         top1 = np.mean([ids[0] == i for i, ids in enumerate(res.ids)])
