@@ -229,18 +229,21 @@ class SparcClient:
         return_png: bool = False,
         top: int = 0,
         timeout: float | None = None,
+        concepts: Sequence[str] = (),
     ) -> Heatmap:
-        """Where a caption's concepts (``text``) or chosen ``latents`` are in ``image`` (JPEG/PNG/WebP bytes)."""
+        """Where a caption's concepts (``text``), chosen ``latents`` or the latents named ``concepts`` are in
+        ``image`` (JPEG/PNG/WebP bytes)."""
         r = self.stub.Localize(
             pb.LocalizeRequest(
                 image=image, text=text, latents=list(latents), weights=list(weights), encoder_stream=encoder_stream,
-                method=method, return_png=return_png, top=top,
+                method=method, return_png=return_png, top=top, concepts=list(concepts),
             ),
             timeout=timeout,
             metadata=self.metadata,
         )  # fmt: skip
         grid = np.asarray(r.grid, dtype=np.float32).reshape(r.height, r.width)
-        return Heatmap(grid, [(x.latent, x.weight, x.name, x.image_activation) for x in r.latents], r.method, r.stream, r.png)
+        latents_used = [(x.latent, x.weight, x.name, x.image_activation) for x in r.latents]
+        return Heatmap(grid, latents_used, r.method, r.stream, r.png, r.target_fires, r.note)
 
     def attribute_text(
         self, text: str, latents: Sequence[int] = (), method: str = "grad", return_png: bool = False, timeout: float | None = None
@@ -266,6 +269,8 @@ class Heatmap:
     method: str
     stream: str
     png: bytes = b""
+    target_fires: bool = True  # False: none of the target's latents fires on the image, the grid is all 0
+    note: str = ""
 
 
 @dataclass

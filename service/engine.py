@@ -496,12 +496,20 @@ class Engine:
         return text_target(self.model, self._encoder_for("text", ""), text, top=top or None)
 
     def localize(
-        self, image: bytes, text: str, latents: list[int], weights: list[float], encoder_stream: str, method: str, top: int
+        self,
+        image: bytes,
+        text: str,
+        latents: list[int],
+        weights: list[float],
+        encoder_stream: str,
+        method: str,
+        top: int,
+        concepts: list[str] | None = None,
     ) -> Any:
         """A heatmap (sparc_core.attribution.Heatmap) of a caption's or latents' concepts on an image."""
-        from sparc_core.attribution import METHODS, localize
+        from sparc_core.attribution import CLIP_METHODS, METHOD_ALIASES, METHODS, localize
 
-        method = method or "relevance"
+        method = METHOD_ALIASES.get(method, method) or "relevance"
         if method not in METHODS:
             raise ServiceError("INVALID_ARGUMENT", f"unknown method {method!r}; methods: {list(METHODS)}")
         if not image:
@@ -510,10 +518,20 @@ class Engine:
             raise ServiceError("INVALID_ARGUMENT", f"image of {len(image)} bytes exceeds {self.settings.max_image_bytes}")
         enc = self._encoder_for("image", encoder_stream)
         text_enc = self.encoders.get(self.default_stream["text"] or "")
-        if method == "clip-sim" and not text:
-            raise ServiceError("INVALID_ARGUMENT", "clip-sim compares patches with a caption: give text")
+        if method in CLIP_METHODS and not text:
+            raise ServiceError("INVALID_ARGUMENT", f"{method} compares CLIP's image with a caption: give text")
         with self._decoders:
             pil = decode_image(image, self.settings.max_image_pixels)
+
+        if concepts:
+            if text or latents:
+                raise ServiceError("INVALID_ARGUMENT", "give text, latents or concepts, not several")
+            from sparc_core.naming import NamingError, latents_named
+
+            try:
+                latents = sorted({i for c in concepts for i in latents_named(self.names, c)})
+            except NamingError as e:
+                raise ServiceError("INVALID_ARGUMENT", str(e)) from None
 
         def work():
             target = self._target(text, latents, weights, top)

@@ -348,6 +348,7 @@ class SparcServicer(pb_grpc.SparcServicer):
                 request.encoder_stream,
                 request.method,
                 request.top,
+                list(request.concepts),
             )
             png = b""
             if request.return_png:
@@ -361,6 +362,8 @@ class SparcServicer(pb_grpc.SparcServicer):
                 method=hm.method,
                 stream=hm.stream,
                 png=png,
+                target_fires=hm.target_fires,
+                note=hm.note,
             )
 
         return self._call("Localize", context, run)

@@ -8,21 +8,31 @@ code (differentiable, and non-zero even for a latent the image's top-k did not k
 
 Image heatmaps (``localize``), each a [h, w] map over the vision transformer's patch grid:
 
-- ``gradcam``: gradient-weighted patch tokens entering the last block, ``relu(sum_d dS/dT_pd * (T_pd -
-  mean_q T_qd))`` - Grad-CAM (Selvaraju et al. 2017) taken per token, as is usual for ViTs, with tokens centred so a
-  patch that looks like every other gets no credit.
 - ``relevance``: transformer relevance propagation through the attention maps (Chefer, Gur & Wolf 2021,
   "Generic attention-model explainability"): R = I; per block R += mean_heads(relu(dS/dA * A)) @ R; the
   map is the class token's row over the patches (the method family the SPARC authors use).
-- ``clip-sim``: the baseline a user would compare against: cosine between each CLIP patch token (after
-  ``ln_post`` and the projection) and the caption's CLIP text embedding. CLIP image tower only.
+- ``gradcam``: Grad-CAM (Selvaraju et al. 2017) as it is used on ViTs: the activations are the patch tokens
+  at the last block's first norm (timm ``norm1``, open_clip ``ln_1``), each channel weighted by its gradient
+  averaged over the patches, summed, ReLU.
+- ``grad-x-input``: each patch token entering the last block times its own gradient, summed over channels
+  (tokens centred, so a patch that looks like every other gets no credit), ReLU.
+- ``clip-relevance``: the CLIP-similarity baseline of the paper: the same relevance propagation of CLIP's
+  own image-text similarity (the caption's CLIP text embedding against the image embedding), no SAE at all.
+  CLIP image tower only.
+- ``clip-cosine``: cosine between each CLIP patch token (after ``ln_post`` and the projection) and the
+  caption's CLIP text embedding. CLIP image tower only.
+
+Every map is computed from the gradients of the input tokens and attention maps only (``torch.autograd.grad``):
+no weight of the towers or of the SAE gets a ``.grad``. A target none of whose latents fires on the image
+(all its activations are 0) has no gradient to follow: its map is flat, and ``Heatmap.target_fires`` says so.
 
 Maps are min-max normalised to [0, 1] (the weakest patch 0, the strongest 1, a flat map all 0) and
 upsampled bilinearly to the encoder's input crop (the centre crop the encoder sees; the overlay shows that
 crop). Scores are relative within one map: compare where, not how much, across images.
 
 Caption attribution (``attribute_text``): per-word relevance of a caption for a target, through the CLIP text
-tower: gradient x input on the token embeddings, the caption's mean embedding as the baseline (``grad``), or
+tower: gradient x input on the token embeddings, the caption's mean embedding (with the vocabulary's average
+token as one more word) as the baseline (``grad``), or
 attention relevance read at the end-of-text token (``relevance``). BPE tokens are merged back into the
 caption's words (scores summed; digits and punctuation the tokenizer splits off rejoin their word).
 """
@@ -44,7 +54,9 @@ from .config import SparcError
 from .encoders import ClipImageEncoder, ClipTextEncoder, DinoEncoder, FeatureEncoder
 from .model import SparcModel
 
-METHODS = ("gradcam", "relevance", "clip-sim")
+METHODS = ("relevance", "gradcam", "grad-x-input", "clip-relevance", "clip-cosine")
+CLIP_METHODS = ("clip-relevance", "clip-cosine")  # CLIP's own image-text baselines: the CLIP image tower and a caption
+METHOD_ALIASES = {"clip-sim": "clip-cosine"}  # the earlier name of clip-cosine
 HEATMAP_PNG_SIZE = (560, 480)  # width, height in pixels of save_heatmap_png's picture
 TEXT_METHODS = ("grad", "relevance")
 
@@ -79,6 +91,14 @@ class Heatmap:
     image: np.ndarray  # [H, W, 3] uint8: the crop the encoder saw
     activations: dict[int, float] = field(default_factory=dict)  # target latent -> its value in the image's code
     names: dict[int, str] = field(default_factory=dict)
+    target_fires: bool = True  # False: none of the target's latents fires on the image, the map is flat
+
+    @property
+    def note(self) -> str:
+        """A sentence for the user when the map says nothing ("" otherwise)."""
+        if self.target_fires:
+            return ""
+        return "none of the target's latents fires on this image (all their activations are 0): the map is empty"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -91,6 +111,8 @@ class Heatmap:
                 for i, w in zip(self.target.latents, self.target.weights)
             ],
             "target_source": self.target.source,
+            "target_fires": self.target_fires,
+            "note": self.note,
         }
 
 
@@ -131,7 +153,6 @@ class _Recorder:
         self.maps: list[torch.Tensor] = []
 
     def keep(self, a: torch.Tensor) -> torch.Tensor:
-        a.retain_grad()
         self.maps.append(a)
         return a
 
@@ -197,24 +218,35 @@ def _clip_attention(transformer: Any, rec: _Recorder) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _last_tokens(block: torch.nn.Module, store: dict) -> Iterator[None]:
-    """Keep the tokens entering the last block (with their gradient): the class token reads the patches
-    through that block's attention, so the patch tokens after it no longer reach the output."""
+def _last_tokens(block: torch.nn.Module, norm: torch.nn.Module, store: dict) -> Iterator[None]:
+    """Keep the tokens entering the last block (the class token reads the patches through that block's
+    attention, so the patch tokens after it no longer reach the output), its first norm's output (Grad-CAM's
+    activations) and its output."""
 
     def pre(module, inputs):
-        x = inputs[0]
-        x.retain_grad()
-        store["tokens"] = x
+        store["tokens"] = inputs[0]
+
+    def normed(module, inputs, output):
+        store["normed"] = output
 
     def post(module, inputs, output):
         store["out"] = output
 
-    hs = [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+    hs = [block.register_forward_pre_hook(pre), norm.register_forward_hook(normed), block.register_forward_hook(post)]
     try:
         yield
     finally:
         for h in hs:
             h.remove()
+
+
+def _input_grads(score: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """d score / d each input (None where it does not depend on it); no parameter gets a ``.grad``."""
+    wanted = [x for x in inputs if x.requires_grad]
+    if not score.requires_grad or not wanted:
+        return [None] * len(inputs)
+    got = iter(torch.autograd.grad(score, wanted, allow_unused=True))
+    return [next(got) if x.requires_grad else None for x in inputs]
 
 
 def _vision(encoder: FeatureEncoder) -> tuple[str, Any]:
@@ -264,11 +296,17 @@ def localize(
     names: dict[int, str] | None = None,
 ) -> Heatmap:
     """The heatmap of ``target``'s latents on ``image`` as ``encoder``'s stream sees it (see the module doc)."""
+    method = METHOD_ALIASES.get(method, method)
     if method not in METHODS:
         raise AttributionError(f"unknown method {method!r}; methods: {list(METHODS)}")
     if encoder.stream not in model.streams:
         raise AttributionError(f"the checkpoint has no stream {encoder.stream!r} (it has {model.streams})")
     kind, vit = _vision(encoder)
+    if method in CLIP_METHODS:
+        if kind != "clip":
+            raise AttributionError(f"{method} compares CLIP's image with the caption: it needs the CLIP image tower")
+        if text_encoder is None or target.source == "latents":
+            raise AttributionError(f"{method} needs a caption (--text) and the CLIP text tower")
     pixels = encoder.preprocess(image.convert("RGB"))[None].to(encoder.device)
     for i in target.latents:
         if not 0 <= i < model.n_latents:
@@ -278,44 +316,54 @@ def localize(
     with torch.enable_grad():
         if kind == "dino":
             prefix = vit.num_prefix_tokens
-            with _timm_attention(vit, rec), _last_tokens(vit.blocks[-1], store):
+            last = vit.blocks[-1]
+            with _timm_attention(vit, rec), _last_tokens(last, last.norm1, store):
                 feats = vit.forward_features(pixels)[:, 0]
-            tokens = store["tokens"]  # [1, T, D]
         else:
             prefix = 1
-            with _clip_attention(vit.transformer, rec), _last_tokens(vit.transformer.resblocks[-1], store):
+            last = vit.transformer.resblocks[-1]
+            with _clip_attention(vit.transformer, rec), _last_tokens(last, last.ln_1, store):
                 feats = encoder.clip.model.encode_image(pixels, normalize=True)
-            tokens = store["tokens"]
             if not getattr(vit.transformer, "batch_first", True):
                 raise AttributionError("sequence-first open_clip transformers are not supported")
+        tokens, normed = store["tokens"], store["normed"]  # [1, T, D] each
         feats = feats.float()
-        logits = model.logits(encoder.stream, feats.to(model.device))
-        score = (F.relu(logits) * w).sum()
-        if method != "clip-sim":
-            score.backward()
+        target_score = (F.relu(model.logits(encoder.stream, feats.to(model.device))) * w).sum()
+        if method == "clip-relevance":
+            with torch.no_grad():
+                txt = F.normalize(text_encoder.encode_texts([target.source]).float().to(feats.device), dim=-1)
+            score = (F.normalize(feats, dim=-1) * txt).sum()  # CLIP's image-text similarity (its logit / temperature)
+        else:
+            score = target_score
+        grads = _input_grads(score, [tokens, normed, *rec.maps]) if method != "clip-cosine" else [None] * (2 + len(rec.maps))
+    fires = float(target_score.detach()) > 0
     with torch.no_grad():
         code = model.encode({encoder.stream: feats.detach().to(model.device)}, code="agreed")
         acts = dict(zip(code.indices[0].tolist(), code.values[0].tolist()))
     n_patches = tokens.shape[1] - prefix
     gh, gw = _grid(n_patches, pixels)
+    zero = torch.zeros(n_patches)
     if method == "gradcam":
+        g = grads[1]
+        if g is None:
+            m = zero
+        else:
+            a = normed[0, prefix:].detach().float()
+            m = (a * g[0, prefix:].float().mean(0, keepdim=True)).sum(-1).clamp_min(0)
+    elif method == "grad-x-input":
+        g = grads[0]
         t = tokens[0, prefix:].detach().float()
-        g = tokens.grad[0, prefix:].float()
-        m = ((t - t.mean(0, keepdim=True)) * g).sum(-1).clamp_min(0)
-    elif method == "relevance":
+        m = zero if g is None else ((t - t.mean(0, keepdim=True)) * g[0, prefix:].float()).sum(-1).clamp_min(0)
+    elif method in ("relevance", "clip-relevance"):
         n = tokens.shape[1]
         r = torch.eye(n)
-        for a in rec.maps:
-            if a.grad is None:
+        for a, g in zip(rec.maps, grads[2:]):
+            if g is None:
                 continue
-            cam = (a.grad[0].float() * a[0].detach().float()).clamp_min(0).mean(0).cpu()
+            cam = (g[0].float() * a[0].detach().float()).clamp_min(0).mean(0).cpu()
             r = r + cam @ r
-        m = r[0, prefix:]
-    else:  # clip-sim
-        if kind != "clip":
-            raise AttributionError("clip-sim compares CLIP patch tokens with the caption: it needs the CLIP image tower")
-        if text_encoder is None or target.source == "latents":
-            raise AttributionError("clip-sim needs a caption (--text) and the CLIP text tower")
+        m = r[0, prefix:]  # no gradient at all leaves R = I: a zero map
+    else:  # clip-cosine
         with torch.no_grad():
             patch = vit.ln_post(store["out"][0, prefix:].detach())
             if vit.proj is not None:
@@ -333,6 +381,7 @@ def localize(
         image=_unnormalise(pixels, encoder),
         activations={i: float(acts.get(i, 0.0)) for i in target.latents},
         names=names or {},
+        target_fires=fires,
     )
 
 
@@ -416,7 +465,6 @@ def attribute_text(
     rec, store = _Recorder(), {}
 
     def keep_embedding(module, inputs, output):
-        output.retain_grad()
         store["emb"] = output
 
     h = clip.model.token_embedding.register_forward_hook(keep_embedding)
@@ -424,20 +472,24 @@ def attribute_text(
         with torch.enable_grad(), _clip_attention(clip.model.transformer, rec):
             feats = clip.model.encode_text(tokens, normalize=True).float()
             logits = model.logits(text_encoder.stream, feats.to(model.device))
-            (F.relu(logits) * target.tensor(model.n_latents, model.device)).sum().backward()
+            score = (F.relu(logits) * target.tensor(model.n_latents, model.device)).sum()
+            emb = store["emb"]
+            grads = _input_grads(score, [emb, *rec.maps])
     finally:
         h.remove()
     if method == "grad":
-        emb = store["emb"]
         e = emb[0].detach()
-        span_e = e[1:eot]
-        s = (emb.grad[0] * (e - span_e.mean(0, keepdim=True))).sum(-1).cpu()
+        # baseline: the caption's mean word with the vocabulary's average token counted as one more word (the
+        # caption's own mean alone would erase a one-word caption)
+        vocab = clip.model.token_embedding.weight.detach().mean(0, keepdim=True)
+        baseline = (e[1:eot].sum(0, keepdim=True) + vocab) / eot
+        s = torch.zeros(len(e)) if grads[0] is None else (grads[0][0] * (e - baseline)).sum(-1).cpu()
     else:
         n = tokens.shape[1]
         r = torch.eye(n)
-        for a in rec.maps:
-            if a.grad is not None:
-                r = r + (a.grad[0].float() * a[0].detach().float()).clamp_min(0).mean(0).cpu() @ r
+        for a, g in zip(rec.maps, grads[1:]):
+            if g is not None:
+                r = r + (g[0].float() * a[0].detach().float()).clamp_min(0).mean(0).cpu() @ r
         s = r[eot]
     span = list(range(1, eot))  # between start- and end-of-text
     pieces = _token_strings(clip.tokenizer, [ids[i] for i in span])

@@ -398,8 +398,13 @@ def _add_localize(sub: Any) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="a caption: its sparse code (CLIP text tower) is what the map looks for")
     what.add_argument("--latent", type=int, action="append", help="a latent to look for (repeat for several)")
+    what.add_argument("--concept", action="append", help="the latents named so in latent_names.json (repeatable)")
     p.add_argument("--stream", default="dino", help="the image encoder's stream: dino (default) or clip_img")
-    p.add_argument("--method", default="relevance", choices=["gradcam", "relevance", "clip-sim"])
+    p.add_argument(
+        "--method",
+        default="relevance",
+        help="relevance (default), gradcam, grad-x-input; CLIP's own baselines clip-relevance, clip-cosine (CLIP image tower)",
+    )
     p.add_argument("--top", type=int, default=None, help="use only the caption's N strongest latents")
     p.add_argument("--out", required=True, help="PNG overlay")
     p.add_argument("--json", help="also write the grid and the latents used as JSON")
@@ -424,7 +429,7 @@ def _cmd_localize(args: argparse.Namespace) -> int:
             raise AttributionError("--text needs the CLIP text tower (--clip-weights)")
         target = text_target(model, text_enc, args.text, top=args.top)
     else:
-        target = latent_target(model, args.latent)
+        target = latent_target(model, args.latent or _named_latents(names, args.concept))
     try:
         with Image.open(args.image) as im:
             image = im.convert("RGB")
@@ -435,9 +440,18 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_json(Path(args.json), hm.to_json())
     h, w = hm.grid.shape
+    if not hm.target_fires:
+        print(f"heatmap {h}x{w} ({hm.method} on {args.stream}): {hm.note}: {args.out}")
+        return 0
     peak = divmod(int(hm.grid.argmax()), w)
-    print(f"heatmap {h}x{w} ({args.method} on {args.stream}), peak at patch (row, col) {peak}: {args.out}")
+    print(f"heatmap {h}x{w} ({hm.method} on {args.stream}), peak at patch (row, col) {peak}: {args.out}")
     return 0
+
+
+def _named_latents(names: dict[int, str], concepts: list[str]) -> list[int]:
+    from .naming import latents_named
+
+    return sorted({i for c in concepts for i in latents_named(names, c)})
 
 
 def _add_attribute(sub: Any) -> None:
@@ -445,6 +459,7 @@ def _add_attribute(sub: Any) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--text", required=True)
     p.add_argument("--latent", type=int, action="append", help="attribute these latents (default: the caption's code)")
+    p.add_argument("--concept", action="append", help="attribute the latents named so in latent_names.json (repeatable)")
     p.add_argument("--method", default="grad", choices=["grad", "relevance"])
     p.add_argument("--out", required=True, help="PNG strip of the caption, words shaded by score")
     p.add_argument("--json", help="also write the (word, score) list as JSON")
@@ -459,7 +474,8 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     text_enc = next((e for e in encoders.values() if e.modality == "text"), None)
     if text_enc is None:
         raise AttributionError("caption attribution needs the CLIP text tower (--clip-weights)")
-    target = latent_target(model, args.latent) if args.latent else None
+    chosen = args.latent or (_named_latents(names, args.concept) if args.concept else None)
+    target = latent_target(model, chosen) if chosen else None
     ws = attribute_text(model, text_enc, args.text, target, method=args.method)
     save_words_png(ws, args.out, names)
     if args.json:

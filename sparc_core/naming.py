@@ -93,6 +93,20 @@ def load_latent_names(checkpoint: str | Path) -> dict[int, str]:
         return {}
 
 
+def latents_named(names: dict[int, str], concept: str) -> list[int]:
+    """The latents whose top name is ``concept`` (case and surrounding space ignored), as in the paper's
+    Figure 1 ("bus"); a NamingError lists some names when none matches or there are no names."""
+    if not names:
+        raise NamingError("this checkpoint has no latent names: run `sparc name-latents` first")
+    want = concept.strip().lower()
+    found = sorted(i for i, n in names.items() if n.strip().lower() == want)
+    if not found:
+        close = sorted({n for n in names.values() if want and (want in n.lower() or n.lower() in want)})[:8]
+        hint = f"; names containing it: {close}" if close else ""
+        raise NamingError(f"no latent is named {concept!r} ({len(names)} named latents){hint}")
+    return found
+
+
 def naming_score(
     named: dict[int, list[tuple[str, float]]], codes_idx: np.ndarray, codes_val: np.ndarray, labels: np.ndarray, names: list[str]
 ) -> dict[str, float]:

@@ -236,6 +236,13 @@ def test_localize_and_attribute_text_over_grpc(world, server, client, tmp_path):
         assert Image.open(io.BytesIO(hm.png)).format == "PNG"
     hm = client.localize(data, latents=[1, 2], weights=[0.7, 0.3], encoder_stream="clip_img", method="gradcam")
     assert [(x[0], round(x[1], 3)) for x in hm.latents] == [(1, 0.7), (2, 0.3)] and hm.png == b""
+    # a target that does not fire on the image: an empty grid, and the reply says so
+    with torch.no_grad():
+        logits = model.logits("dino", enc["dino"].encode_images([Image.open(io.BytesIO(data)).convert("RGB")]))[0]
+    silent = int(logits.argmin())
+    quiet = client.localize(data, latents=[silent], encoder_stream="dino")
+    assert float(logits[silent]) < 0 and not quiet.target_fires and "fires on this image" in quiet.note
+    assert float(quiet.grid.max()) == 0.0 and client.localize(data, text=caption).target_fires
     words = client.attribute_text(caption, return_png=True)
     ref = attribute_text(model, enc["clip_txt"], caption)
     assert [w for w, _ in words.words] == ref.words == caption.split()
@@ -270,6 +277,10 @@ def test_localize_and_attribute_text_over_grpc(world, server, client, tmp_path):
             assert shared and all(e.name == f"name-{e.latent}" for e in shared)
             assert c.get_latent(5, "images-dino").names == ["name-5"]
             assert all(x[2] == f"name-{x[0]}" for x in c.localize(data, text=caption).latents)
+            assert [x[0] for x in c.localize(data, concepts=["name-7", "name-3"]).latents] == [3, 7]  # chosen by name
+            with pytest.raises(grpc.RpcError) as e:
+                c.localize(data, concepts=["zebra"])
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no latent is named 'zebra'" in e.value.details()
     finally:
         named.stop(0)
         (world["ckpt"] / "latent_names.json").unlink()
