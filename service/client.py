@@ -245,6 +245,27 @@ class SparcClient:
         latents_used = [(x.latent, x.weight, x.name, x.image_activation) for x in r.latents]
         return Heatmap(grid, latents_used, r.method, r.stream, r.png, r.target_fires, r.note)
 
+    def explain_pair(
+        self,
+        image: bytes,
+        text: str,
+        encoder_stream: str = "",
+        method: str = "relevance",
+        max_latents: int = 0,
+        return_png: bool = False,
+        timeout: float | None = None,
+    ) -> pb.ExplainPairResponse:
+        """The latents an image (JPEG/PNG/WebP bytes) and its caption share: per latent its heatmap grid and the
+        caption's word scores (the reply message, ``shared`` strongest first)."""
+        return self.stub.ExplainPair(
+            pb.ExplainPairRequest(
+                image=image, text=text, encoder_stream=encoder_stream, method=method, max_latents=max_latents,
+                return_png=return_png,
+            ),
+            timeout=timeout,
+            metadata=self.metadata,
+        )  # fmt: skip
+
     def attribute_text(
         self, text: str, latents: Sequence[int] = (), method: str = "grad", return_png: bool = False, timeout: float | None = None
     ) -> WordAttribution:

@@ -539,6 +539,36 @@ class Engine:
 
         return self.batcher.call(work).result()
 
+    def explain_pair(self, image: bytes, text: str, encoder_stream: str, method: str, max_latents: int) -> Any:
+        """The latents an image and its caption share, each with its heatmap and word scores
+        (sparc_core.attribution.PairExplanation)."""
+        from sparc_core.attribution import CLIP_METHODS, MAX_PAIR_LATENTS, METHOD_ALIASES, METHODS, explain_pair
+
+        method = METHOD_ALIASES.get(method, method) or "relevance"
+        if method not in METHODS or method in CLIP_METHODS:
+            allowed = [m for m in METHODS if m not in CLIP_METHODS]
+            raise ServiceError("INVALID_ARGUMENT", f"unknown pair method {method!r}; methods: {allowed}")
+        if max_latents > MAX_PAIR_LATENTS:
+            raise ServiceError("INVALID_ARGUMENT", f"max_latents is at most {MAX_PAIR_LATENTS}, got {max_latents}")
+        if not text.strip():
+            raise ServiceError("INVALID_ARGUMENT", "empty text")
+        if len(text) > self.settings.max_text_chars:
+            raise ServiceError("INVALID_ARGUMENT", f"text of {len(text)} characters exceeds {self.settings.max_text_chars}")
+        if not image:
+            raise ServiceError("INVALID_ARGUMENT", "empty image")
+        if len(image) > self.settings.max_image_bytes:
+            raise ServiceError("INVALID_ARGUMENT", f"image of {len(image)} bytes exceeds {self.settings.max_image_bytes}")
+        image_enc, text_enc = self._encoder_for("image", encoder_stream), self._encoder_for("text", "")
+        with self._decoders:
+            pil = decode_image(image, self.settings.max_image_pixels)
+
+        def work():
+            return explain_pair(
+                self.model, image_enc, text_enc, pil, text, method, max_latents=max_latents or MAX_PAIR_LATENTS, names=self.names
+            )
+
+        return self.batcher.call(work).result()
+
     def attribute(self, text: str, latents: list[int], method: str) -> Any:
         """Per-word scores (sparc_core.attribution.WordScores) of a caption."""
         from sparc_core.attribution import TEXT_METHODS, attribute_text

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from sparc_core import SparcError
-from sparc_core.attribution import save_heatmap_png, save_words_png
+from sparc_core.attribution import save_heatmap_png, save_pair_png, save_words_png
 
 from .engine import Engine, SearchSpec, SearchStopped, ServiceError
 from .protogen import ensure_stubs
@@ -380,6 +380,31 @@ class SparcServicer(pb_grpc.SparcServicer):
             )
 
         return self._call("AttributeText", context, run)
+
+    def ExplainPair(self, request, context):
+        def run():
+            pair = self.engine.explain_pair(
+                request.image, request.text, request.encoder_stream, request.method, request.max_latents
+            )
+            png = _png_bytes(lambda path: save_pair_png(pair, path)) if request.return_png else b""
+            shared = [
+                pb.SharedConcept(
+                    latent=c.latent,
+                    name=self.engine.names.get(c.latent, ""),
+                    image_value=c.image_value,
+                    text_value=c.text_value,
+                    height=c.heatmap.grid.shape[0],
+                    width=c.heatmap.grid.shape[1],
+                    grid=c.heatmap.grid.ravel().tolist(),
+                    words=[pb.WordScore(word=wd, score=sc) for wd, sc in zip(c.words.words, c.words.scores)],
+                )
+                for c in pair.concepts
+            ]
+            return pb.ExplainPairResponse(
+                shared=shared, image_only=pair.image_only, text_only=pair.text_only, stream=pair.stream, png=png
+            )
+
+        return self._call("ExplainPair", context, run)
 
 
 def _png_bytes(write: Callable[[Path], Any]) -> bytes:

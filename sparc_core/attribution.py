@@ -499,6 +499,138 @@ def attribute_text(
     return WordScores(words, [x / top if top > 0 else 0.0 for x in scores], method, target)
 
 
+# ---- an image and its caption ------------------------------------------------------------------------------
+MAX_PAIR_LATENTS = 8  # shared latents explained per pair at most (each costs one image and one text backward)
+
+
+@dataclass
+class SharedConcept:
+    """A latent an image and a caption agree on, where it is in the image and which words drive it."""
+
+    latent: int
+    image_value: float  # its value in the image's agreed code
+    text_value: float  # its value in the caption's agreed code
+    heatmap: Heatmap
+    words: WordScores
+
+
+@dataclass
+class PairExplanation:
+    """Which regions and which words explain the latents an image and a caption share (the paper's Figure 5)."""
+
+    caption: str
+    stream: str
+    concepts: list[SharedConcept]  # strongest shared latent first (product of the two values)
+    image_only: list[int]  # agreed latents of the image the caption does not have
+    text_only: list[int]  # and the reverse
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "caption": self.caption,
+            "stream": self.stream,
+            "shared": [
+                {
+                    "latent": c.latent,
+                    "name": c.heatmap.names.get(c.latent, ""),
+                    "image_value": c.image_value,
+                    "text_value": c.text_value,
+                    "shape": list(c.heatmap.grid.shape),
+                    "grid": [round(float(v), 6) for v in c.heatmap.grid.ravel()],
+                    "words": [{"word": w, "score": round(x, 6)} for w, x in zip(c.words.words, c.words.scores)],
+                }
+                for c in self.concepts
+            ],
+            "image_only": self.image_only,
+            "text_only": self.text_only,
+        }
+
+
+def explain_pair(
+    model: SparcModel,
+    image_encoder: FeatureEncoder,
+    text_encoder: FeatureEncoder,
+    image: Image.Image,
+    caption: str,
+    method: str = "relevance",
+    text_method: str = "grad",
+    max_latents: int = MAX_PAIR_LATENTS,
+    names: dict[int, str] | None = None,
+) -> PairExplanation:
+    """For an image and a caption, the latents both agree on and, per latent, its heatmap on the image and
+    the caption's word scores (see ``localize`` and ``attribute_text``)."""
+    if method in CLIP_METHODS or METHOD_ALIASES.get(method) in CLIP_METHODS:
+        raise AttributionError(f"{method} does not look for latents: explain a pair with relevance, gradcam or grad-x-input")
+    if not 1 <= max_latents <= MAX_PAIR_LATENTS:
+        raise AttributionError(f"max_latents must be in [1, {MAX_PAIR_LATENTS}], got {max_latents}")
+    if not caption.strip():
+        raise AttributionError("empty caption")
+    _vision(image_encoder)
+    if not isinstance(text_encoder, ClipTextEncoder):
+        raise AttributionError(f"a pair needs the CLIP text tower (stream {text_encoder.stream!r} is not one)")
+    image = image.convert("RGB")
+    with torch.no_grad():
+        img = model.encode({image_encoder.stream: image_encoder.encode_images([image]).to(model.device)}, code="agreed")
+        txt = model.encode({text_encoder.stream: text_encoder.encode_texts([caption]).to(model.device)}, code="agreed")
+    on_img = {int(i): float(v) for i, v in zip(img.indices[0].tolist(), img.values[0].tolist()) if v > 0}
+    on_txt = {int(i): float(v) for i, v in zip(txt.indices[0].tolist(), txt.values[0].tolist()) if v > 0}
+    shared = sorted(set(on_img) & set(on_txt), key=lambda i: -on_img[i] * on_txt[i])
+    concepts = []
+    for lat in shared[:max_latents]:
+        target = latent_target(model, [lat])
+        hm = localize(model, image_encoder, image, target, method=method, names=names)
+        ws = attribute_text(model, text_encoder, caption, target, method=text_method)
+        concepts.append(SharedConcept(lat, on_img[lat], on_txt[lat], hm, ws))
+    return PairExplanation(
+        caption=caption,
+        stream=image_encoder.stream,
+        concepts=concepts,
+        image_only=sorted(set(on_img) - set(on_txt), key=lambda i: -on_img[i]),
+        text_only=sorted(set(on_txt) - set(on_img), key=lambda i: -on_txt[i]),
+    )
+
+
+def save_pair_png(pair: PairExplanation, path: str | Path) -> Path:
+    """One row per shared latent: its heatmap over the image, and the caption with words shaded by score."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LinearSegmentedColormap
+    from matplotlib.figure import Figure
+
+    from .checkpoint import atomic_write_bytes
+
+    rows = max(1, len(pair.concepts))
+    fig = Figure(figsize=(9, 2.4 * rows), dpi=100)
+    FigureCanvasAgg(fig)
+    bwr = LinearSegmentedColormap.from_list("bwr", ["#3b4cc0", "#ffffff", "#b40426"])
+    if not pair.concepts:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.axis("off")
+        ax.text(0.5, 0.5, "the image and the caption share no agreed latent", ha="center", va="center", usetex=False)
+    for r, c in enumerate(pair.concepts):
+        ax = fig.add_subplot(rows, 2, 2 * r + 1)
+        ax.imshow(c.heatmap.image)
+        ax.imshow(c.heatmap.upsampled, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        name = c.heatmap.names.get(c.latent, "")
+        ax.set_title(f"latent {c.latent}" + (f" '{name}'" if name else ""), fontsize=9, usetex=False)
+        ax.axis("off")
+        tx = fig.add_subplot(rows, 2, 2 * r + 2)
+        tx.axis("off")
+        x = 0.0
+        for word, score in zip(c.words.words, c.words.scores):
+            t = tx.text(
+                x, 0.5, word, fontsize=11, transform=tx.transAxes, va="center", usetex=False, parse_math=False,
+                bbox={"facecolor": bwr(0.5 + 0.5 * score), "edgecolor": "none", "boxstyle": "round,pad=0.2"},
+            )  # fmt: skip
+            bb = t.get_window_extent(renderer=fig.canvas.get_renderer()).transformed(tx.transAxes.inverted())
+            x = bb.x1 + 0.02
+    fig.suptitle(f"{pair.stream}: what the image and the caption share", fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
 # ---- pictures ----------------------------------------------------------------------------------------------
 def _title(target: Target, names: dict[int, str], activations: dict[int, float] | None = None, n: int = 4) -> str:
     parts = []
@@ -571,12 +703,16 @@ __all__ = [
     "TEXT_METHODS",
     "AttributionError",
     "Heatmap",
+    "PairExplanation",
+    "SharedConcept",
     "Target",
     "WordScores",
     "attribute_text",
+    "explain_pair",
     "latent_target",
     "localize",
     "save_heatmap_png",
+    "save_pair_png",
     "save_words_png",
     "text_target",
 ]

@@ -413,8 +413,6 @@ def _add_localize(sub: Any) -> None:
 
 
 def _cmd_localize(args: argparse.Namespace) -> int:
-    from PIL import Image, UnidentifiedImageError
-
     from .attribution import AttributionError, latent_target, localize, save_heatmap_png, text_target
 
     model, encoders, names = _explain_setup(args, need_dino=args.stream == "dino")
@@ -430,11 +428,7 @@ def _cmd_localize(args: argparse.Namespace) -> int:
         target = text_target(model, text_enc, args.text, top=args.top)
     else:
         target = latent_target(model, args.latent or _named_latents(names, args.concept))
-    try:
-        with Image.open(args.image) as im:
-            image = im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise AttributionError(f"{args.image}: not a readable image ({e})") from None
+    image = _read_image(args.image)
     hm = localize(model, encoders[args.stream], image, target, method=args.method, text_encoder=text_enc, names=names)
     save_heatmap_png(hm, args.out)
     if args.json:
@@ -452,6 +446,60 @@ def _named_latents(names: dict[int, str], concepts: list[str]) -> list[int]:
     from .naming import latents_named
 
     return sorted({i for c in concepts for i in latents_named(names, c)})
+
+
+def _add_explain_pair(sub: Any) -> None:
+    p = sub.add_parser("explain-pair", help="for an image and its caption: the shared latents, where and which words")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--text", required=True, help="the caption")
+    p.add_argument("--stream", default="dino", help="the image encoder's stream: dino (default) or clip_img")
+    p.add_argument("--method", default="relevance", help="heatmap method: relevance (default), gradcam, grad-x-input")
+    p.add_argument("--max-latents", type=int, default=8, help="explain at most this many shared latents (1-8)")
+    p.add_argument("--out", required=True, help="PNG: a row per shared latent (heatmap, caption words)")
+    p.add_argument("--json", help="also write the shared latents, their grids and word scores as JSON")
+    add_encoder_flags(p)
+    p.set_defaults(func=_cmd_explain_pair)
+
+
+def _cmd_explain_pair(args: argparse.Namespace) -> int:
+    from .attribution import AttributionError, explain_pair, save_pair_png
+
+    model, encoders, names = _explain_setup(args, need_dino=args.stream == "dino")
+    image_enc, text_enc = encoders.get(args.stream), next((e for e in encoders.values() if e.modality == "text"), None)
+    if image_enc is None or image_enc.modality != "image":
+        raise AttributionError(f"no image encoder feeds stream {args.stream!r}")
+    if text_enc is None:
+        raise AttributionError("a pair needs the CLIP text tower (--clip-weights)")
+    pair = explain_pair(
+        model, image_enc, text_enc, _read_image(args.image), args.text, args.method, max_latents=args.max_latents, names=names
+    )
+    save_pair_png(pair, args.out)
+    if args.json:
+        atomic_write_json(Path(args.json), pair.to_json())
+    if not pair.concepts:
+        print(f"the image and the caption share no agreed latent: {args.out}")
+        return 0
+    for c in pair.concepts:
+        h, w = c.heatmap.grid.shape
+        peak = divmod(int(c.heatmap.grid.argmax()), w)
+        top = c.words.words[int(max(range(len(c.words.scores)), key=lambda j: c.words.scores[j]))]
+        name = f" '{names[c.latent]}'" if c.latent in names else ""
+        print(f"latent {c.latent}{name}: image {c.image_value:.2f}, caption {c.text_value:.2f}; peak patch {peak}, word {top!r}")
+    print(f"pair: {args.out}")
+    return 0
+
+
+def _read_image(path: str) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    from .attribution import AttributionError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise AttributionError(f"{path}: not a readable image ({e})") from None
 
 
 def _add_attribute(sub: Any) -> None:
@@ -489,7 +537,17 @@ def build_parser() -> argparse.ArgumentParser:
     """The full ``sparc`` parser, including subcommands registered by other installed packages."""
     parser = argparse.ArgumentParser(prog="sparc", description="SPARC: one sparse concept space shared by many models")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_synth, _add_extract, _add_train, _add_eval, _add_demo, _add_localize, _add_attribute, _add_name_latents):
+    for add in (
+        _add_synth,
+        _add_extract,
+        _add_train,
+        _add_eval,
+        _add_demo,
+        _add_localize,
+        _add_explain_pair,
+        _add_attribute,
+        _add_name_latents,
+    ):
         add(sub)
     for ep in entry_points(group="sparc.commands"):
         ep.load()(sub)

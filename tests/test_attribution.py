@@ -373,3 +373,44 @@ def test_concepts_are_chosen_by_name(world, tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv, "--concept", "zebra"]) == 2
     assert "no latent is named 'zebra'" in capsys.readouterr().err
+
+
+def test_an_image_and_its_caption_explain_their_shared_latents(world, tmp_path, capsys):
+    # The paper's Figure 5: per latent both codes agree on, where it is in the image and which words drive it.
+    from sparc_core.attribution import explain_pair, save_pair_png
+
+    model, enc = world["model"], world["encoders"]
+    image, caption = _patches("clip_img", {5: 1, 10: 2}), "a zebra next to the violin"
+    with torch.no_grad():
+        img = model.encode({"clip_img": enc["clip_img"].encode_images([image])}, code="agreed")
+        txt = model.encode({"clip_txt": enc["clip_txt"].encode_texts([caption])}, code="agreed")
+    on_img = dict(zip(img.indices[0].tolist(), img.values[0].tolist()))
+    on_txt = dict(zip(txt.indices[0].tolist(), txt.values[0].tolist()))
+    both = {i for i in on_img if on_img[i] > 0 and on_txt.get(i, 0) > 0}
+    assert both  # random towers still share a few latents on this pair
+    pair = explain_pair(model, enc["clip_img"], enc["clip_txt"], image, caption, max_latents=3)
+    assert [c.latent for c in pair.concepts] == sorted(both, key=lambda i: -on_img[i] * on_txt[i])[:3]
+    for c in pair.concepts:
+        assert c.image_value == pytest.approx(on_img[c.latent]) and c.text_value == pytest.approx(on_txt[c.latent])
+        ref = localize(model, enc["clip_img"], image, latent_target(model, [c.latent]))
+        np.testing.assert_allclose(c.heatmap.grid, ref.grid, atol=1e-6)
+        words = attribute_text(model, enc["clip_txt"], caption, latent_target(model, [c.latent]))
+        assert c.words.words == caption.split() and np.allclose(c.words.scores, words.scores)
+    assert set(pair.image_only) == {i for i, v in on_img.items() if v > 0} - both
+    js = pair.to_json()
+    assert [s["latent"] for s in js["shared"]] == [c.latent for c in pair.concepts] and len(js["shared"][0]["grid"]) == 16
+    out = save_pair_png(pair, tmp_path / "pair.png")
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[1] >= 200 * len(pair.concepts)
+    with pytest.raises(AttributionError, match="max_latents"):
+        explain_pair(model, enc["clip_img"], enc["clip_txt"], image, caption, max_latents=9)
+    with pytest.raises(AttributionError, match="does not look for latents"):
+        explain_pair(model, enc["clip_img"], enc["clip_txt"], image, caption, method="clip-cosine")
+    # the CLI, with a caption that mathtext would choke on drawn as plain text
+    img = tmp_path / "pair-in.png"
+    image.save(img)
+    argv = ["explain-pair", "--checkpoint", str(world["ckpt"]), *world["flags"], "--image", str(img), "--stream", "clip_img"]
+    assert main([*argv, "--text", "a $\\foo$ zebra", "--out", str(tmp_path / "p.png"), "--json", str(tmp_path / "p.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "pair:" in printed or "share no agreed latent" in printed
+    assert json.loads((tmp_path / "p.json").read_text())["caption"] == "a $\\foo$ zebra"

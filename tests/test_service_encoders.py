@@ -243,6 +243,24 @@ def test_localize_and_attribute_text_over_grpc(world, server, client, tmp_path):
     quiet = client.localize(data, latents=[silent], encoder_stream="dino")
     assert float(logits[silent]) < 0 and not quiet.target_fires and "fires on this image" in quiet.note
     assert float(quiet.grid.max()) == 0.0 and client.localize(data, text=caption).target_fires
+    # ExplainPair equals the library's answer
+    from sparc_core.attribution import explain_pair
+
+    reply = client.explain_pair(data, caption, encoder_stream="dino", max_latents=2, return_png=True)
+    ref_pair = explain_pair(model, enc["dino"], enc["clip_txt"], Image.open(io.BytesIO(data)), caption, max_latents=2)
+    assert [c.latent for c in reply.shared] == [c.latent for c in ref_pair.concepts] and reply.stream == "dino"
+    for got, want in zip(reply.shared, ref_pair.concepts):
+        np.testing.assert_allclose(np.asarray(got.grid).reshape(got.height, got.width), want.heatmap.grid, atol=1e-5)
+        assert [w.word for w in got.words] == want.words.words
+    assert list(reply.image_only) == ref_pair.image_only and Image.open(io.BytesIO(reply.png)).format == "PNG"
+    for call, message in (
+        (lambda: client.explain_pair(data, caption, max_latents=9), "max_latents is at most 8"),
+        (lambda: client.explain_pair(data, caption, method="clip-cosine"), "unknown pair method"),
+        (lambda: client.explain_pair(data, ""), "empty text"),
+    ):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details(), e.value.details()
     words = client.attribute_text(caption, return_png=True)
     ref = attribute_text(model, enc["clip_txt"], caption)
     assert [w for w, _ in words.words] == ref.words == caption.split()
