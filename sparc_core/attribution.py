@@ -591,44 +591,24 @@ def explain_pair(
 
 def save_pair_png(pair: PairExplanation, path: str | Path) -> Path:
     """One row per shared latent: its heatmap over the image, and the caption with words shaded by score."""
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import LinearSegmentedColormap
-    from matplotlib.figure import Figure
-
-    from .checkpoint import atomic_write_bytes
-
     rows = max(1, len(pair.concepts))
-    fig = Figure(figsize=(9, 2.4 * rows), dpi=100)
-    FigureCanvasAgg(fig)
-    bwr = LinearSegmentedColormap.from_list("bwr", ["#3b4cc0", "#ffffff", "#b40426"])
+    fig = _figure(9, 2.4 * rows)
     if not pair.concepts:
         ax = fig.add_subplot(1, 1, 1)
         ax.axis("off")
-        ax.text(0.5, 0.5, "the image and the caption share no agreed latent", ha="center", va="center", usetex=False)
+        ax.text(0.5, 0.5, "the image and the caption share no agreed latent", ha="center", va="center")
     for r, c in enumerate(pair.concepts):
         ax = fig.add_subplot(rows, 2, 2 * r + 1)
         ax.imshow(c.heatmap.image)
         ax.imshow(c.heatmap.upsampled, cmap="jet", alpha=0.5, vmin=0, vmax=1)
         name = c.heatmap.names.get(c.latent, "")
-        ax.set_title(f"latent {c.latent}" + (f" '{name}'" if name else ""), fontsize=9, usetex=False)
+        ax.set_title(f"latent {c.latent}" + (f" '{name}'" if name else ""), fontsize=9, parse_math=False)
         ax.axis("off")
         tx = fig.add_subplot(rows, 2, 2 * r + 2)
         tx.axis("off")
-        x = 0.0
-        for word, score in zip(c.words.words, c.words.scores):
-            t = tx.text(
-                x, 0.5, word, fontsize=11, transform=tx.transAxes, va="center", usetex=False, parse_math=False,
-                bbox={"facecolor": bwr(0.5 + 0.5 * score), "edgecolor": "none", "boxstyle": "round,pad=0.2"},
-            )  # fmt: skip
-            bb = t.get_window_extent(renderer=fig.canvas.get_renderer()).transformed(tx.transAxes.inverted())
-            x = bb.x1 + 0.02
+        _word_strip(fig, tx, c.words.words, c.words.scores, fontsize=11)
     fig.suptitle(f"{pair.stream}: what the image and the caption share", fontsize=10)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(Path(path), buf.getvalue())
-    return Path(path)
+    return _png(fig, path)
 
 
 # ---- pictures ----------------------------------------------------------------------------------------------
@@ -641,61 +621,68 @@ def _title(target: Target, names: dict[int, str], activations: dict[int, float] 
     return "latents " + ", ".join(parts) + more
 
 
-def save_heatmap_png(hm: Heatmap, path: str | Path) -> Path:
-    """The crop the encoder saw, the heatmap over it (colormap + colorbar), the latents in the title."""
+def _figure(width: float, height: float) -> Any:
+    """A matplotlib Figure with its own Agg canvas: no pyplot state, safe in the server's worker threads."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Any, path: str | Path, **savefig: Any) -> Path:
     import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from .checkpoint import atomic_write_bytes
 
-    fig, ax = plt.subplots(figsize=(HEATMAP_PNG_SIZE[0] / 100, HEATMAP_PNG_SIZE[1] / 100), dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def save_heatmap_png(hm: Heatmap, path: str | Path) -> Path:
+    """The crop the encoder saw, the heatmap over it (colormap + colorbar), the latents in the title."""
+    fig = _figure(HEATMAP_PNG_SIZE[0] / 100, HEATMAP_PNG_SIZE[1] / 100)
+    ax = fig.add_subplot(1, 1, 1)
     ax.imshow(hm.image)
     im = ax.imshow(hm.upsampled, cmap="jet", alpha=0.5, vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="relevance (min 0, max 1)")
     src = f'"{hm.target.source}"' if hm.target.source != "latents" else "chosen latents"
-    ax.set_title(f"{hm.method} on {hm.stream}: {src}\n{_title(hm.target, hm.names)}", fontsize=8)
+    title = f"{hm.method} on {hm.stream}: {src}\n{_title(hm.target, hm.names)}"
+    if not hm.target_fires:
+        title += "\n(no target latent fires on this image: empty map)"
+    ax.set_title(title, fontsize=8, parse_math=False)  # captions are plain text, never mathtext
     ax.axis("off")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")  # HEATMAP_PNG_SIZE pixels
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
-    return Path(path)
+    return _png(fig, path)  # HEATMAP_PNG_SIZE pixels
 
 
-def save_words_png(ws: WordScores, path: str | Path, names: dict[int, str] | None = None) -> Path:
-    """The caption as a strip of words shaded by their score (positive: red, negative: blue)."""
-    import io
+def _word_strip(fig: Any, ax: Any, words: list[str], scores: list[float], fontsize: int = 12) -> None:
+    """Words left to right along ``ax``, each on a box shaded by its score (positive: red, negative: blue)."""
+    from matplotlib import colormaps
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .checkpoint import atomic_write_bytes
-
-    width = max(4.0, 0.16 * sum(len(w) + 2 for w in ws.words))
-    fig, ax = plt.subplots(figsize=(min(width, 24), 1.4), dpi=100)
-    ax.axis("off")
-    cmap = plt.get_cmap("bwr")
-    x = 0.01
+    cmap = colormaps["bwr"]
     renderer = fig.canvas.get_renderer()
-    for word, s in zip(ws.words, ws.scores):
+    x = 0.01
+    for word, s in zip(words, scores):
         t = ax.text(
-            x, 0.45, word, fontsize=12, transform=ax.transAxes, va="center",
+            x, 0.45, word, fontsize=fontsize, transform=ax.transAxes, va="center", parse_math=False,
             bbox={"facecolor": cmap(0.5 + 0.5 * s), "edgecolor": "none", "boxstyle": "round,pad=0.2"},
         )  # fmt: skip
         bb = t.get_window_extent(renderer=renderer).transformed(ax.transAxes.inverted())
         x = bb.x1 + 0.012
-    ax.set_title(f"{ws.method} attribution: {_title(ws.target, names or {})}", fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
-    return Path(path)
+
+
+def save_words_png(ws: WordScores, path: str | Path, names: dict[int, str] | None = None) -> Path:
+    """The caption as a strip of words shaded by their score (positive: red, negative: blue)."""
+    width = max(4.0, 0.16 * sum(len(w) + 2 for w in ws.words))
+    fig = _figure(min(width, 24), 1.4)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.axis("off")
+    _word_strip(fig, ax, ws.words, ws.scores)
+    ax.set_title(f"{ws.method} attribution: {_title(ws.target, names or {})}", fontsize=8, parse_math=False)
+    return _png(fig, path, bbox_inches="tight")
 
 
 __all__ = [

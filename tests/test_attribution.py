@@ -414,3 +414,15 @@ def test_an_image_and_its_caption_explain_their_shared_latents(world, tmp_path, 
     printed = capsys.readouterr().out
     assert "pair:" in printed or "share no agreed latent" in printed
     assert json.loads((tmp_path / "p.json").read_text())["caption"] == "a $\\foo$ zebra"
+
+
+def test_captions_are_drawn_as_plain_text_not_mathtext(world, tmp_path):
+    # "$\foo$" is a mathtext error under pyplot's defaults; pictures draw captions as the user wrote them
+    model, enc = world["model"], world["encoders"]
+    caption = "a $\\foo$ dog on a beach"
+    ws = attribute_text(model, enc["clip_txt"], caption, method="grad")
+    with Image.open(save_words_png(ws, tmp_path / "w.png")) as im:
+        assert im.format == "PNG"
+    hm = localize(model, enc["clip_img"], _square("clip_img", 1), text_target(model, enc["clip_txt"], caption))
+    with Image.open(save_heatmap_png(hm, tmp_path / "h.png")) as im:
+        assert im.size == HEATMAP_PNG_SIZE
