@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from sparc_core import SparcError, SparcModel, checkpoint_hash, load_checkpoint
@@ -77,8 +77,8 @@ class ShardInfo(BaseModel):
 
 class PartInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str  # sub-directory of the version
-    n_items: int
+    name: str = Field(pattern=r"^part-[0-9]{5,}$")  # sub-directory of the version (never a path elsewhere)
+    n_items: int = Field(ge=0)
     created_at: str
 
 

@@ -650,6 +650,10 @@ class Postings:
             raise ValueError(f"{len(self.offsets)} posting offsets for {self.n_blocks} blocks x {self._n_latents} latents")
         if len(self.items) != len(self.values) or int(self.offsets[-1]) != len(self.items):
             raise ValueError("posting offsets, items and values disagree in length")
+        # The compiled kernels read items[offsets[j]:offsets[j + 1]] unchecked: offsets from a file must start at
+        # 0 and never decrease (with the last equal to the entry count, they then stay in range).
+        if int(self.offsets[0]) != 0 or bool((np.diff(self.offsets) < 0).any()):
+            raise ValueError("posting offsets must start at 0 and never decrease (corrupt post_offsets.npy)")
         self._counts: np.ndarray | None = None
         self.value_ordered = hist is not None
         if hist is not None and np.shape(hist) != (self._n_latents, HIST_BINS):

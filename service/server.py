@@ -298,7 +298,7 @@ class SparcServicer(pb_grpc.SparcServicer):
             n_items=s.n_items,
             shards=max(1, len(s.shards)),
             checkpoint_sha256=m.checkpoint_sha256,
-            manifest_json=m.model_dump_json(),
+            manifest_json=_public_manifest(m),
             dense=all(d is not None for d in s.dense),
         )
 
@@ -405,6 +405,12 @@ class SparcServicer(pb_grpc.SparcServicer):
             )
 
         return self._call("ExplainPair", context, run)
+
+
+def _public_manifest(m: Any) -> str:
+    """A bundle's manifest as clients see it: file names, never the server's absolute paths."""
+    hidden = {k: Path(v).name for k in ("source", "checkpoint_path") if Path(v := getattr(m, k)).is_absolute()}
+    return m.model_copy(update=hidden).model_dump_json()
 
 
 def _png_bytes(write: Callable[[Path], Any]) -> bytes:

@@ -136,6 +136,33 @@ def test_corrupt_manifest_truncated_file_and_wrong_checkpoint(random_ckpt, tmp_p
         Bundle(tmp_path / "missing")
 
 
+def test_hostile_part_names_and_posting_offsets_are_refused_on_load(random_ckpt, tmp_path):
+    # The compiled kernels trust the offsets, and a part name is joined to the version directory: a
+    # manifest naming "../x" or offsets that go backwards must fail to load, never read out of bounds.
+    import json
+
+    feats = _feats(tmp_path, 40, 32)
+    build_bundle(random_ckpt, "img", feats, tmp_path / "b", progress=False)
+    vdir = Bundle(tmp_path / "b").vdir
+    manifest = vdir / "manifest.json"
+    good = json.loads(manifest.read_text())
+    for name in ("../x", "/etc", "part-00000/../../x"):
+        manifest.write_text(json.dumps(good | {"parts": [good["parts"][0] | {"name": name}]}))
+        with pytest.raises(BundleError, match="invalid manifest .*parts.0.name"):
+            Bundle(tmp_path / "b")
+    manifest.write_text(json.dumps(good))
+    off_file = vdir / "part-00000" / "post_offsets.npy"
+    offsets = np.load(off_file)
+    bad = offsets.copy()
+    j = int(np.flatnonzero(np.diff(bad) > 0)[0]) + 1
+    bad[j], bad[j + 1] = bad[j + 1], bad[j] - 1  # one list runs backwards, same file size
+    np.save(off_file, bad)
+    with pytest.raises(BundleError, match="posting offsets must start at 0 and never decrease"):
+        Bundle(tmp_path / "b")
+    np.save(off_file, offsets)
+    assert Bundle(tmp_path / "b").manifest.n_items == 40
+
+
 KILL_SCRIPT = """
 import sys, time
 import index.bundle as b

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -74,6 +75,8 @@ def test_health_and_index_listing(client, bundles):
     assert infos["dino"].stream == "dino" and infos["dino"].n_items == 600 and infos["dino"].dense
     assert not infos["img-sparse"].dense
     assert client.get_index("dino").checkpoint_sha256 == infos["dino"].checkpoint_sha256
+    public = json.loads(client.get_index("dino").manifest_json)  # file names only, no server paths
+    assert public["source"] == "dino.npy" and not Path(public["checkpoint_path"]).is_absolute()
     with pytest.raises(grpc.RpcError) as e:
         client.get_index("nope")
     assert e.value.code() == grpc.StatusCode.NOT_FOUND and "unknown index 'nope'" in e.value.details()
