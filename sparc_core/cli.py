@@ -412,6 +412,37 @@ def _cmd_scenes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_towers(sub: Any) -> None:
+    p = sub.add_parser("towers", help="train small DINOv2- and CLIP-layout towers on a `sparc scenes` folder")
+    p.add_argument("--scenes", required=True, help="a folder written by `sparc scenes`")
+    p.add_argument("--out", required=True, help="writes dino/*.pth (official DINOv2 layout), clip/ (open_clip dir), towers.json")
+    p.add_argument("--n-train", type=int, help="train on at most this many scenes (the last 1000 are held out)")
+    p.add_argument("--dino-steps", type=int, default=800)
+    p.add_argument("--clip-steps", type=int, default=1500)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_towers)
+
+
+def _cmd_towers(args: argparse.Namespace) -> int:
+    from .towers import extract_flags, train_towers
+
+    r = train_towers(
+        args.scenes,
+        args.out,
+        n_train=args.n_train,
+        dino_steps=args.dino_steps,
+        clip_steps=args.clip_steps,
+        progress=not args.quiet,
+    )
+    print(f"DINO-layout tower: linear probe of the {len(r['concepts'])} concepts, mean AUROC {r['dino_linear_probe_auroc']:.3f}")
+    print(
+        f"CLIP-layout towers: zero-shot top-1 {r['clip_zero_shot_top1']:.3f} over {r['clip_zero_shot_classes']} colour x shape "
+        f"classes ({r['clip_zero_shot_images']} single-object scenes; chance {1 / r['clip_zero_shot_classes']:.3f})"
+    )
+    print("load them with: " + " ".join(json.dumps(f) if " " in f or "{" in f else f for f in extract_flags(r)))
+    return 0
+
+
 def _add_localize(sub: Any) -> None:
     p = sub.add_parser("localize", help="heatmap of a caption's concepts (or chosen latents) on an image")
     p.add_argument("--checkpoint", required=True)
@@ -561,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         _add_synth,
         _add_scenes,
+        _add_towers,
         _add_extract,
         _add_train,
         _add_eval,

@@ -1,0 +1,71 @@
+"""Towers trained on rendered scenes load through the real loaders and compute what they computed in training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sparc_core.config import ClipConfig, DinoConfig, EncodersConfig
+from sparc_core.encoders import load_encoders
+from sparc_core.scenes import write_scenes
+from sparc_core.towers import (
+    CLIP_MEAN,
+    CLIP_STD,
+    DINO_ARCH,
+    TowerSizes,
+    _normalised,
+    linear_probe,
+    load_pixels,
+    train_towers,
+)
+
+TINY = TowerSizes(image_size=56, patch=14, width=32, depth=1, heads=2, text_width=32, text_depth=1, text_heads=2, embed_dim=16)
+
+
+def test_towers_train_save_in_the_real_layouts_and_load_unchanged(tmp_path):
+    scenes = write_scenes(tmp_path / "scenes", 90, seed=1, size=56, progress=False)
+    report = train_towers(scenes, tmp_path / "towers", sizes=TINY, n_test=30, dino_steps=3, clip_steps=3, progress=False)
+    saved = json.loads((tmp_path / "towers" / "towers.json").read_text())
+    assert saved["dino_model"] == DINO_ARCH and 0 <= saved["clip_zero_shot_top1"] <= 1 and saved["test_scenes"] == 30
+    state = torch.load(report["dino_weights"], weights_only=True)  # the official layout, no pickled code
+    assert {"register_tokens", "mask_token", "cls_token"} <= set(state) and "reg_token" not in state
+    assert state["pos_embed"].shape[1] == (56 // 14) ** 2 + 1  # the CLS position is inside, as officially
+    enc = load_encoders(
+        EncodersConfig(
+            clip=ClipConfig(weights=report["clip_weights"]),
+            dino=DinoConfig(model=DINO_ARCH, weights=report["dino_weights"], model_args=report["dino_model_args"], image_size=56),
+            device="cpu",
+        )
+    )
+    assert enc["dino"].dim == 32 and enc["clip_img"].dim == enc["clip_txt"].dim == 16
+    # the loaded CLIP computes what the trained one computed, through its own preprocessing and tokenizer
+    import open_clip
+
+    from sparc_core.towers import clip_model
+
+    trained = clip_model(TINY)
+    from safetensors.torch import load_file
+
+    trained.load_state_dict(load_file(f"{report['clip_weights']}/open_clip_model.safetensors"))
+    trained.eval()
+    px = load_pixels(scenes, ["000000", "000001"], 56)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(trained.encode_image(_normalised(px, CLIP_MEAN, CLIP_STD)), dim=-1)
+        want_txt = torch.nn.functional.normalize(
+            trained.encode_text(open_clip.tokenize(["a red star"], context_length=32)), dim=-1
+        )
+    images = [Image.open(scenes / "images" / f"{i}.png").convert("RGB") for i in ("000000", "000001")]
+    torch.testing.assert_close(enc["clip_img"].encode_images(images), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(enc["clip_txt"].encode_texts(["a red star"]), want_txt, atol=1e-4, rtol=1e-4)
+
+
+def test_linear_probe_separates_what_features_hold():
+    g = np.random.default_rng(0)
+    y = (g.random((600, 3)) < 0.4).astype(np.uint8)
+    x = torch.from_numpy(np.concatenate([y * 2.0 + g.normal(0, 0.5, y.shape), g.normal(0, 1, (600, 5))], 1)).float()
+    assert linear_probe(x[:400], y[:400], x[400:], y[400:]) > 0.95
+    noise = torch.randn(600, 8)
+    assert abs(linear_probe(noise[:400], y[:400], noise[400:], y[400:]) - 0.5) < 0.1
