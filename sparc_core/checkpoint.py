@@ -77,6 +77,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the complete folder ``tmp`` in the place of ``out``; an old ``out`` is removed only once replaced."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same directory and an atomic rename."""
     with atomic_path(path) as tmp:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import replace_dir
+
 SHARED_RATE = 1e-3  # a latent counts as firing in a stream above this rate
 
 
@@ -179,13 +181,7 @@ def write_concept_report(
         parts.append("</body></html>")
         (tmp / "index.html").write_text("\n".join(parts), encoding="utf-8")
         os.chmod(tmp, 0o755)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

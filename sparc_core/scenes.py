@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .checkpoint import fsync_dir
+from .checkpoint import fsync_dir, replace_dir
 from .config import SparcError
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "diamond", "pentagon")
@@ -286,13 +286,7 @@ def write_scenes(out: str | Path, n: int, seed: int = 0, size: int = 112, overwr
             json.dumps({"concepts": CONCEPTS, "words": vocabulary, "seed": seed, "n": n}, indent=1)
         )
         fsync_dir(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
         fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
