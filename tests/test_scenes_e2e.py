@@ -78,7 +78,9 @@ def test_scenes_to_served_search_localisation_and_report(tmp_path, capsys):
         main(["attribute", "--checkpoint", str(ckpt), *flags, "--text", scene["caption"], "--out", str(tmp_path / "w.png")]) == 0
     )
     assert main(["report", "--checkpoint", str(ckpt), "--index", f"scenes={bundle}", "--captions", str(scenes / "captions.csv"),
-                 "--images", str(scenes / "images"), "--max-latents", "5", "--out", str(tmp_path / "report")]) == 0  # fmt: skip
+                 "--images", str(scenes / "images"), "--max-latents", "5", "--heatmaps", "1", *flags,
+                 "--out", str(tmp_path / "report")]) == 0  # fmt: skip
     page = (tmp_path / "report" / "index.html").read_text()
     assert page.count("class='latent'") >= 1 and any(c in page for c in CONCEPTS)
+    assert page.count("class='heatmap'") >= 1  # the concept report shows each latent's heatmap on its top scene
     capsys.readouterr()
