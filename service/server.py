@@ -407,6 +407,22 @@ class SparcServicer(pb_grpc.SparcServicer):
         return self._call("ExplainPair", context, run)
 
 
+# The services this server answers; any other path a client sends is one metric label, never its own.
+_LABELLED_SERVICES = ("sparc.v1.Sparc", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                      "grpc.reflection.v1.ServerReflection")  # fmt: skip
+
+
+def method_label(method: str) -> str:
+    """The metric label of a called method path: its name when it is a method of a service this server
+    answers, "unknown" for any other path (so random paths cannot grow the metrics without bound)."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    if service == "sparc.v1.Sparc":
+        return name if name in pb.DESCRIPTOR.services_by_name["Sparc"].methods_by_name else "unknown"
+    if service in _LABELLED_SERVICES and name in ("Check", "Watch", "ServerReflectionInfo"):
+        return name
+    return "unknown"
+
+
 def _public_manifest(m: Any) -> str:
     """A bundle's manifest as clients see it: file names, never the server's absolute paths."""
     hidden = {k: Path(v).name for k in ("source", "checkpoint_path") if Path(v := getattr(m, k)).is_absolute()}
@@ -475,7 +491,7 @@ class BearerAuth(grpc.ServerInterceptor):
 
     def _refused(self, method: str, peer_meta: dict) -> None:
         if self._metrics is not None:
-            self._metrics.auth_failures.labels(method.rsplit("/", 1)[-1] or "?").inc()
+            self._metrics.auth_failures.labels(method_label(method)).inc()
         now = time.monotonic()
         with self._lock:
             self._since_log += 1

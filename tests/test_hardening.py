@@ -264,6 +264,25 @@ def test_auth_scheme_is_case_insensitive_and_failures_are_counted_and_rate_logge
     assert 1 <= len(refusals) <= 2  # logged, but not 300 times
 
 
+def test_random_method_paths_are_one_metric_label(client_server):
+    from prometheus_client import generate_latest
+
+    from service.server import method_label
+
+    assert method_label("/sparc.v1.Sparc/Search") == "Search" and method_label("/grpc.health.v1.Health/Watch") == "Watch"
+    assert method_label("/sparc.v1.Sparc/Nope") == method_label("/a.B/C") == method_label("garbage") == "unknown"
+    _, srv = client_server
+    before = _count(srv.metrics.auth_failures, "unknown")
+    with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        for i in range(50):
+            with pytest.raises(grpc.RpcError) as e:
+                ch.unary_unary(f"/svc{i}.Random/Method{i}")(b"", timeout=5)
+            assert e.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED)
+    assert _count(srv.metrics.auth_failures, "unknown") == before + 50
+    text = generate_latest(srv.metrics.registry).decode()
+    assert "Method1" not in text and "Random" not in text
+
+
 def test_reflection_is_behind_the_token_and_can_be_turned_off(client_server, trained_checkpoint, bundles):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
