@@ -74,7 +74,6 @@ def test_served_code_retrieves_as_well_as_plain_topk_and_raw_clip(results, world
         # the served search code never trades retrieval for agreement: at most 0.02 below the same model's
         # plain top-k code (the oracle of binary concept sets is no bound: codes also carry amounts)
         assert served >= topk - 0.02, (pair, served, topk, ours["soft_weight"])
-        print(world, pair, f"served {served:.3f} plain top-k {topk:.3f} oracle {ours[f'{pair} oracle R@1']:.3f}")
     # a user without SPARC would search raw CLIP: the served code must not do worse
     raw = ours["raw clip_txt->clip_img R@1"]
     assert ours["clip_txt->clip_img latent"]["R@1"] >= raw, (ours["clip_txt->clip_img latent"], raw)
