@@ -116,14 +116,13 @@ def calibrate(model: SparcModel, features: dict[str, np.ndarray], rounds: int = 
 
 
 @torch.no_grad()
-def _code_parts(model: SparcModel, stream: str, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """[n, n_latents] dense agreed part and below-threshold part of the full top-k code of ``x``, on the CPU."""
+def _code_parts(model: SparcModel, stream: str, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top-k indices, agreed values, below-threshold values) [n, k] each of the full code of ``x``, on the CPU."""
     xt = torch.as_tensor(np.array(x, dtype=np.float32), device=model.device)
     top = model.logits(stream, xt).topk(model.k, dim=1, sorted=False)
     full = model.activate(top.values, stream, top.indices, "full")
     agreed = model.activate(top.values, stream, top.indices, "agreed")
-    dense = lambda v: torch.zeros(len(xt), model.n_latents).scatter(1, top.indices.cpu(), v.float().cpu())  # noqa: E731
-    return dense(agreed), dense(full - agreed)
+    return top.indices.cpu(), agreed.float().cpu(), (full - agreed).float().cpu()
 
 
 def choose_soft_weight(
@@ -138,7 +137,11 @@ def choose_soft_weight(
     """
     streams = [s for s in model.streams if s in features]
     n = min(rows, min(len(features[s]) for s in streams))
-    parts = {s: _code_parts(model, s, features[s][:n]) for s in streams}
+    codes = {s: _code_parts(model, s, features[s][:n]) for s in streams}
+    # dense over the latents the sample uses only (a wide dictionary would not fit otherwise)
+    used = torch.unique(torch.cat([i.flatten() for i, _, _ in codes.values()]))
+    dense = lambda i, v: torch.zeros(n, len(used)).scatter(1, torch.searchsorted(used, i), v)  # noqa: E731
+    parts = {s: (dense(i, a), dense(i, u)) for s, (i, a, u) in codes.items()}
     # A search code is a + w u with disjoint supports: its norms and every pair's cosines follow from a few
     # products computed once, whatever the weight.
     sq = {s: (a.pow(2).sum(1), u.pow(2).sum(1)) for s, (a, u) in parts.items()}
