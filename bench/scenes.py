@@ -9,9 +9,11 @@
 5. `sparc index build` for DINO and CLIP-image over the held-out scenes, `sparc serve` in this process, and
    every single-concept text query ("a red triangle") sent over gRPC against the DINO index;
 6. measured against the ground truth (sparc_core.scenes_eval): text -> DINO retrieval (P@10, mAP) beside
-   raw CLIP text -> CLIP image; localisation (pointing game, IoU, IoU >= 0.2) of SPARC latents on DINO and
-   on CLIP-image beside CLIP's own image-text relevance; caption attribution; naming. A picture of one
-   scene's heatmap with the object's mask outlined is written to WORK/heatmap.png.
+   raw CLIP text -> CLIP image; localisation (pointing game, mIoU, mask AP at IoU 0.2 as the SPARC authors
+   score COCO) of SPARC latents on DINO and on CLIP-image beside CLIP's own image-text relevance; caption
+   attribution; naming. A picture of one scene's heatmap with the object's mask outlined is written to
+   WORK/heatmap.png;
+7. `sparc name-latents` with the scene vocabulary and `sparc report`: the concept report (WORK/report).
 
 Every stage reuses what WORK already holds (delete a stage's folder to redo it).
 """
@@ -166,7 +168,8 @@ def main() -> None:
         loc[label] = localisation_table(model, encoders[stream], clip_txt, scenes, test_records, method, args.pairs)
         v = loc[label]
         print(f"   {label:<50} pointing {v['pointing']:.3f}  mIoU {v['iou']:.3f}  IoU>=0.2 {v['iou>=0.2']:.3f}"
-              f"  ({v['pairs']} pairs, target fires {v['fires']:.2f})", flush=True)  # fmt: skip
+              f"  mask AP@0.2 {v['mask_AP@0.2']:.3f}  ({v['pairs']} pairs, target fires {v['fires']:.2f})",
+              flush=True)  # fmt: skip
     out["localisation"] = loc
     _picture(sparc, encoders, clip_txt, scenes, test_records, work / "heatmap.png")
 
@@ -179,6 +182,21 @@ def main() -> None:
     print(f"   latents named after the attribute that fires them: {out['naming']['named_right']:.3f} of "
           f"{out['naming']['scored_latents']} (chance {1 / len(CONCEPTS):.3f})", flush=True)  # fmt: skip
     out["eval_s"] = time.perf_counter() - t
+
+    t = stage("8. named latents and the concept report (sparc name-latents, sparc report)")
+    from sparc_core.cli import main as sparc
+    from sparc_core.towers import extract_flags
+
+    flags = extract_flags(towers)
+    ckpt = work / "models" / "SPARC-defaults"
+    vocab = work / "vocab.txt"
+    vocab.write_text("\n".join(CONCEPTS) + "\n")
+    assert sparc(["name-latents", "--checkpoint", str(ckpt), "--vocab", str(vocab), *flags]) == 0
+    assert sparc(["report", "--checkpoint", str(ckpt), "--index", f"scenes={work / 'bundles' / 'dino'}",
+                  "--captions", str(scenes / "captions.csv"), "--images", str(scenes / "images"),
+                  "--max-latents", "40", "--heatmaps", "2", *flags, "--out", str(work / "report")]) == 0  # fmt: skip
+    out["report_s"] = time.perf_counter() - t
+    print(f"   concept report: {work / 'report' / 'index.html'}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

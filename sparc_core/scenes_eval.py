@@ -5,9 +5,12 @@ with each stream encoded alone, against the ground truth of ``sparc_core.scenes`
 
 - text -> image retrieval per single-concept query ("a red triangle": one colour and one shape): precision@10
   and average precision over the gallery images that hold such an object;
-- localisation per (image, object): the object's phrase as the query; pointing game (the map's peak inside
-  the object's visible mask), IoU of the map cut at half its range with the mask, and the share of pairs
-  with IoU >= 0.2; masks are carried through the encoder's own resize and crop;
+- localisation per (image, class), as the SPARC authors score COCO: the class phrase as the query, the
+  ground truth the union of that class's visible masks in the image (carried through the encoder's own
+  resize and crop); pointing game (the map's peak inside the mask), the map cut at its Otsu threshold
+  (at 0.3 of its peak when Otsu keeps nothing) as the predicted mask, its IoU with the truth (mIoU: a
+  phrase that activates no latent counts 0), and COCO-style mask AP at IoU 0.2 (one prediction per
+  (image, class) with equal scores, 101-point interpolated precision per class, mean over classes);
 - caption attribution: the share of captions whose object words (shapes, colours, textures) outrank every
   filler word;
 - naming: the share of latents (active on held-out DINO codes) whose name, read from the CLIP text tower,
@@ -86,13 +89,65 @@ def phrase(obj: dict) -> str:
     return f"a {obj['colour']} {obj['shape']}"
 
 
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of a map: the cut that maximises the between-class variance of a 256-bin histogram."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return hi
+    counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(counts)[:-1].astype(np.float64)
+    w1 = len(v) - w0
+    s0 = np.cumsum(counts * centres)[:-1]
+    m0 = s0 / np.maximum(w0, 1)
+    m1 = (float((counts * centres).sum()) - s0) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return float(centres[int(np.argmax(between))])
+
+
+def predicted_mask(heat: np.ndarray, fallback: float = 0.3) -> np.ndarray:
+    """The map min-max scaled and cut at its Otsu threshold; at ``fallback`` of its peak if that keeps nothing."""
+    span = float(heat.max() - heat.min())
+    if span <= 0:
+        return np.zeros(heat.shape, dtype=bool)
+    h = (heat - heat.min()) / span
+    cut = h >= otsu_threshold(h)
+    return cut if cut.any() else h >= fallback * h.max()
+
+
 def localisation_scores(heat: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-    """Pointing game, IoU of the map cut at half its range, and whether that IoU reaches 0.2."""
+    """Pointing game, and the IoU of the map's Otsu cut with the mask."""
     peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    cut = heat >= (heat.min() + 0.5 * (heat.max() - heat.min())) if heat.max() > heat.min() else np.zeros_like(mask)
+    cut = predicted_mask(heat)
     inter, union = (cut & mask).sum(), (cut | mask).sum()
     iou = float(inter / union) if union else 0.0
     return {"pointing": float(mask[peak]), "iou": iou, "iou>=0.2": float(iou >= 0.2)}
+
+
+def mask_ap(classes: list[str], ious: list[float | None], threshold: float = 0.2) -> float:
+    """COCO-style mask AP at one IoU threshold, one ground truth and at most one prediction per entry.
+
+    ``ious[i]`` is the IoU of entry i's prediction with its ground truth, ``None`` where nothing was
+    predicted. All predictions score the same (a heatmap has no confidence of its own), so each class's
+    precision-recall curve follows the entries' order, as COCOeval's stable sort does; precision is made
+    monotone and read at 101 recall points; classes are averaged.
+    """
+    per_class = []
+    for c in sorted(set(classes)):
+        idx = [i for i, k in enumerate(classes) if k == c]
+        hits = np.array([ious[i] is not None and ious[i] >= threshold for i in idx if ious[i] is not None], dtype=bool)
+        n_gt = len(idx)
+        if not hits.size:
+            per_class.append(0.0)
+            continue
+        tp = np.cumsum(hits)
+        precision = tp / np.arange(1, len(hits) + 1)
+        recall = tp / n_gt
+        precision = np.maximum.accumulate(precision[::-1])[::-1]
+        at = np.searchsorted(recall, np.linspace(0, 1, 101), side="left")
+        per_class.append(float(np.where(at < len(precision), precision[np.minimum(at, len(precision) - 1)], 0.0).mean()))
+    return float(np.mean(per_class)) if per_class else float("nan")
 
 
 def localisation_table(
@@ -104,28 +159,39 @@ def localisation_table(
     method: str,
     max_pairs: int = 300,
 ) -> dict[str, float]:
-    """Mean pointing game / IoU / IoU>=0.2 over (image, object) pairs, each object's phrase as the query."""
-    rows = []
+    """Pointing game, mIoU, share with IoU >= 0.2 and mask AP@0.2 over (image, class) pairs.
+
+    The class phrase ("a red triangle") is the query; the truth is the union of that class's visible masks.
+    """
+    rows, classes, ious = [], [], []
     for r in records:
         with Image.open(scenes / "images" / f"{r['id']}.png") as im:
             image = im.convert("RGB")
+        by_class: dict[str, np.ndarray] = {}
         for j, obj in enumerate(r["objects"]):
+            m = mask_in_crop(instance_mask(scenes, r["id"], j), image_encoder)
+            by_class[phrase(obj)] = by_class[phrase(obj)] | m if phrase(obj) in by_class else m
+        for query, mask in by_class.items():
             if len(rows) >= max_pairs:
                 break
-            mask = mask_in_crop(instance_mask(scenes, r["id"], j), image_encoder)
             if not mask.any():
                 continue  # the object lies outside the encoder's crop
+            classes.append(query)
             try:
-                target = text_target(model, text_encoder, phrase(obj))
+                target = text_target(model, text_encoder, query)
             except AttributionError:  # the phrase activates no agreed latent: nothing to look for, a miss
                 rows.append({"pointing": 0.0, "iou": 0.0, "iou>=0.2": 0.0, "fires": 0.0})
+                ious.append(None)
                 continue
             hm = localize(model, image_encoder, image, target, method=method, text_encoder=text_encoder)
-            rows.append(localisation_scores(hm.upsampled, mask) | {"fires": float(hm.target_fires)})
+            scores = localisation_scores(hm.upsampled, mask)
+            rows.append(scores | {"fires": float(hm.target_fires)})
+            ious.append(scores["iou"])
         if len(rows) >= max_pairs:
             break
     keys = ("pointing", "iou", "iou>=0.2", "fires")
-    return {k: float(np.mean([x[k] for x in rows])) for k in keys} | {"pairs": len(rows)}
+    means = {k: float(np.mean([x[k] for x in rows])) for k in keys}
+    return means | {"mask_AP@0.2": mask_ap(classes, ious), "pairs": len(rows)}
 
 
 # ---- caption attribution and naming --------------------------------------------------------------------------

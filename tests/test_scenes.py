@@ -108,3 +108,51 @@ def test_written_as_extract_reads_it_and_never_half_written(scenes, tmp_path):
     assert not list(tmp_path.glob(".s.*"))  # no temporary folder left behind
     image, owner, objects, caption, named, _ = render_scene(0, 0, size=64)
     assert image.size == (64, 64) and owner.shape == (64, 64) and caption and named
+
+
+# ---- the localisation scores (the SPARC authors' COCO protocol) -------------------------------------------
+def test_otsu_threshold_maximises_between_class_variance():
+    from sparc_core.scenes_eval import otsu_threshold
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        v = np.concatenate([rng.normal(0.2, 0.05, 3000), rng.normal(0.7, 0.1, 1000)])
+        t = otsu_threshold(v)
+
+        def between(c, v=v):  # brute force over the values themselves
+            a, b = v[v < c], v[v >= c]
+            return len(a) * len(b) * (a.mean() - b.mean()) ** 2 if len(a) and len(b) else 0.0
+
+        best = max(np.quantile(v, np.linspace(0.01, 0.99, 400)), key=between)
+        assert between(t) >= 0.995 * between(best)
+        assert 0.3 < t < 0.6  # between the two modes
+
+
+def test_predicted_mask_cuts_a_blob_and_falls_back_on_a_flat_map():
+    from sparc_core.scenes_eval import localisation_scores, predicted_mask
+
+    heat = np.zeros((40, 40))
+    heat[10:20, 10:20] = 1.0
+    heat += np.random.default_rng(1).uniform(0, 0.05, heat.shape)
+    truth = np.zeros((40, 40), dtype=bool)
+    truth[10:20, 10:20] = True
+    assert (predicted_mask(heat) == truth).all()
+    s = localisation_scores(heat, truth)
+    assert s["pointing"] == 1.0 and s["iou"] == 1.0
+    assert not predicted_mask(np.ones((8, 8))).any()  # a flat map predicts nothing
+    shifted = np.roll(truth, 25, axis=1)
+    assert localisation_scores(heat, shifted) == {"pointing": 0.0, "iou": 0.0, "iou>=0.2": 0.0}
+
+
+def test_mask_ap_matches_coco_interpolation_by_hand():
+    from sparc_core.scenes_eval import mask_ap
+
+    # one class, 4 ground truths, predictions in order: hit, miss, hit, none.
+    # precision 1, 1/2, 2/3 at recall 1/4, 1/4, 2/4; made monotone: 1, 2/3, 2/3.
+    # 101 recall points: r <= 0.25 -> 1 (26 points), 0.25 < r <= 0.5 -> 2/3 (25 points), beyond -> 0.
+    ap = mask_ap(["a"] * 4, [0.9, 0.1, 0.3, None])
+    assert ap == pytest.approx((26 * 1 + 25 * 2 / 3) / 101)
+    # classes are averaged, not pooled: a perfect class and an empty one give one half
+    assert mask_ap(["a", "b"], [0.5, None]) == pytest.approx(0.5)
+    assert mask_ap(["a", "a"], [0.5, 0.25]) == pytest.approx(1.0)
+    assert mask_ap(["a", "a"], [0.5, 0.25], threshold=0.3) == pytest.approx(51 / 101)
