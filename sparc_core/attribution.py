@@ -52,6 +52,7 @@ from PIL import Image
 
 from .config import SparcError
 from .encoders import ClipImageEncoder, ClipTextEncoder, DinoEncoder, FeatureEncoder
+from .encoders.clip import budget_text
 from .model import SparcModel
 
 METHODS = ("relevance", "gradcam", "grad-x-input", "clip-relevance", "clip-cosine")
@@ -459,7 +460,8 @@ def attribute_text(
         raise AttributionError(f"the checkpoint has no stream {text_encoder.stream!r} (it has {model.streams})")
     target = target or text_target(model, text_encoder, text)
     clip = text_encoder.clip
-    tokens = clip.tokenizer([text]).to(clip.device)
+    text = budget_text(text, clip.context_length)  # the words the model sees: the same cut as encoding
+    tokens = clip.tokenize([text]).to(clip.device)
     ids = tokens[0].tolist()
     eot = int(tokens[0].argmax())  # open_clip pools at the end-of-text token (the largest id)
     rec, store = _Recorder(), {}

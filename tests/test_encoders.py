@@ -153,3 +153,34 @@ def test_modalities_are_enforced(weights):
         enc["clip_img"].encode_texts(["x"])
     with pytest.raises(EncoderError, match="both feed stream"):
         load_encoders(EncodersConfig(clip=ClipConfig(weights=str(weights["clip_dir"]), image_stream="x", text_stream="x")))
+
+
+def test_long_texts_are_cut_to_their_token_budget_before_the_tokenizer(weights):
+    import time
+
+    from sparc_core.encoders.clip import BPE_CACHE_MAX, budget_text
+
+    enc = load_encoders(EncodersConfig(clip=ClipConfig(weights=str(weights["clip_dir"]))))["clip_txt"]
+    clip = enc.clip
+    ctx = clip.context_length
+    rng = np.random.default_rng(0)
+    normal = ["a red triangle left of a blue square", " ".join(["word"] * 200), "x" * (2 * ctx)]
+    for t in normal[:2]:  # anything whose tokens fit (or whose first tokens are what counts) is unchanged
+        assert torch.equal(clip.tokenize([t]), clip.tokenizer([t]))
+    garbage = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 4000)) for _ in range(16)]
+    t0 = time.perf_counter()
+    tokens = clip.tokenize(garbage)
+    took = time.perf_counter() - t0
+    assert tokens.shape == (16, ctx) and (tokens[:, -1] != 0).all()  # each still fills the whole context
+    uncut = time.perf_counter()
+    clip.tokenizer(garbage[:1])  # the tokenizer alone, one text: quadratic in the word's length
+    uncut = time.perf_counter() - uncut
+    assert took < uncut  # sixteen cut texts cost less than one uncut one
+    assert len(budget_text(" ".join(["w" * 500] * 500), ctx)) <= 8 * ctx
+    # the BPE cache is bounded: distinct random words do not pile up
+    cache = clip.tokenizer.cache
+    for i in range(0, BPE_CACHE_MAX + 2000, 2000):
+        cache.update({f"w{i + j}": "w" for j in range(2000)})
+    clip.tokenize(["a red triangle"])
+    assert len(cache) < 100
+    assert enc.encode_texts(["a red triangle"]).shape == (1, enc.dim)

@@ -16,6 +16,27 @@ _EXPECTED = (
     "or a directory holding open_clip_config.json and its weights (e.g. a downloaded hub snapshot)"
 )
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+BPE_CACHE_MAX = 50_000  # distinct words the tokenizer remembers; beyond that its cache starts over
+
+
+def budget_text(text: str, context_length: int) -> str:
+    """``text`` cut to what can reach the model, before any tokenizer work.
+
+    Every whitespace-separated word is at least one token, so words past the context length never reach
+    the model; a word is cut at twice the context length in characters and the text at eight times (no
+    caption that fits the context is touched, and the tokenizer's BPE, quadratic in a word's length,
+    never sees a 4,000-letter word).
+    """
+    if len(text) <= 2 * context_length:
+        return text
+    kept, chars = [], 0
+    for word in text.split():
+        if len(kept) >= context_length or chars >= 8 * context_length:
+            break
+        word = word[: min(2 * context_length, 8 * context_length - chars)]
+        kept.append(word)
+        chars += len(word) + 1
+    return " ".join(kept)
 
 
 def _model_dir(path: Path) -> Path:
@@ -52,13 +73,25 @@ class OpenClip:
                 model_name, pretrained=pretrained, device=device, weights_only=True
             )
             self.tokenizer = open_clip.get_tokenizer(model_name)
+            self.context_length = int(getattr(self.tokenizer, "context_length", None) or 77)
+            cache = getattr(self.tokenizer, "cache", None)
+            self._base_cache = dict(cache) if isinstance(cache, dict) else None
         except Exception as e:  # corrupt file, wrong architecture: open_clip raises many kinds
             raise EncoderError(f"{path}: cannot load as open_clip model {self.name!r} ({type(e).__name__}: {e})") from None
         self.model = model.eval()
         self.preprocess = preprocess
         self.device, self.dtype = device, dtype
         with autocast(device, dtype):
-            self.dim = int(self.model.encode_text(self.tokenizer([""]).to(device)).shape[-1])
+            self.dim = int(self.model.encode_text(self.tokenize([""]).to(device)).shape[-1])
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids [n, context]: each text cut to its token budget first (``budget_text``); the BPE cache
+        is bounded (``BPE_CACHE_MAX`` words), so a stream of distinct random words cannot grow memory."""
+        cache = getattr(self.tokenizer, "cache", None)
+        if self._base_cache is not None and isinstance(cache, dict) and len(cache) > BPE_CACHE_MAX:
+            cache.clear()
+            cache.update(self._base_cache)
+        return self.tokenizer([budget_text(t, self.context_length) for t in texts])
 
     @staticmethod
     def _registered_name(model: str) -> str:
@@ -87,7 +120,7 @@ class OpenClip:
         """L2-normalised text features."""
         if not texts:
             return torch.empty(0, self.dim)
-        tokens = self.tokenizer(list(texts)).to(self.device, non_blocking=True)
+        tokens = self.tokenize(list(texts)).to(self.device, non_blocking=True)
         with autocast(self.device, self.dtype):
             out = self.model.encode_text(tokens, normalize=True)
         return out.float().cpu()
