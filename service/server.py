@@ -452,19 +452,20 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool
     return make(behaviour, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
 
-def _abort_handler(code: grpc.StatusCode, message: str, request_streaming: bool, response_streaming: bool):
-    def deny(request, context):
+def _abort_handler(code: grpc.StatusCode, message: str, response_streaming: bool):
+    """A handler that refuses at once. Its request side is a stream it never reads, so grpc runs it as soon
+    as the headers are in: a refused call never waits for (or holds a worker until) its body arrives."""
+
+    def deny(request_iterator, context):
         context.abort(code, message)
 
-    def deny_stream(request, context):
+    def deny_stream(request_iterator, context):
         context.abort(code, message)
         yield  # pragma: no cover - a generator, as a streaming handler must be
 
     if response_streaming:
-        make = grpc.stream_stream_rpc_method_handler if request_streaming else grpc.unary_stream_rpc_method_handler
-        return make(deny_stream)
-    make = grpc.stream_unary_rpc_method_handler if request_streaming else grpc.unary_unary_rpc_method_handler
-    return make(deny)
+        return grpc.stream_stream_rpc_method_handler(deny_stream)
+    return grpc.stream_unary_rpc_method_handler(deny)
 
 
 class BearerAuth(grpc.ServerInterceptor):
@@ -510,8 +511,72 @@ class BearerAuth(grpc.ServerInterceptor):
             return continuation(handler_call_details)
         self._refused(method, meta)
         handler = continuation(handler_call_details)
-        streaming = (handler.request_streaming, handler.response_streaming) if handler is not None else (False, False)
-        return _abort_handler(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token", *streaming)
+        streaming = handler is not None and handler.response_streaming
+        return _abort_handler(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token", streaming)
+
+
+class RequestWait(grpc.ServerInterceptor):
+    """Ends a call whose request message has not arrived ``seconds`` after the call began.
+
+    grpc reads a unary request in the worker thread before the handler runs, so a client that sends the
+    headers and never the body would hold that worker until the connection dies. Unary-request handlers are
+    run here as request streams instead: the first message is read under a watchdog that cancels the call
+    when the wait runs out (one watchdog thread for all calls)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._lock = threading.Lock()
+        self._waiting: dict[int, tuple[grpc.ServicerContext, float]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(0.1, self.seconds / 4)):
+            now = time.monotonic()
+            with self._lock:
+                late = [ctx for ctx, until in self._waiting.values() if now > until]
+            for ctx in late:
+                ctx.cancel()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _first(self, request_iterator: Iterator, context: grpc.ServicerContext) -> Any:
+        key = id(context)
+        with self._lock:
+            self._waiting[key] = (context, time.monotonic() + self.seconds)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="request-wait", daemon=True)
+                self._thread.start()
+        try:
+            return next(request_iterator)
+        except StopIteration:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without a request message")
+        except grpc.RpcError:  # cancelled by the watchdog (or by the client) while waiting
+            context.abort(grpc.StatusCode.CANCELLED, f"no request message within {self.seconds:g} s")
+        finally:
+            with self._lock:
+                self._waiting.pop(key, None)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        first = self._first
+        kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+        if handler.response_streaming:
+            behaviour = handler.unary_stream
+
+            def one_in_many_out(request_iterator, context):
+                yield from behaviour(first(request_iterator, context), context)
+
+            return grpc.stream_stream_rpc_method_handler(one_in_many_out, **kw)
+        unary = handler.unary_unary
+
+        def one_in_one_out(request_iterator, context):
+            return unary(first(request_iterator, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(one_in_one_out, **kw)
 
 
 def _client_of(peer: str) -> str:
@@ -524,20 +589,36 @@ def _client_of(peer: str) -> str:
 class StreamGate(grpc.ServerInterceptor):
     """Bounds streaming calls (SearchStream, reflection, health Watch), which each hold a worker thread while
     open: at most ``max_streams`` open on the server and ``per_client`` per client address, so unary calls
-    always keep workers; a stream with no message either way for ``idle_seconds`` is cancelled."""
+    always keep workers; health Watch streams (open to anyone, no token) have their own cap
+    ``max_health_watches`` and never take a stream slot; a stream with no message either way for
+    ``idle_seconds`` is cancelled."""
 
-    def __init__(self, max_streams: int, per_client: int, idle_seconds: float, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        max_streams: int,
+        per_client: int,
+        idle_seconds: float,
+        metrics: Metrics | None = None,
+        max_health_watches: int = 1,
+    ) -> None:
         self.max_streams, self.per_client, self.idle = max_streams, per_client, idle_seconds
+        self.max_health = max_health_watches
         self._metrics = metrics
         self._lock = threading.Lock()
         self._open: dict[str, int] = {}
         self._total = 0
+        self._health = 0
         self._active: dict[int, list] = {}  # id -> [context, last activity]
         self._watchdog: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def _acquire(self, client: str) -> str | None:
+    def _acquire(self, client: str, health_watch: bool = False) -> str | None:
         with self._lock:
+            if health_watch:
+                if self._health >= self.max_health:
+                    return f"server has {self._health} health watches open (max_health_watches {self.max_health})"
+                self._health += 1
+                return None
             if self._total >= self.max_streams:
                 return f"server has {self._total} streams open (max_streams {self.max_streams})"
             if self._open.get(client, 0) >= self.per_client:
@@ -548,8 +629,12 @@ class StreamGate(grpc.ServerInterceptor):
                 self._metrics.open_streams.set(self._total)
             return None
 
-    def _release(self, client: str, key: int) -> None:
+    def _release(self, client: str, key: int, health_watch: bool = False) -> None:
         with self._lock:
+            if health_watch:
+                self._health -= 1
+                self._active.pop(key, None)
+                return
             self._total -= 1
             self._open[client] -= 1
             if not self._open[client]:
@@ -574,14 +659,16 @@ class StreamGate(grpc.ServerInterceptor):
         if handler is None or not (handler.request_streaming or handler.response_streaming):
             return handler
         gate = self
+        watch = (handler_call_details.method or "").startswith("/grpc.health.v1.")
 
         def wrap(behaviour: Callable, request_streaming: bool) -> Callable:
             def gated(request, context):
                 client = _client_of(context.peer())
-                refused = gate._acquire(client)
+                refused = gate._acquire(client, watch)
                 if refused is not None:
                     if gate._metrics is not None:
-                        gate._metrics.streams_refused.labels("server" if "server has" in refused else "client").inc()
+                        scope = "health" if watch else "server" if "server has" in refused else "client"
+                        gate._metrics.streams_refused.labels(scope).inc()
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many open streams: {refused}")
                 key = id(context)
                 entry = [context, time.monotonic()]
@@ -605,7 +692,7 @@ class StreamGate(grpc.ServerInterceptor):
                     else:
                         yield out
                 finally:
-                    gate._release(client, key)
+                    gate._release(client, key, watch)
 
             if handler.response_streaming:
                 return gated
@@ -660,10 +747,16 @@ class SparcServer:
         creds = _server_credentials(settings)  # before binding: a bad TLS setup never serves plaintext
         token = settings.token()
         self.streams = StreamGate(
-            settings.stream_limit, settings.max_streams_per_client, settings.stream_idle_seconds, self.metrics
+            settings.stream_limit,
+            settings.max_streams_per_client,
+            settings.stream_idle_seconds,
+            self.metrics,
+            settings.health_watch_limit,
         )
+        self.request_wait = RequestWait(settings.request_wait_seconds)
+        # outermost first: refuse without a token, then bound the wait for the request, then gate the streams
         interceptors: list[grpc.ServerInterceptor] = [BearerAuth(token, self.metrics)] if token else []
-        interceptors.append(self.streams)
+        interceptors += [self.request_wait, self.streams]
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -719,6 +812,7 @@ class SparcServer:
         # After the grace period grpc cancels the calls still running; their work checks for that and stops.
         self.server.stop(self.settings.grace_seconds if grace is None else grace).wait()
         self.streams.close()
+        self.request_wait.close()
         if self.engine is not None:
             self.engine.close()
         if self._metrics_server is not None:

@@ -40,6 +40,8 @@ class ServiceSettings(BaseModel):
     max_streams: int | None = Field(None, ge=1)  # open streaming calls, all clients (default: workers // 4)
     max_streams_per_client: int = Field(4, ge=1)  # open streaming calls per client address
     stream_idle_seconds: float = Field(30.0, gt=0)  # a stream with no message either way for this long is ended
+    max_health_watches: int | None = Field(None, ge=1)  # open health Watch streams (default: workers // 8, at least 1)
+    request_wait_seconds: float = Field(10.0, gt=0)  # a call whose request message has not arrived by then is ended
     batch_max_size: int = Field(256, ge=1)  # micro-batching: queries encoded together
     batch_max_wait_ms: float = Field(0.0, ge=0)  # micro-batching: extra wait for company (0: batch what is queued)
     default_path: Literal["sparse", "dense", "approx", "seismic"] = "sparse"
@@ -78,6 +80,11 @@ class ServiceSettings(BaseModel):
             raise ValueError(f"max_in_flight {self.max_in_flight} exceeds workers {self.workers}: it could never be reached")
         if self.max_streams is not None and self.max_streams >= self.workers:
             raise ValueError(f"max_streams {self.max_streams} must leave unary calls a worker (workers {self.workers})")
+        if self.max_health_watches is not None and self.stream_limit + self.max_health_watches >= self.workers:
+            raise ValueError(
+                f"max_streams ({self.stream_limit}) + max_health_watches ({self.max_health_watches}) must leave "
+                f"unary calls a worker (workers {self.workers})"
+            )
         return self
 
     @property
@@ -87,6 +94,10 @@ class ServiceSettings(BaseModel):
     @property
     def stream_limit(self) -> int:
         return self.max_streams or max(1, self.workers // 4)
+
+    @property
+    def health_watch_limit(self) -> int:
+        return self.max_health_watches or max(1, self.workers // 8)
 
     def token(self) -> str | None:
         """The bearer token, from auth_token or read from auth_token_file (ConfigError naming the file)."""

@@ -326,3 +326,69 @@ def stop_during(server, call, after: float, join: float = 30) -> tuple[float, li
     took = time.perf_counter() - t0
     t.join(join)
     return took, errors
+
+
+class SilentBodies:
+    """``n`` unary calls to ``method`` whose request body never arrives (headers sent, then nothing until
+    ``close()``), optionally with ``metadata``; ``codes`` collects how each ended."""
+
+    def __init__(self, target: str, n: int, method: str = "/sparc.v1.Sparc/Search", metadata=(), timeout: float = 60):
+        import threading
+
+        import grpc
+
+        self.channel = grpc.insecure_channel(target)
+        self.stop = threading.Event()
+        self.codes: list = []
+        call = self.channel.stream_unary(method)  # a unary method, fed as a stream that never sends
+
+        def never():
+            self.stop.wait()
+            return
+            yield
+
+        def hold():
+            try:
+                call(never(), timeout=timeout, metadata=metadata)
+                self.codes.append("OK")
+            except grpc.RpcError as e:
+                self.codes.append(e.code())
+
+        self.threads = [threading.Thread(target=hold, daemon=True) for _ in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def wait(self, count: int, timeout: float = 10) -> int:
+        t0 = time.monotonic()
+        while len(self.codes) < count and time.monotonic() - t0 < timeout:
+            time.sleep(0.05)
+        return len(self.codes)
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=10)
+        self.channel.close()
+
+
+class HealthWatchers:
+    """``n`` health Watch streams (no token needed), held open until ``close()``."""
+
+    def __init__(self, target: str, n: int, timeout: float = 60) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        self.channel = grpc.insecure_channel(target)
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        self.calls = [stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout) for _ in range(n)]
+        self.first: list = []
+        for c in self.calls:
+            try:
+                self.first.append(next(c).status)
+            except grpc.RpcError as e:
+                self.first.append(e.code())
+
+    def close(self) -> None:
+        for c in self.calls:
+            c.cancel()
+        self.channel.close()

@@ -264,6 +264,63 @@ def test_auth_scheme_is_case_insensitive_and_failures_are_counted_and_rate_logge
     assert 1 <= len(refusals) <= 2  # logged, but not 300 times
 
 
+def test_calls_without_a_token_whose_body_never_arrives_cannot_lock_anyone_out(trained_checkpoint, bundles, queries):
+    """12 unary calls with no token whose request body never comes (8 workers): each is refused at once,
+    and the authenticated Search and the health check still answer."""
+    from tests.chaos import SilentBodies
+
+    srv = SparcServer(_settings(trained_checkpoint, bundles, workers=8, auth_token=TOKEN)).start()
+    target = f"127.0.0.1:{srv.port}"
+    hogs = SilentBodies(target, 12)
+    try:
+        assert hogs.wait(12) == 12 and set(hogs.codes) == {grpc.StatusCode.UNAUTHENTICATED}
+        with SparcClient(target, token=TOKEN) as c:
+            assert c.health() == "SERVING"
+            assert c.search(_req(queries[0]), timeout=5).hits
+    finally:
+        hogs.close()
+        srv.stop(0)
+
+
+def test_a_request_that_never_arrives_is_timed_out(trained_checkpoint, bundles, queries):
+    """Authenticated calls whose body never comes hold a worker for request_wait_seconds at most."""
+    from tests.chaos import SilentBodies
+
+    srv = SparcServer(_settings(trained_checkpoint, bundles, workers=8, auth_token=TOKEN, request_wait_seconds=0.5)).start()
+    target = f"127.0.0.1:{srv.port}"
+    hogs = SilentBodies(target, 8, metadata=(("authorization", f"Bearer {TOKEN}"),))
+    try:
+        t0 = time.monotonic()
+        assert hogs.wait(8, timeout=10) == 8
+        assert time.monotonic() - t0 < 3
+        assert set(hogs.codes) == {grpc.StatusCode.CANCELLED} or set(hogs.codes) <= {
+            grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}  # fmt: skip
+        with SparcClient(target, token=TOKEN) as c:
+            assert c.search(_req(queries[0]), timeout=5).hits
+            assert list(c.search_stream([_req(q) for q in queries[:3]], timeout=5))  # streams still read requests
+    finally:
+        hogs.close()
+        srv.stop(0)
+
+
+def test_health_watch_streams_do_not_take_the_search_stream_slots(trained_checkpoint, bundles, queries):
+    from tests.chaos import HealthWatchers
+
+    srv = SparcServer(_settings(trained_checkpoint, bundles, workers=16, auth_token=TOKEN)).start()
+    target = f"127.0.0.1:{srv.port}"
+    watchers = HealthWatchers(target, 6)
+    try:
+        served = [s for s in watchers.first if not isinstance(s, grpc.StatusCode)]
+        assert len(served) == srv.settings.health_watch_limit == 2  # a small cap of their own (16 // 8)
+        assert watchers.first.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4, watchers.first
+        with SparcClient(target, token=TOKEN) as c:
+            out = list(c.search_stream([_req(q) for q in queries[:3]], timeout=5))
+            assert len(out) == 3 and all(r.hits for r in out)
+    finally:
+        watchers.close()
+        srv.stop(0)
+
+
 def test_random_method_paths_are_one_metric_label(client_server):
     from prometheus_client import generate_latest
 
