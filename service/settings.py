@@ -101,8 +101,8 @@ class ServiceSettings(BaseModel):
 
     def token(self) -> str | None:
         """The bearer token, from auth_token or read from auth_token_file (ConfigError naming the file)."""
-        if self.auth_token_file is None:
-            return self.auth_token
+        if self.auth_token_file is None:  # stripped, as clients' tokens are: "tok\n" from an env file is "tok"
+            return self.auth_token.strip() if self.auth_token is not None else None
         try:
             token = Path(self.auth_token_file).read_text().strip()
         except OSError as e:

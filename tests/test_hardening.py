@@ -379,6 +379,8 @@ def test_token_from_a_file_never_from_argv(trained_checkpoint, bundles, queries,
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         srv.stop(0)
+    env = load_settings(overrides={"checkpoint": str(trained_checkpoint)}, environ={"SPARC_AUTH_TOKEN": TOKEN + "\n"})
+    assert env.token() == TOKEN  # a trailing newline (an env file, a secret mount) does not lock clients out
     with pytest.raises(ConfigError, match="auth_token_file .*: unreadable"):
         SparcServer(_settings(trained_checkpoint, bundles, auth_token_file=str(tmp_path / "missing")))
 
