@@ -24,16 +24,11 @@ from sparc_core.checkpoint import pick_device
 from sparc_core.encoders import FeatureEncoder, load_encoders
 from sparc_core.naming import load_latent_names
 
+from .errors import ServiceError
+from .lanes import GradientLane
 from .settings import ServiceSettings
 
-
-class ServiceError(Exception):
-    """A request the service refuses; ``code`` is a grpc.StatusCode name (mapped in server.py only)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+__all__ = ["Engine", "EncodeBatcher", "SearchSpec", "QuerySpec", "ServiceError", "SearchStopped", "Hit"]
 
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -100,7 +95,7 @@ class EncodeBatcher:
 
     def __init__(self, model: Any, encoders: dict[str, FeatureEncoder], max_size: int, max_wait_ms: float) -> None:
         self.model, self.encoders, self.max_size, self.max_wait = model, encoders, max_size, max_wait_ms / 1000.0
-        self._q: queue.Queue[tuple[str, str, Any, Future] | None] = queue.Queue()
+        self._q: queue.Queue[tuple | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="encode-batcher", daemon=True)
         self._thread.start()
 
@@ -108,13 +103,14 @@ class EncodeBatcher:
         """Run ``fn`` on the thread that owns the models, between batches (work that must not overlap an
         encode: gradients through the encoders, hooks on them)."""
         fut: Future = Future()
-        self._q.put(("", "call", fn, fut))
+        self._q.put(("", "call", fn, fut, None))
         return fut
 
-    def submit(self, stream: str, kind: str, payload: Any) -> Future:
-        """Future of the SparseCode of ``payload``: features [n, d], texts (list), or pixels [n, 3, H, W]."""
+    def submit(self, stream: str, kind: str, payload: Any, should_stop: Callable[[], bool] | None = None) -> Future:
+        """Future of the SparseCode of ``payload``: features [n, d], texts (list), or pixels [n, 3, H, W].
+        A payload whose ``should_stop()`` is true when its batch forms is dropped (SearchStopped)."""
         fut: Future = Future()
-        self._q.put((stream, kind, payload, fut))
+        self._q.put((stream, kind, payload, fut, should_stop))
         return fut
 
     def _features(self, stream: str, kind: str, payloads: list[Any]) -> torch.Tensor:
@@ -150,7 +146,10 @@ class EncodeBatcher:
                 batch.append(item)
                 rows += len(item[2])
             groups: dict[tuple[str, str], list[tuple[Any, Future]]] = {}
-            for stream, kind, payload, fut in batch:
+            for stream, kind, payload, fut, should_stop in batch:
+                if should_stop is not None and should_stop():  # its caller is gone: no model time for it
+                    fut.set_exception(SearchStopped("the deadline passed or the call was cancelled before encoding"))
+                    continue
                 groups.setdefault((stream, kind), []).append((payload, fut))
             for (stream, kind), items in groups.items():
                 try:
@@ -170,7 +169,7 @@ class EncodeBatcher:
 
     @staticmethod
     def _run_call(job: tuple) -> None:
-        _, _, fn, fut = job
+        _, _, fn, fut, _ = job
         try:
             fut.set_result(fn())
         except Exception as e:  # noqa: BLE001 - delivered to the caller
@@ -235,6 +234,8 @@ class Engine:
             kind: self._default_stream(kind, getattr(settings, f"{kind}_stream")) for kind in ("text", "image")
         }
         self.batcher = EncodeBatcher(self.model, self.encoders, settings.batch_max_size, settings.batch_max_wait_ms)
+        lane_size, replica = settings.max_gradient_calls, settings.gradient_replica
+        self.lane = GradientLane(self.model, self.encoders, lane_size, replica=replica, run_shared=self.batcher.call)
         self._decoders = threading.BoundedSemaphore(settings.image_decoders)
 
     def _default_stream(self, kind: str, wanted: str | None) -> str | None:
@@ -260,6 +261,7 @@ class Engine:
 
     def close(self) -> None:
         self.batcher.close()
+        self.lane.close()
 
     # ---- validation -------------------------------------------------------------------------------
     def query_spec(
@@ -365,31 +367,44 @@ class Engine:
             )
 
     # ---- work -------------------------------------------------------------------------------------
-    def encode(self, specs: list[QuerySpec]) -> list[SparseCode]:
+    def encode(self, specs: list[QuerySpec], should_stop: Callable[[], bool] | None = None) -> list[SparseCode]:
         """Codes of validated queries, through the micro-batcher. Queries of one call with the same stream
-        and kind go as one payload (one future), so a large batch costs one model call per group."""
+        and kind go in payloads of at most ``batch_max_size`` rows, so a large batch neither jumps past the
+        batch size nor holds the model thread for the whole call: other calls' queries interleave with its
+        chunks, and once ``should_stop()`` turns true its remaining chunks are dropped (SearchStopped)."""
+        stop = should_stop or (lambda: False)
+        chunk = self.settings.batch_max_size
+        codes: list[SparseCode | None] = [None] * len(specs)
         groups: dict[tuple[str, str], list[int]] = {}
         for i, q in enumerate(specs):
             groups.setdefault((q.stream, q.payload()[0]), []).append(i)
-        codes: list[SparseCode | None] = [None] * len(specs)
         pending = []
         for (stream, kind), members in groups.items():
-            parts = [specs[i].payload()[1] for i in members]
-            if kind == "text":
-                payload: Any = [t for p in parts for t in p]
-            elif kind == "pixels":
-                payload = torch.cat(parts)
-            else:
-                payload = np.concatenate(parts)
-            pending.append((members, self.batcher.submit(stream, kind, payload)))
+            for lo in range(0, len(members), chunk):
+                part = members[lo : lo + chunk]
+                parts = [specs[i].payload()[1] for i in part]
+                if kind == "text":
+                    payload: Any = [t for p in parts for t in p]
+                elif kind == "pixels":
+                    payload = torch.cat(parts)
+                else:
+                    payload = np.concatenate(parts)
+                pending.append((part, self.batcher.submit(stream, kind, payload, stop)))
         for members, fut in pending:
-            code = fut.result()
+            while True:
+                try:
+                    code = fut.result(timeout=0.05)
+                    break
+                except TimeoutError:
+                    if stop():
+                        raise SearchStopped("stopped while encoding: the deadline passed or the call was cancelled") from None
             for j, i in enumerate(members):
                 codes[i] = SparseCode(code.indices[j : j + 1], code.values[j : j + 1], code.n_latents)
-        for i, c in enumerate(codes):
+        out: list[SparseCode] = [c for c in codes if c is not None]
+        for i, c in enumerate(out):
             if not torch.isfinite(c.values).all():
                 raise ServiceError("INVALID_ARGUMENT", f"query {i} overflows the encoder (its code is not finite)")
-        return codes
+        return out
 
     def decode(self, code: SparseCode, stream: str) -> np.ndarray:
         if stream not in self.model.cfg.streams:
@@ -408,7 +423,7 @@ class Engine:
         stop = should_stop or (lambda: False)
         if stop():
             raise SearchStopped("stopped before encoding: the deadline passed or the call was cancelled")
-        codes = self.encode([s.query for s in specs])
+        codes = self.encode([s.query for s in specs], stop)
         if stop():
             raise SearchStopped("stopped after encoding: the deadline passed or the call was cancelled")
         results: list[list[Hit]] = [[] for _ in specs]
@@ -475,9 +490,8 @@ class Engine:
         return self.searchers[index].latent_top_items(latent, top_k)
 
     # ---- see the concepts -------------------------------------------------------------------------
-    def _target(self, text: str, latents: list[int], weights: list[float], top: int) -> Any:
-        from sparc_core.attribution import latent_target, text_target
-
+    def _check_target(self, text: str, latents: list[int], weights: list[float]) -> None:
+        """Validate a Localize / AttributeText target before it is queued on the gradient lane."""
         if bool(text) == bool(latents):
             raise ServiceError("INVALID_ARGUMENT", "give exactly one of text or latents")
         if latents:
@@ -488,12 +502,24 @@ class Engine:
                     raise ServiceError("INVALID_ARGUMENT", f"latent {lat} is out of range [0, {self.model.n_latents})")
             if weights and (len(weights) != len(latents) or not all(np.isfinite(w) and w >= 0 for w in weights)):
                 raise ServiceError("INVALID_ARGUMENT", "weights: one finite, non-negative weight per latent")
-            return latent_target(self.model, latents, weights or None)
+            return
         if len(text) > self.settings.max_text_chars:
             raise ServiceError("INVALID_ARGUMENT", f"text of {len(text)} characters exceeds {self.settings.max_text_chars}")
         if not text.strip():
             raise ServiceError("INVALID_ARGUMENT", "empty text")
-        return text_target(self.model, self._encoder_for("text", ""), text, top=top or None)
+        self._encoder_for("text", "")
+
+    def _target(
+        self, text: str, latents: list[int], weights: list[float], top: int, model: Any = None, encoders: dict | None = None
+    ) -> Any:
+        from sparc_core.attribution import latent_target, text_target
+
+        model = model if model is not None else self.model
+        encoders = encoders if encoders is not None else self.encoders
+        self._check_target(text, latents, weights)
+        if latents:
+            return latent_target(model, latents, weights or None)
+        return text_target(model, encoders[self._encoder_for("text", "").stream], text, top=top or None)
 
     def localize(
         self,
@@ -505,6 +531,7 @@ class Engine:
         method: str,
         top: int,
         concepts: list[str] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Any:
         """A heatmap (sparc_core.attribution.Heatmap) of a caption's or latents' concepts on an image."""
         from sparc_core.attribution import CLIP_METHODS, METHOD_ALIASES, METHODS, localize
@@ -533,13 +560,24 @@ class Engine:
             except NamingError as e:
                 raise ServiceError("INVALID_ARGUMENT", str(e)) from None
 
-        def work():
-            target = self._target(text, latents, weights, top)
-            return localize(self.model, enc, pil, target, method=method, text_encoder=text_enc, names=self.names)
+        self._check_target(text, latents, weights)
 
-        return self.batcher.call(work).result()
+        def work(model, encoders):
+            target = self._target(text, latents, weights, top, model, encoders)
+            te = encoders.get(text_enc.stream) if text_enc is not None else None
+            return localize(model, encoders[enc.stream], pil, target, method=method, text_encoder=te, names=self.names)
 
-    def explain_pair(self, image: bytes, text: str, encoder_stream: str, method: str, max_latents: int) -> Any:
+        return self.lane.run(work, should_stop)
+
+    def explain_pair(
+        self,
+        image: bytes,
+        text: str,
+        encoder_stream: str,
+        method: str,
+        max_latents: int,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Any:
         """The latents an image and its caption share, each with its heatmap and word scores
         (sparc_core.attribution.PairExplanation)."""
         from sparc_core.attribution import CLIP_METHODS, MAX_PAIR_LATENTS, METHOD_ALIASES, METHODS, explain_pair
@@ -562,14 +600,13 @@ class Engine:
         with self._decoders:
             pil = decode_image(image, self.settings.max_image_pixels)
 
-        def work():
-            return explain_pair(
-                self.model, image_enc, text_enc, pil, text, method, max_latents=max_latents or MAX_PAIR_LATENTS, names=self.names
-            )
+        def work(model, encoders):
+            ie, te = encoders[image_enc.stream], encoders[text_enc.stream]
+            return explain_pair(model, ie, te, pil, text, method, max_latents=max_latents or MAX_PAIR_LATENTS, names=self.names)
 
-        return self.batcher.call(work).result()
+        return self.lane.run(work, should_stop)
 
-    def attribute(self, text: str, latents: list[int], method: str) -> Any:
+    def attribute(self, text: str, latents: list[int], method: str, should_stop: Callable[[], bool] | None = None) -> Any:
         """Per-word scores (sparc_core.attribution.WordScores) of a caption."""
         from sparc_core.attribution import TEXT_METHODS, attribute_text
 
@@ -582,8 +619,11 @@ class Engine:
             raise ServiceError("INVALID_ARGUMENT", f"text of {len(text)} characters exceeds {self.settings.max_text_chars}")
         enc = self._encoder_for("text", "")
 
-        def work():
-            target = self._target("", latents, [], 0) if latents else None
-            return attribute_text(self.model, enc, text, target, method=method)
+        if latents:
+            self._check_target("", latents, [])
 
-        return self.batcher.call(work).result()
+        def work(model, encoders):
+            target = self._target("", latents, [], 0, model, encoders) if latents else None
+            return attribute_text(model, encoders[enc.stream], text, target, method=method)
+
+        return self.lane.run(work, should_stop)

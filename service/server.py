@@ -349,6 +349,7 @@ class SparcServicer(pb_grpc.SparcServicer):
                 request.method,
                 request.top,
                 list(request.concepts),
+                should_stop=self._stopper(context),
             )
             png = b""
             if request.return_png:
@@ -370,7 +371,7 @@ class SparcServicer(pb_grpc.SparcServicer):
 
     def AttributeText(self, request, context):
         def run():
-            ws = self.engine.attribute(request.text, list(request.latents), request.method)
+            ws = self.engine.attribute(request.text, list(request.latents), request.method, should_stop=self._stopper(context))
             png = _png_bytes(lambda path: save_words_png(ws, path, self.engine.names)) if request.return_png else b""
             return pb.AttributeTextResponse(
                 words=[pb.WordScore(word=wd, score=sc) for wd, sc in zip(ws.words, ws.scores)],
@@ -384,7 +385,12 @@ class SparcServicer(pb_grpc.SparcServicer):
     def ExplainPair(self, request, context):
         def run():
             pair = self.engine.explain_pair(
-                request.image, request.text, request.encoder_stream, request.method, request.max_latents
+                request.image,
+                request.text,
+                request.encoder_stream,
+                request.method,
+                request.max_latents,
+                should_stop=self._stopper(context),
             )
             png = _png_bytes(lambda path: save_pair_png(pair, path)) if request.return_png else b""
             shared = [

@@ -42,6 +42,8 @@ class ServiceSettings(BaseModel):
     stream_idle_seconds: float = Field(30.0, gt=0)  # a stream with no message either way for this long is ended
     max_health_watches: int | None = Field(None, ge=1)  # open health Watch streams (default: workers // 8, at least 1)
     request_wait_seconds: float = Field(10.0, gt=0)  # a call whose request message has not arrived by then is ended
+    max_gradient_calls: int = Field(2, ge=1)  # Localize / AttributeText / ExplainPair calls queued or running at once
+    gradient_replica: bool = True  # gradient work on its own copy of the models (search never waits for it)
     batch_max_size: int = Field(256, ge=1)  # micro-batching: queries encoded together
     batch_max_wait_ms: float = Field(0.0, ge=0)  # micro-batching: extra wait for company (0: batch what is queued)
     default_path: Literal["sparse", "dense", "approx", "seismic"] = "sparse"

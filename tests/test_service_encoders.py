@@ -302,3 +302,69 @@ def test_localize_and_attribute_text_over_grpc(world, server, client, tmp_path):
     finally:
         named.stop(0)
         (world["ckpt"] / "latent_names.json").unlink()
+
+
+def test_gradient_work_has_its_own_bounded_lane_and_honours_deadlines(world, monkeypatch):
+    """Localize calls run beside search, not in front of it: while two slow Localize calls hold the
+    gradient lane, text Searches answer at once; a third is refused at once; a queued call whose deadline
+    passes is answered DEADLINE_EXCEEDED at its deadline and its work never runs."""
+    import threading
+    import time
+
+    import sparc_core.attribution as attribution
+    from service.client import SparcClient
+
+    started, release = [], threading.Event()
+    real = attribution.localize
+
+    def slow(*a, **kw):
+        started.append(time.monotonic())
+        release.wait(20)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(attribution, "localize", slow)
+    s = load_settings(
+        overrides={"checkpoint": str(world["ckpt"]), "indexes": world["bundles"], "port": 0, "metrics_port": 0,
+                   "encoders": world["encoders"].model_dump(), "max_gradient_calls": 2},
+        environ={},
+    )  # fmt: skip
+    srv = SparcServer(s).start()
+    data = _encoded(world["dir"] / "images" / "img_0011.jpg", "PNG")
+    try:
+        with SparcClient(f"127.0.0.1:{srv.port}") as c:
+            done: list = []
+            first = threading.Thread(target=lambda: done.append(c.localize(data, text="a photo of thing 3", timeout=30)))
+            first.start()
+            while not started:
+                time.sleep(0.01)
+            t0 = time.monotonic()  # the second waits behind the first, and its deadline passes while it waits
+            third_codes: list = []
+
+            def third():
+                try:
+                    c.localize(data, text="a photo of thing 5")
+                except grpc.RpcError as err:
+                    third_codes.append(err.code())
+
+            t3 = threading.Timer(0.2, third)
+            t3.start()
+            with pytest.raises(grpc.RpcError) as e:
+                c.localize(data, text="a photo of thing 4", timeout=0.6)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - t0 < 1.5
+            t3.join(5)
+            assert third_codes == [grpc.StatusCode.RESOURCE_EXHAUSTED]  # two queued or running: the lane is full
+            times = []
+            for i in range(10):  # search encoding never waits for the gradient lane
+                q = time.perf_counter()
+                assert c.search(search_request(make_query(text=f"thing {i} in red light"), ["images-dino"], top_k=3)).hits
+                times.append(time.perf_counter() - q)
+            assert max(times) < 1.0, times
+            release.set()
+            first.join(20)
+            assert done and done[0].grid.size
+            time.sleep(0.3)
+            assert len(started) == 1  # the call that timed out while queued never ran
+            assert c.localize(data, text="a photo of thing 6", timeout=30).grid.size  # the lane is free again
+    finally:
+        release.set()
+        srv.stop(0)
