@@ -74,6 +74,54 @@ def _code_pb(code: Any, row: int = 0) -> pb.SparseCode:
     return pb.SparseCode(indices=code.indices[row][keep].tolist(), values=vals[keep].tolist())
 
 
+class ByteBoundedQueue:
+    """The requests a stream has read ahead: at most ``max_items`` and ``max_bytes`` (one request alone may
+    exceed ``max_bytes``; grpc's message limit bounds it). ``get`` returns None once closed and drained."""
+
+    def __init__(self, max_items: int, max_bytes: int) -> None:
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self._items: list[tuple[Any, int]] = []
+        self._bytes = 0
+        self._closed = False
+        self._cv = threading.Condition()
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._bytes
+
+    def put(self, item: Any, size: int, keep_waiting: Callable[[], bool] = lambda: True) -> bool:
+        """Add ``item`` when there is room; False (not added) if ``keep_waiting()`` turns false meanwhile."""
+        with self._cv:
+            while self._items and (len(self._items) >= self.max_items or self._bytes + size > self.max_bytes):
+                if not keep_waiting():
+                    return False
+                self._cv.wait(0.25)
+            self._items.append((item, size))
+            self._bytes += size
+            self._cv.notify_all()
+            return True
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The oldest item; None once closed and empty; raises queue.Empty after ``timeout`` seconds."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._items or self._closed, timeout):
+                raise queue.Empty
+            if not self._items:
+                return None
+            item, size = self._items.pop(0)
+            self._bytes -= size
+            self._cv.notify_all()
+            return item
+
+    def get_nowait(self) -> Any:
+        return self.get(timeout=0)
+
+
 class SparcServicer(pb_grpc.SparcServicer):
     """Maps protobuf messages to Engine calls and ServiceErrors to status codes."""
 
@@ -233,16 +281,18 @@ class SparcServicer(pb_grpc.SparcServicer):
         # Requests are taken in groups (whatever has arrived, up to max_batch) so a streaming client
         # gets batched encoding and index calls; responses keep the request order.
         max_batch = self.engine.settings.max_batch if self.engine is not None else 1
-        pending: queue.Queue = queue.Queue(maxsize=2 * max_batch)
+        limit = self.engine.settings.max_stream_buffer_bytes if self.engine is not None else 1 << 25
+        pending = ByteBoundedQueue(2 * max_batch, limit)
 
         def read() -> None:
             try:
                 for r in request_iterator:
-                    pending.put(r)
+                    if not pending.put(r, r.ByteSize(), context.is_active):
+                        return
             except Exception:  # noqa: BLE001 - the client went away; end the stream
                 pass
             finally:
-                pending.put(None)
+                pending.close()
 
         threading.Thread(target=read, name="stream-reader", daemon=True).start()
         finished = False
@@ -262,7 +312,7 @@ class SparcServicer(pb_grpc.SparcServicer):
                 batch.append(r)
             yield from self._call("SearchStream", context, lambda b=batch: self._responses([self._spec(r) for r in b], context))
 
-    def _next_request(self, pending: queue.Queue, context: grpc.ServicerContext) -> Any:
+    def _next_request(self, pending: ByteBoundedQueue, context: grpc.ServicerContext) -> Any:
         """The stream's next request; None when it ended, was cancelled or stayed idle too long."""
         idle = self.engine.settings.stream_idle_seconds if self.engine is not None else 30.0
         waited = 0.0

@@ -39,6 +39,7 @@ class ServiceSettings(BaseModel):
     max_in_flight: int | None = Field(None, ge=1)  # concurrent calls doing work (default and at most: workers)
     max_streams: int | None = Field(None, ge=1)  # open streaming calls, all clients (default: workers // 4)
     max_streams_per_client: int = Field(4, ge=1)  # open streaming calls per client address
+    max_stream_buffer_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # requests one stream may have read ahead
     stream_idle_seconds: float = Field(30.0, gt=0)  # a stream with no message either way for this long is ended
     max_health_watches: int | None = Field(None, ge=1)  # open health Watch streams (default: workers // 8, at least 1)
     request_wait_seconds: float = Field(10.0, gt=0)  # a call whose request message has not arrived by then is ended

@@ -433,3 +433,27 @@ def test_swapped_or_unreadable_tls_files_and_mtls(trained_checkpoint, bundles, q
             assert ok.search(_req(queries[0]), timeout=5).hits
     finally:
         srv.stop(0)
+
+
+def test_a_stream_reads_ahead_a_bounded_number_of_bytes():
+    """SearchStream's read-ahead holds at most max_stream_buffer_bytes (one oversized request alone)."""
+    import queue
+
+    from service.server import ByteBoundedQueue
+
+    q = ByteBoundedQueue(max_items=100, max_bytes=1000)
+    assert q.put("a", 600) and q.buffered_bytes == 600
+    put_b = threading.Thread(target=lambda: q.put("b", 600))
+    put_b.start()
+    put_b.join(0.5)
+    assert put_b.is_alive() and q.buffered_bytes == 600  # 1,200 bytes would exceed the bound: the reader waits
+    assert q.get() == "a"
+    put_b.join(2)
+    assert not put_b.is_alive() and q.buffered_bytes == 600
+    assert q.get() == "b" and q.put("huge", 5000) and q.buffered_bytes == 5000  # alone, one large request passes
+    assert not q.put("c", 10, keep_waiting=lambda: False)  # the stream ended while the reader waited: dropped
+    assert q.get() == "huge"
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    q.close()
+    assert q.get(timeout=1) is None
