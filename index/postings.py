@@ -687,6 +687,31 @@ class Postings:
             vals.append(_F16[np.asarray(self.values[a:e])])
         return np.concatenate(rows), np.concatenate(vals)
 
+    def warm_up(self, codes_idx: np.ndarray | None = None, codes_val: np.ndarray | None = None) -> None:
+        """Compile (or load from numba's cache) every kernel this gallery can run, with its own array types
+        (memory-mapped, read-only arrays are other signatures than in-memory ones): exact and approximate,
+        batched and lone, with and without filters. A server calls it before it reports SERVING."""
+        global LONE_MIN
+        counts = self.latent_counts()
+        used = np.flatnonzero(counts)
+        if self.n_items == 0 or not len(used):
+            return
+        common = used[np.argsort(-counts[used], kind="stable")[:2]]
+        rare = used[np.argsort(counts[used], kind="stable")[:1]]  # little work: always allowed to run lone
+        approx = [None] if codes_idx is None else [None, (0.5, 16, codes_idx, codes_val)]
+        for a in approx:
+            for lats in (common, rare):
+                q_idx, q_val = lats[None, :].astype(np.int64), np.linspace(1.0, 0.5, len(lats), dtype=np.float32)[None, :]
+                self.search(q_idx, q_val, 2, approx=a)
+                self.search(np.repeat(q_idx, 2, 0), np.repeat(q_val, 2, 0), 2, approx=a)
+                self.search(q_idx, q_val, 2, require=[int(lats[0])], exclude=[int(common[-1]) + 1], approx=a)
+            if self.n_blocks > 1 and search_threads() > 1:  # the lone kernels, on numba's threads
+                saved, LONE_MIN = LONE_MIN, 0
+                try:
+                    self.search(rare[None, :].astype(np.int64), np.ones((1, 1), np.float32), 2, approx=a)
+                finally:
+                    LONE_MIN = saved
+
     def latent_counts(self) -> np.ndarray:
         """Active items of every latent (all blocks)."""
         if self._counts is None:

@@ -93,7 +93,10 @@ class Searcher:
         self.model = model
         self.stream = m.stream
         self.manifest = m
-        warm_up()  # compile (or load the cached) search kernel now, not on the first query
+        warm_up()  # compile (or load the cached) search kernels now, not on the first query
+        for b in self.shards:  # ... and for this gallery's own array types (memory-mapped, read-only)
+            for part in b.parts:
+                part.postings.warm_up(part.codes_idx, part.codes_val)
         self.dense = [
             [DenseSearcher(p.dense_index, use_gpu=use_gpu) for p in b.parts] if b.manifest.dense else None for b in self.shards
         ]
