@@ -358,3 +358,22 @@ def _boosted(q_idx: np.ndarray, q_val: np.ndarray, boost: dict[int, float]) -> t
         val[:, col] = boost[lat] + np.where(present.any(1), (q_val * present).sum(1), 0.0)
         val[:, : q_idx.shape[1]][present] = 0.0
     return idx, val
+
+
+def warm_kernel_cache(n_items: int = (1 << 16) + 4096) -> None:
+    """Compile every search kernel into numba's on-disk cache (``NUMBA_CACHE_DIR``) for galleries as they are
+    served (memory-mapped, read-only arrays; two blocks, so the lone-query kernels too). A container image
+    runs this at build time, so a fresh container loads compiled kernels instead of compiling them."""
+    import tempfile
+
+    from sparc_core import SparcConfig, save_checkpoint
+
+    from .bundle import build_bundle
+
+    with tempfile.TemporaryDirectory(prefix="sparc-warm-") as d:
+        root = Path(d)
+        model = SparcModel(SparcConfig(streams={"x": 8, "y": 8}, n_latents=64, k=4))
+        save_checkpoint(model, root / "ckpt")
+        np.save(root / "x.npy", np.random.default_rng(0).standard_normal((n_items, 8)).astype(np.float32))
+        build_bundle(root / "ckpt", "x", root / "x.npy", root / "bundle", progress=False)
+        Searcher(root / "bundle", checkpoint=root / "ckpt")  # loading runs every kernel once

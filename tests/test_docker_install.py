@@ -126,9 +126,11 @@ def test_wheel_from_the_copied_files_installs_starts_and_passes_the_healthcheck(
             if "sparc serving" in line or not line:
                 break
         assert "sparc serving" in lines[-1], "".join(lines)
-        probe = re.search(r'CMD python -c "(.*?)"\n', DOCKERFILE.replace("\\\n", "")).group(1)
-        check = subprocess.run([py, "-c", probe.replace("50051", str(port))], timeout=30, cwd=tmp_path)
+        probe = re.search(r'HEALTHCHECK .* CMD \["python", "-m", "([\w.]+)"\]', DOCKERFILE).group(1)
+        check = subprocess.run([py, "-m", probe], timeout=30, cwd=tmp_path, env=env)  # the server's own settings
         assert check.returncode == 0
+        wrong = env | {"SPARC_PORT": str(port + 1 if port < 65535 else port - 1)}
+        assert subprocess.run([py, "-m", probe], timeout=30, cwd=tmp_path, env=wrong).returncode == 1
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0

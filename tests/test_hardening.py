@@ -3,6 +3,7 @@ idle streams, floods of wrong tokens, huge requests, expired deadlines, half-con
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -457,3 +458,21 @@ def test_a_stream_reads_ahead_a_bounded_number_of_bytes():
         q.get_nowait()
     q.close()
     assert q.get(timeout=1) is None
+
+
+def test_the_health_probe_follows_the_configured_port_and_tls(trained_checkpoint, bundles, tmp_path):
+    from service.healthcheck import probe
+
+    key, cert = _cert(tmp_path, "server")
+    srv = SparcServer(_settings(trained_checkpoint, bundles, tls_cert=str(cert), tls_key=str(key))).start()
+    env = {"SPARC_HOST": "0.0.0.0", "SPARC_PORT": str(srv.port), "SPARC_CHECKPOINT": str(trained_checkpoint)}
+    tls = env | {"SPARC_TLS_CERT": str(cert), "SPARC_TLS_KEY": str(key)}
+    try:
+        assert probe(tls)  # TLS, the server's own certificate trusted, on the configured port
+        assert not probe(env)  # plaintext against a TLS server: not healthy
+        assert not probe(tls | {"SPARC_PORT": str(srv.port + 1 if srv.port < 65535 else srv.port - 1)})
+        cfg = tmp_path / "service.json"
+        cfg.write_text(json.dumps({"port": srv.port, "tls_cert": str(cert), "tls_key": str(key)}))
+        assert probe({"SPARC_CONFIG": str(cfg), "SPARC_CHECKPOINT": str(trained_checkpoint)})  # from the settings file
+    finally:
+        srv.stop(0)
