@@ -9,7 +9,13 @@ Part 2, the service on loopback (vector queries, a 200k-item random bundle), eve
 - how long shutdown takes with a heavy call in flight and grace 0.5 s;
 - TLS half-configured: whether the server starts.
 
-    python bench/chaos.py [--kills 20]
+Part 3, the service with text and image encoders (a randomly initialised ViT-B/16-width CLIP, 6 layers):
+- open-loop text Search at a fixed rate, alone and while Localize calls arrive from two dashboards, with
+  gradient work on its own lane (the default) and on the encode thread (gradient_replica off): Search
+  p50 / p99 measured from each query's scheduled send time (queueing included), in the same run;
+- 1,000 texts of 4,000 random letters in one SearchBatch: time, and the server's RSS before and after.
+
+    python bench/chaos.py [--kills 20] [--skip-kills] [--skip-service] [--skip-encoders]
 """
 
 from __future__ import annotations
@@ -143,16 +149,156 @@ def service_table(n_items: int) -> None:
             print(f"| TLS cert without key | refused: {str(e).splitlines()[-1].strip()} |")
 
 
+ENCODER_CLIP = {
+    "embed_dim": 512,
+    "vision_cfg": {"image_size": 224, "layers": 6, "width": 768, "patch_size": 16, "head_width": 64},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 6},
+}
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def encoder_table(rate: float, seconds: float) -> None:
+    """Search p50/p99 under Localize load (own lane vs shared thread), and 1,000 long random texts."""
+    import io
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    import torch
+    from PIL import Image
+
+    from index import build_bundle
+    from service.client import SparcClient, make_query, search_request
+    from service.server import SparcServer
+    from service.settings import load_settings
+    from sparc_core import SparcConfig, SparcModel, save_checkpoint
+    from sparc_core.config import ClipConfig, EncodersConfig
+    from sparc_core.encoders import load_encoders
+    from tests import tiny_models as tm
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory(prefix="sparc-chaos-enc-") as d:
+        work = Path(d)
+        clip_dir = tm.write_clip_dir(work / "clip", cfg=ENCODER_CLIP)
+        encoders = EncodersConfig(clip=ClipConfig(weights=str(clip_dir)), device="cpu")
+        enc = load_encoders(encoders)
+        ckpt = save_checkpoint(
+            SparcModel(SparcConfig(streams={"clip_img": 512, "clip_txt": 512}, n_latents=4096, k=32), seed=1), work / "ckpt"
+        )
+        rng = np.random.default_rng(0)
+        images = [Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)) for _ in range(8)]
+        gallery = np.concatenate([enc["clip_img"].encode_images(images).numpy()] * 2000)
+        gallery += 0.05 * rng.standard_normal(gallery.shape).astype(np.float32)
+        np.save(work / "g.npy", gallery)
+        build_bundle(ckpt, "clip_img", work / "g.npy", work / "b", progress=False)
+        buf = io.BytesIO()
+        images[0].save(buf, format="PNG")
+        png = buf.getvalue()
+        words = ["red", "blue", "dog", "cat", "car", "tree", "house", "small", "large", "river", "road", "sky"]
+        base = {"checkpoint": str(ckpt), "indexes": {"g": [str(work / "b")]}, "port": 0, "metrics_port": 0,
+                "encoders": encoders.model_dump(), "max_batch": 1024}  # fmt: skip
+        print(f"\n| service with encoders (CLIP ViT-B/16 width, 6 layers, random weights; {len(gallery):,} items) "
+              f"| Search p50 / p99 (ms, from scheduled send) | Localize done / refused |\n|---|---|---|")  # fmt: skip
+
+        def open_loop(c, localize: bool) -> tuple[np.ndarray, int, int]:
+            stop = threading.Event()
+            done, refused = [0], [0]
+
+            def dashboard():
+                while not stop.is_set():
+                    try:
+                        c.localize(png, text=" ".join(rng.choice(words, 4)), encoder_stream="clip_img", timeout=30)
+                        done[0] += 1
+                    except grpc.RpcError as e:
+                        refused[0] += e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                        time.sleep(0.05)
+
+            boards = [threading.Thread(target=dashboard) for _ in range(2 if localize else 0)]
+            for b in boards:
+                b.start()
+            time.sleep(0.5 if localize else 0)
+            n = int(rate * seconds)
+            lat = np.zeros(n)
+            t_start = time.perf_counter() + 0.1
+
+            def one(i: int) -> None:
+                scheduled = t_start + i / rate
+                text = " ".join(rng.choice(words, 5)) + f" {i}"
+                c.search(search_request(make_query(text=text), ["g"], top_k=10), timeout=30)
+                lat[i] = time.perf_counter() - scheduled
+
+            with ThreadPoolExecutor(8) as pool:
+                futs = []
+                for i in range(n):
+                    delay = t_start + i / rate - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                    futs.append(pool.submit(one, i))
+                for f in futs:
+                    f.result()
+            stop.set()
+            for b in boards:
+                b.join()
+            return lat, done[0], refused[0]
+
+        for replica in (True, False):
+            srv = SparcServer(load_settings(overrides=base | {"gradient_replica": replica}, environ={})).start()
+            try:
+                with SparcClient(f"127.0.0.1:{srv.port}") as c:
+                    open_loop(c, False)  # warm
+                    for localize in (False, True):
+                        lat, done, refused = open_loop(c, localize)
+                        lane = "own lane + replica" if replica else "encode thread (gradient_replica off)"
+                        label = f"{rate:g} Search/s for {seconds:g} s" + (
+                            f", Localize from 2 dashboards, {lane}" if localize else ", alone"
+                        )
+                        print(f"| {label} | {1e3 * np.median(lat):.1f} / {1e3 * np.quantile(lat, 0.99):.1f} | "
+                              f"{done if localize else '-'} / {refused if localize else '-'} |", flush=True)  # fmt: skip
+            finally:
+                srv.stop(0)
+
+        srv = SparcServer(load_settings(overrides=base, environ={})).start()
+        try:
+            with SparcClient(f"127.0.0.1:{srv.port}") as c:
+                letters = list("abcdefghijklmnopqrstuvwxyz")
+                texts = ["".join(rng.choice(letters, 4000)) for _ in range(1000)]
+                rss0 = _rss_mib()
+                t0 = time.perf_counter()
+                out = c.search_batch([search_request(make_query(text=t), ["g"], top_k=10) for t in texts], timeout=600)
+                took = time.perf_counter() - t0
+                assert len(out) == 1000
+                t1 = time.perf_counter()
+                enc["clip_txt"].clip.tokenizer(texts[:4])  # the tokenizer alone, uncut: what each text cost before
+                uncut = (time.perf_counter() - t1) / 4
+                print(f"| 1,000 texts of 4,000 random letters, one SearchBatch | {took:.2f} s; server RSS "
+                      f"{rss0:.0f} -> {_rss_mib():.0f} MiB; uncut tokenizing alone: {uncut:.2f} s per text | - |")  # fmt: skip
+        finally:
+            srv.stop(0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--items", type=int, default=200_000)
     p.add_argument("--skip-kills", action="store_true")
+    p.add_argument("--skip-service", action="store_true")
+    p.add_argument("--skip-encoders", action="store_true")
+    p.add_argument("--rate", type=float, default=10.0, help="open-loop Search calls per second (part 3)")
+    p.add_argument("--seconds", type=float, default=20.0, help="length of each open-loop run (part 3)")
     args = p.parse_args()
     if not args.skip_kills:
         kills_table(args.kills, args.seed)
-    service_table(args.items)
+    if not args.skip_service:
+        service_table(args.items)
+    if not args.skip_encoders:
+        encoder_table(args.rate, args.seconds)
 
 
 if __name__ == "__main__":
