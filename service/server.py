@@ -66,12 +66,38 @@ class Metrics:
         self.streams_refused = Counter(
             "sparc_streams_refused_total", "streaming calls refused by the stream caps", ["reason"], registry=self.registry
         )
+        # what the calls cost the models, not only how many hits they asked for
+        self.work = Counter(
+            "sparc_work_total",
+            "model work by unit: texts, text_chars, images, vectors encoded; gradient_calls run",
+            ["method", "unit"],
+            registry=self.registry,
+        )
+        self.gradient_busy = Gauge(
+            "sparc_gradient_calls_busy", "Localize / AttributeText / ExplainPair calls queued or running", registry=self.registry
+        )
+
+    def count_queries(self, method: str, queries: list) -> None:
+        """Add the encoding work of validated queries (engine QuerySpecs) to ``sparc_work_total``."""
+        texts = [q.text for q in queries if q.text is not None]
+        if texts:
+            self.work.labels(method, "texts").inc(len(texts))
+            self.work.labels(method, "text_chars").inc(sum(len(t) for t in texts))
+        images = sum(q.pixels is not None for q in queries)
+        if images:
+            self.work.labels(method, "images").inc(images)
+        vectors = len(queries) - len(texts) - images
+        if vectors:
+            self.work.labels(method, "vectors").inc(vectors)
 
 
 def _code_pb(code: Any, row: int = 0) -> pb.SparseCode:
     vals = code.values[row]
     keep = vals > 0
     return pb.SparseCode(indices=code.indices[row][keep].tolist(), values=vals[keep].tolist())
+
+
+GRADIENT_METHODS = ("Localize", "AttributeText", "ExplainPair")
 
 
 class ByteBoundedQueue:
@@ -142,7 +168,11 @@ class SparcServicer(pb_grpc.SparcServicer):
             if self.engine is None:
                 raise ServiceError("UNAVAILABLE", "the server is still loading its checkpoint and indexes")
             self._check_deadline(context)
-            out = fn()
+            try:
+                out = fn()
+            finally:
+                if method in GRADIENT_METHODS:
+                    self.metrics.gradient_busy.set(self.engine.lane.busy)
             if not context.is_active():  # the client is gone: what it saw was a deadline or a cancellation
                 code = self._gone(context)
             return out
@@ -161,6 +191,8 @@ class SparcServicer(pb_grpc.SparcServicer):
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
         finally:
             self._slots.release()
+            if method in GRADIENT_METHODS and code not in ("RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"):
+                self.metrics.work.labels(method, "gradient_calls").inc()  # admitted to the gradient lane
             self._finish(method, code, t0, context)
 
     @staticmethod
@@ -222,8 +254,9 @@ class SparcServicer(pb_grpc.SparcServicer):
             candidates=r.candidates or None,
         )
 
-    def _responses(self, specs: list[SearchSpec], context: grpc.ServicerContext) -> list[pb.SearchResponse]:
+    def _responses(self, specs: list[SearchSpec], context: grpc.ServicerContext, method: str) -> list[pb.SearchResponse]:
         out = []
+        self.metrics.count_queries(method, [s.query for s in specs])
         names = self.engine.names
         results = self.engine.search(specs, should_stop=self._stopper(context))
         self._check_deadline(context)
@@ -254,7 +287,7 @@ class SparcServicer(pb_grpc.SparcServicer):
 
     # ---- RPCs -------------------------------------------------------------------------------------
     def Search(self, request, context):
-        return self._call("Search", context, lambda: self._responses([self._spec(request)], context)[0])
+        return self._call("Search", context, lambda: self._responses([self._spec(request)], context, "Search")[0])
 
     def SearchBatch(self, request, context):
         def run():
@@ -273,7 +306,7 @@ class SparcServicer(pb_grpc.SparcServicer):
                     raise ServiceError(e.code, f"requests[{i}]: {e.message}") from None
             if self._stopper(context)():
                 raise SearchStopped("stopped after validation: the deadline passed or the call was cancelled")
-            return pb.SearchBatchResponse(responses=self._responses(specs, context))
+            return pb.SearchBatchResponse(responses=self._responses(specs, context, "SearchBatch"))
 
         return self._call("SearchBatch", context, run)
 
@@ -310,7 +343,8 @@ class SparcServicer(pb_grpc.SparcServicer):
                     finished = True
                     break
                 batch.append(r)
-            yield from self._call("SearchStream", context, lambda b=batch: self._responses([self._spec(r) for r in b], context))
+            run = lambda b=batch: self._responses([self._spec(r) for r in b], context, "SearchStream")  # noqa: E731
+            yield from self._call("SearchStream", context, run)
 
     def _next_request(self, pending: ByteBoundedQueue, context: grpc.ServicerContext) -> Any:
         """The stream's next request; None when it ended, was cancelled or stayed idle too long."""
@@ -330,7 +364,8 @@ class SparcServicer(pb_grpc.SparcServicer):
             if not request.HasField("query"):
                 raise ServiceError("INVALID_ARGUMENT", "empty query: set exactly one of text, image or vector")
             spec = self._query(request.query)
-            code = self.engine.encode([spec])[0]
+            self.metrics.count_queries("Encode", [spec])
+            code = self.engine.encode([spec], self._stopper(context))[0]
             resp = pb.EncodeResponse(code=_code_pb(code), stream=spec.stream)
             if request.decode_stream:
                 decoded = self.engine.decode(code, request.decode_stream)[0]

@@ -365,6 +365,12 @@ def test_gradient_work_has_its_own_bounded_lane_and_honours_deadlines(world, mon
             time.sleep(0.3)
             assert len(started) == 1  # the call that timed out while queued never ran
             assert c.localize(data, text="a photo of thing 6", timeout=30).grid.size  # the lane is free again
+        work = srv.metrics.work  # what the calls cost the models, counted per unit
+        texts = [f"thing {i} in red light" for i in range(10)]
+        assert work.labels("Search", "texts")._value.get() == 10
+        assert work.labels("Search", "text_chars")._value.get() == sum(map(len, texts))
+        assert work.labels("Localize", "gradient_calls")._value.get() == 3  # refused before any work: not counted
+        assert srv.metrics.gradient_busy._value.get() == 0
     finally:
         release.set()
         srv.stop(0)
