@@ -1,22 +1,46 @@
-"""index: index bundles over SPARC's shared sparse code, searched by sparse postings or FAISS."""
+"""index: index bundles over SPARC's shared sparse code, searched by sparse postings or FAISS.
 
-from .bundle import Bundle, BundleError, Manifest, append_to_bundle, build_bundle, read_manifest
-from .faiss_backend import DenseIndexError
-from .postings import SearchStopped
-from .searcher import DEFAULT_PATH, Explanation, Searcher, SearchResult, open_gallery
+The names below are imported on first use (PEP 562): loading the ``sparc index`` command does not load
+numba or FAISS.
+"""
 
-__all__ = [
-    "DEFAULT_PATH",
-    "Bundle",
-    "BundleError",
-    "DenseIndexError",
-    "Explanation",
-    "Manifest",
-    "SearchResult",
-    "SearchStopped",
-    "Searcher",
-    "append_to_bundle",
-    "build_bundle",
-    "open_gallery",
-    "read_manifest",
-]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+_WHERE = {
+    "Bundle": "bundle",
+    "BundleError": "bundle",
+    "Manifest": "bundle",
+    "append_to_bundle": "bundle",
+    "build_bundle": "bundle",
+    "read_manifest": "bundle",
+    "DenseIndexError": "faiss_backend",
+    "SearchStopped": "postings",
+    "DEFAULT_PATH": "searcher",
+    "Explanation": "searcher",
+    "SearchResult": "searcher",
+    "Searcher": "searcher",
+    "open_gallery": "searcher",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from .bundle import Bundle, BundleError, Manifest, append_to_bundle, build_bundle, read_manifest  # noqa: F401
+    from .faiss_backend import DenseIndexError  # noqa: F401
+    from .postings import SearchStopped  # noqa: F401
+    from .searcher import DEFAULT_PATH, Explanation, Searcher, SearchResult, open_gallery  # noqa: F401

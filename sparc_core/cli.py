@@ -14,8 +14,14 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_json
 from .config import ConfigError, ExtractConfig, SparcError, SynthConfig, TrainConfig, build_config, load_config_file
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """sparc_core.checkpoint.atomic_write_json, imported when first needed (it loads torch)."""
+    from .checkpoint import atomic_write_json as write
+
+    write(path, obj)
 
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
@@ -60,7 +66,7 @@ SYNTH_FLAGS = [  # (flag, field, type, help)
 
 
 def _add_synth(sub: Any) -> None:
-    from .synthetic import PRESETS
+    from .config import SYNTH_PRESETS as PRESETS
 
     p = sub.add_parser("synth", help="write planted-concept paired streams (train/ and eval/ splits)")
     p.add_argument("--out", required=True, help="output directory")
@@ -585,9 +591,21 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sparc")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from . import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``sparc`` parser, including subcommands registered by other installed packages."""
     parser = argparse.ArgumentParser(prog="sparc", description="SPARC: one sparse concept space shared by many models")
+    parser.add_argument("--version", action="version", version=f"sparc {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
         _add_synth,

@@ -274,3 +274,22 @@ def build_config(cls: type[C], data: dict[str, Any], source: str = "config") -> 
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             lines.append(f"  {loc}: {msg}")
         raise ConfigError(f"{source}: invalid {cls.__name__}:\n" + "\n".join(lines)) from None
+
+
+# Named planted-concept worlds (sparc synth --preset NAME); sparc_core.synthetic.PRESETS is this dict.
+SYNTH_PRESETS: dict[str, dict] = {
+    "demo": {},
+    "groups": {  # concepts seen by stream subsets, a CLIP modality gap and nuisance: the hard case
+        "n_concepts": 600,
+        "concepts_per_sample": 4.0,
+        "visibility": {"dino+clip_img": 0.1, "clip_img+clip_txt": 0.1, "dino": 0.1},
+        "tower_correlation": 0.5,
+        "nuisance_dims": 16,
+    },
+    "hierarchy": {"n_concepts": 800, "concepts_per_sample": 4.0, "hierarchy": 0.5, "child_similarity": 0.6},
+    "many": {"n_concepts": 4000, "concepts_per_sample": 6.0, "zipf_exponent": 1.0},
+    "flat": {"n_concepts": 300, "concepts_per_sample": 3.0, "zipf_exponent": 0.0, "shared_fraction": 1.0},
+    "dense": {"n_concepts": 1000, "concepts_per_sample": 12.0, "zipf_exponent": 0.6},
+    "noisy": {"n_concepts": 500, "concepts_per_sample": 5.0, "noise": 0.3, "magnitudes": "per_stream", "nuisance_dims": 32},
+    "gap": {"n_concepts": 500, "concepts_per_sample": 5.0, "modality_gap": 2.0, "tower_correlation": 0.8},
+}

@@ -17,27 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write_bytes, atomic_write_json
-from .config import ConfigError, SynthConfig
+from .config import SYNTH_PRESETS, ConfigError, SynthConfig
 
 # Named worlds for `sparc synth --preset` and the alignment benchmark: each differs from the demo's
 # world in one or two ways a real pair of models differs (more concepts than latents, concepts only
 # some streams see, hierarchies, a correlated text tower, unpaired nuisance variation).
-PRESETS: dict[str, dict] = {
-    "demo": {},
-    "groups": {  # concepts seen by stream subsets, a CLIP modality gap and nuisance: the hard case
-        "n_concepts": 600,
-        "concepts_per_sample": 4.0,
-        "visibility": {"dino+clip_img": 0.1, "clip_img+clip_txt": 0.1, "dino": 0.1},
-        "tower_correlation": 0.5,
-        "nuisance_dims": 16,
-    },
-    "hierarchy": {"n_concepts": 800, "concepts_per_sample": 4.0, "hierarchy": 0.5, "child_similarity": 0.6},
-    "many": {"n_concepts": 4000, "concepts_per_sample": 6.0, "zipf_exponent": 1.0},
-    "flat": {"n_concepts": 300, "concepts_per_sample": 3.0, "zipf_exponent": 0.0, "shared_fraction": 1.0},
-    "dense": {"n_concepts": 1000, "concepts_per_sample": 12.0, "zipf_exponent": 0.6},
-    "noisy": {"n_concepts": 500, "concepts_per_sample": 5.0, "noise": 0.3, "magnitudes": "per_stream", "nuisance_dims": 32},
-    "gap": {"n_concepts": 500, "concepts_per_sample": 5.0, "modality_gap": 2.0, "tower_correlation": 0.8},
-}
+PRESETS = SYNTH_PRESETS  # the named worlds live in config (no torch needed to list them)
 
 
 def preset(name: str, **overrides) -> SynthConfig:

@@ -30,3 +30,25 @@ def test_demo_runs_end_to_end_and_reuses_its_artefacts(tmp_path, capsys):
     # A second run reuses data and checkpoints instead of training again.
     assert main(["demo", "--out", str(out), "--steps", "30", "--quiet"]) == 0
     assert "reusing trained SPARC defaults" in capsys.readouterr().out
+
+
+def test_help_and_version_load_no_heavy_library():
+    """`sparc --help` (with every plugin command) and `--version` import neither torch, numba nor FAISS."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, contextlib, io\n"
+        "from sparc_core.cli import main\n"
+        "for argv in (['--help'], ['--version'], ['index', '--help'], ['serve', '--help']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "print(sorted(m for m in ('torch', 'numba', 'faiss', 'open_clip', 'matplotlib') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    version = subprocess.run([sys.executable, "-m", "sparc_core.cli", "--version"], capture_output=True, text=True)
+    assert version.stdout.startswith("sparc 0.") and version.returncode == 0
