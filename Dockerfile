@@ -30,10 +30,8 @@ COPY sparc_core ./sparc_core
 COPY index ./index
 COPY service ./service
 RUN pip wheel --no-deps --wheel-dir /tmp/wheels . \
-    && if [ "$VARIANT" = gpu ]; then \
-         pip install "$(ls /tmp/wheels/sparc-*.whl)[gpu,milvus,seismic]" && pip uninstall -y faiss-cpu \
-         && pip install --force-reinstall --no-deps faiss-gpu-cu12; \
-       else pip install "$(ls /tmp/wheels/sparc-*.whl)[milvus,seismic]"; fi \
+    && if [ "$VARIANT" = gpu ]; then pip install "$(ls /tmp/wheels/sparc-*.whl)[encoders,plots,hdf5,gpu,milvus,seismic]"; \
+       else pip install "$(ls /tmp/wheels/sparc-*.whl)[encoders,plots,hdf5,cpu,milvus,seismic]"; fi \
     && rm -rf /tmp/wheels /src \
     && useradd --create-home --uid 10001 sparc && mkdir -p /app/runs && chown -R sparc /app
 

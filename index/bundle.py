@@ -359,7 +359,7 @@ def build_bundle(
     features: str | Path,
     out: str | Path,
     ids: str | Path | np.ndarray | None = None,
-    dense: bool = True,
+    dense: bool | None = None,
     faiss_factory: str = "Flat",
     shard: tuple[int, int] = (0, 1),
     batch_size: int = 8192,
@@ -368,8 +368,13 @@ def build_bundle(
     approx: ApproxSettings | None = None,
 ) -> Path:
     """Encode one stream's gallery with a checkpoint and write a bundle (or shard ``i`` of ``n``) to ``out``;
-    with ``approx``, each part also gets a Seismic index (the approximate sparse path)."""
+    with ``approx``, each part also gets a Seismic index (the approximate sparse path). ``dense``: also a
+    FAISS index for the dense path (default: when FAISS is installed)."""
     t0 = time.perf_counter()
+    if dense is None:
+        from .faiss_backend import faiss_installed
+
+        dense = faiss_installed()
     clean_stale_builds(out)  # what killed builds left behind
     ckpt_hash = checkpoint_hash(checkpoint)
     if model is None:

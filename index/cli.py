@@ -38,7 +38,7 @@ def register(sub: Any) -> None:
     b.add_argument("--ids", help="item ids: .npy (ints or strings) or text, one per line (default: row numbers)")
     b.add_argument("--out", required=True, help="bundle directory")
     b.add_argument("--faiss", default="Flat", help="FAISS factory string for the dense path (default exact Flat)")
-    b.add_argument("--no-dense", action="store_true", help="sparse latent search only (no FAISS index)")
+    b.add_argument("--no-dense", action="store_true", help="sparse latent search only (default without FAISS installed)")
     b.add_argument("--shard", default="0/1", help="build shard I/N of the rows (default 0/1)")
     b.add_argument("--seismic", "--approx", dest="approx", action="store_true", help="also build a Seismic index (seismic path)")
     b.add_argument("--batch-size", type=int, default=8192)
@@ -100,7 +100,7 @@ def _build(args: argparse.Namespace) -> int:
         args.features,
         args.out,
         ids=args.ids,
-        dense=not args.no_dense,
+        dense=False if args.no_dense else None,
         faiss_factory=args.faiss,
         shard=(i, n),
         batch_size=args.batch_size,

@@ -1,25 +1,57 @@
 """FAISS for the cross-decoded dense path: build, persist, per-call search parameters, GPU placement.
 
-faiss-gpu is used when the installed faiss has GPU support and a CUDA device is visible; each GPU index
-has a single owner (a lock), since FAISS GPU indexes are not safe for concurrent use.
+FAISS is an optional dependency, imported on first use: ``pip install "sparc[cpu]"`` (faiss-cpu) or, on
+CUDA machines, ``"sparc[gpu]"`` (faiss-gpu). Which GPUs hold the dense indexes is a setting
+(``parse_gpus``: "none", "all" or a list such as "0,1"); over several GPUs an index is replicated (every
+GPU answers whole queries) or sharded (``shard=True``: each holds a slice, for indexes larger than one
+GPU), with faiss's own ``index_cpu_to_gpus_list``. An index type FAISS cannot run on a GPU (HNSW, for
+one) stays on the CPU, with one log line. Each index has a single owner (a lock), since FAISS GPU indexes
+are not safe for concurrent use.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from sparc_core import SparcError
+
+log = logging.getLogger("sparc.index")
 
 TRAIN_SAMPLE = 100_000  # rows used to train IVF / PQ / SQ quantizers
 
 
 class DenseIndexError(SparcError, RuntimeError):
     """A FAISS index that cannot be built or read; the message names the file or factory string."""
+
+
+class _LazyFaiss:
+    """The faiss module, imported on first attribute access; a clear error when it is not installed."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            import faiss as module
+        except ImportError:
+            raise DenseIndexError(
+                "the dense path needs FAISS, which is not installed: pip install 'sparc[cpu]' "
+                "(or 'sparc[gpu]' on a CUDA machine), or build the bundle with --no-dense"
+            ) from None
+        globals()["faiss"] = module
+        return getattr(module, name)
+
+
+faiss: Any = _LazyFaiss()
+
+
+def faiss_installed() -> bool:
+    """Whether a FAISS package (faiss-cpu or faiss-gpu) can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("faiss") is not None
 
 
 class DenseBuilder:
@@ -82,29 +114,87 @@ def _is_gpu(index: Any) -> bool:
     return "Gpu" in type(index).__name__
 
 
+def gpu_count() -> int:
+    """GPUs the installed faiss can use (0 without faiss-gpu or without a device)."""
+    if not faiss_installed():
+        return 0
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "StandardGpuResources") else 0
+
+
 def gpu_available() -> bool:
     """True when faiss was built with GPU support and sees a device."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    return gpu_count() > 0
+
+
+def parse_gpus(spec: str | None, device: str = "auto") -> list[int]:
+    """The GPUs that hold dense indexes: "none", "all" (every GPU faiss sees) or "0,1".
+
+    ``None`` follows the model's device: no GPU when it is "cpu", else every GPU faiss sees. Naming a GPU
+    faiss does not see, or asking for GPUs without faiss-gpu, is an error that says so."""
+    spec = (spec or ("none" if device == "cpu" else "all")).strip().lower()
+    if spec == "none":
+        return []
+    n = gpu_count()
+    if spec == "all":
+        return list(range(n))
+    try:
+        ids = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise DenseIndexError(f"faiss_gpus {spec!r}: expected none, all or GPU numbers such as 0,1") from None
+    if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+        raise DenseIndexError(f"faiss_gpus {spec!r}: expected distinct GPU numbers such as 0,1")
+    if max(ids) >= n:
+        have = f"it sees {n} GPU(s)" if n else "it has no GPU support or sees no device (install sparc[gpu])"
+        raise DenseIndexError(f"faiss_gpus {spec!r}: GPU {max(ids)} is not available to faiss; {have}")
+    return ids
 
 
 class DenseSearcher:
-    """One FAISS index with its owner lock; moved to a GPU when one is available and asked for."""
+    """One FAISS index with its owner lock, on the CPU or on ``gpus`` (replicated, or sharded with
+    ``shard=True``). ``use_gpu`` (older callers): True = GPU ``gpu``, None = every GPU faiss sees."""
 
-    _resources: Any = None
+    _resources: dict[int, Any] = {}
 
-    def __init__(self, index: Any, use_gpu: bool | None = None, gpu: int = 0) -> None:
+    def __init__(
+        self, index: Any, use_gpu: bool | None = None, gpu: int = 0, gpus: list[int] | None = None, shard: bool = False
+    ) -> None:
         self.lock = threading.Lock()
         self.on_gpu = False
-        if use_gpu is None:
-            use_gpu = gpu_available()
-        if use_gpu:
-            if not gpu_available():
-                raise DenseIndexError("GPU search requested, but faiss has no GPU support or sees no device")
-            if DenseSearcher._resources is None:
-                DenseSearcher._resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(DenseSearcher._resources, gpu, index)
-            self.on_gpu = True
+        self.gpus: list[int] = []
+        if gpus is None:
+            if use_gpu is None:
+                gpus = list(range(gpu_count()))
+            elif use_gpu:
+                if not gpu_available():
+                    raise DenseIndexError("GPU search requested, but faiss has no GPU support or sees no device")
+                gpus = [gpu]
+            else:
+                gpus = []
+        if gpus:
+            index = self._to_gpus(index, gpus, shard)
         self.index = index
+
+    def _to_gpus(self, index: Any, gpus: list[int], shard: bool) -> Any:
+        try:
+            if len(gpus) == 1:
+                if gpus[0] not in DenseSearcher._resources:
+                    DenseSearcher._resources[gpus[0]] = faiss.StandardGpuResources()
+                res = DenseSearcher._resources[gpus[0]]
+                moved = faiss.index_cpu_to_gpu(res, gpus[0], index)
+            else:
+                co = faiss.GpuMultipleClonerOptions()
+                co.shard = shard
+                moved = faiss.index_cpu_to_gpus_list(index, co=co, gpus=gpus)
+        except (RuntimeError, AttributeError) as e:  # an index type FAISS cannot place on a GPU
+            log.warning(
+                "FAISS index %s cannot run on GPU(s) %s (%s); it stays on the CPU",
+                type(faiss.downcast_index(index)).__name__,
+                gpus,
+                str(e).splitlines()[0] if str(e) else type(e).__name__,
+            )
+            return index
+        self.on_gpu, self.gpus = True, list(gpus)
+        return moved
 
     def search(
         self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None

@@ -68,7 +68,11 @@ class Searcher:
         checkpoint: str | Path | None = None,
         use_gpu: bool | None = None,
         mmap: bool = True,
+        gpus: list[int] | None = None,
+        shard_gpus: bool = False,
     ) -> None:
+        """``gpus``: the GPUs that hold the dense indexes ([] = CPU; None = ``use_gpu``'s choice, by default
+        every GPU faiss sees); over several GPUs each index is replicated, or sharded with ``shard_gpus``."""
         paths = [bundles] if isinstance(bundles, (str, Path)) else list(bundles)
         if not paths:
             raise BundleError("no bundles given")
@@ -98,7 +102,10 @@ class Searcher:
             for part in b.parts:
                 part.postings.warm_up(part.codes_idx, part.codes_val)
         self.dense = [
-            [DenseSearcher(p.dense_index, use_gpu=use_gpu) for p in b.parts] if b.manifest.dense else None for b in self.shards
+            [DenseSearcher(p.dense_index, use_gpu=use_gpu, gpus=gpus, shard=shard_gpus) for p in b.parts]
+            if b.manifest.dense
+            else None
+            for b in self.shards
         ]
         shared = shards_share_ids(self.shards)
         if shared:
@@ -336,8 +343,15 @@ def query_arrays(
     return q_idx, q_val, sorted({int(x) for x in require or []}), sorted({int(x) for x in exclude or []})
 
 
-def open_gallery(locations: list[str] | str, model: SparcModel, use_gpu: bool | None = None) -> Any:
-    """A searcher over bundle directories (a Searcher) or one Milvus collection (milvus://, milvus-lite:)."""
+def open_gallery(
+    locations: list[str] | str,
+    model: SparcModel,
+    use_gpu: bool | None = None,
+    gpus: list[int] | None = None,
+    shard_gpus: bool = False,
+) -> Any:
+    """A searcher over bundle directories (a Searcher) or one Milvus collection (milvus://, milvus-lite:).
+    ``gpus`` / ``shard_gpus``: where the bundles' dense indexes live (see Searcher)."""
     locations = [locations] if isinstance(locations, (str, Path)) else list(locations)
     if any(str(x).startswith(("milvus://", "milvus-lite:")) for x in locations):
         if len(locations) != 1:
@@ -345,7 +359,7 @@ def open_gallery(locations: list[str] | str, model: SparcModel, use_gpu: bool | 
         from .milvus_backend import MilvusSearcher
 
         return MilvusSearcher(str(locations[0]), model)
-    return Searcher(locations, model=model, use_gpu=use_gpu)
+    return Searcher(locations, model=model, use_gpu=use_gpu, gpus=gpus, shard_gpus=shard_gpus)
 
 
 def _boosted(q_idx: np.ndarray, q_val: np.ndarray, boost: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:

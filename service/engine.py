@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from index import Searcher, SearchStopped, open_gallery
+from index.faiss_backend import DenseIndexError, parse_gpus
 from index.postings import MAX_CANDIDATES
 from sparc_core import SparseCode, checkpoint_hash, load_checkpoint
 from sparc_core.checkpoint import pick_device
@@ -211,8 +212,12 @@ class Engine:
         self.checkpoint_sha256 = checkpoint_hash(settings.checkpoint)
         self.names = load_latent_names(settings.checkpoint)  # latent -> name ({} without latent_names.json)
         self.searchers: dict[str, Searcher] = {}
+        try:
+            self.faiss_gpus = parse_gpus(settings.faiss_gpus, settings.device)
+        except DenseIndexError as e:
+            raise ServiceError("FAILED_PRECONDITION", str(e)) from None
         for name, bundles in settings.indexes.items():
-            s = open_gallery(bundles, model=self.model)
+            s = open_gallery(bundles, model=self.model, gpus=self.faiss_gpus, shard_gpus=settings.faiss_gpu_shard)
             if s.manifest.checkpoint_sha256 != self.checkpoint_sha256:
                 raise ServiceError(
                     "FAILED_PRECONDITION",

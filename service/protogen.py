@@ -24,8 +24,19 @@ OUT = Path(__file__).resolve().parent / "_proto"
 STAMP = "STAMP"
 
 
+def _grpc_tools():
+    try:
+        import grpc_tools
+    except ImportError:
+        raise RuntimeError(
+            "a source checkout generates its gRPC stubs from protos/ with grpcio-tools, which is not installed: "
+            "pip install -e '.[dev]' (installed wheels carry the stubs already)"
+        ) from None
+    return grpc_tools
+
+
 def _fingerprint(proto_root: Path) -> str:
-    import grpc_tools
+    grpc_tools = _grpc_tools()
 
     h = hashlib.sha256(getattr(grpc_tools, "__version__", "unknown").encode())
     for rel in PROTO_FILES:
@@ -35,6 +46,7 @@ def _fingerprint(proto_root: Path) -> str:
 
 def generate(proto_root: Path = PROTO_ROOT, out: Path = OUT) -> Path:
     """Run protoc (from grpcio-tools) into ``out`` atomically; returns ``out``."""
+    _grpc_tools()
     from grpc_tools import protoc
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +85,10 @@ def ensure_stubs() -> None:
     """Generate the stubs if they are missing or older than the .proto (editable checkouts only)."""
     stamp = OUT / STAMP
     if PROTO_ROOT.is_dir():
+        import importlib.util
+
+        if stamp.is_file() and importlib.util.find_spec("grpc_tools") is None:
+            return  # generated before; without grpcio-tools (the dev extra) they cannot be checked or refreshed
         if not stamp.is_file() or stamp.read_text() != _fingerprint(PROTO_ROOT):
             generate()
     elif not stamp.is_file():

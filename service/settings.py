@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sparc_core.config import ConfigError, EncodersConfig, build_config, load_config_file
 
 ENV_PREFIX = "SPARC_"
-STRING_FIELDS = ("auth_token", "auth_token_file", "tls_cert", "tls_key", "tls_client_ca")  # env values taken verbatim
+# env values taken verbatim (never parsed as JSON: "0,1" is a GPU list, not a number)
+STRING_FIELDS = ("auth_token", "auth_token_file", "tls_cert", "tls_key", "tls_client_ca", "faiss_gpus")
 
 
 class ServiceSettings(BaseModel):
@@ -56,6 +57,8 @@ class ServiceSettings(BaseModel):
     tls_client_ca: str | None = None  # PEM CA bundle: clients must present a certificate it signed (mTLS)
     grace_seconds: float = Field(10.0, ge=0)  # SIGTERM: in-flight calls get this long to finish, then are cancelled
     device: str = "auto"
+    faiss_gpus: str | None = None  # GPUs holding dense indexes: none, all, or 0,1 (default: none when device is cpu, else all)
+    faiss_gpu_shard: bool = False  # over several GPUs: shard each dense index (larger than one GPU) instead of replicating
     encoders: EncodersConfig | None = None  # CLIP / DINOv2 local weights; without them only vector queries are served
     text_stream: str | None = None  # default stream for text queries (default: the only text encoder's)
     image_stream: str | None = None  # default stream for image queries (default: the first image encoder's)

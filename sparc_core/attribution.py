@@ -625,6 +625,9 @@ def _title(target: Target, names: dict[int, str], activations: dict[int, float] 
 
 def _figure(width: float, height: float) -> Any:
     """A matplotlib Figure with its own Agg canvas: no pyplot state, safe in the server's worker threads."""
+    from .extras import require
+
+    require("matplotlib", "plots", "pictures (heatmaps, word scores)")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -65,7 +65,9 @@ def top_items(g: Gallery, n_latents: int, top: int) -> dict[int, list[tuple[int,
 
 
 def _overview_png(rates: dict[str, np.ndarray], shown: list[int], path: Path) -> dict[str, int]:
-    import matplotlib
+    from .extras import require
+
+    matplotlib = require("matplotlib", "plots", "concept reports")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

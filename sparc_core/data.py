@@ -99,7 +99,9 @@ class FeatureStore:
         return view(name, tensors[name])
 
     def _open_h5(self, name: str | None) -> np.ndarray:
-        import h5py
+        from .extras import require
+
+        h5py = require("h5py", "hdf5", "HDF5 feature files")
 
         try:
             self._h5 = h5py.File(self.path, "r")

@@ -10,7 +10,12 @@ from .checkpoint import atomic_write_bytes
 
 
 def plot_training_curves(log_path: str | Path, png_path: str | Path) -> Path | None:
-    """Draw the curves in ``log_path`` into ``png_path`` (atomically); None when there is nothing yet."""
+    """Draw the curves in ``log_path`` into ``png_path`` (atomically); None when there is nothing yet, or
+    when matplotlib (the ``plots`` extra) is not installed: training never needs it."""
+    from .extras import available
+
+    if not available("matplotlib"):
+        return None
     import matplotlib
 
     matplotlib.use("Agg")

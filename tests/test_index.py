@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from index import Bundle, BundleError, Searcher, append_to_bundle, build_bundle, read_manifest
-from index.faiss_backend import gpu_available
+from index.faiss_backend import gpu_available, gpu_count
 from sparc_core import SparcConfig, SparcModel, save_checkpoint
 
 
@@ -358,6 +358,93 @@ def test_gpu_dense_search_matches_cpu(random_ckpt, tmp_path):
     gpu = Searcher(tmp_path / "b", use_gpu=True).search(("img", xq), top_k=5, path="dense")
     assert gpu.ids == cpu.ids
     np.testing.assert_allclose(gpu.scores, cpu.scores, rtol=1e-4)
+
+
+def test_faiss_gpus_setting_parses_and_refuses_what_faiss_cannot_see(monkeypatch):
+    import index.faiss_backend as fb
+
+    assert fb.parse_gpus("none") == [] and fb.parse_gpus(None, device="cpu") == []
+    monkeypatch.setattr(fb, "gpu_count", lambda: 2)
+    assert fb.parse_gpus("all") == [0, 1] and fb.parse_gpus(None, device="cuda") == [0, 1] and fb.parse_gpus(" 1 ") == [1]
+    with pytest.raises(fb.DenseIndexError, match="GPU 2 is not available to faiss; it sees 2"):
+        fb.parse_gpus("0,2")
+    for bad in ("gpu0", "0,0", "-1", ","):
+        with pytest.raises(fb.DenseIndexError, match="faiss_gpus"):
+            fb.parse_gpus(bad)
+    monkeypatch.setattr(fb, "gpu_count", lambda: 0)
+    assert fb.parse_gpus("all") == []
+    with pytest.raises(fb.DenseIndexError, match=r"install sparc\[gpu\]"):
+        fb.parse_gpus("0")
+
+
+def test_an_index_faiss_cannot_place_on_a_gpu_stays_on_the_cpu(random_ckpt, tmp_path, monkeypatch, caplog):
+    import faiss
+
+    import index.faiss_backend as fb
+
+    feats = _feats(tmp_path, 300, 32)
+    build_bundle(random_ckpt, "img", feats, tmp_path / "b", progress=False, faiss_factory="HNSW16")
+    xq = np.load(feats)[:10]
+    cpu = Searcher(tmp_path / "b", gpus=[]).search(("img", xq), top_k=5, path="dense")
+
+    def refuse(*a, **kw):
+        raise RuntimeError("Error: this index type is not implemented on the GPU")
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", refuse, raising=False)
+    caplog.set_level("WARNING", logger="sparc.index")
+    s = Searcher(tmp_path / "b", gpus=[0])
+    assert not any(d.on_gpu for ds in s.dense for d in ds)  # fell back to the CPU, with a log line
+    assert "cannot run on GPU(s) [0]" in caplog.text and "IndexHNSW" in caplog.text
+    got = s.search(("img", xq), top_k=5, path="dense")
+    assert got.ids == cpu.ids
+    fb.DenseSearcher._resources.clear()
+
+
+def test_without_faiss_the_dense_path_says_what_to_install(random_ckpt, tmp_path, monkeypatch):
+    import sys
+
+    import index.faiss_backend as fb
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as if neither faiss-cpu nor faiss-gpu were installed
+    monkeypatch.setattr(fb, "faiss", fb._LazyFaiss())
+    with pytest.raises(fb.DenseIndexError, match=r"pip install 'sparc\[cpu\]'"):
+        build_bundle(random_ckpt, "img", _feats(tmp_path, 50, 32), tmp_path / "b", progress=False, dense=True)
+    build_bundle(random_ckpt, "img", _feats(tmp_path, 50, 32), tmp_path / "c", progress=False)  # default: sparse only
+    assert not read_manifest(tmp_path / "c").dense
+    assert Searcher(tmp_path / "c").search(("img", np.load(tmp_path / "g.npy")[:2]), top_k=3).ids  # sparse works
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() < 2, reason="needs faiss-gpu and two CUDA devices")
+@pytest.mark.parametrize("shard", [False, True])
+def test_dense_indexes_over_several_gpus_match_cpu(random_ckpt, tmp_path, shard):
+    feats = _feats(tmp_path, 2000, 32)
+    build_bundle(random_ckpt, "img", feats, tmp_path / "b", progress=False)
+    xq = np.load(feats)[:50]
+    cpu = Searcher(tmp_path / "b", gpus=[]).search(("img", xq), top_k=5, path="dense")
+    s = Searcher(tmp_path / "b", gpus=[0, 1], shard_gpus=shard)
+    assert all(d.on_gpu and d.gpus == [0, 1] for ds in s.dense for d in ds)
+    gpu = s.search(("img", xq), top_k=5, path="dense")
+    assert gpu.ids == cpu.ids
+    np.testing.assert_allclose(gpu.scores, cpu.scores, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs faiss-gpu and a CUDA device")
+def test_a_cpu_service_keeps_faiss_off_the_gpu(random_ckpt, tmp_path):
+    from service.settings import load_settings
+
+    build_bundle(random_ckpt, "img", _feats(tmp_path, 300, 32), tmp_path / "b", progress=False)
+    from service.engine import Engine
+
+    base = {"checkpoint": str(random_ckpt), "indexes": {"g": [str(tmp_path / "b")]}, "port": 0, "metrics_port": 0}
+    on_cpu = Engine(load_settings(overrides=base | {"device": "cpu"}, environ={}))
+    assert not any(d.on_gpu for ds in on_cpu.searchers["g"].dense for d in ds)
+    on_gpu = Engine(load_settings(overrides=base | {"device": "cpu", "faiss_gpus": "0"}, environ={}))
+    assert all(d.on_gpu for ds in on_gpu.searchers["g"].dense for d in ds)
+    on_cpu.close()
+    on_gpu.close()
 
 
 def test_sparse_filters_equal_brute_force_over_shards(random_ckpt, tmp_path):

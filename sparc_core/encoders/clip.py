@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..config import ClipConfig
+from ..extras import require
 from .base import EncoderError, FeatureEncoder, autocast, weights_path
 
 ENV_WEIGHTS = "SPARC_CLIP_WEIGHTS"
@@ -55,7 +56,7 @@ class OpenClip:
     """A loaded open_clip model with its eval transform and tokenizer, shared by its two tower encoders."""
 
     def __init__(self, cfg: ClipConfig, device: torch.device, dtype: torch.dtype | None) -> None:
-        import open_clip
+        open_clip = require("open_clip", "encoders", "CLIP encoders")
 
         path = weights_path(cfg.weights, ENV_WEIGHTS, "CLIP", _EXPECTED)
         self.weights = path

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 import torch
-from torchvision import transforms
 
 from ..config import DinoConfig
+from ..extras import require
 from .base import EncoderError, FeatureEncoder, autocast, read_state_dict, weights_path
 
 ENV_WEIGHTS = "SPARC_DINO_WEIGHTS"
@@ -49,6 +49,7 @@ class DinoEncoder(FeatureEncoder):
     modality = "image"
 
     def __init__(self, cfg: DinoConfig, device: torch.device, dtype: torch.dtype | None) -> None:
+        require("timm", "encoders", "DINOv2 encoders")
         import timm
         from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -82,6 +83,7 @@ class DinoEncoder(FeatureEncoder):
         self.patch_tokens = cfg.patch_tokens
         mean = model.pretrained_cfg.get("mean", (0.485, 0.456, 0.406))
         std = model.pretrained_cfg.get("std", (0.229, 0.224, 0.225))
+        transforms = require("torchvision.transforms", "encoders", "image encoders")
         self.preprocess = transforms.Compose(
             [
                 transforms.Resize(cfg.image_size * 256 // 224, interpolation=transforms.InterpolationMode.BICUBIC),
