@@ -1,12 +1,21 @@
-"""A small typed Python client for the sparc gRPC service.
+"""Typed Python clients for the sparc gRPC service: blocking (``SparcClient``) and asyncio
+(``AsyncSparcClient``), with the same methods.
 
-from service.client import SparcClient
-with SparcClient("127.0.0.1:50051") as c:
-    hits = c.search_vector("clip_txt", vec, indexes=["images"], top_k=5, explain=True)
+    from service.client import SparcClient
+    with SparcClient("127.0.0.1:50051") as c:
+        hits = c.search_vector("clip_txt", vec, indexes=["images"], top_k=5, explain=True)
+
+    async with AsyncSparcClient("127.0.0.1:50051") as c:
+        hits = await c.search_text("a dog on a beach", indexes=["images"])
+
+Calls refused with UNAVAILABLE or RESOURCE_EXHAUSTED are retried by gRPC itself (its retry policy in the
+channel's service config: up to ``retries`` attempts, exponential backoff with jitter, within the call's
+deadline); ``retries=1`` turns that off. The messages are public in ``service.messages``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -75,15 +84,17 @@ def make_query(
     image: bytes | None = None,
     stream: str | None = None,
     vector: Sequence[float] | np.ndarray | None = None,
+    encoder_stream: str = "",
 ) -> pb.Query:
-    """A Query message from exactly one of text, image bytes, or (stream, vector)."""
+    """A Query message from exactly one of text, image bytes, or (stream, vector). ``encoder_stream`` picks
+    the encoder of a text or image query (e.g. "dino" for an image; default: the server's)."""
     given = [x is not None for x in (text, image, vector)]
     if sum(given) != 1:
         raise ValueError("give exactly one of text, image or vector")
     if text is not None:
-        return pb.Query(text=text)
+        return pb.Query(text=text, encoder_stream=encoder_stream)
     if image is not None:
-        return pb.Query(image=image)
+        return pb.Query(image=image, encoder_stream=encoder_stream)
     return pb.Query(vector=pb.Vector(stream=stream or "", values=np.asarray(vector, dtype=np.float32).tolist()))
 
 
@@ -120,6 +131,35 @@ def search_request(
     )
 
 
+RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+
+
+def channel_options(max_message_bytes: int = 16 * 1024 * 1024, retries: int = 4) -> list[tuple[str, object]]:
+    """Channel options: message limits and gRPC's own retry policy for the sparc service (``retries``
+    attempts in all, backoff 0.1 s doubling to 2 s, with jitter; calls refused with UNAVAILABLE or
+    RESOURCE_EXHAUSTED are retried, within the call's deadline)."""
+    options: list[tuple[str, object]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+    if retries > 1:
+        policy = {
+            "maxAttempts": min(int(retries), 5),  # gRPC caps attempts at 5
+            "initialBackoff": "0.1s",
+            "maxBackoff": "2s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": list(RETRYABLE),
+        }
+        config = {"methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": policy}]}
+        options += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+    else:
+        options.append(("grpc.enable_retries", 0))
+    return options
+
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Sparc"].full_name
+
+
 class SparcClient:
     """Blocking client; every call takes an optional ``timeout`` (seconds) that becomes the gRPC deadline."""
 
@@ -131,10 +171,12 @@ class SparcClient:
         max_message_bytes: int = 16 * 1024 * 1024,
         client_key: bytes | None = None,
         client_cert: bytes | None = None,
+        retries: int = 4,
     ) -> None:
         """``root_certificates`` turns TLS on; ``client_key`` + ``client_cert`` (PEM) present a client
-        certificate to a server that requires one (tls_client_ca)."""
-        options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+        certificate to a server that requires one (tls_client_ca); ``retries``: attempts per call for
+        UNAVAILABLE / RESOURCE_EXHAUSTED (1: no retry)."""
+        options = channel_options(max_message_bytes, retries)
         if root_certificates is not None:
             creds = grpc.ssl_channel_credentials(root_certificates, private_key=client_key, certificate_chain=client_cert)
             self.channel = grpc.secure_channel(target, creds, options=options)
@@ -193,6 +235,12 @@ class SparcClient:
 
     def search_text(self, text: str, indexes: Sequence[str], top_k: int = 10, timeout: float | None = None, **kw) -> SearchResult:
         return self.search(search_request(make_query(text=text), indexes, top_k, **kw), timeout)
+
+    def search_image(
+        self, image: bytes, indexes: Sequence[str], top_k: int = 10, encoder_stream: str = "", timeout: float | None = None, **kw
+    ) -> SearchResult:
+        """Search with image bytes (JPEG/PNG/WebP), encoded by ``encoder_stream``'s encoder (e.g. "dino")."""
+        return self.search(search_request(make_query(image=image, encoder_stream=encoder_stream), indexes, top_k, **kw), timeout)
 
     def search_batch(self, requests: Sequence[pb.SearchRequest], timeout: float | None = None) -> list[SearchResult]:
         r = self.stub.SearchBatch(pb.SearchBatchRequest(requests=list(requests)), timeout=timeout, metadata=self.metadata)
@@ -302,3 +350,71 @@ class WordAttribution:
     latents: list[tuple[int, float, str]]
     method: str
     png: bytes = b""
+
+
+class AsyncSparcClient:
+    """The asyncio client (grpc.aio): the search calls, health and the index listing, awaited.
+
+    ``async with AsyncSparcClient(target) as c: res = await c.search_text("a dog", indexes=["images"])``
+    """
+
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        max_message_bytes: int = 16 * 1024 * 1024,
+        client_key: bytes | None = None,
+        client_cert: bytes | None = None,
+        retries: int = 4,
+    ) -> None:
+        options = channel_options(max_message_bytes, retries)
+        if root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates, private_key=client_key, certificate_chain=client_cert)
+            self.channel = grpc.aio.secure_channel(target, creds, options=options)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.stub = pb_grpc.SparcStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    async def __aenter__(self) -> AsyncSparcClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def health(self, service: str = "", timeout: float = 5.0) -> str:
+        r = await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+    async def search(self, request: pb.SearchRequest, timeout: float | None = None) -> SearchResult:
+        return _result(await self.stub.Search(request, timeout=timeout, metadata=self.metadata))
+
+    async def search_vector(
+        self, stream: str, vector: Sequence[float] | np.ndarray, indexes: Sequence[str], top_k: int = 10,
+        timeout: float | None = None, **kw,
+    ) -> SearchResult:  # fmt: skip
+        return await self.search(search_request(make_query(stream=stream, vector=vector), indexes, top_k, **kw), timeout)
+
+    async def search_text(
+        self, text: str, indexes: Sequence[str], top_k: int = 10, timeout: float | None = None, **kw
+    ) -> SearchResult:
+        return await self.search(search_request(make_query(text=text), indexes, top_k, **kw), timeout)
+
+    async def search_image(
+        self, image: bytes, indexes: Sequence[str], top_k: int = 10, encoder_stream: str = "", timeout: float | None = None, **kw
+    ) -> SearchResult:
+        query = make_query(image=image, encoder_stream=encoder_stream)
+        return await self.search(search_request(query, indexes, top_k, **kw), timeout)
+
+    async def search_batch(self, requests: Sequence[pb.SearchRequest], timeout: float | None = None) -> list[SearchResult]:
+        r = await self.stub.SearchBatch(pb.SearchBatchRequest(requests=list(requests)), timeout=timeout, metadata=self.metadata)
+        return [_result(x) for x in r.responses]
+
+    async def list_indexes(self, timeout: float | None = None) -> list[pb.IndexInfo]:
+        r = await self.stub.ListIndexes(pb.ListIndexesRequest(), timeout=timeout, metadata=self.metadata)
+        return list(r.indexes)

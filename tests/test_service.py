@@ -448,3 +448,57 @@ def test_tls(trained_checkpoint, bundles, queries, tmp_path):
             plain.health(timeout=2)
     finally:
         srv.stop(0)
+
+
+def test_refusals_are_retried_by_grpcs_own_retry_policy(server, medium_synth, monkeypatch):
+    """RESOURCE_EXHAUSTED / UNAVAILABLE are retried with backoff by the channel's service config; other codes
+    and a client with retries=1 see the refusal."""
+    from service.engine import ServiceError
+
+    q = np.load(medium_synth / "eval" / "clip_txt.npy")[0]
+    req = search_request(make_query(stream="clip_txt", vector=q), ["dino"], top_k=3)
+    real, calls = server.engine.search, []
+
+    def busy_twice(specs, should_stop=None):
+        calls.append(time.monotonic())
+        if len(calls) <= 2:
+            raise ServiceError("RESOURCE_EXHAUSTED", "busy")
+        return real(specs, should_stop)
+
+    monkeypatch.setattr(server.engine, "search", busy_twice)
+    target = f"127.0.0.1:{server.port}"
+    with SparcClient(target) as c:
+        assert c.search(req, timeout=10).hits and len(calls) == 3  # two refusals, retried, then answered
+    calls.clear()
+    with SparcClient(target, retries=1) as c, pytest.raises(grpc.RpcError) as e:
+        c.search(req, timeout=10)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(calls) == 1
+    calls.clear()
+    with SparcClient(target) as c, pytest.raises(grpc.RpcError) as e:  # not retryable: answered once
+        c.search(search_request(make_query(stream="clip_txt", vector=q), ["nope"], top_k=3), timeout=10)
+    assert e.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT) and len(calls) == 1
+
+
+def test_the_asyncio_client_gives_what_the_blocking_one_gives(server, client, medium_synth):
+    import asyncio
+
+    from service.client import AsyncSparcClient
+    from service.messages import SearchBatchRequest, SearchRequest  # the public message types
+
+    qs = np.load(medium_synth / "eval" / "clip_txt.npy")[:4]
+    want = [client.search_vector("clip_txt", q, ["dino"], top_k=5) for q in qs]
+    assert SearchRequest is type(search_request(make_query(stream="clip_txt", vector=qs[0]), ["dino"]))
+    assert SearchBatchRequest.DESCRIPTOR.full_name == "sparc.v1.SearchBatchRequest"
+
+    async def run():
+        async with AsyncSparcClient(f"127.0.0.1:{server.port}") as c:
+            assert await c.health() == "SERVING"
+            singles = await asyncio.gather(*(c.search_vector("clip_txt", q, ["dino"], top_k=5) for q in qs))
+            batch = await c.search_batch([search_request(make_query(stream="clip_txt", vector=q), ["dino"], top_k=5) for q in qs])
+            names = [i.name for i in await c.list_indexes()]
+            return singles, batch, names
+
+    singles, batch, names = asyncio.run(run())
+    assert [[h.id for h in r.hits] for r in singles] == [[h.id for h in r.hits] for r in want]
+    assert [[h.id for h in r.hits] for r in batch] == [[h.id for h in r.hits] for r in want]
+    assert names == [i.name for i in client.list_indexes()]
