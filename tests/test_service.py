@@ -457,11 +457,12 @@ def test_refusals_are_retried_by_grpcs_own_retry_policy(server, medium_synth, mo
 
     q = np.load(medium_synth / "eval" / "clip_txt.npy")[0]
     req = search_request(make_query(stream="clip_txt", vector=q), ["dino"], top_k=3)
-    real, calls = server.engine.search, []
+    real, calls, refuse = server.engine.search, [], [2]
 
     def busy_twice(specs, should_stop=None):
         calls.append(time.monotonic())
-        if len(calls) <= 2:
+        if refuse[0] > 0:
+            refuse[0] -= 1
             raise ServiceError("RESOURCE_EXHAUSTED", "busy")
         return real(specs, should_stop)
 
@@ -470,10 +471,12 @@ def test_refusals_are_retried_by_grpcs_own_retry_policy(server, medium_synth, mo
     with SparcClient(target) as c:
         assert c.search(req, timeout=10).hits and len(calls) == 3  # two refusals, retried, then answered
     calls.clear()
+    refuse[0] = 2
     with SparcClient(target, retries=1) as c, pytest.raises(grpc.RpcError) as e:
         c.search(req, timeout=10)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(calls) == 1
     calls.clear()
+    refuse[0] = 0
     with SparcClient(target) as c, pytest.raises(grpc.RpcError) as e:  # not retryable: answered once
         c.search(search_request(make_query(stream="clip_txt", vector=q), ["nope"], top_k=3), timeout=10)
     assert e.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT) and len(calls) == 1
