@@ -117,15 +117,19 @@ class Heatmap:
         }
 
 
-def text_target(model: SparcModel, text_encoder: FeatureEncoder, text: str, top: int | None = None) -> Target:
-    """The sparse code of a caption (CLIP text tower -> shared code) as a target, strongest latents first."""
+def text_target(
+    model: SparcModel, text_encoder: FeatureEncoder, text: str, top: int | None = None, code: str = "agreed"
+) -> Target:
+    """The sparse code of a caption (CLIP text tower -> shared code) as a target, strongest latents first.
+    ``code``: which of the model's codes ("agreed", the default: the concepts the streams agree on;
+    "search"; "full")."""
     if text_encoder.modality != "text":
         raise AttributionError(f"stream {text_encoder.stream!r} does not encode text")
     if not text.strip():
         raise AttributionError("empty caption")
     feats = text_encoder.encode_texts([text]).to(model.device)
-    code = model.encode({text_encoder.stream: feats}, code="agreed")  # the concepts the streams agree on
-    vals, idx = code.values[0].cpu(), code.indices[0].cpu()
+    sparse = model.encode({text_encoder.stream: feats}, code=code)  # type: ignore[arg-type]
+    vals, idx = sparse.values[0].cpu(), sparse.indices[0].cpu()
     order = torch.argsort(vals, descending=True)
     keep = [int(j) for j in order if vals[j] > 0][: top or None]
     if not keep:
