@@ -58,6 +58,7 @@ def register(sub: Any) -> None:
     e.add_argument("--to", required=True, metavar="URI", help="milvus://HOST:PORT/COLLECTION or milvus-lite:PATH.db/COLLECTION")
     e.add_argument("--batch", type=int, default=5000, help="items per insert")
     e.add_argument("--dense-index", metavar="TYPE", help="also export the dense vectors, indexed as TYPE (FLAT, HNSW, ...)")
+    e.add_argument("--replace", action="store_true", help="a collection holding another bundle is dropped and re-exported")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_export)
 
@@ -147,7 +148,9 @@ def _export(args: argparse.Namespace) -> int:
 
     if args.batch < 1:
         raise BundleError(f"--batch must be >= 1, got {args.batch}")
-    n = export_bundle(args.bundle, args.to, batch=args.batch, dense_index=args.dense_index, progress=not args.quiet)
+    n = export_bundle(
+        args.bundle, args.to, batch=args.batch, dense_index=args.dense_index, progress=not args.quiet, replace=args.replace
+    )
     print(f"exported {n} items to {args.to}")
     return 0
 

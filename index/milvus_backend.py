@@ -4,12 +4,16 @@ A collection holds, per item: the id (primary key), the sparse code (SPARSE_FLOA
 unit value, inner-product metric), the active latents (ARRAY<INT32>, so latent filters run inside Milvus)
 and optionally the cross-decodable dense vector. The bundle's manifest is stored in the collection's
 properties (checkpoint hash, stream, n_latents, k), so a collection built from another checkpoint is
-refused exactly as a local bundle is. The same client reaches a Milvus cluster (``milvus://HOST:PORT/NAME``)
-or the embedded milvus-lite (``milvus-lite:PATH.db/NAME``): only the URI changes.
+refused exactly as a local bundle is, and the ids of the bundle's first part (its lineage) too, so exporting
+another bundle into a collection is refused (or, with ``replace``, replaces it) instead of mixing items. The
+same client reaches a Milvus cluster (``milvus://HOST:PORT/NAME``, ``?db_name=DB&secure=true`` for a
+database and TLS, token in ``MILVUS_TOKEN``) or the embedded milvus-lite (``milvus-lite:PATH.db/NAME``):
+only the URI changes. Every call has a timeout; a Milvus that cannot be reached is ``GalleryUnavailable``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -27,11 +31,17 @@ from sparc_core import SparcModel, SparseCode
 from .bundle import Bundle, BundleError, Manifest
 from .postings import SearchStopped
 
+
+class GalleryUnavailable(BundleError):
+    """The store behind a gallery (a Milvus server) cannot be reached or did not answer in time."""
+
+
 SCHEME, LITE_SCHEME = "milvus://", "milvus-lite:"
 LITE_REFUSED = ("GPU_", "DISKANN", "SCANN")  # accepted by milvus-lite but not built by it
 MAX_STR_ID = 1024  # VARCHAR length of string ids
 QUERY_CHUNK = 64  # queries per Milvus search call (between checks of should_stop)
 CODE_CACHE = 100_000  # item codes kept from search replies, for explanations without another round trip
+CALL_TIMEOUT = float(os.environ.get("SPARC_MILVUS_TIMEOUT", "10"))  # seconds per Milvus call (at most)
 
 
 def is_milvus(location: str) -> bool:
@@ -46,15 +56,23 @@ class MilvusTarget:
     uri: str
     collection: str
     embedded: bool
+    db_name: str = ""
 
     @classmethod
     def parse(cls, location: str) -> MilvusTarget:
         if location.startswith(SCHEME):
-            rest = location[len(SCHEME) :]
+            from urllib.parse import parse_qs
+
+            rest, _, query = location[len(SCHEME) :].partition("?")
             host, sep, coll = rest.partition("/")
             if not host or not sep or not coll or "/" in coll:
-                raise BundleError(f"{location!r}: expected milvus://HOST:PORT/COLLECTION")
-            return cls(f"http://{host}", coll, embedded=False)
+                raise BundleError(f"{location!r}: expected milvus://HOST:PORT/COLLECTION[?db_name=DB&secure=true]")
+            opts = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+            unknown = set(opts) - {"db_name", "secure"}
+            if unknown:
+                raise BundleError(f"{location!r}: unknown option(s) {sorted(unknown)} (db_name, secure)")
+            secure = opts.get("secure", "false").lower() in ("1", "true", "yes")
+            return cls(f"{'https' if secure else 'http'}://{host}", coll, embedded=False, db_name=opts.get("db_name", ""))
         if location.startswith(LITE_SCHEME):
             rest = location[len(LITE_SCHEME) :]
             path, sep, coll = rest.rpartition("/")
@@ -73,10 +91,17 @@ class MilvusTarget:
                 "Milvus indexes need pymilvus (and milvus-lite for milvus-lite:): pip install 'sparc[milvus]'"
             ) from None
 
-        if self.embedded:
-            return MilvusClient(self.uri)
-        token = os.environ.get("MILVUS_TOKEN", "")  # user:password or an API key; never on the command line
-        return MilvusClient(uri=self.uri, token=token) if token else MilvusClient(uri=self.uri)
+        kw: dict[str, Any] = {"uri": self.uri}
+        if not self.embedded:
+            token = os.environ.get("MILVUS_TOKEN", "")  # user:password or an API key; never on the command line
+            kw |= {"token": token} if token else {}
+            kw |= {"db_name": self.db_name} if self.db_name else {}
+            kw["timeout"] = CALL_TIMEOUT
+        try:
+            return MilvusClient(**kw)
+        except Exception as e:  # noqa: BLE001 - pymilvus raises its own and grpc's errors
+            text = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise GalleryUnavailable(f"cannot reach Milvus at {self.uri}: {text}") from None
 
 
 def check_index_type(index_type: str, embedded: bool) -> None:
@@ -96,6 +121,17 @@ def _identity(m: Manifest) -> dict[str, str]:
         "sparc.k": str(m.k),
         "sparc.id_kind": m.id_kind,
     }
+
+
+def _lineage(bundle: Bundle) -> str:
+    """The identity of a bundle's items across `index add`: a hash of its first part's ids (appending adds
+    parts and never changes the first one; another bundle has other ids)."""
+    first = bundle.parts[0]
+    h = hashlib.sha256(str(bundle.manifest.id_kind).encode())
+    for a in range(0, first.n_items, 65_536):
+        rows = np.arange(first.row0 + a, first.row0 + min(first.n_items, a + 65_536))
+        h.update("\n".join(map(str, bundle.ids_at(rows))).encode())
+    return h.hexdigest()
 
 
 def _rows(bundle: Bundle, start: int, stop: int, dense: bool) -> list[dict[str, Any]]:
@@ -127,9 +163,14 @@ def export_bundle(
     batch: int = 5_000,
     dense_index: str | None = None,
     progress: bool = True,
+    replace: bool = False,
 ) -> int:
-    """Export a bundle into a Milvus collection (created if absent); resumes an interrupted export.
+    """Export a bundle into a Milvus collection (created if absent); resumes an interrupted export, and after
+    `index add` exports only the new items (the collection's manifest and item count follow the bundle).
 
+    Every batch is upserted, so a batch written twice (an interrupted export on a cluster with bounded
+    staleness) never duplicates a primary key. A collection holding another bundle's items (other
+    checkpoint, stream, shape or ids) is refused; ``replace`` drops it and exports this bundle instead.
     ``dense_index``: also export the dense vectors with this Milvus index type (FLAT, HNSW, IVF_FLAT...;
     the bundle must hold an exact Flat dense index to read them from). Returns the items written now.
     """
@@ -146,13 +187,26 @@ def export_bundle(
             raise BundleError(f"{bundle_path}: an id is {longest} bytes long; Milvus string ids here hold at most {MAX_STR_ID}")
     client = target.client()
     name = target.collection
-    meta = _identity(m) | {"sparc.manifest": m.model_dump_json(exclude={"files"}), "sparc.n_items": str(m.n_items)}
+    lineage = _lineage(b)
+    meta = _identity(m) | {"sparc.manifest": m.model_dump_json(exclude={"files"}), "sparc.n_items": str(m.n_items),
+                           "sparc.lineage": lineage}  # fmt: skip
     if client.has_collection(name):
         props = client.describe_collection(name).get("properties", {})
-        _check_identity(props, m, location)
-        has_dense = props.get("sparc.dense", "") != ""
-        if (dense_index is not None) != has_dense:
-            raise BundleError(f"{location}: the collection was {'' if has_dense else 'not '}exported with dense vectors")
+        try:
+            _check_identity(props, m, location)
+            if props.get("sparc.lineage", "") != lineage:
+                raise BundleError(
+                    f"{location}: holds the items of another bundle (other ids); export into another collection, "
+                    "or replace it (--replace)"
+                )
+            has_dense = props.get("sparc.dense", "") != ""
+            if (dense_index is not None) != has_dense:
+                raise BundleError(f"{location}: the collection was {'' if has_dense else 'not '}exported with dense vectors")
+        except BundleError:
+            if not replace:
+                raise
+            client.drop_collection(name)
+            _create(client, name, m, dense_index, meta)
     else:
         _create(client, name, m, dense_index, meta)
     start = _resume_point(client, name, b, batch)
@@ -161,15 +215,12 @@ def export_bundle(
     with tqdm(total=m.n_items, initial=start, desc=f"export to {name}", unit="item", disable=not progress) as bar:
         for a in range(start, m.n_items, batch):
             stop = min(m.n_items, a + batch)
-            data = _rows(b, a, stop, dense_index is not None)
-            if a == start and start > 0:
-                client.upsert(name, data)  # this batch may be partly there: replace, never duplicate
-            else:
-                client.insert(name, data)
+            client.upsert(name, _rows(b, a, stop, dense_index is not None))  # idempotent: never a duplicate key
             written += stop - a
             bar.update(stop - a)
     client.flush(name)
-    client.alter_collection_properties(name, properties={"sparc.complete": "1", "sparc.n_items": str(m.n_items)})
+    # the collection now holds exactly this bundle: its manifest and item count follow it (after `index add` too)
+    client.alter_collection_properties(name, properties=meta | {"sparc.complete": "1"})
     return written
 
 
@@ -224,21 +275,29 @@ class MilvusSearcher:
     """Search a Milvus collection with the Searcher API: encode the query, let Milvus rank by inner product
     over the sparse code (or the dense vector), filters inside Milvus, explanations from the returned codes."""
 
-    def __init__(self, location: str, model: SparcModel) -> None:
+    def __init__(self, location: str, model: SparcModel, checkpoint_sha256: str | None = None) -> None:
+        """``checkpoint_sha256``: the serving checkpoint's hash; a collection exported from another
+        checkpoint is refused (the same check a local bundle gets)."""
         self.location = location
         self.target = MilvusTarget.parse(location)
         self.client = self.target.client()
         name = self.target.collection
-        if not self.client.has_collection(name):
+        exists = self._call(lambda: self.client.has_collection(name))
+        props = self._call(lambda: self.client.describe_collection(name).get("properties", {})) if exists else None
+        if props is None:
             raise BundleError(f"{location}: no such collection (export one with `sparc index export`)")
-        props = self.client.describe_collection(name).get("properties", {})
         if "sparc.manifest" not in props:
             raise BundleError(f"{location}: not a sparc collection (no sparc.manifest property)")
         self.manifest = Manifest.model_validate(json.loads(props["sparc.manifest"]) | {"files": {}})
         _check_identity(props, self.manifest, location)
+        if checkpoint_sha256 is not None and self.manifest.checkpoint_sha256 != checkpoint_sha256:
+            raise BundleError(
+                f"{location}: exported from checkpoint {self.manifest.checkpoint_sha256[:12]}, the model is "
+                f"{checkpoint_sha256[:12]}; export the bundle built with this checkpoint"
+            )
         if props.get("sparc.complete") != "1":
             raise BundleError(f"{location}: its export did not finish; run `sparc index export` again to complete it")
-        self.client.load_collection(name)
+        self._call(lambda: self.client.load_collection(name))
         self.dense_type = props.get("sparc.dense", "")
         self.model = model
         self.stream = self.manifest.stream
@@ -250,6 +309,16 @@ class MilvusSearcher:
             raise BundleError(
                 f"{location}: holds stream {self.stream!r} with {self.manifest.n_latents} latents; the model does not match"
             )
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """One Milvus round trip; connection failures and timeouts become GalleryUnavailable."""
+        try:
+            return fn()
+        except (BundleError, SearchStopped, KeyError, ValueError):
+            raise
+        except Exception as e:  # noqa: BLE001 - pymilvus raises its own and grpc's errors
+            text = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise GalleryUnavailable(f"{self.location}: Milvus did not answer ({text})") from None
 
     @property
     def n_items(self) -> int:
@@ -276,16 +345,24 @@ class MilvusSearcher:
         budget: float | None = None,
         candidates: int | None = None,
     ) -> Any:
-        """Top-k items per query, as ``Searcher.search`` (filters are Milvus array filters; Milvus's sparse
-        index is exact, so the approximate paths run as its sparse search)."""
+        """Top-k items per query, as ``Searcher.search`` (filters are Milvus array filters). "sparse" is
+        Milvus's exact sparse search; "approx" maps to its sparse index's drop ratio (the smallest
+        1 - ``budget`` of the query's entries are dropped at search time); "seismic" is refused (a Milvus
+        collection has no Seismic index); "dense" searches the exported dense vectors."""
+        from .postings import DEFAULT_BUDGET
         from .searcher import SearchResult, dense_queries, query_arrays
 
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         code = query if isinstance(query, SparseCode) else self.encode(*query)
-        path = "sparse" if path in (None, "approx", "seismic") else path
-        if path not in ("sparse", "dense"):
-            raise ValueError(f"unknown search path {path!r} (use 'sparse' or 'dense')")
+        path = path or "sparse"
+        if path == "seismic":
+            raise BundleError(f"{self.location}: a Milvus collection has no Seismic index; use the sparse or approx path")
+        if path not in ("sparse", "approx", "dense"):
+            raise ValueError(f"unknown search path {path!r} (use 'sparse', 'approx' or 'dense')")
+        if budget is not None and not 0 < budget <= 1:
+            raise ValueError(f"budget must be in (0, 1], got {budget}")
+        drop = 0.0 if path == "sparse" else 1.0 - float(DEFAULT_BUDGET if budget is None else budget)
         if path == "dense" and not self.dense_type:
             raise BundleError(f"{self.location}: exported without dense vectors; use the sparse path")
         q_idx, q_val, require_l, exclude_l = query_arrays(code, self.model.n_latents, require, exclude, boost)
@@ -295,9 +372,9 @@ class MilvusSearcher:
             if should_stop is not None and should_stop():
                 raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
             qi, qv = q_idx[a : a + QUERY_CHUNK], q_val[a : a + QUERY_CHUNK]
-            if path == "sparse":
+            if path in ("sparse", "approx"):
                 data = [{int(j): float(v) for j, v in zip(i, w) if v > 0} for i, w in zip(qi, qv)]
-                params: dict[str, Any] = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
+                params: dict[str, Any] = {"metric_type": "IP", "params": {"drop_ratio_search": drop}}
                 field = "code"
             else:
                 n = self.model.n_latents
@@ -308,13 +385,14 @@ class MilvusSearcher:
                 extra = {"nprobe": nprobe} if nprobe else {}
                 extra |= {"ef": max(ef_search, top_k)} if ef_search else {}
                 params, field = {"metric_type": "IP", "params": extra}, "dense"
-            found = self.client.search(self.target.collection, data=data, anns_field=field, limit=top_k, filter=expr,
-                                       output_fields=["code"], search_params=params)  # fmt: skip
+            found = self._call(lambda data=data, field=field, params=params: self.client.search(
+                self.target.collection, data=data, anns_field=field, limit=top_k, filter=expr, output_fields=["code"],
+                search_params=params, timeout=CALL_TIMEOUT))  # fmt: skip
             for hits in found:
                 row_ids, row_scores = [], []
                 for h in hits:
                     item = h["id"]
-                    if path == "sparse" and h["distance"] <= 0:
+                    if field == "code" and h["distance"] <= 0:
                         continue  # no shared active latent: not a hit (as in the local search)
                     row_ids.append(item)
                     row_scores.append(float(h["distance"]))
@@ -336,7 +414,8 @@ class MilvusSearcher:
             code = self._codes.get(item_id)
         if code is None:
             key = int(item_id) if self.manifest.id_kind == "int" else str(item_id)
-            got = self.client.get(self.target.collection, ids=[key], output_fields=["code"])
+            coll = self.target.collection
+            got = self._call(lambda: self.client.get(coll, ids=[key], output_fields=["code"], timeout=CALL_TIMEOUT))
             if not got:
                 raise KeyError(f"item {item_id!r} is not in this index")
             code = got[0]["code"]
@@ -350,12 +429,13 @@ class MilvusSearcher:
 
     def latent_top_items(self, latent: int, top_k: int) -> tuple[int, list[tuple[Any, float]]]:
         """Items with the largest value of ``latent`` (a one-hot query) and how many items have it active."""
-        found = self.client.search(self.target.collection, data=[{int(latent): 1.0}], anns_field="code", limit=top_k,
-                                   filter=f"array_contains(latents, {int(latent)})",
-                                   search_params={"metric_type": "IP", "params": {"drop_ratio_search": 0.0}})  # fmt: skip
+        found = self._call(lambda: self.client.search(
+            self.target.collection, data=[{int(latent): 1.0}], anns_field="code", limit=top_k,
+            filter=f"array_contains(latents, {int(latent)})",
+            search_params={"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}, timeout=CALL_TIMEOUT))  # fmt: skip
         top = [(h["id"], float(h["distance"])) for h in found[0]]
-        count = self.client.query(self.target.collection, filter=f"array_contains(latents, {int(latent)})",
-                                  output_fields=["count(*)"])  # fmt: skip
+        count = self._call(lambda: self.client.query(self.target.collection, filter=f"array_contains(latents, {int(latent)})",
+                                                     output_fields=["count(*)"], timeout=CALL_TIMEOUT))  # fmt: skip
         return int(count[0]["count(*)"]), top
 
 

@@ -217,7 +217,13 @@ class Engine:
         except DenseIndexError as e:
             raise ServiceError("FAILED_PRECONDITION", str(e)) from None
         for name, bundles in settings.indexes.items():
-            s = open_gallery(bundles, model=self.model, gpus=self.faiss_gpus, shard_gpus=settings.faiss_gpu_shard)
+            s = open_gallery(
+                bundles,
+                model=self.model,
+                gpus=self.faiss_gpus,
+                shard_gpus=settings.faiss_gpu_shard,
+                checkpoint_sha256=self.checkpoint_sha256,
+            )
             if s.manifest.checkpoint_sha256 != self.checkpoint_sha256:
                 raise ServiceError(
                     "FAILED_PRECONDITION",

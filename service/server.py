@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from index.milvus_backend import GalleryUnavailable
 from sparc_core import SparcError
 from sparc_core.attribution import save_heatmap_png, save_pair_png, save_words_png
 
@@ -179,6 +180,9 @@ class SparcServicer(pb_grpc.SparcServicer):
         except ServiceError as e:
             code = e.code
             context.abort(getattr(grpc.StatusCode, e.code), e.message)
+        except GalleryUnavailable as e:  # a Milvus server down or too slow: the client may retry
+            code = "UNAVAILABLE"
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except SearchStopped:
             code = self._gone(context)
             context.abort(getattr(grpc.StatusCode, code), "the call's deadline passed or it was cancelled; its work stopped")

@@ -87,27 +87,89 @@ def test_an_interrupted_export_resumes_without_duplicates(world, tmp_path, monke
     location = f"milvus-lite:{tmp_path / 'r.db'}/resume"
     from pymilvus import MilvusClient
 
-    real = MilvusClient.insert
+    real = MilvusClient.upsert
     calls = {"n": 0}
 
-    def dying(self, *a, **k):
+    def dying(self, name, data, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("killed mid-export")
-        return real(self, *a, **k)
+        if calls["n"] == 4:  # killed in the middle of the fourth batch: half of it is in
+            real(self, name, data[: len(data) // 2], *a, **k)
+            raise KeyboardInterrupt("killed mid-batch")
+        return real(self, name, data, *a, **k)
 
-    monkeypatch.setattr(MilvusClient, "insert", dying)
+    monkeypatch.setattr(MilvusClient, "upsert", dying)
     with pytest.raises(KeyboardInterrupt):
         export_bundle(str(bundle), location, batch=50, progress=False)
-    monkeypatch.setattr(MilvusClient, "insert", real)
+    monkeypatch.setattr(MilvusClient, "upsert", real)
     model_free = MilvusTarget.parse(location).client()
-    assert model_free.query("resume", filter="", output_fields=["count(*)"])[0]["count(*)"] == 150
+    assert model_free.query("resume", filter="", output_fields=["count(*)"])[0]["count(*)"] == 175
     with pytest.raises(BundleError, match="export did not finish"):
         MilvusSearcher(location, model=None)  # type: ignore[arg-type]
     written = export_bundle(str(bundle), location, batch=50, progress=False)
     n = Searcher(bundle).n_items
-    assert written == n - 150
+    assert written == n - 150  # the half-written batch again (upserted), then the rest
     assert model_free.query("resume", filter="", output_fields=["count(*)"])[0]["count(*)"] == n
+    ids = [r["id"] for r in model_free.query("resume", filter="", output_fields=["id"], limit=n + 10)]
+    assert len(ids) == len(set(ids)) == n  # no duplicate primary key
+    assert export_bundle(str(bundle), location, batch=50, progress=False) == 0  # a complete export: nothing to do
+
+
+def test_the_identity_check_compares_with_the_serving_checkpoint_and_the_bundle(
+    world, tmp_path, medium_synth, trained_checkpoint
+):  # noqa: E501
+    """Same shape, another checkpoint: refused by the serving side (the hash, not n_latents); another bundle
+    of the same checkpoint into the collection: refused, or replaced with --replace; after `index add`, a
+    re-export adds the new items and the collection's manifest and count follow."""
+    bundle, location, _ = world
+    from index import append_to_bundle
+
+    ckpt_path = Searcher(bundle).manifest.checkpoint_sha256
+    with pytest.raises(BundleError, match="exported from checkpoint .* the model is"):
+        MilvusSearcher(location, Searcher(bundle).model, checkpoint_sha256="0" * 64)
+    assert MilvusSearcher(location, Searcher(bundle).model, checkpoint_sha256=ckpt_path).n_items == Searcher(bundle).n_items
+    # another bundle of the same checkpoint and stream: other ids
+    ckpt = Searcher(bundle).shards[0].manifest
+    other = tmp_path / "other"
+    n = Searcher(bundle).n_items
+    ids = np.arange(10_000, 10_000 + n, dtype=np.int64)  # integer ids, as the exported bundle's, but others
+    build_bundle(trained_checkpoint, "dino", medium_synth / "eval" / "dino.npy", other, ids=ids, progress=False)
+    loc = f"milvus-lite:{tmp_path / 'i.db'}/ident"
+    export_bundle(str(bundle), loc, batch=200, progress=False)
+    with pytest.raises(BundleError, match="holds the items of another bundle"):
+        export_bundle(str(other), loc, batch=200, progress=False)
+    assert export_bundle(str(other), loc, batch=200, progress=False, replace=True) == n
+    client = MilvusTarget.parse(loc).client()
+    got = [r["id"] for r in client.query("ident", filter="", output_fields=["id"], limit=2 * n)]
+    assert sorted(got) == list(range(10_000, 10_000 + n))  # only the new bundle's items, never a mix
+    # index add + re-export: the new items only, the manifest and count current
+    more = tmp_path / "more.npy"
+    np.save(more, np.load(medium_synth / "eval" / "dino.npy")[:30])
+    append_to_bundle(other, more, ids=np.arange(50_000, 50_030, dtype=np.int64), progress=False)
+    assert export_bundle(str(other), loc, batch=200, progress=False) == n + 30 - (n // 200) * 200
+    s = MilvusSearcher(loc, Searcher(other).model, checkpoint_sha256=ckpt.checkpoint_sha256)
+    assert s.n_items == n + 30 and s.manifest.n_items == n + 30
+
+
+def test_milvus_paths_and_an_unreachable_server(world, trained_checkpoint, monkeypatch):
+    import index.milvus_backend as mb
+
+    monkeypatch.setattr(mb, "CALL_TIMEOUT", 1.0)
+    bundle, location, xq = world
+    model = load_checkpoint(trained_checkpoint)
+    remote = MilvusSearcher(location, model)
+    exact = remote.search(("clip_txt", xq), top_k=10)
+    approx = remote.search(("clip_txt", xq), top_k=10, path="approx", budget=1.0)
+    assert approx.path == "approx" and approx.ids == exact.ids  # budget 1: nothing dropped
+    with pytest.raises(BundleError, match="no Seismic index"):
+        remote.search(("clip_txt", xq), top_k=10, path="seismic")
+    from index.milvus_backend import GalleryUnavailable
+
+    with pytest.raises(GalleryUnavailable, match="cannot reach Milvus at http://127.0.0.1:9"):
+        MilvusSearcher("milvus://127.0.0.1:9/nothing", model)
+    t = MilvusTarget.parse("milvus://db.example:19530/images?db_name=prod&secure=true")
+    assert t == MilvusTarget("https://db.example:19530", "images", False, "prod")
+    with pytest.raises(BundleError, match="unknown option"):
+        MilvusTarget.parse("milvus://db.example:19530/images?tls=1")
 
 
 def test_refusals_and_uris(tmp_path):
