@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
@@ -160,8 +161,21 @@ def channel_options(max_message_bytes: int = 16 * 1024 * 1024, retries: int = 4)
 SERVICE = pb.DESCRIPTOR.services_by_name["Sparc"].full_name
 
 
-class SparcClient:
-    """Blocking client; every call takes an optional ``timeout`` (seconds) that becomes the gRPC deadline."""
+def _channel(target: str, options: list, root_certificates: bytes | None, client_key: bytes | None,
+             client_cert: bytes | None, aio: bool = False) -> Any:  # fmt: skip
+    """A blocking (or grpc.aio) channel: TLS when ``root_certificates`` is given, with a client certificate
+    when ``client_key`` + ``client_cert`` are."""
+    module: Any = grpc.aio if aio else grpc
+    if root_certificates is None:
+        return module.insecure_channel(target, options=options)
+    creds = grpc.ssl_channel_credentials(root_certificates, private_key=client_key, certificate_chain=client_cert)
+    return module.secure_channel(target, creds, options=options)
+
+
+class _Connection:
+    """The channel, stubs and auth metadata both clients share (``_aio``: a grpc.aio channel)."""
+
+    _aio = False
 
     def __init__(
         self,
@@ -177,14 +191,14 @@ class SparcClient:
         certificate to a server that requires one (tls_client_ca); ``retries``: attempts per call for
         UNAVAILABLE / RESOURCE_EXHAUSTED (1: no retry)."""
         options = channel_options(max_message_bytes, retries)
-        if root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates, private_key=client_key, certificate_chain=client_cert)
-            self.channel = grpc.secure_channel(target, creds, options=options)
-        else:
-            self.channel = grpc.insecure_channel(target, options=options)
+        self.channel = _channel(target, options, root_certificates, client_key, client_cert, aio=self._aio)
         self.stub = pb_grpc.SparcStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+
+class SparcClient(_Connection):
+    """Blocking client; every call takes an optional ``timeout`` (seconds) that becomes the gRPC deadline."""
 
     def __enter__(self) -> SparcClient:
         return self
@@ -352,31 +366,13 @@ class WordAttribution:
     png: bytes = b""
 
 
-class AsyncSparcClient:
+class AsyncSparcClient(_Connection):
     """The asyncio client (grpc.aio): the search calls, health and the index listing, awaited.
 
     ``async with AsyncSparcClient(target) as c: res = await c.search_text("a dog", indexes=["images"])``
     """
 
-    def __init__(
-        self,
-        target: str,
-        token: str | None = None,
-        root_certificates: bytes | None = None,
-        max_message_bytes: int = 16 * 1024 * 1024,
-        client_key: bytes | None = None,
-        client_cert: bytes | None = None,
-        retries: int = 4,
-    ) -> None:
-        options = channel_options(max_message_bytes, retries)
-        if root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates, private_key=client_key, certificate_chain=client_cert)
-            self.channel = grpc.aio.secure_channel(target, creds, options=options)
-        else:
-            self.channel = grpc.aio.insecure_channel(target, options=options)
-        self.stub = pb_grpc.SparcStub(self.channel)
-        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+    _aio = True
 
     async def __aenter__(self) -> AsyncSparcClient:
         return self
