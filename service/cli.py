@@ -45,7 +45,14 @@ def demo_artefacts(root: Path = DEMO_ROOT) -> dict[str, list[str]]:
 
     paths = demo_paths(root)
     if not is_checkpoint(paths["sparc"]):
+        print(
+            f"sparc serve with no checkpoint or index: serving the demo; its model is not in {root} yet, so the "
+            "demo trains it first (a few minutes on a CPU; `sparc serve --checkpoint DIR --index NAME=DIR` serves yours)",
+            flush=True,
+        )
         run_demo(root)
+    else:
+        print(f"sparc serve with no checkpoint or index: serving the demo model in {paths['sparc']}", flush=True)
     indexes = {}
     for name, stream in DEMO_INDEXES.items():
         out = root / "indexes" / name
