@@ -34,6 +34,15 @@ def register(sub: Any) -> None:
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_serve)
 
+    u = sub.add_parser("ui", help="a search page beside a running service: type a caption or drop an image, see the hits")
+    u.add_argument("--target", default="127.0.0.1:50051", help="the running sparc service (HOST:PORT)")
+    u.add_argument("--token-file", dest="token_file", help="the service's bearer token, read from this file")
+    u.add_argument("--captions", help="the extraction's captions file: item ids -> images (thumbnails, heatmaps)")
+    u.add_argument("--images", help="the image folder the captions file's paths are relative to")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=8080)
+    u.set_defaults(func=_ui)
+
 
 def demo_artefacts(root: Path = DEMO_ROOT) -> dict[str, list[str]]:
     """Train the demo model and build its indexes over the held-out gallery, unless already there."""
@@ -108,4 +117,22 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     server.serve_forever()
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from .client import SparcClient
+    from .ui import SearchPage, serve_ui
+
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    with SparcClient(args.target, token=token) as client:
+        page = SearchPage.from_captions(client, args.captions, args.images)
+        server = serve_ui(page, args.host, args.port)
+        print(f"sparc ui on http://{args.host}:{server.server_address[1]}/ (service {args.target})", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
     return 0
