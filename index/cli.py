@@ -69,7 +69,8 @@ def register(sub: Any) -> None:
     _approx_flags(b)
 
     i = isub.add_parser("info", help="print a bundle's manifest")
-    i.add_argument("bundle")
+    i.add_argument("bundle", nargs="?", help="the bundle (or --bundle, as every other index command takes it)")
+    i.add_argument("--bundle", dest="bundle_flag", metavar="BUNDLE")
     i.set_defaults(func=_info)
 
     s = isub.add_parser("search", help="query bundles with raw vectors of any stream (one .npy row per query)")
@@ -156,9 +157,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .bundle import read_manifest
+    from .bundle import BundleError, read_manifest
 
-    print(json.dumps(read_manifest(args.bundle).model_dump(), indent=2))
+    bundle = args.bundle_flag or args.bundle
+    if not bundle or (args.bundle_flag and args.bundle and args.bundle_flag != args.bundle):
+        raise BundleError("give one bundle: sparc index info --bundle DIR")
+    print(json.dumps(read_manifest(bundle).model_dump(), indent=2))
     return 0
 
 

@@ -324,6 +324,9 @@ def test_cli_build_info_search(random_ckpt, tmp_path, capsys):
     out = capsys.readouterr().out
     info = json.loads(out[out.index("{") :])
     assert info["n_items"] == 40 and info["stream"] == "img"
+    assert main(["index", "info", "--bundle", str(tmp_path / "b")]) == 0  # the flag every other index command takes
+    assert json.loads(capsys.readouterr().out)["n_items"] == 40
+    assert main(["index", "info"]) == 2 and "give one bundle" in capsys.readouterr().err
     np.save(tmp_path / "q.npy", np.load(feats)[:2])
     assert (
         main(
