@@ -108,5 +108,7 @@ class GradientLane:
                     raise SearchStopped("the deadline passed or the call was cancelled; the call was dropped") from None
 
     def close(self) -> None:
+        """Stop the lane's thread once the jobs queued before this have run (waits up to 30 s)."""
         if self._thread is not None:
             self._q.put(None)
+            self._thread.join(timeout=30)

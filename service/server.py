@@ -258,9 +258,13 @@ class SparcServicer(pb_grpc.SparcServicer):
             candidates=r.candidates or None,
         )
 
-    def _responses(self, specs: list[SearchSpec], context: grpc.ServicerContext, method: str) -> list[pb.SearchResponse]:
-        out = []
+    def _counted(self, method: str, specs: list[SearchSpec]) -> list[SearchSpec]:
+        """``specs``, after adding their encoding work to ``sparc_work_total``."""
         self.metrics.count_queries(method, [s.query for s in specs])
+        return specs
+
+    def _responses(self, specs: list[SearchSpec], context: grpc.ServicerContext) -> list[pb.SearchResponse]:
+        out = []
         names = self.engine.names
         results = self.engine.search(specs, should_stop=self._stopper(context))
         self._check_deadline(context)
@@ -291,7 +295,7 @@ class SparcServicer(pb_grpc.SparcServicer):
 
     # ---- RPCs -------------------------------------------------------------------------------------
     def Search(self, request, context):
-        return self._call("Search", context, lambda: self._responses([self._spec(request)], context, "Search")[0])
+        return self._call("Search", context, lambda: self._responses(self._counted("Search", [self._spec(request)]), context)[0])
 
     def SearchBatch(self, request, context):
         def run():
@@ -310,7 +314,7 @@ class SparcServicer(pb_grpc.SparcServicer):
                     raise ServiceError(e.code, f"requests[{i}]: {e.message}") from None
             if self._stopper(context)():
                 raise SearchStopped("stopped after validation: the deadline passed or the call was cancelled")
-            return pb.SearchBatchResponse(responses=self._responses(specs, context, "SearchBatch"))
+            return pb.SearchBatchResponse(responses=self._responses(self._counted("SearchBatch", specs), context))
 
         return self._call("SearchBatch", context, run)
 
@@ -347,7 +351,7 @@ class SparcServicer(pb_grpc.SparcServicer):
                     finished = True
                     break
                 batch.append(r)
-            run = lambda b=batch: self._responses([self._spec(r) for r in b], context, "SearchStream")  # noqa: E731
+            run = lambda b=batch: self._responses(self._counted("SearchStream", [self._spec(r) for r in b]), context)  # noqa: E731
             yield from self._call("SearchStream", context, run)
 
     def _next_request(self, pending: ByteBoundedQueue, context: grpc.ServicerContext) -> Any:
@@ -635,6 +639,8 @@ class RequestWait(grpc.ServerInterceptor):
 
     def close(self) -> None:
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
 
     def _first(self, request_iterator: Iterator, context: grpc.ServicerContext) -> Any:
         key = id(context)

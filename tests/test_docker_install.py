@@ -26,6 +26,8 @@ def _copies() -> list[tuple[list[str], str]]:
     """(sources, destination) of every COPY of the build context (not --from another stage)."""
     out = []
     for line in DOCKERFILE.replace("\\\n", " ").splitlines():
+        if not line.startswith("COPY"):
+            continue  # only COPY lines are shell-split (comments and RUN lines may hold any quote)
         parts = shlex.split(line)
         if parts[:1] == ["COPY"] and not any(p.startswith("--from") for p in parts):
             args = [p for p in parts[1:] if not p.startswith("--")]

@@ -119,7 +119,7 @@ def test_overload_is_refused_fast_with_resource_exhausted(trained_checkpoint, bu
     monkeypatch.setattr(Engine, "search", blocked)
     srv = SparcServer(_settings(trained_checkpoint, bundles, workers=4, max_in_flight=2)).start()
     try:
-        with SparcClient(f"127.0.0.1:{srv.port}") as c:
+        with SparcClient(f"127.0.0.1:{srv.port}", retries=1) as c:  # the server refusal itself, not retried
             busy = [threading.Thread(target=lambda: c.search(_req(queries[0]), timeout=15)) for _ in range(2)]
             for t in busy:
                 t.start()
