@@ -245,7 +245,8 @@ class Engine:
             kind: self._default_stream(kind, getattr(settings, f"{kind}_stream")) for kind in ("text", "image")
         }
         self.batcher = EncodeBatcher(self.model, self.encoders, settings.batch_max_size, settings.batch_max_wait_ms)
-        lane_size, replica = settings.max_gradient_calls, settings.gradient_replica
+        # a replica only where gradient work can run (it needs the encoders): a vector-only server copies nothing
+        lane_size, replica = settings.max_gradient_calls, settings.gradient_replica and bool(self.encoders)
         self.lane = GradientLane(self.model, self.encoders, lane_size, replica=replica, run_shared=self.batcher.call)
         self._decoders = threading.BoundedSemaphore(settings.image_decoders)
 
