@@ -19,6 +19,7 @@ from PIL import Image
 
 from index import Searcher, SearchStopped, open_gallery
 from index.faiss_backend import DenseIndexError, parse_gpus
+from index.milvus_backend import GalleryUnavailable
 from index.postings import MAX_CANDIDATES
 from sparc_core import SparseCode, checkpoint_hash, load_checkpoint
 from sparc_core.checkpoint import pick_device
@@ -247,6 +248,7 @@ class Engine:
         self.batcher = EncodeBatcher(self.model, self.encoders, settings.batch_max_size, settings.batch_max_wait_ms)
         # a replica only where gradient work can run (it needs the encoders): a vector-only server copies nothing
         lane_size, replica = settings.max_gradient_calls, settings.gradient_replica and bool(self.encoders)
+        self.index_health: Callable[[str, bool], None] = lambda name, ok: None  # set by the server (health per index)
         self.lane = GradientLane(self.model, self.encoders, lane_size, replica=replica, run_shared=self.batcher.call)
         self._decoders = threading.BoundedSemaphore(settings.image_decoders)
 
@@ -464,20 +466,25 @@ class Engine:
             )
             merged: list[list[tuple[float, str, Any]]] = [[] for _ in members]
             for name in spec.indexes:
-                res = self.searchers[name].search(
-                    batch,
-                    top_k=spec.top_k,
-                    path=spec.path,
-                    nprobe=spec.nprobe,
-                    query_cut=spec.query_cut,
-                    heap_factor=spec.heap_factor,
-                    budget=spec.budget,
-                    candidates=spec.candidates,
-                    require=spec.require or None,
-                    exclude=spec.exclude or None,
-                    boost=spec.boost or None,
-                    should_stop=should_stop,
-                )
+                try:
+                    res = self.searchers[name].search(
+                        batch,
+                        top_k=spec.top_k,
+                        path=spec.path,
+                        nprobe=spec.nprobe,
+                        query_cut=spec.query_cut,
+                        heap_factor=spec.heap_factor,
+                        budget=spec.budget,
+                        candidates=spec.candidates,
+                        require=spec.require or None,
+                        exclude=spec.exclude or None,
+                        boost=spec.boost or None,
+                        should_stop=should_stop,
+                    )
+                except GalleryUnavailable:  # its store (a Milvus server) is down: health says so until it answers
+                    self.index_health(name, False)
+                    raise
+                self.index_health(name, True)
                 for j in range(len(members)):
                     merged[j].extend((sc, name, item) for item, sc in zip(res.ids[j], res.scores[j]))
             for j, i in enumerate(members):

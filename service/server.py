@@ -898,6 +898,9 @@ class SparcServer:
         self.servicer.engine = self.engine
         for name, s in self.engine.searchers.items():
             self.metrics.index_items.labels(name).set(s.n_items)
+            self.health.set(f"index/{name}", health_pb2.HealthCheckResponse.SERVING)
+        self._index_ok = dict.fromkeys(self.engine.searchers, True)
+        self.engine.index_health = self._index_health
         if self.settings.metrics_port:
             self._metrics_server, _ = start_http_server(
                 self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
@@ -906,6 +909,16 @@ class SparcServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(json.dumps({"event": "serving", "port": self.port, "indexes": sorted(self.engine.searchers)}))
         return self
+
+    def _index_health(self, name: str, ok: bool) -> None:
+        """Health of one index (service name ``index/NAME``): NOT_SERVING while its store (a Milvus server)
+        does not answer, SERVING again at its next answer; the server as a whole stays SERVING."""
+        if self._index_ok.get(name) == ok:
+            return
+        self._index_ok[name] = ok
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set(f"index/{name}", status)
+        log.warning(json.dumps({"event": "index_health", "index": name, "serving": ok}))
 
     def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let in-flight calls finish for ``grace`` seconds, release everything."""

@@ -505,3 +505,28 @@ def test_the_asyncio_client_gives_what_the_blocking_one_gives(server, client, me
     assert [[h.id for h in r.hits] for r in singles] == [[h.id for h in r.hits] for r in want]
     assert [[h.id for h in r.hits] for r in batch] == [[h.id for h in r.hits] for r in want]
     assert names == [i.name for i in client.list_indexes()]
+
+
+def test_an_index_whose_store_is_down_is_unavailable_and_its_health_says_so(server, medium_synth, monkeypatch):
+    """A gallery whose store does not answer (a Milvus server down): its calls are UNAVAILABLE (retried by the
+    client), health "index/NAME" is NOT_SERVING until it answers again, the server as a whole stays SERVING."""
+    from index.milvus_backend import GalleryUnavailable
+
+    q = np.load(medium_synth / "eval" / "clip_txt.npy")[0]
+    searcher = server.engine.searchers["dino"]
+    real = searcher.search
+
+    def down(*a, **kw):
+        raise GalleryUnavailable("milvus://db:19530/dino: Milvus did not answer (connection refused)")
+
+    with SparcClient(f"127.0.0.1:{server.port}", retries=1) as c:
+        assert c.health("index/dino") == "SERVING"
+        monkeypatch.setattr(searcher, "search", down)
+        with pytest.raises(grpc.RpcError) as e:
+            c.search_vector("clip_txt", q, ["dino"], top_k=3)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "did not answer" in e.value.details()
+        assert c.health("index/dino") == "NOT_SERVING" and c.health() == "SERVING"
+        assert c.health("index/img-sparse") == "SERVING"
+        monkeypatch.setattr(searcher, "search", real)
+        assert c.search_vector("clip_txt", q, ["dino"], top_k=3).hits
+        assert c.health("index/dino") == "SERVING"
