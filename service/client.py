@@ -31,7 +31,7 @@ from ._proto.sparc.v1 import sparc_pb2 as pb  # noqa: E402
 from ._proto.sparc.v1 import sparc_pb2_grpc as pb_grpc  # noqa: E402
 
 PATHS = {
-    None: pb.SEARCH_PATH_DEFAULT,
+    None: pb.SEARCH_PATH_UNSPECIFIED,
     "sparse": pb.SEARCH_PATH_SPARSE,
     "dense": pb.SEARCH_PATH_DENSE,
     "approx": pb.SEARCH_PATH_APPROX,
@@ -158,7 +158,22 @@ def channel_options(max_message_bytes: int = 16 * 1024 * 1024, retries: int = 4)
     return options
 
 
-SERVICE = pb.DESCRIPTOR.services_by_name["Sparc"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["SparcService"].full_name
+HEATMAP_METHODS = {
+    "relevance": pb.HEATMAP_METHOD_RELEVANCE,
+    "gradcam": pb.HEATMAP_METHOD_GRADCAM,
+    "grad-x-input": pb.HEATMAP_METHOD_GRAD_X_INPUT,
+    "clip-relevance": pb.HEATMAP_METHOD_CLIP_RELEVANCE,
+    "clip-cosine": pb.HEATMAP_METHOD_CLIP_COSINE,
+    "clip-sim": pb.HEATMAP_METHOD_CLIP_COSINE,  # clip-cosine's earlier name
+}
+ATTRIBUTION_METHODS = {"grad": pb.ATTRIBUTION_METHOD_GRAD, "relevance": pb.ATTRIBUTION_METHOD_RELEVANCE}
+
+
+def _method(method: str, table: dict[str, int]) -> dict[str, Any]:
+    """The request fields for a method given by name: its enum value; a name the client does not know goes
+    as ``method_name`` so that the server answers with the methods it has."""
+    return {"method": table[method]} if method in table else {"method_name": method}
 
 
 def _channel(target: str, options: list, root_certificates: bytes | None, client_key: bytes | None,
@@ -192,7 +207,7 @@ class _Connection:
         UNAVAILABLE / RESOURCE_EXHAUSTED (1: no retry)."""
         options = channel_options(max_message_bytes, retries)
         self.channel = _channel(target, options, root_certificates, client_key, client_cert, aio=self._aio)
-        self.stub = pb_grpc.SparcStub(self.channel)
+        self.stub = pb_grpc.SparcServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
 
@@ -261,8 +276,9 @@ class SparcClient(_Connection):
         return [_result(x) for x in r.responses]
 
     def search_stream(self, requests: Iterable[pb.SearchRequest], timeout: float | None = None) -> Iterator[SearchResult]:
-        for r in self.stub.SearchStream(iter(requests), timeout=timeout, metadata=self.metadata):
-            yield _result(r)
+        wrapped = (pb.SearchStreamRequest(request=r) for r in requests)
+        for r in self.stub.SearchStream(wrapped, timeout=timeout, metadata=self.metadata):
+            yield _result(r.response)
 
     def encode(self, query: pb.Query, decode_stream: str = "", timeout: float | None = None) -> pb.EncodeResponse:
         return self.stub.Encode(
@@ -273,7 +289,7 @@ class SparcClient(_Connection):
         return list(self.stub.ListIndexes(pb.ListIndexesRequest(), timeout=timeout, metadata=self.metadata).indexes)
 
     def get_index(self, name: str, timeout: float | None = None) -> pb.IndexInfo:
-        return self.stub.GetIndex(pb.GetIndexRequest(name=name), timeout=timeout, metadata=self.metadata)
+        return self.stub.GetIndex(pb.GetIndexRequest(name=name), timeout=timeout, metadata=self.metadata).index
 
     def get_latent(self, latent: int, index: str, top_k: int = 10, timeout: float | None = None) -> pb.GetLatentResponse:
         return self.stub.GetLatent(
@@ -298,7 +314,7 @@ class SparcClient(_Connection):
         r = self.stub.Localize(
             pb.LocalizeRequest(
                 image=image, text=text, latents=list(latents), weights=list(weights), encoder_stream=encoder_stream,
-                method=method, return_png=return_png, top=top, concepts=list(concepts),
+                return_png=return_png, top=top, concepts=list(concepts), **_method(method, HEATMAP_METHODS),
             ),
             timeout=timeout,
             metadata=self.metadata,
@@ -321,8 +337,8 @@ class SparcClient(_Connection):
         caption's word scores (the reply message, ``shared`` strongest first)."""
         return self.stub.ExplainPair(
             pb.ExplainPairRequest(
-                image=image, text=text, encoder_stream=encoder_stream, method=method, max_latents=max_latents,
-                return_png=return_png,
+                image=image, text=text, encoder_stream=encoder_stream, max_latents=max_latents,
+                return_png=return_png, **_method(method, HEATMAP_METHODS),
             ),
             timeout=timeout,
             metadata=self.metadata,
@@ -333,7 +349,9 @@ class SparcClient(_Connection):
     ) -> WordAttribution:
         """Per-word scores of ``text`` for its own code (or chosen ``latents``)."""
         r = self.stub.AttributeText(
-            pb.AttributeTextRequest(text=text, latents=list(latents), method=method, return_png=return_png),
+            pb.AttributeTextRequest(
+                text=text, latents=list(latents), return_png=return_png, **_method(method, ATTRIBUTION_METHODS)
+            ),
             timeout=timeout,
             metadata=self.metadata,
         )

@@ -32,15 +32,39 @@ ensure_stubs()
 from ._proto.sparc.v1 import sparc_pb2 as pb  # noqa: E402
 from ._proto.sparc.v1 import sparc_pb2_grpc as pb_grpc  # noqa: E402
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Sparc"].full_name
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SparcService"].full_name
+# The service's first name: still answered, with the message types of that time, so deployed clients keep working.
+LEGACY_SERVICE_NAME = "sparc.v1.Sparc"
 PATHS = {
-    pb.SEARCH_PATH_DEFAULT: None,
+    pb.SEARCH_PATH_UNSPECIFIED: None,
     pb.SEARCH_PATH_SPARSE: "sparse",
     pb.SEARCH_PATH_DENSE: "dense",
     pb.SEARCH_PATH_APPROX: "approx",
     pb.SEARCH_PATH_SEISMIC: "seismic",
 }
+HEATMAP_METHODS = {
+    pb.HEATMAP_METHOD_RELEVANCE: "relevance",
+    pb.HEATMAP_METHOD_GRADCAM: "gradcam",
+    pb.HEATMAP_METHOD_GRAD_X_INPUT: "grad-x-input",
+    pb.HEATMAP_METHOD_CLIP_RELEVANCE: "clip-relevance",
+    pb.HEATMAP_METHOD_CLIP_COSINE: "clip-cosine",
+}
+ATTRIBUTION_METHODS = {pb.ATTRIBUTION_METHOD_GRAD: "grad", pb.ATTRIBUTION_METHOD_RELEVANCE: "relevance"}
 log = logging.getLogger("sparc.service")
+
+
+def _method(request: Any, names: dict[int, str]) -> str:
+    """A request's method as the engine names it: the enum, or (older clients) the deprecated string field;
+    "" for the default. Both set and disagreeing is an error, never a silent choice."""
+    legacy = request.method_name
+    if request.method == 0:
+        return legacy
+    if request.method not in names:
+        raise ServiceError("INVALID_ARGUMENT", f"unknown method enum value {request.method}")
+    chosen = names[request.method]
+    if legacy and legacy != chosen:
+        raise ServiceError("INVALID_ARGUMENT", f"method {chosen!r} and method_name {legacy!r} disagree; set one")
+    return chosen
 
 
 class Metrics:
@@ -149,7 +173,25 @@ class ByteBoundedQueue:
         return self.get(timeout=0)
 
 
-class SparcServicer(pb_grpc.SparcServicer):
+def _legacy_handler(servicer: SparcServicer) -> grpc.GenericRpcHandler:
+    """Every method under the service's first name (sparc.v1.Sparc), on the same servicer: the messages are
+    the same bytes on the wire except SearchStream's and GetIndex's, which keep their earlier types."""
+    unary = grpc.unary_unary_rpc_method_handler
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name["SparcService"].methods:
+        req, resp = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+        if m.name == "SearchStream":
+            handlers[m.name] = grpc.stream_stream_rpc_method_handler(
+                servicer.LegacySearchStream, pb.SearchRequest.FromString, pb.SearchResponse.SerializeToString
+            )
+        elif m.name == "GetIndex":
+            handlers[m.name] = unary(servicer.LegacyGetIndex, req.FromString, pb.IndexInfo.SerializeToString)
+        else:
+            handlers[m.name] = unary(getattr(servicer, m.name), req.FromString, resp.SerializeToString)
+    return grpc.method_handlers_generic_handler(LEGACY_SERVICE_NAME, handlers)
+
+
+class SparcServicer(pb_grpc.SparcServiceServicer):
     """Maps protobuf messages to Engine calls and ServiceErrors to status codes."""
 
     def __init__(self, engine: Engine | None, metrics: Metrics, max_in_flight: int) -> None:
@@ -318,7 +360,16 @@ class SparcServicer(pb_grpc.SparcServicer):
 
         return self._call("SearchBatch", context, run)
 
-    def SearchStream(self, request_iterator: Iterator[pb.SearchRequest], context) -> Iterator[pb.SearchResponse]:
+    def SearchStream(self, request_iterator: Iterator[Any], context) -> Iterator[pb.SearchStreamResponse]:
+        requests = (r.request for r in request_iterator)
+        for resp in self._search_stream(requests, context):
+            yield pb.SearchStreamResponse(response=resp)
+
+    def LegacySearchStream(self, request_iterator: Iterator[pb.SearchRequest], context) -> Iterator[pb.SearchResponse]:
+        """SearchStream under the service's first name: bare SearchRequest / SearchResponse messages."""
+        return self._search_stream(request_iterator, context)
+
+    def _search_stream(self, request_iterator: Iterator[pb.SearchRequest], context) -> Iterator[pb.SearchResponse]:
         # Requests are taken in groups (whatever has arrived, up to max_batch) so a streaming client
         # gets batched encoding and index calls; responses keep the request order.
         max_batch = self.engine.settings.max_batch if self.engine is not None else 1
@@ -400,7 +451,9 @@ class SparcServicer(pb_grpc.SparcServicer):
             "ListIndexes", context, lambda: pb.ListIndexesResponse(indexes=[self._info(n) for n in sorted(self.engine.searchers)])
         )
 
-    def GetIndex(self, request, context):
+    def LegacyGetIndex(self, request, context):
+        """GetIndex under the service's first name: the bare IndexInfo."""
+
         def run():
             if request.name not in self.engine.searchers:
                 raise ServiceError(
@@ -409,6 +462,10 @@ class SparcServicer(pb_grpc.SparcServicer):
             return self._info(request.name)
 
         return self._call("GetIndex", context, run)
+
+    def GetIndex(self, request, context):
+        info = self.LegacyGetIndex(request, context)
+        return pb.GetIndexResponse(index=info) if info is not None else None
 
     def GetLatent(self, request, context):
         def run():
@@ -439,7 +496,7 @@ class SparcServicer(pb_grpc.SparcServicer):
                 list(request.latents),
                 list(request.weights),
                 request.encoder_stream,
-                request.method,
+                _method(request, HEATMAP_METHODS),
                 request.top,
                 list(request.concepts),
                 should_stop=self._stopper(context),
@@ -464,7 +521,8 @@ class SparcServicer(pb_grpc.SparcServicer):
 
     def AttributeText(self, request, context):
         def run():
-            ws = self.engine.attribute(request.text, list(request.latents), request.method, should_stop=self._stopper(context))
+            ws = self.engine.attribute(
+                request.text, list(request.latents), _method(request, ATTRIBUTION_METHODS), should_stop=self._stopper(context))
             png = _png_bytes(lambda path: save_words_png(ws, path, self.engine.names)) if request.return_png else b""
             return pb.AttributeTextResponse(
                 words=[pb.WordScore(word=wd, score=sc) for wd, sc in zip(ws.words, ws.scores)],
@@ -481,7 +539,7 @@ class SparcServicer(pb_grpc.SparcServicer):
                 request.image,
                 request.text,
                 request.encoder_stream,
-                request.method,
+                _method(request, HEATMAP_METHODS),
                 request.max_latents,
                 should_stop=self._stopper(context),
             )
@@ -507,7 +565,7 @@ class SparcServicer(pb_grpc.SparcServicer):
 
 
 # The services this server answers; any other path a client sends is one metric label, never its own.
-_LABELLED_SERVICES = ("sparc.v1.Sparc", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+_LABELLED_SERVICES = (SERVICE_NAME, LEGACY_SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                       "grpc.reflection.v1.ServerReflection")  # fmt: skip
 
 
@@ -515,8 +573,8 @@ def method_label(method: str) -> str:
     """The metric label of a called method path: its name when it is a method of a service this server
     answers, "unknown" for any other path (so random paths cannot grow the metrics without bound)."""
     service, _, name = method.lstrip("/").rpartition("/")
-    if service == "sparc.v1.Sparc":
-        return name if name in pb.DESCRIPTOR.services_by_name["Sparc"].methods_by_name else "unknown"
+    if service in (SERVICE_NAME, LEGACY_SERVICE_NAME):
+        return name if name in pb.DESCRIPTOR.services_by_name["SparcService"].methods_by_name else "unknown"
     if service in _LABELLED_SERVICES and name in ("Check", "Watch", "ServerReflectionInfo"):
         return name
     return "unknown"
@@ -871,7 +929,7 @@ class SparcServer:
             maximum_concurrent_rpcs=settings.workers,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, LEGACY_SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{settings.host}:{settings.port}"
         try:
@@ -883,7 +941,8 @@ class SparcServer:
         if settings.reflection:
             reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.servicer = SparcServicer(None, self.metrics, settings.in_flight_limit)
-        pb_grpc.add_SparcServicer_to_server(self.servicer, self.server)
+        pb_grpc.add_SparcServiceServicer_to_server(self.servicer, self.server)
+        self.server.add_generic_rpc_handlers((_legacy_handler(self.servicer),))
         self.engine: Engine | None = None
         self._metrics_server = None
 
@@ -905,7 +964,7 @@ class SparcServer:
             self._metrics_server, _ = start_http_server(
                 self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
             )
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, LEGACY_SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(json.dumps({"event": "serving", "port": self.port, "indexes": sorted(self.engine.searchers)}))
         return self

@@ -270,7 +270,7 @@ class IdleStreams:
         from service.server import pb_grpc
 
         self.channel = grpc.insecure_channel(target)
-        stub = pb_grpc.SparcStub(self.channel)
+        stub = pb_grpc.SparcServiceStub(self.channel)
         self.stop = threading.Event()
         self.refused: list = []
 
@@ -332,7 +332,7 @@ class SilentBodies:
     """``n`` unary calls to ``method`` whose request body never arrives (headers sent, then nothing until
     ``close()``), optionally with ``metadata``; ``codes`` collects how each ended."""
 
-    def __init__(self, target: str, n: int, method: str = "/sparc.v1.Sparc/Search", metadata=(), timeout: float = 60):
+    def __init__(self, target: str, n: int, method: str = "/sparc.v1.SparcService/Search", metadata=(), timeout: float = 60):
         import threading
 
         import grpc

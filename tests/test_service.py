@@ -291,7 +291,7 @@ def test_reflection_lists_the_services(server):
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in resp.list_services_response.service}
-    assert {"sparc.v1.Sparc", "grpc.health.v1.Health"} <= names
+    assert {"sparc.v1.SparcService", "grpc.health.v1.Health"} <= names
 
 
 def test_bearer_token_is_required(trained_checkpoint, bundles, queries):

@@ -305,6 +305,47 @@ def test_localize_and_attribute_text_over_grpc(world, server, client, tmp_path):
         (world["ckpt"] / "latent_names.json").unlink()
 
 
+def test_clients_of_the_first_service_name_and_string_methods_still_get_answers(world, server, client):
+    """sparc.v1.Sparc (the service's first name) answers every method with the message types of that time; the
+    deprecated string method fields are read when the enum is unset; both set and disagreeing is refused."""
+    data = _encoded(world["dir"] / "images" / "img_0004.jpg", "PNG")
+    caption = "a photo of thing 5 with blue light"
+
+    def legacy(method, request, response_type, stream=False):
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            path = f"/sparc.v1.Sparc/{method}"
+            if stream:
+                call = ch.stream_stream(path, request_serializer=lambda m: m.SerializeToString(),
+                                        response_deserializer=response_type.FromString)  # fmt: skip
+                return list(call(iter(request), timeout=30))
+            call = ch.unary_unary(path, request_serializer=lambda m: m.SerializeToString(),
+                                  response_deserializer=response_type.FromString)  # fmt: skip
+            return call(request, timeout=30)
+
+    new = client.localize(data, text=caption, encoder_stream="dino", method="gradcam")
+    old = legacy("Localize", pb.LocalizeRequest(image=data, text=caption, encoder_stream="dino", method_name="gradcam"),
+                 pb.LocalizeResponse)  # fmt: skip
+    assert old.method == new.method == "gradcam"
+    np.testing.assert_allclose(np.asarray(old.grid).reshape(old.height, old.width), new.grid, atol=1e-6)
+    default = client.localize(data, text=caption, encoder_stream="dino")
+    assert default.method == "relevance" and not np.allclose(default.grid, new.grid)
+    words = legacy("AttributeText", pb.AttributeTextRequest(text=caption, method_name="relevance"), pb.AttributeTextResponse)
+    assert words.method == "relevance" and client.attribute_text(caption, method="relevance").words == [
+        (w.word, w.score) for w in words.words
+    ]
+    info = legacy("GetIndex", pb.GetIndexRequest(name="images-dino"), pb.IndexInfo)
+    assert info.name == "images-dino" and info.n_items == client.get_index("images-dino").n_items == N
+    reqs = [search_request(make_query(text=f"a photo of thing {i}"), ["images-dino"], 5) for i in range(3)]
+    streamed = legacy("SearchStream", reqs, pb.SearchResponse, stream=True)
+    assert [[h.id for h in r.hits] for r in streamed] == [[h.id for h in r.hits] for r in client.search_stream(reqs)]
+    assert len({tuple(h.id for h in r.hits) for r in streamed}) > 1  # three different queries, three answers
+    with pytest.raises(grpc.RpcError) as e:
+        legacy("Localize", pb.LocalizeRequest(image=data, text=caption, method=pb.HEATMAP_METHOD_GRADCAM,
+                                              method_name="relevance"), pb.LocalizeResponse)  # fmt: skip
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "disagree" in e.value.details()
+    assert client.health("sparc.v1.Sparc") == client.health("sparc.v1.SparcService") == "SERVING"
+
+
 def test_gradient_work_has_its_own_bounded_lane_and_honours_deadlines(world, monkeypatch):
     """Localize calls run beside search, not in front of it: while two slow Localize calls hold the
     gradient lane, text Searches answer at once; a third is refused at once; a queued call whose deadline
