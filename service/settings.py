@@ -1,19 +1,20 @@
-"""Service settings: a YAML/JSON file, then SPARC_* environment variables, then command-line flags."""
+"""Service settings: a YAML/JSON file, then SPARC_* environment variables (read by pydantic-settings), then
+command-line flags."""
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import EnvSettingsSource, SettingsError
 
 from sparc_core.config import ConfigError, EncodersConfig, build_config, load_config_file
 
 ENV_PREFIX = "SPARC_"
-# env values taken verbatim (never parsed as JSON: "0,1" is a GPU list, not a number)
-STRING_FIELDS = ("auth_token", "auth_token_file", "tls_cert", "tls_key", "tls_client_ca", "faiss_gpus")
+_MAP_FIELDS = ("indexes",)  # values, replaced whole by a variable (nested settings merge instead)
 
 
 class ServiceSettings(BaseModel):
@@ -118,22 +119,48 @@ class ServiceSettings(BaseModel):
         return token
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, key by key, recursing into nested dicts."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def environment_settings(environ: Mapping[str, str | None] | None = None) -> dict[str, Any]:
+    """The SPARC_* variables of ``environ`` (default: the process environment) as settings values, read by
+    pydantic-settings: names case-insensitive, maps / lists / nested settings as JSON
+    (``SPARC_INDEXES='{"a": ["bundles/a"]}'``), one key of a nested setting with ``__``
+    (``SPARC_ENCODERS__DEVICE=cpu``), every other value verbatim ("0,1" stays a GPU list)."""
+    source = _Environment(ServiceSettings, environ if environ is not None else os.environ)
+    return source()
+
+
+class _Environment(EnvSettingsSource):
+    def __init__(self, settings_cls: type[BaseModel], environ: Mapping[str, str | None]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls, case_sensitive=False, env_prefix=ENV_PREFIX, env_nested_delimiter="__")
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # the mapping given instead of os.environ; names compared lower-cased (case_sensitive is off)
+        return {k.lower(): v for k, v in self._environ.items()}
+
+
 def load_settings(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> ServiceSettings:
-    """Settings from an optional file, SPARC_* environment variables and explicit overrides, validated."""
+    """Settings from an optional file, SPARC_* environment variables and explicit overrides, validated. A
+    variable replaces the file's value of its field; nested settings (``encoders``) merge key by key."""
     data: dict[str, Any] = load_config_file(path) if path else {}
-    env = os.environ if environ is None else environ
-    for name, field in ServiceSettings.model_fields.items():
-        raw = env.get(ENV_PREFIX + name.upper())
-        if raw is None:
-            continue
-        if field.annotation in (int, float, str) or name in STRING_FIELDS:
-            data[name] = raw
-        else:
-            try:
-                data[name] = json.loads(raw)
-            except json.JSONDecodeError:
-                data[name] = raw
+    where = str(path) if path else "service settings"
+    try:
+        env = environment_settings(environ)
+    except SettingsError as e:
+        raise ConfigError(
+            f"{where}: environment: {e} (a SPARC_* variable of a map, list or nested setting holds JSON)"
+        ) from None
+    for name, value in env.items():
+        nested = isinstance(value, dict) and isinstance(data.get(name), dict) and name not in _MAP_FIELDS
+        data[name] = _merge(data[name], value) if nested else value
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return build_config(ServiceSettings, data, str(path) if path else "service settings")
+    return build_config(ServiceSettings, data, where)

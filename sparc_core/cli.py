@@ -147,7 +147,8 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--topk", choices=["global", "local"])
+    p.add_argument("--selection", dest="topk", choices=["global", "local"], help="Global TopK (SPARC) or Local TopK")
+    renamed(p, "--topk", "topk", choices=["global", "local"])
     p.add_argument("--cross-coef", dest="cross_coef", type=float, help="lambda of the cross-reconstruction loss")
     p.add_argument("--align-coef", dest="align_coef", type=float, help="weight of the one-stream agreement loss")
     p.add_argument("--solo-select-prob", dest="solo_select_prob", type=float)
@@ -365,7 +366,8 @@ def _add_name_latents(sub: Any) -> None:
     p = sub.add_parser("name-latents", help="name each latent by the vocabulary entries (words, captions) that fire it")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--vocab", required=True, help="words/phrases, one per line, or a captions file (CSV/TSV/JSONL/COCO)")
-    p.add_argument("--top", type=int, default=5, help="names kept per latent")
+    p.add_argument("--names-per-latent", dest="top", type=int, default=5, help="names kept per latent (default 5)")
+    renamed(p, "--top", "top", type=int)
     add_encoder_flags(p)
     p.set_defaults(func=_cmd_name_latents)
 
@@ -463,7 +465,8 @@ def _add_localize(sub: Any) -> None:
         default="relevance",
         help="relevance (default), gradcam, grad-x-input; CLIP's own baselines clip-relevance, clip-cosine (CLIP image tower)",
     )
-    p.add_argument("--top", type=int, default=None, help="use only the caption's N strongest latents")
+    p.add_argument("--max-latents", dest="top", type=int, default=None, help="use only the caption's N strongest latents")
+    renamed(p, "--top", "top", type=int)
     p.add_argument("--out", required=True, help="PNG overlay")
     p.add_argument("--json", help="also write the grid and the latents used as JSON")
     add_encoder_flags(p)
@@ -600,6 +603,11 @@ def _version() -> str:
         from . import __version__
 
         return __version__
+
+
+def renamed(p: argparse.ArgumentParser, old: str, dest: str, **kw: Any) -> None:
+    """Keep accepting a flag's earlier spelling (hidden from --help) for the same destination."""
+    p.add_argument(old, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:

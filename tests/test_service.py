@@ -407,8 +407,16 @@ def test_settings_file_env_and_flags_layer(tmp_path):
     cfg.write_text("port: 6000\nmax_top_k: 50\nindexes:\n  a: [x]\n")
     s = load_settings(cfg, overrides={"max_top_k": 70}, environ={"SPARC_PORT": "7000", "SPARC_INDEXES": '{"b": ["y"]}'})
     assert (s.port, s.max_top_k, s.indexes) == (7000, 70, {"b": ["y"]})
-    cfg.write_text("prot: 1\n")
+    # one key of a nested setting with "__" merges into the file's; a GPU list stays a string; bad JSON is named
+    cfg.write_text("encoders:\n  device: cuda\n  precision: bf16\n")
+    env = {"SPARC_ENCODERS__DEVICE": "cpu", "sparc_faiss_gpus": "0,1", "SPARC_MAX_TOP_K": "33"}
+    s = load_settings(cfg, environ=env)
+    assert (s.encoders.device, s.encoders.precision, s.faiss_gpus, s.max_top_k) == ("cpu", "bf16", "0,1", 33)
     from sparc_core import ConfigError
+
+    with pytest.raises(ConfigError, match='field "indexes".*holds JSON'):
+        load_settings(environ={"SPARC_INDEXES": "{a: [x"})
+    cfg.write_text("prot: 1\n")
 
     with pytest.raises(ConfigError, match="prot: unknown key"):
         load_settings(cfg, environ={})
