@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 EXTRAS = ("open_clip", "timm", "torchvision", "matplotlib", "h5py", "faiss", "grpc_tools", "pymilvus", "seismic")
 
 SCRIPT = textwrap.dedent(
@@ -60,3 +62,29 @@ def test_the_core_install_trains_indexes_and_serves_without_any_extra(tmp_path):
     assert "ENCODERS: CLIP encoders need open_clip, which is not installed: pip install 'sparc[encoders]'" in out.stdout
     plots = "PLOTS: pictures (heatmaps, word scores) need matplotlib, which is not installed: pip install 'sparc[plots]'"
     assert plots in out.stdout
+
+
+def test_flags_mean_one_thing_across_commands_and_earlier_spellings_still_parse(capsys):
+    """--top-k is only ever a hit count; the flags that meant names per latent, strongest latents and the
+    TopK kind have their own names, and their earlier spellings parse to the same values, unadvertised."""
+    from sparc_core.cli import build_parser
+
+    p = build_parser()
+    for argv, dest, want in (
+        (["name-latents", "--checkpoint", "c", "--vocab", "v", "--names-per-latent", "3"], "top", 3),
+        (["name-latents", "--checkpoint", "c", "--vocab", "v", "--top", "4"], "top", 4),
+        (["name-latents", "--checkpoint", "c", "--vocab", "v"], "top", 5),
+        (["localize", "--checkpoint", "c", "--image", "i", "--text", "t", "--out", "o", "--max-latents", "2"], "top", 2),
+        (["localize", "--checkpoint", "c", "--image", "i", "--text", "t", "--out", "o", "--top", "6"], "top", 6),
+        (["localize", "--checkpoint", "c", "--image", "i", "--text", "t", "--out", "o"], "top", None),
+        (["train", "--selection", "local"], "topk", "local"),
+        (["train", "--topk", "local"], "topk", "local"),
+        (["train"], "topk", None),
+    ):
+        assert getattr(p.parse_args(argv), dest) == want, argv
+    for cmd, shown, hidden in (("name-latents", "--names-per-latent", "--top "), ("localize", "--max-latents", "--top "),
+                               ("train", "--selection", "--topk")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            p.parse_args([cmd, "--help"])
+        out = capsys.readouterr().out
+        assert shown in out and hidden not in out, (cmd, out)
