@@ -522,7 +522,8 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
     def AttributeText(self, request, context):
         def run():
             ws = self.engine.attribute(
-                request.text, list(request.latents), _method(request, ATTRIBUTION_METHODS), should_stop=self._stopper(context))
+                request.text, list(request.latents), _method(request, ATTRIBUTION_METHODS), should_stop=self._stopper(context)
+            )
             png = _png_bytes(lambda path: save_words_png(ws, path, self.engine.names)) if request.return_png else b""
             return pb.AttributeTextResponse(
                 words=[pb.WordScore(word=wd, score=sc) for wd, sc in zip(ws.words, ws.scores)],

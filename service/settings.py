@@ -156,9 +156,7 @@ def load_settings(
     try:
         env = environment_settings(environ)
     except SettingsError as e:
-        raise ConfigError(
-            f"{where}: environment: {e} (a SPARC_* variable of a map, list or nested setting holds JSON)"
-        ) from None
+        raise ConfigError(f"{where}: environment: {e} (a SPARC_* variable of a map, list or nested setting holds JSON)") from None
     for name, value in env.items():
         nested = isinstance(value, dict) and isinstance(data.get(name), dict) and name not in _MAP_FIELDS
         data[name] = _merge(data[name], value) if nested else value
