@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from skewed_codes import code_chunks, latent_probabilities, sample_codes, topic_chunks, topic_codes  # noqa: E402
 
 from index.bundle import Bundle, build_bundle_from_codes  # noqa: E402
+from index.params import ApproxParams, SeismicParams  # noqa: E402
 
 N_LATENTS = 8192
 
@@ -261,13 +262,13 @@ def approx_variant(b, qi, qv, truth_s, budget, candidates, cell, tag):
         lat, found = [], []
         for q in range(len(qi)):
             t = time.perf_counter()
-            D, _ = b.search_approx(qi[q : q + 1], qv[q : q + 1], 10, budget=budget, candidates=candidates)
+            D, _ = b.search_approx(qi[q : q + 1], qv[q : q + 1], 10, ApproxParams(budget, candidates))
             lat.append(time.perf_counter() - t)
             found.append(D[0][D[0] > -np.inf])
         c["lat"] += lat
         c["single"].append(len(qi) / sum(lat))
         t = time.perf_counter()
-        b.search_approx(qi, qv, 10, budget=budget, candidates=candidates)
+        b.search_approx(qi, qv, 10, ApproxParams(budget, candidates))
         c["batch"].append(len(qi) / (time.perf_counter() - t))
         c["recall"].append(recall_at_10(found, truth_s))  # scores are exact (rescored from the codes)
 
@@ -309,11 +310,11 @@ def flat_chunked_variant(n, qi, cell, chunk):
 
 def seismic_variants(b, work, qi, qv, truth_s, heap_factors, k, cell, threads, n_postings):
     """Seismic through the bundle's seismic path (candidates rescored exactly)."""
-    from index.bundle import add_approx_index
-    from index.seismic_backend import ApproxSettings
+    from index.bundle import add_seismic_index
+    from index.seismic_backend import SeismicSettings
 
     t0 = time.perf_counter()
-    add_approx_index(b.path, ApproxSettings(n_postings=n_postings))
+    add_seismic_index(b.path, SeismicSettings(n_postings=n_postings))
     tag = f"n_postings {n_postings}" if n_postings else "n_postings auto"
     print(f"seismic build: {time.perf_counter() - t0:.1f} s ({tag})")
     ab = Bundle(b.path)
@@ -326,13 +327,13 @@ def seismic_variants(b, work, qi, qv, truth_s, heap_factors, k, cell, threads, n
             lat, found = [], []
             for q in range(len(qi)):
                 t = time.perf_counter()
-                D, _ = ab.search_seismic(qi[q : q + 1], qv[q : q + 1], 10, heap_factor=hf)
+                D, _ = ab.search_seismic(qi[q : q + 1], qv[q : q + 1], 10, SeismicParams(heap_factor=hf))
                 lat.append(time.perf_counter() - t)
                 found.append(D[0][D[0] > -np.inf])
             c["lat"] += lat
             c["single"].append(len(qi) / sum(lat))
             t = time.perf_counter()
-            ab.search_seismic(qi, qv, 10, heap_factor=hf)
+            ab.search_seismic(qi, qv, 10, SeismicParams(heap_factor=hf))
             c["batch"].append(len(qi) / (time.perf_counter() - t))
             c["recall"].append(recall_at_10(found, truth_s))  # its scores are exact (rescored from the codes)
 

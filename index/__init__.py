@@ -11,19 +11,28 @@ from typing import TYPE_CHECKING
 from sparc_core.lazy import lazy_exports
 
 _WHERE = {
-    "Bundle": "bundle",
-    "BundleError": "bundle",
-    "Manifest": "bundle",
+    "Bundle": "reader",
+    "BundleError": "errors",
+    "GalleryUnavailable": "errors",
+    "SearchStopped": "errors",
+    "Manifest": "manifest",
+    "read_manifest": "manifest",
     "append_to_bundle": "bundle",
     "build_bundle": "bundle",
-    "read_manifest": "bundle",
     "DenseIndexError": "faiss_backend",
-    "SearchStopped": "postings",
-    "DEFAULT_PATH": "searcher",
-    "Explanation": "searcher",
-    "SearchResult": "searcher",
+    "Gallery": "gallery",
+    "GalleryInfo": "gallery",
+    "open_gallery": "opener",
+    "ApproxParams": "params",
+    "DEFAULT_PATH": "params",
+    "DenseParams": "params",
+    "ExactParams": "params",
+    "SearchParams": "params",
+    "SeismicParams": "params",
+    "Explanation": "queries",
+    "SearchResult": "queries",
+    "merge_galleries": "queries",
     "Searcher": "searcher",
-    "open_gallery": "searcher",
 }
 __all__ = sorted(_WHERE)
 
@@ -32,7 +41,13 @@ __getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .bundle import Bundle, BundleError, Manifest, append_to_bundle, build_bundle, read_manifest  # noqa: F401
+    from .bundle import append_to_bundle, build_bundle  # noqa: F401
+    from .errors import BundleError, GalleryUnavailable, SearchStopped  # noqa: F401
     from .faiss_backend import DenseIndexError  # noqa: F401
-    from .postings import SearchStopped  # noqa: F401
-    from .searcher import DEFAULT_PATH, Explanation, Searcher, SearchResult, open_gallery  # noqa: F401
+    from .gallery import Gallery, GalleryInfo  # noqa: F401
+    from .manifest import Manifest, read_manifest  # noqa: F401
+    from .opener import open_gallery  # noqa: F401
+    from .params import DEFAULT_PATH, ApproxParams, DenseParams, ExactParams, SearchParams, SeismicParams  # noqa: F401
+    from .queries import Explanation, SearchResult, merge_galleries  # noqa: F401
+    from .reader import Bundle  # noqa: F401
+    from .searcher import Searcher  # noqa: F401

@@ -40,7 +40,7 @@ def register(sub: Any) -> None:
     b.add_argument("--faiss", default="Flat", help="FAISS factory string for the dense path (default exact Flat)")
     b.add_argument("--no-dense", action="store_true", help="sparse latent search only (default without FAISS installed)")
     b.add_argument("--shard", default="0/1", help="build shard I/N of the rows (default 0/1)")
-    b.add_argument("--seismic", "--approx", dest="approx", action="store_true", help="also build a Seismic index (seismic path)")
+    b.add_argument("--seismic", action="store_true", help="also build a Seismic index (the seismic path)")
     b.add_argument("--batch-size", type=int, default=8192)
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_build)
@@ -62,11 +62,11 @@ def register(sub: Any) -> None:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_export)
 
-    x = isub.add_parser("seismic", aliases=["approx"], help="add a Seismic index to every part of a bundle (the seismic path)")
+    x = isub.add_parser("seismic", help="add a Seismic index to every part of a bundle (the seismic path)")
     x.add_argument("--bundle", required=True)
-    _approx_flags(x)
-    x.set_defaults(func=_approx)
-    _approx_flags(b)
+    _seismic_flags(x)
+    x.set_defaults(func=_seismic)
+    _seismic_flags(b)
 
     i = isub.add_parser("info", help="print a bundle's manifest")
     i.add_argument("bundle", nargs="?", help="the bundle (or --bundle, as every other index command takes it)")
@@ -107,30 +107,30 @@ def _build(args: argparse.Namespace) -> int:
         shard=(i, n),
         batch_size=args.batch_size,
         progress=not args.quiet,
-        approx=_approx_settings(args) if args.approx else None,
+        seismic=_seismic_settings(args) if args.seismic else None,
     )
     print(f"bundle: {args.out} (version {out.name})")
     return 0
 
 
-def _approx_flags(p: argparse.ArgumentParser) -> None:
+def _seismic_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-postings", type=int, default=0, help="Seismic: mean entries kept per posting list (0: its default)")
     p.add_argument("--summary-energy", type=float, default=0.4, help="Seismic: share of a block's mass its summary keeps")
     p.add_argument("--query-cut", type=int, default=0, help="default per call: the query's largest entries used (0: all)")
     p.add_argument("--heap-factor", type=float, default=0.9, help="default per call, in (0, 1]: higher is faster, less exact")
 
 
-def _approx_settings(args: argparse.Namespace) -> Any:
-    from .seismic_backend import ApproxSettings
+def _seismic_settings(args: argparse.Namespace) -> Any:
+    from .seismic_backend import SeismicSettings
 
-    return ApproxSettings(n_postings=args.n_postings, summary_energy=args.summary_energy, query_cut=args.query_cut,
-                          heap_factor=args.heap_factor)  # fmt: skip
+    return SeismicSettings(n_postings=args.n_postings, summary_energy=args.summary_energy, query_cut=args.query_cut,
+                           heap_factor=args.heap_factor)  # fmt: skip
 
 
-def _approx(args: argparse.Namespace) -> int:
-    from .bundle import add_approx_index
+def _seismic(args: argparse.Namespace) -> int:
+    from .bundle import add_seismic_index
 
-    out = add_approx_index(args.bundle, _approx_settings(args))
+    out = add_seismic_index(args.bundle, _seismic_settings(args))
     print(f"bundle: {args.bundle} (version {out.name}) has a Seismic index (search with --path seismic)")
     return 0
 

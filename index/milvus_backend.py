@@ -23,17 +23,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from sparc_core import SparcModel, SparseCode
 
-from .bundle import Bundle, BundleError, Manifest
-from .postings import SearchStopped
+from .errors import BundleError, GalleryUnavailable, SearchStopped
+from .gallery import GalleryInfo
+from .manifest import Manifest, require_checkpoint
+from .params import ApproxParams, DenseParams, SearchParams
+from .queries import Explanation, SearchResult, as_code, dense_arrays, encode_queries, explain_code, params_arrays
+from .reader import Bundle
 
-
-class GalleryUnavailable(BundleError):
-    """The store behind a gallery (a Milvus server) cannot be reached or did not answer in time."""
+__all__ = ["GalleryUnavailable", "MilvusSearcher", "MilvusTarget", "check_index_type", "export_bundle", "is_milvus"]
 
 
 SCHEME, LITE_SCHEME = "milvus://", "milvus-lite:"
@@ -290,19 +291,15 @@ class MilvusSearcher:
             raise BundleError(f"{location}: not a sparc collection (no sparc.manifest property)")
         self.manifest = Manifest.model_validate(json.loads(props["sparc.manifest"]) | {"files": {}})
         _check_identity(props, self.manifest, location)
-        if checkpoint_sha256 is not None and self.manifest.checkpoint_sha256 != checkpoint_sha256:
-            raise BundleError(
-                f"{location}: exported from checkpoint {self.manifest.checkpoint_sha256[:12]}, the model is "
-                f"{checkpoint_sha256[:12]}; export the bundle built with this checkpoint"
-            )
+        if checkpoint_sha256 is not None:
+            require_checkpoint(self.manifest.checkpoint_sha256, checkpoint_sha256, location, made="exported from",
+                               remedy="export the bundle built with this checkpoint")  # fmt: skip
         if props.get("sparc.complete") != "1":
             raise BundleError(f"{location}: its export did not finish; run `sparc index export` again to complete it")
         self._call(lambda: self.client.load_collection(name))
         self.dense_type = props.get("sparc.dense", "")
         self.model = model
         self.stream = self.manifest.stream
-        self.shards: list[Any] = []
-        self.dense = [None] if not self.dense_type else [[self]]
         self._codes: OrderedDict[Any, dict[int, float]] = OrderedDict()
         self._lock = threading.Lock()
         if model.n_latents != self.manifest.n_latents or self.stream not in model.streams:
@@ -324,48 +321,32 @@ class MilvusSearcher:
     def n_items(self) -> int:
         return self.manifest.n_items
 
-    def encode(self, stream: str, vectors: np.ndarray) -> SparseCode:
-        from .searcher import encode_queries
+    def info(self) -> GalleryInfo:
+        return GalleryInfo(self.stream, self.n_items, 1, self.manifest, bool(self.dense_type), False, backend="milvus")
 
+    def encode(self, stream: str, vectors: np.ndarray) -> SparseCode:
         return encode_queries(self.model, stream, vectors)
 
     def search(
         self,
         query: SparseCode | tuple[str, np.ndarray],
-        top_k: int = 10,
-        path: str | None = None,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-        require: list[int] | None = None,
-        exclude: list[int] | None = None,
-        boost: dict[int, float] | None = None,
+        params: SearchParams | None = None,
         should_stop: Callable[[], bool] | None = None,
-        query_cut: int | None = None,
-        heap_factor: float | None = None,
-        budget: float | None = None,
-        candidates: int | None = None,
-    ) -> Any:
+        **options: Any,
+    ) -> SearchResult:
         """Top-k items per query, as ``Searcher.search`` (filters are Milvus array filters). "sparse" is
         Milvus's exact sparse search; "approx" maps to its sparse index's drop ratio (the smallest
         1 - ``budget`` of the query's entries are dropped at search time); "seismic" is refused (a Milvus
         collection has no Seismic index); "dense" searches the exported dense vectors."""
-        from .postings import DEFAULT_BUDGET
-        from .searcher import SearchResult, dense_queries, query_arrays
-
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        code = query if isinstance(query, SparseCode) else self.encode(*query)
-        path = path or "sparse"
+        params = SearchParams.of(params, **options)
+        code = as_code(self.model, query)
+        path, settings, top_k = params.path, params.settings, params.top_k
         if path == "seismic":
             raise BundleError(f"{self.location}: a Milvus collection has no Seismic index; use the sparse or approx path")
-        if path not in ("sparse", "approx", "dense"):
-            raise ValueError(f"unknown search path {path!r} (use 'sparse', 'approx' or 'dense')")
-        if budget is not None and not 0 < budget <= 1:
-            raise ValueError(f"budget must be in (0, 1], got {budget}")
-        drop = 0.0 if path == "sparse" else 1.0 - float(DEFAULT_BUDGET if budget is None else budget)
+        drop = 1.0 - settings.budget if isinstance(settings, ApproxParams) else 0.0
         if path == "dense" and not self.dense_type:
             raise BundleError(f"{self.location}: exported without dense vectors; use the sparse path")
-        q_idx, q_val, require_l, exclude_l = query_arrays(code, self.model.n_latents, require, exclude, boost)
+        q_idx, q_val, require_l, exclude_l = params_arrays(code, self.model.n_latents, params)
         expr = _filter_expr(require_l, exclude_l)
         ids, scores = [], []
         for a in range(0, len(q_idx), QUERY_CHUNK):
@@ -377,13 +358,10 @@ class MilvusSearcher:
                 params: dict[str, Any] = {"metric_type": "IP", "params": {"drop_ratio_search": drop}}
                 field = "code"
             else:
-                n = self.model.n_latents
-                xq = dense_queries(
-                    self.model, self.stream, SparseCode(torch.from_numpy(qi.astype(np.int64)), torch.from_numpy(qv), n)
-                )
-                data = [row.tolist() for row in xq]
-                extra = {"nprobe": nprobe} if nprobe else {}
-                extra |= {"ef": max(ef_search, top_k)} if ef_search else {}
+                assert isinstance(settings, DenseParams)
+                data = [row.tolist() for row in dense_arrays(self.model, self.stream, qi, qv)]
+                extra = {"nprobe": settings.nprobe} if settings.nprobe else {}
+                extra |= {"ef": max(settings.ef_search, top_k)} if settings.ef_search else {}
                 params, field = {"metric_type": "IP", "params": extra}, "dense"
             found = self._call(lambda data=data, field=field, params=params: self.client.search(
                 self.target.collection, data=data, anns_field=field, limit=top_k, filter=expr, output_fields=["code"],
@@ -422,10 +400,8 @@ class MilvusSearcher:
         lat = np.array(sorted(code), dtype=np.int64)
         return lat, np.array([code[j] for j in lat.tolist()], dtype=np.float32)
 
-    def explain(self, query: SparseCode, item_id: Any, top: int = 5, row: int = 0) -> list[Any]:
-        from .searcher import Searcher
-
-        return Searcher.explain(self, query, item_id, top, row)  # type: ignore[arg-type]
+    def explain(self, query: SparseCode, item_id: Any, top: int = 5, row: int = 0) -> list[Explanation]:
+        return explain_code(query, self.item_code(item_id), top, row)
 
     def latent_top_items(self, latent: int, top_k: int) -> tuple[int, list[tuple[Any, float]]]:
         """Items with the largest value of ``latent`` (a one-hot query) and how many items have it active."""

@@ -1,4 +1,5 @@
-"""Searcher: one logical gallery (one or many shards), four search paths, latent filters, explanations.
+"""Searcher: one gallery of local bundles (one or many shards), four search paths, latent filters,
+explanations.
 
 Paths:
   "sparse":  exact cosine between the query's k-sparse code and every item's code, over posting lists.
@@ -13,49 +14,29 @@ Paths:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-import torch
 
-from sparc_core import SparcModel, SparseCode, load_checkpoint
+from sparc_core import SparcModel, SparseCode, checkpoint_hash, load_checkpoint
 
-from .bundle import Bundle, BundleError, checkpoint_of, shards_share_ids
+from .errors import BundleError, SearchStopped
 from .faiss_backend import DenseSearcher
-from .postings import MAX_CANDIDATES, SearchStopped, merge_topk, warm_up
+from .gallery import GalleryInfo
+from .kernels import merge_topk
+from .manifest import MANIFEST, checkpoint_of, require_checkpoint
+from .params import DEFAULT_PATH, PATHS, DenseParams, ExactParams, PathParams, SearchParams, SearchPath
+from .postings import warm_up
+from .queries import Explanation, SearchResult, as_code, dense_arrays, encode_queries, explain_code, params_arrays
+from .reader import Bundle, shards_share_ids
 
 MAX_FILTER_CANDIDATES = 65_536  # dense path with latent filters: the most candidates fetched per query
 QUERY_CHUNK = 256  # queries searched between checks of should_stop
-SearchPath = Literal["sparse", "dense", "approx", "seismic"]
-PATHS = ("sparse", "dense", "approx", "seismic")
-DEFAULT_PATH: SearchPath = "sparse"  # faster and smaller at every gallery size measured (bench/index_search.py)
 
-
-@dataclass
-class Explanation:
-    """One shared latent's part in a hit's score."""
-
-    latent: int
-    query_value: float
-    item_value: float
-    contribution: float
-
-
-@dataclass
-class SearchResult:
-    """Top-k hits of a batch of queries: ids[q] and scores[q] are best first (shorter when fewer hits)."""
-
-    ids: list[list[Any]]
-    scores: list[list[float]]
-    path: SearchPath
-    shards: list[list[int]] = field(default_factory=list)  # which shard each hit came from
-
-
-def _unit_code(code: SparseCode) -> tuple[np.ndarray, np.ndarray]:
-    vals = torch.nn.functional.normalize(code.values.float(), dim=1)
-    return code.indices.cpu().numpy(), vals.cpu().numpy()
+__all__ = [
+    "DEFAULT_PATH", "PATHS", "Explanation", "Searcher", "SearchPath", "SearchResult", "warm_kernel_cache",
+]  # fmt: skip
 
 
 class Searcher:
@@ -70,9 +51,11 @@ class Searcher:
         mmap: bool = True,
         gpus: list[int] | None = None,
         shard_gpus: bool = False,
+        checkpoint_sha256: str | None = None,
     ) -> None:
         """``gpus``: the GPUs that hold the dense indexes ([] = CPU; None = ``use_gpu``'s choice, by default
-        every GPU faiss sees); over several GPUs each index is replicated, or sharded with ``shard_gpus``."""
+        every GPU faiss sees); over several GPUs each index is replicated, or sharded with ``shard_gpus``.
+        ``checkpoint_sha256``: the hash of ``model``'s checkpoint, which the bundles must record."""
         paths = [bundles] if isinstance(bundles, (str, Path)) else list(bundles)
         if not paths:
             raise BundleError("no bundles given")
@@ -84,13 +67,12 @@ class Searcher:
             bm = b.manifest
             if (bm.stream, bm.n_latents, bm.k, bm.dim, bm.id_kind) != (m.stream, m.n_latents, m.k, m.dim, m.id_kind):
                 raise BundleError(f"{b.path}: shard does not match {first.path} (stream, latents, k, dim or id kind)")
+        if checkpoint_sha256 is not None:
+            require_checkpoint(expected, checkpoint_sha256, first.vdir / MANIFEST)
         if model is None:
             if checkpoint is None:
                 checkpoint = checkpoint_of(first.path, m)
-            from sparc_core import checkpoint_hash
-
-            if checkpoint_hash(checkpoint) != expected:
-                raise BundleError(f"{checkpoint}: is not the checkpoint the index was built with ({expected[:12]})")
+            require_checkpoint(expected, checkpoint_hash(checkpoint), checkpoint)
             model = load_checkpoint(checkpoint)
         if model.n_latents != m.n_latents or m.stream not in model.streams:
             raise BundleError(f"{first.path}: built for stream {m.stream!r} with {m.n_latents} latents; the model does not match")
@@ -117,33 +99,27 @@ class Searcher:
 
     @property
     def has_seismic(self) -> bool:
-        return all(b.manifest.approx is not None for b in self.shards)
+        return all(b.manifest.seismic is not None for b in self.shards)
+
+    def info(self) -> GalleryInfo:
+        dense = all(d is not None for d in self.dense)
+        return GalleryInfo(self.stream, self.n_items, len(self.shards), self.manifest, dense, self.has_seismic)
 
     # ---- queries ----------------------------------------------------------------------------------
-    def encode(self, stream: str, vectors: np.ndarray | torch.Tensor) -> SparseCode:
+    def encode(self, stream: str, vectors: Any) -> SparseCode:
         """The shared sparse code of raw feature vectors of ``stream`` [n, d] (see ``encode_queries``)."""
         return encode_queries(self.model, stream, vectors)
-
-    def _dense_queries(self, code: SparseCode) -> np.ndarray:
-        return dense_queries(self.model, self.stream, code)
 
     def search(
         self,
         query: SparseCode | tuple[str, np.ndarray],
-        top_k: int = 10,
-        path: SearchPath | None = None,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-        require: list[int] | None = None,
-        exclude: list[int] | None = None,
-        boost: dict[int, float] | None = None,
+        params: SearchParams | None = None,
         should_stop: Callable[[], bool] | None = None,
-        query_cut: int | None = None,
-        heap_factor: float | None = None,
-        budget: float | None = None,
-        candidates: int | None = None,
+        **options: Any,
     ) -> SearchResult:
-        """Top-k items for each query (a SparseCode, or (stream, vectors) to encode first).
+        """Top-k items for each query (a SparseCode, or (stream, vectors) to encode first), as ``params``
+        says (or the keywords of ``SearchParams.create``: top_k, path, require, exclude, boost, nprobe,
+        ef_search, query_cut, heap_factor, budget, candidates).
 
         path "approx": the posting lists read highest impact first up to ``budget`` (share of the query's
         postings, in (0, 1]), the best ``candidates`` rows rescored exactly (index/postings.py); filters
@@ -157,35 +133,28 @@ class Searcher:
         before scoring (sparse path) or decoding (dense path). should_stop: polled between chunks of
         queries; once true the search raises SearchStopped.
         """
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        code = query if isinstance(query, SparseCode) else self.encode(*query)
-        path = path or DEFAULT_PATH
-        if path not in PATHS:
-            raise ValueError(f"unknown search path {path!r} (use one of {', '.join(PATHS)})")
-        if path == "seismic" and any(b.manifest.approx is None for b in self.shards):
+        params = SearchParams.of(params, **options)
+        code = as_code(self.model, query)
+        path: SearchPath = params.path
+        settings: PathParams = params.settings
+        if path == "seismic" and not self.has_seismic:
             raise BundleError(f"{self.shards[0].path}: has no Seismic index; add one with `sparc index seismic`")
-        if path == "seismic" and (require or exclude):
-            path = "sparse"
-        if budget is not None and not 0 < budget <= 1:
-            raise ValueError(f"budget must be in (0, 1], got {budget}")
-        if candidates is not None and not 1 <= candidates <= MAX_CANDIDATES:
-            raise ValueError(f"candidates must be in [1, {MAX_CANDIDATES}], got {candidates}")
+        if path == "seismic" and (params.require or params.exclude):
+            path, settings = "sparse", ExactParams()
         if path == "dense" and any(d is None for d in self.dense):
             raise BundleError(f"{self.shards[0].path}: built without a dense index; use the sparse path")
-        q_idx, q_val, require_l, exclude_l = query_arrays(code, self.model.n_latents, require, exclude, boost)
+        q_idx, q_val, require, exclude = params_arrays(code, self.model.n_latents, params)
+        top_k = params.top_k
         ids, scores, shards = [], [], []
         for a in range(0, len(q_idx), QUERY_CHUNK):  # chunks: a stopped call stops within one chunk
             if should_stop is not None and should_stop():
                 raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
             qi, qv = q_idx[a : a + QUERY_CHUNK], q_val[a : a + QUERY_CHUNK]
-            if path in ("sparse", "approx", "seismic"):  # filters run inside the posting-list search
-                D, refs = self._search_all(
-                    qi, qv, top_k, path, nprobe, ef_search, require_l, exclude_l, should_stop,
-                    (query_cut, heap_factor, budget, candidates),
-                )  # fmt: skip
-            else:
-                D, refs = self._dense_filtered(qi, qv, top_k, nprobe, ef_search, require_l, exclude_l)
+            if path == "dense":
+                assert isinstance(settings, DenseParams)
+                D, refs = self._dense_filtered(qi, qv, top_k, settings, require, exclude)
+            else:  # filters run inside the posting-list search
+                D, refs = self._search_all(qi, qv, top_k, path, settings, require, exclude, should_stop)
             for d, r in zip(D, refs):
                 d, r = d[:top_k], r[:top_k]
                 row_ids: list[Any] = [None] * len(r)
@@ -198,14 +167,16 @@ class Searcher:
                 shards.append([int(s) for s, _ in r])
         return SearchResult(ids=ids, scores=scores, path=path, shards=shards)
 
-    def _dense_filtered(self, q_idx, q_val, top_k, nprobe, ef_search, require, exclude):
+    def _dense_filtered(
+        self, q_idx: np.ndarray, q_val: np.ndarray, top_k: int, settings: DenseParams, require: list[int], exclude: list[int]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Dense search; with latent filters, candidates are fetched in growing rounds (at most
         MAX_FILTER_CANDIDATES per query) and filtered on their stored codes, vectorised."""
         if not (require or exclude):
-            return self._search_all(q_idx, q_val, top_k, "dense", nprobe, ef_search)
+            return self._search_all(q_idx, q_val, top_k, "dense", settings)
         fetch = min(self.n_items, max(4 * top_k, 64))
         while True:
-            D, refs = self._search_all(q_idx, q_val, fetch, "dense", nprobe, ef_search)
+            D, refs = self._search_all(q_idx, q_val, fetch, "dense", settings)
             keep = [self._passes(r, require, exclude) for r in refs]
             if all(int(k.sum()) >= top_k for k in keep) or fetch >= min(self.n_items, MAX_FILTER_CANDIDATES):
                 return [d[k] for d, k in zip(D, keep)], [r[k] for r, k in zip(refs, keep)]
@@ -229,8 +200,8 @@ class Searcher:
         return mask
 
     def _search_all(
-        self, q_idx, q_val, k, path, nprobe, ef_search, require=None, exclude=None, should_stop=None,
-        approx=(None, None, None, None),
+        self, q_idx: np.ndarray, q_val: np.ndarray, k: int, path: SearchPath, settings: PathParams,
+        require: list[int] | None = None, exclude: list[int] | None = None, should_stop: Callable[[], bool] | None = None,
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:  # fmt: skip
         """Search every shard and merge: per query, scores desc and (shard, row) refs."""
         per_shard = []
@@ -240,17 +211,17 @@ class Searcher:
             if path == "sparse":
                 D, I = b.search_sparse(q_idx, q_val, kk, require=require, exclude=exclude, should_stop=should_stop)
             elif path == "approx":
-                D, I = b.search_approx(q_idx, q_val, kk, approx[2], approx[3], require=require, exclude=exclude,
+                D, I = b.search_approx(q_idx, q_val, kk, settings, require=require, exclude=exclude,  # type: ignore[arg-type]
                                        should_stop=should_stop)  # fmt: skip
             elif path == "seismic":
-                D, I = b.search_seismic(q_idx, q_val, kk, approx[0], approx[1], should_stop=should_stop)
+                D, I = b.search_seismic(q_idx, q_val, kk, settings, should_stop=should_stop)  # type: ignore[arg-type]
             else:
+                assert isinstance(settings, DenseParams)
                 if xq is None:
-                    n = self.model.n_latents
-                    xq = self._dense_queries(SparseCode(torch.from_numpy(q_idx.astype(np.int64)), torch.from_numpy(q_val), n))
+                    xq = dense_arrays(self.model, self.stream, q_idx, q_val)
                 parts = []
                 for part, dense in zip(b.parts, self.dense[s]):
-                    Dp, Ip = dense.search(xq, min(kk, part.n_items), nprobe=nprobe, ef_search=ef_search)
+                    Dp, Ip = dense.search(xq, min(kk, part.n_items), nprobe=settings.nprobe, ef_search=settings.ef_search)
                     parts.append((Dp, np.where(Ip >= 0, Ip + part.row0, -1)))
                 D, I = merge_topk(parts, kk)
             per_shard.append((s, D, I))
@@ -294,86 +265,7 @@ class Searcher:
 
     def explain(self, query: SparseCode, item_id: Any, top: int = 5, row: int = 0) -> list[Explanation]:
         """The shared latents that contribute most to the (sparse) score of ``item_id`` for query ``row``."""
-        q_idx, q_val = _unit_code(SparseCode(query.indices[row : row + 1], query.values[row : row + 1], query.n_latents))
-        i_idx, i_val = self.item_code(item_id)
-        item = dict(zip(i_idx.tolist(), i_val.tolist()))
-        shared = []
-        for lat, qv in zip(q_idx[0].tolist(), q_val[0].tolist()):
-            iv = item.get(lat, 0.0)
-            if qv > 0 and iv > 0:
-                shared.append(Explanation(lat, qv, iv, qv * iv))
-        shared.sort(key=lambda e: -e.contribution)
-        return shared[:top]
-
-
-def encode_queries(model: SparcModel, stream: str, vectors: np.ndarray | torch.Tensor) -> SparseCode:
-    """The shared sparse code of raw feature vectors of ``stream`` [n, d]; a wrong stream, shape, or a
-    row with NaN/inf raises BundleError naming it."""
-    if stream not in model.cfg.streams:
-        raise BundleError(f"unknown query stream {stream!r}; the model has {model.streams}")
-    arr = np.asarray(vectors, dtype=np.float32)
-    dim = model.cfg.streams[stream]
-    if arr.ndim != 2 or arr.shape[1] != dim:
-        raise BundleError(f"stream {stream!r} takes [n, {dim}] vectors, got shape {list(arr.shape)}")
-    bad = np.flatnonzero(~np.isfinite(arr).all(1))
-    if len(bad):
-        raise BundleError(f"query row {int(bad[0])} contains NaN or inf ({len(bad)} such rows)")
-    return model.encode({stream: torch.as_tensor(arr).to(model.device)})
-
-
-def dense_queries(model: SparcModel, gallery_stream: str, code: SparseCode) -> np.ndarray:
-    """Query codes decoded into the gallery stream (cross-reconstruction), centred and unit: the dense path's
-    query vectors."""
-    codec = model.codecs[gallery_stream]
-    decoded = model.decode(code.to(model.device), gallery_stream, "normalized") - codec.b_dec
-    return torch.nn.functional.normalize(decoded.float(), dim=1).detach().cpu().numpy()
-
-
-def query_arrays(
-    code: SparseCode, n_latents: int, require: list[int] | None, exclude: list[int] | None, boost: dict[int, float] | None
-) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
-    """(latent ids, unit weights with boosts applied, required, excluded) of a batch of query codes; a latent
-    out of range raises ValueError."""
-    for lat in [*(require or []), *(exclude or []), *((boost or {}).keys())]:
-        if not 0 <= int(lat) < n_latents:
-            raise ValueError(f"latent {lat} is out of range [0, {n_latents})")
-    q_idx, q_val = _unit_code(code)
-    if boost:
-        q_idx, q_val = _boosted(q_idx, q_val, boost)
-    return q_idx, q_val, sorted({int(x) for x in require or []}), sorted({int(x) for x in exclude or []})
-
-
-def open_gallery(
-    locations: list[str] | str,
-    model: SparcModel,
-    use_gpu: bool | None = None,
-    gpus: list[int] | None = None,
-    shard_gpus: bool = False,
-    checkpoint_sha256: str | None = None,
-) -> Any:
-    """A searcher over bundle directories (a Searcher) or one Milvus collection (milvus://, milvus-lite:).
-    ``gpus`` / ``shard_gpus``: where the bundles' dense indexes live (see Searcher); ``checkpoint_sha256``:
-    a Milvus collection exported from another checkpoint is refused."""
-    locations = [locations] if isinstance(locations, (str, Path)) else list(locations)
-    if any(str(x).startswith(("milvus://", "milvus-lite:")) for x in locations):
-        if len(locations) != 1:
-            raise BundleError("a Milvus index is one collection: give one milvus:// location (Milvus shards it itself)")
-        from .milvus_backend import MilvusSearcher
-
-        return MilvusSearcher(str(locations[0]), model, checkpoint_sha256=checkpoint_sha256)
-    return Searcher(locations, model=model, use_gpu=use_gpu, gpus=gpus, shard_gpus=shard_gpus)
-
-
-def _boosted(q_idx: np.ndarray, q_val: np.ndarray, boost: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
-    extra = np.array(sorted(boost), dtype=q_idx.dtype)
-    idx = np.concatenate([q_idx, np.broadcast_to(extra, (len(q_idx), len(extra)))], axis=1)
-    val = np.concatenate([q_val, np.zeros((len(q_val), len(extra)), dtype=q_val.dtype)], axis=1)
-    for j, lat in enumerate(extra.tolist()):
-        col = q_idx.shape[1] + j
-        present = q_idx == lat
-        val[:, col] = boost[lat] + np.where(present.any(1), (q_val * present).sum(1), 0.0)
-        val[:, : q_idx.shape[1]][present] = 0.0
-    return idx, val
+        return explain_code(query, self.item_code(item_id), top, row)
 
 
 def warm_kernel_cache(n_items: int = (1 << 16) + 4096) -> None:

@@ -24,7 +24,7 @@ from sparc_core import SparcError
 INDEX_FILE = "seismic.index"
 
 
-class ApproxSettings(BaseModel):
+class SeismicSettings(BaseModel):
     """How a bundle's Seismic indexes were built, and the per-call defaults."""
 
     model_config = ConfigDict(extra="forbid")
@@ -36,15 +36,21 @@ class ApproxSettings(BaseModel):
     heap_factor: float = Field(0.9, gt=0, le=1)  # default per call (bench/index_scale.py: recall vs speed)
 
 
-class ApproxError(SparcError, RuntimeError):
+ApproxSettings = SeismicSettings  # the earlier name
+
+
+class SeismicError(SparcError, RuntimeError):
     """Seismic is missing, or its index cannot be built or read."""
+
+
+ApproxError = SeismicError  # the earlier name
 
 
 def _seismic() -> Any:
     try:
         import seismic
     except ImportError:
-        raise ApproxError("approximate sparse search needs pyseismic-lsr: pip install 'sparc[seismic]'") from None
+        raise SeismicError("approximate sparse search needs pyseismic-lsr: pip install 'sparc[seismic]'") from None
     return seismic
 
 
@@ -73,7 +79,7 @@ def write_inner_format(path: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray
 
 
 def build_part_index(
-    part_dir: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]], settings: ApproxSettings, n_latents: int
+    part_dir: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]], settings: SeismicSettings, n_latents: int
 ) -> None:
     """Build and save a part's Seismic index (``seismic.index``) from its codes."""
     seismic = _seismic()
@@ -102,7 +108,7 @@ def load_part_index(part_dir: Path) -> Any:
     except BaseException as e:  # a Rust panic arrives as a BaseException subclass
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        raise ApproxError(f"{path}: unreadable Seismic index ({e})") from None
+        raise SeismicError(f"{path}: unreadable Seismic index ({e})") from None
 
 
 def search_one(
@@ -122,7 +128,7 @@ def search_one(
     except BaseException as e:  # a Rust panic arrives as a BaseException subclass
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        raise ApproxError(f"Seismic search failed: {e}") from None
+        raise SeismicError(f"Seismic search failed: {e}") from None
     rows = np.array(sorted(r for _, r in found), dtype=np.int64)
     if not len(rows):
         return np.zeros(0, np.float32), rows

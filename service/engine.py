@@ -17,16 +17,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from index import Searcher, SearchStopped, open_gallery
+from index import Gallery, SearchParams, SearchResult, SearchStopped, merge_galleries, open_gallery
+from index.errors import BundleError, GalleryUnavailable
 from index.faiss_backend import DenseIndexError, parse_gpus
-from index.milvus_backend import GalleryUnavailable
-from index.postings import MAX_CANDIDATES
 from sparc_core import SparseCode, checkpoint_hash, load_checkpoint
 from sparc_core.checkpoint import pick_device
 from sparc_core.encoders import FeatureEncoder, load_encoders
 from sparc_core.naming import load_latent_names
 
-from .errors import ServiceError
+from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
 from .lanes import GradientLane
 from .settings import ServiceSettings
 
@@ -59,22 +58,22 @@ class QuerySpec:
 
 @dataclass
 class SearchSpec:
-    """A validated search request."""
+    """A validated search request: the query, the indexes, how to search them (one SearchParams, passed
+    unchanged to every gallery) and what to attach to the reply."""
 
     query: QuerySpec
     indexes: list[str]
-    top_k: int
-    path: str
-    require: list[int] = field(default_factory=list)
-    exclude: list[int] = field(default_factory=list)
-    boost: dict[int, float] = field(default_factory=dict)
+    params: SearchParams = field(default_factory=SearchParams)
     explain: bool = False
     return_code: bool = False
-    nprobe: int | None = None
-    query_cut: int | None = None  # seismic path only
-    heap_factor: float | None = None  # seismic path only
-    budget: float | None = None  # approx path only
-    candidates: int | None = None  # approx path only
+
+    @property
+    def top_k(self) -> int:
+        return self.params.top_k
+
+    @property
+    def path(self) -> str:
+        return self.params.path
 
 
 @dataclass
@@ -189,11 +188,9 @@ def decode_image(data: bytes, max_pixels: int, target: int = 1024) -> Image.Imag
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.format not in IMAGE_FORMATS:
-                raise ServiceError("INVALID_ARGUMENT", f"image format {im.format} is not supported (JPEG, PNG or WebP)")
+                raise InvalidArgument(f"image format {im.format} is not supported (JPEG, PNG or WebP)")
             if im.width * im.height > max_pixels:
-                raise ServiceError(
-                    "INVALID_ARGUMENT", f"image of {im.width}x{im.height} pixels exceeds max_image_pixels {max_pixels}"
-                )
+                raise InvalidArgument(f"image of {im.width}x{im.height} pixels exceeds max_image_pixels {max_pixels}")
             if im.format == "JPEG":
                 scale = max(1, min(im.width, im.height) // target)
                 im.draft("RGB", (max(1, im.width // scale), max(1, im.height // scale)))
@@ -201,7 +198,7 @@ def decode_image(data: bytes, max_pixels: int, target: int = 1024) -> Image.Imag
     except ServiceError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or not an image at all
-        raise ServiceError("INVALID_ARGUMENT", f"undecodable image ({type(e).__name__}: {e})") from None
+        raise InvalidArgument(f"undecodable image ({type(e).__name__}: {e})") from None
 
 
 class Engine:
@@ -212,32 +209,28 @@ class Engine:
         self.model = load_checkpoint(settings.checkpoint, device=pick_device(settings.device))
         self.checkpoint_sha256 = checkpoint_hash(settings.checkpoint)
         self.names = load_latent_names(settings.checkpoint)  # latent -> name ({} without latent_names.json)
-        self.searchers: dict[str, Searcher] = {}
+        self.searchers: dict[str, Gallery] = {}
         try:
             self.faiss_gpus = parse_gpus(settings.faiss_gpus, settings.device)
         except DenseIndexError as e:
-            raise ServiceError("FAILED_PRECONDITION", str(e)) from None
+            raise FailedPrecondition(str(e)) from None
         for name, bundles in settings.indexes.items():
-            s = open_gallery(
-                bundles,
-                model=self.model,
-                gpus=self.faiss_gpus,
-                shard_gpus=settings.faiss_gpu_shard,
-                checkpoint_sha256=self.checkpoint_sha256,
-            )
-            if s.manifest.checkpoint_sha256 != self.checkpoint_sha256:
-                raise ServiceError(
-                    "FAILED_PRECONDITION",
-                    f"index {name!r} ({bundles[0]}) was built with checkpoint {s.manifest.checkpoint_sha256[:12]}, "
-                    f"the service runs {self.checkpoint_sha256[:12]}; rebuild it with `sparc index build`",
+            try:  # the bundles (or collection) must record this checkpoint: open_gallery checks it
+                self.searchers[name] = open_gallery(
+                    bundles,
+                    model=self.model,
+                    gpus=self.faiss_gpus,
+                    shard_gpus=settings.faiss_gpu_shard,
+                    checkpoint_sha256=self.checkpoint_sha256,
                 )
-            self.searchers[name] = s
+            except BundleError as e:
+                raise FailedPrecondition(f"index {name!r}: {e}") from None
+        self.infos = {name: g.info() for name, g in self.searchers.items()}
         self.encoders = load_encoders(settings.encoders) if settings.encoders is not None else {}
         for stream, enc in self.encoders.items():
             dim = self.model.cfg.streams.get(stream)
             if dim != enc.dim:
-                raise ServiceError(
-                    "FAILED_PRECONDITION",
+                raise FailedPrecondition(
                     f"encoder {enc.name} feeds stream {stream!r} with {enc.dim}-d features, but the checkpoint "
                     + (f"takes {dim}-d for it" if dim else f"has no such stream (it has {self.model.streams})"),
                 )
@@ -255,22 +248,21 @@ class Engine:
     def _default_stream(self, kind: str, wanted: str | None) -> str | None:
         streams = self.encoder_streams[kind]
         if wanted is not None and wanted not in streams:
-            raise ServiceError("FAILED_PRECONDITION", f"{kind}_stream {wanted!r} has no {kind} encoder (configured: {streams})")
+            raise FailedPrecondition(f"{kind}_stream {wanted!r} has no {kind} encoder (configured: {streams})")
         return wanted or (streams[0] if streams else None)
 
     def _encoder_for(self, kind: str, stream: str) -> FeatureEncoder:
         streams = self.encoder_streams[kind]
         if not streams:
             what = "a CLIP model (encoders.clip)" if kind == "text" else "a CLIP or DINOv2 model (encoders.clip / encoders.dino)"
-            raise ServiceError(
-                "FAILED_PRECONDITION",
+            raise FailedPrecondition(
                 f"{kind} queries need {'an' if kind == 'image' else 'a'} {kind} encoder, and none is configured on this "
                 f"server: set {what} with local "
                 "weights in the service settings, or send a vector query (stream + features) instead",
             )
         stream = stream or self.default_stream[kind]
         if stream not in streams:
-            raise ServiceError("INVALID_ARGUMENT", f"no {kind} encoder feeds stream {stream!r}; {kind} encoders: {streams}")
+            raise InvalidArgument(f"no {kind} encoder feeds stream {stream!r}; {kind} encoders: {streams}")
         return self.encoders[stream]
 
     def close(self) -> None:
@@ -290,70 +282,69 @@ class Engine:
         """Check one query (and decode an image); raises ServiceError naming what is wrong."""
         s = self.settings
         if kind is None:
-            raise ServiceError("INVALID_ARGUMENT", "empty query: set exactly one of text, image or vector")
+            raise InvalidArgument("empty query: set exactly one of text, image or vector")
         if kind == "text":
             if not text.strip():
-                raise ServiceError("INVALID_ARGUMENT", "empty text query")
+                raise InvalidArgument("empty text query")
             if len(text) > s.max_text_chars:
-                raise ServiceError("INVALID_ARGUMENT", f"text query of {len(text)} characters exceeds {s.max_text_chars}")
+                raise InvalidArgument(f"text query of {len(text)} characters exceeds {s.max_text_chars}")
             enc = self._encoder_for("text", encoder_stream)
             return QuerySpec(enc.stream, text=text)
         if kind == "image":
             if not image:
-                raise ServiceError("INVALID_ARGUMENT", "empty image query")
+                raise InvalidArgument("empty image query")
             if len(image) > s.max_image_bytes:
-                raise ServiceError("INVALID_ARGUMENT", f"image query of {len(image)} bytes exceeds {s.max_image_bytes}")
+                raise InvalidArgument(f"image query of {len(image)} bytes exceeds {s.max_image_bytes}")
             enc = self._encoder_for("image", encoder_stream)
             with self._decoders:  # a bounded number of images in memory at once
                 return QuerySpec(enc.stream, pixels=enc.preprocess(decode_image(image, s.max_image_pixels)))
         if encoder_stream:
-            raise ServiceError("INVALID_ARGUMENT", "encoder_stream is for text and image queries; a vector names its stream")
+            raise InvalidArgument("encoder_stream is for text and image queries; a vector names its stream")
         if not stream:
-            raise ServiceError("INVALID_ARGUMENT", "vector query without a stream name")
+            raise InvalidArgument("vector query without a stream name")
         if stream not in self.model.cfg.streams:
-            raise ServiceError("INVALID_ARGUMENT", f"unknown stream {stream!r}; this model has {self.model.streams}")
+            raise InvalidArgument(f"unknown stream {stream!r}; this model has {self.model.streams}")
         vec = np.asarray(values if values is not None else [], dtype=np.float32)
         dim = self.model.cfg.streams[stream]
         if vec.ndim != 1 or len(vec) != dim:
-            raise ServiceError("INVALID_ARGUMENT", f"stream {stream!r} takes {dim} values, got {vec.size}")
+            raise InvalidArgument(f"stream {stream!r} takes {dim} values, got {vec.size}")
         if not np.isfinite(vec).all():
-            raise ServiceError("INVALID_ARGUMENT", "vector contains NaN or inf")
+            raise InvalidArgument("vector contains NaN or inf")
         if float(np.abs(vec).max()) > s.max_abs_value:
             big = float(np.abs(vec).max())
-            raise ServiceError("INVALID_ARGUMENT", f"vector entry of magnitude {big:.3g} > max_abs_value {s.max_abs_value:g}")
+            raise InvalidArgument(f"vector entry of magnitude {big:.3g} > max_abs_value {s.max_abs_value:g}")
         if not np.any(vec):
-            raise ServiceError("INVALID_ARGUMENT", "vector is all zeros")
+            raise InvalidArgument("vector is all zeros")
         return QuerySpec(stream, vector=vec)
 
     def check_search(self, spec: SearchSpec) -> None:
-        """Check indexes, top_k, path and filters of a search."""
+        """Check a search against this server: its indexes and whether they answer its path, top_k within
+        max_top_k, filter latents in range, boosts within max_abs_boost (the parameters themselves were
+        validated when its SearchParams was made)."""
         if not spec.indexes:
-            raise ServiceError("INVALID_ARGUMENT", "no index named: set indexes to one or more of " + str(sorted(self.searchers)))
+            raise InvalidArgument("no index named: set indexes to one or more of " + str(sorted(self.searchers)))
         for name in spec.indexes:
             if name not in self.searchers:
-                raise ServiceError("NOT_FOUND", f"unknown index {name!r}; this server has {sorted(self.searchers)}")
-            if spec.path == "dense" and any(d is None for d in self.searchers[name].dense):
-                raise ServiceError("FAILED_PRECONDITION", f"index {name!r} was built without a dense index; use the sparse path")
-            if spec.path == "seismic" and not getattr(self.searchers[name], "has_seismic", True):
-                raise ServiceError("FAILED_PRECONDITION", f"index {name!r} has no Seismic index (sparc index seismic)")
-        if spec.heap_factor is not None and not 0 < spec.heap_factor <= 1:
-            raise ServiceError("INVALID_ARGUMENT", f"heap_factor must be in (0, 1], got {spec.heap_factor}")
-        if spec.budget is not None and not (np.isfinite(spec.budget) and 0 < spec.budget <= 1):
-            raise ServiceError("INVALID_ARGUMENT", f"budget must be in (0, 1], got {spec.budget}")
-        if spec.candidates is not None and not 1 <= spec.candidates <= MAX_CANDIDATES:
-            raise ServiceError("INVALID_ARGUMENT", f"candidates must be in [1, {MAX_CANDIDATES}], got {spec.candidates}")
-        if not 1 <= spec.top_k <= self.settings.max_top_k:
-            raise ServiceError("INVALID_ARGUMENT", f"top_k must be in [1, {self.settings.max_top_k}], got {spec.top_k}")
+                raise NotFound(f"unknown index {name!r}; this server has {sorted(self.searchers)}")
+            info = self.infos[name]
+            if spec.path == "dense" and not info.dense:
+                raise FailedPrecondition(f"index {name!r} was built without a dense index; use the sparse path")
+            if spec.path == "seismic" and not info.seismic:
+                how = "a Milvus collection: use the sparse or approx path" if info.backend == "milvus" else "sparc index seismic"
+                raise FailedPrecondition(f"index {name!r} has no Seismic index ({how})")
+        p = spec.params
+        if not 1 <= p.top_k <= self.settings.max_top_k:
+            raise InvalidArgument(f"top_k must be in [1, {self.settings.max_top_k}], got {p.top_k}")
         n = self.model.n_latents
-        for lat in [*spec.require, *spec.exclude, *spec.boost]:
+        for lat in [*p.require, *p.exclude, *(k for k, _ in p.boost)]:
             if not 0 <= lat < n:
-                raise ServiceError("INVALID_ARGUMENT", f"latent {lat} is out of range [0, {n})")
-        for lat, w in spec.boost.items():
+                raise InvalidArgument(f"latent {lat} is out of range [0, {n})")
+        for lat, w in p.boost:
             m = self.settings.max_abs_boost
             if not np.isfinite(w) or abs(w) > m:
-                raise ServiceError("INVALID_ARGUMENT", f"boost {w:g} of latent {lat} is outside [-{m:g}, {m:g}]")
+                raise InvalidArgument(f"boost {w:g} of latent {lat} is outside [-{m:g}, {m:g}]")
         if len(set(spec.indexes)) != len(spec.indexes):
-            raise ServiceError("INVALID_ARGUMENT", "an index is named more than once")
+            raise InvalidArgument("an index is named more than once")
 
     def check_budget(self, specs: list[SearchSpec]) -> None:
         """Refuse, before any work, a call whose hits or reply would exceed the limits (RESOURCE_EXHAUSTED)."""
@@ -362,20 +353,17 @@ class Engine:
         explained = sum(spec.top_k for spec in specs if spec.explain)
         reply = sum(spec.top_k * (HIT_BYTES + (EXPLANATION_BYTES if spec.explain else 0)) for spec in specs)
         if hits > s.max_hits_per_call:
-            raise ServiceError(
-                "RESOURCE_EXHAUSTED",
+            raise ResourceExhausted(
                 f"{len(specs)} queries x top_k x indexes = {hits} hits exceeds max_hits_per_call {s.max_hits_per_call}; "
                 "split the batch or lower top_k",
             )
         if explained > s.max_explained_hits_per_call:
-            raise ServiceError(
-                "RESOURCE_EXHAUSTED",
+            raise ResourceExhausted(
                 f"{explained} explained hits exceeds max_explained_hits_per_call {s.max_explained_hits_per_call}; "
                 "explain fewer hits (lower top_k) or split the batch",
             )
         if reply > s.max_message_bytes:
-            raise ServiceError(
-                "RESOURCE_EXHAUSTED",
+            raise ResourceExhausted(
                 f"the reply would be about {reply / 2**20:.1f} MiB, over max_message_bytes "
                 f"({s.max_message_bytes / 2**20:.1f} MiB); split the batch or lower top_k",
             )
@@ -417,12 +405,12 @@ class Engine:
         out: list[SparseCode] = [c for c in codes if c is not None]
         for i, c in enumerate(out):
             if not torch.isfinite(c.values).all():
-                raise ServiceError("INVALID_ARGUMENT", f"query {i} overflows the encoder (its code is not finite)")
+                raise InvalidArgument(f"query {i} overflows the encoder (its code is not finite)")
         return out
 
     def decode(self, code: SparseCode, stream: str) -> np.ndarray:
         if stream not in self.model.cfg.streams:
-            raise ServiceError("INVALID_ARGUMENT", f"unknown decode stream {stream!r}; this model has {self.model.streams}")
+            raise InvalidArgument(f"unknown decode stream {stream!r}; this model has {self.model.streams}")
         with torch.no_grad():
             return self.model.decode(code.to(self.model.device), stream).cpu().numpy()
 
@@ -442,55 +430,25 @@ class Engine:
             raise SearchStopped("stopped after encoding: the deadline passed or the call was cancelled")
         results: list[list[Hit]] = [[] for _ in specs]
         groups: dict[tuple, list[int]] = {}
-        for i, s in enumerate(specs):
-            key = (
-                tuple(s.indexes),
-                s.top_k,
-                s.path,
-                tuple(s.require),
-                tuple(s.exclude),
-                tuple(sorted(s.boost.items())),
-                s.nprobe,
-                s.query_cut,
-                s.heap_factor,
-                s.budget,
-                s.candidates,
-            )
-            groups.setdefault(key, []).append(i)
-        for members in groups.values():
-            spec = specs[members[0]]
+        for i, s in enumerate(specs):  # equal parameters: one batched index call
+            groups.setdefault((tuple(s.indexes), s.params), []).append(i)
+        for (indexes, params), members in groups.items():
             batch = SparseCode(
                 torch.cat([codes[i].indices for i in members]),
                 torch.cat([codes[i].values for i in members]),
                 self.model.n_latents,
             )
-            merged: list[list[tuple[float, str, Any]]] = [[] for _ in members]
-            for name in spec.indexes:
+            found: dict[str, SearchResult] = {}
+            for name in indexes:
                 try:
-                    res = self.searchers[name].search(
-                        batch,
-                        top_k=spec.top_k,
-                        path=spec.path,
-                        nprobe=spec.nprobe,
-                        query_cut=spec.query_cut,
-                        heap_factor=spec.heap_factor,
-                        budget=spec.budget,
-                        candidates=spec.candidates,
-                        require=spec.require or None,
-                        exclude=spec.exclude or None,
-                        boost=spec.boost or None,
-                        should_stop=should_stop,
-                    )
+                    found[name] = self.searchers[name].search(batch, params, should_stop=should_stop)
                 except GalleryUnavailable:  # its store (a Milvus server) is down: health says so until it answers
                     self.index_health(name, False)
                     raise
                 self.index_health(name, True)
-                for j in range(len(members)):
-                    merged[j].extend((sc, name, item) for item, sc in zip(res.ids[j], res.scores[j]))
-            for j, i in enumerate(members):
+            for j, (i, best) in enumerate(zip(members, merge_galleries(found, params.top_k))):
                 if should_stop is not None and j % 64 == 0 and should_stop():
                     raise SearchStopped("stopped while explaining hits")
-                best = sorted(merged[j], key=lambda t: -t[0])[: spec.top_k]
                 hits = []
                 for rank, (score, name, item) in enumerate(best, start=1):
                     expl = self.searchers[name].explain(codes[i], item, top=8) if specs[i].explain else []
@@ -501,31 +459,31 @@ class Engine:
     def latent_top_items(self, latent: int, index: str, top_k: int) -> tuple[int, list[tuple[Any, float]]]:
         """The items of ``index`` with the largest activation of ``latent`` (and how many it fires on)."""
         if index not in self.searchers:
-            raise ServiceError("NOT_FOUND", f"unknown index {index!r}; this server has {sorted(self.searchers)}")
+            raise NotFound(f"unknown index {index!r}; this server has {sorted(self.searchers)}")
         if not 0 <= latent < self.model.n_latents:
-            raise ServiceError("INVALID_ARGUMENT", f"latent {latent} is out of range [0, {self.model.n_latents})")
+            raise InvalidArgument(f"latent {latent} is out of range [0, {self.model.n_latents})")
         if not 1 <= top_k <= self.settings.max_top_k:
-            raise ServiceError("INVALID_ARGUMENT", f"top_k must be in [1, {self.settings.max_top_k}], got {top_k}")
+            raise InvalidArgument(f"top_k must be in [1, {self.settings.max_top_k}], got {top_k}")
         return self.searchers[index].latent_top_items(latent, top_k)
 
     # ---- see the concepts -------------------------------------------------------------------------
     def _check_target(self, text: str, latents: list[int], weights: list[float]) -> None:
         """Validate a Localize / AttributeText target before it is queued on the gradient lane."""
         if bool(text) == bool(latents):
-            raise ServiceError("INVALID_ARGUMENT", "give exactly one of text or latents")
+            raise InvalidArgument("give exactly one of text or latents")
         if latents:
             if len(latents) > MAX_TARGET_LATENTS:
-                raise ServiceError("INVALID_ARGUMENT", f"at most {MAX_TARGET_LATENTS} latents, got {len(latents)}")
+                raise InvalidArgument(f"at most {MAX_TARGET_LATENTS} latents, got {len(latents)}")
             for lat in latents:
                 if not 0 <= lat < self.model.n_latents:
-                    raise ServiceError("INVALID_ARGUMENT", f"latent {lat} is out of range [0, {self.model.n_latents})")
+                    raise InvalidArgument(f"latent {lat} is out of range [0, {self.model.n_latents})")
             if weights and (len(weights) != len(latents) or not all(np.isfinite(w) and w >= 0 for w in weights)):
-                raise ServiceError("INVALID_ARGUMENT", "weights: one finite, non-negative weight per latent")
+                raise InvalidArgument("weights: one finite, non-negative weight per latent")
             return
         if len(text) > self.settings.max_text_chars:
-            raise ServiceError("INVALID_ARGUMENT", f"text of {len(text)} characters exceeds {self.settings.max_text_chars}")
+            raise InvalidArgument(f"text of {len(text)} characters exceeds {self.settings.max_text_chars}")
         if not text.strip():
-            raise ServiceError("INVALID_ARGUMENT", "empty text")
+            raise InvalidArgument("empty text")
         self._encoder_for("text", "")
 
     def _target(
@@ -557,27 +515,27 @@ class Engine:
 
         method = METHOD_ALIASES.get(method, method) or "relevance"
         if method not in METHODS:
-            raise ServiceError("INVALID_ARGUMENT", f"unknown method {method!r}; methods: {list(METHODS)}")
+            raise InvalidArgument(f"unknown method {method!r}; methods: {list(METHODS)}")
         if not image:
-            raise ServiceError("INVALID_ARGUMENT", "empty image")
+            raise InvalidArgument("empty image")
         if len(image) > self.settings.max_image_bytes:
-            raise ServiceError("INVALID_ARGUMENT", f"image of {len(image)} bytes exceeds {self.settings.max_image_bytes}")
+            raise InvalidArgument(f"image of {len(image)} bytes exceeds {self.settings.max_image_bytes}")
         enc = self._encoder_for("image", encoder_stream)
         text_enc = self.encoders.get(self.default_stream["text"] or "")
         if method in CLIP_METHODS and not text:
-            raise ServiceError("INVALID_ARGUMENT", f"{method} compares CLIP's image with a caption: give text")
+            raise InvalidArgument(f"{method} compares CLIP's image with a caption: give text")
         with self._decoders:
             pil = decode_image(image, self.settings.max_image_pixels)
 
         if concepts:
             if text or latents:
-                raise ServiceError("INVALID_ARGUMENT", "give text, latents or concepts, not several")
+                raise InvalidArgument("give text, latents or concepts, not several")
             from sparc_core.naming import NamingError, latents_named
 
             try:
                 latents = sorted({i for c in concepts for i in latents_named(self.names, c)})
             except NamingError as e:
-                raise ServiceError("INVALID_ARGUMENT", str(e)) from None
+                raise InvalidArgument(str(e)) from None
 
         self._check_target(text, latents, weights)
 
@@ -604,17 +562,17 @@ class Engine:
         method = METHOD_ALIASES.get(method, method) or "relevance"
         if method not in METHODS or method in CLIP_METHODS:
             allowed = [m for m in METHODS if m not in CLIP_METHODS]
-            raise ServiceError("INVALID_ARGUMENT", f"unknown pair method {method!r}; methods: {allowed}")
+            raise InvalidArgument(f"unknown pair method {method!r}; methods: {allowed}")
         if max_latents > MAX_PAIR_LATENTS:
-            raise ServiceError("INVALID_ARGUMENT", f"max_latents is at most {MAX_PAIR_LATENTS}, got {max_latents}")
+            raise InvalidArgument(f"max_latents is at most {MAX_PAIR_LATENTS}, got {max_latents}")
         if not text.strip():
-            raise ServiceError("INVALID_ARGUMENT", "empty text")
+            raise InvalidArgument("empty text")
         if len(text) > self.settings.max_text_chars:
-            raise ServiceError("INVALID_ARGUMENT", f"text of {len(text)} characters exceeds {self.settings.max_text_chars}")
+            raise InvalidArgument(f"text of {len(text)} characters exceeds {self.settings.max_text_chars}")
         if not image:
-            raise ServiceError("INVALID_ARGUMENT", "empty image")
+            raise InvalidArgument("empty image")
         if len(image) > self.settings.max_image_bytes:
-            raise ServiceError("INVALID_ARGUMENT", f"image of {len(image)} bytes exceeds {self.settings.max_image_bytes}")
+            raise InvalidArgument(f"image of {len(image)} bytes exceeds {self.settings.max_image_bytes}")
         image_enc, text_enc = self._encoder_for("image", encoder_stream), self._encoder_for("text", "")
         with self._decoders:
             pil = decode_image(image, self.settings.max_image_pixels)
@@ -631,11 +589,11 @@ class Engine:
 
         method = method or "grad"
         if method not in TEXT_METHODS:
-            raise ServiceError("INVALID_ARGUMENT", f"unknown method {method!r}; methods: {list(TEXT_METHODS)}")
+            raise InvalidArgument(f"unknown method {method!r}; methods: {list(TEXT_METHODS)}")
         if not text.strip():
-            raise ServiceError("INVALID_ARGUMENT", "empty text")
+            raise InvalidArgument("empty text")
         if len(text) > self.settings.max_text_chars:
-            raise ServiceError("INVALID_ARGUMENT", f"text of {len(text)} characters exceeds {self.settings.max_text_chars}")
+            raise InvalidArgument(f"text of {len(text)} characters exceeds {self.settings.max_text_chars}")
         enc = self._encoder_for("text", "")
 
         if latents:

@@ -1,12 +1,51 @@
-"""The one error type of the service's engine: a refusal with a gRPC status code name."""
+"""The errors the service's engine raises: each class is one kind of refusal; service/server.py alone maps
+them to gRPC status codes."""
 
 from __future__ import annotations
 
 
 class ServiceError(Exception):
-    """A request the service refuses; ``code`` is a grpc.StatusCode name (mapped in server.py only)."""
+    """A request (or a configuration) the service refuses; the subclass says why."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    def __init__(self, *args: str) -> None:
+        """``(message)``; or, from code written before the subclasses, ``(status code name, message)``."""
+        if len(args) not in (1, 2):
+            raise TypeError("ServiceError takes a message (or a status code name and a message)")
+        super().__init__(args[-1])
+        self.message = args[-1]
+        self.code = args[0] if len(args) == 2 else None
+
+    def prefixed(self, prefix: str) -> ServiceError:
+        """The same refusal with ``prefix`` before its message (e.g. which request of a batch)."""
+        return type(self)(*((self.code,) if self.code else ()), prefix + self.message)
+
+
+class InvalidArgument(ServiceError):
+    """The request itself is wrong: an empty query, an unknown stream, a value out of range."""
+
+
+class NotFound(ServiceError):
+    """The request names an index that this server does not have."""
+
+
+class FailedPrecondition(ServiceError):
+    """The server is not set up for the request (no encoder for text, an index without a dense part), or
+    its configuration is unusable."""
+
+
+class ResourceExhausted(ServiceError):
+    """The request would cost more than the server allows per call, or every slot is taken."""
+
+
+class Unavailable(ServiceError):
+    """The server (or a store behind it) cannot answer now; the client may retry."""
+
+
+class DeadlineExceeded(ServiceError):
+    """The call's deadline passed before its work could start."""
+
+
+__all__ = [
+    "DeadlineExceeded", "FailedPrecondition", "InvalidArgument", "NotFound", "ResourceExhausted", "ServiceError",
+    "Unavailable",
+]  # fmt: skip

@@ -25,7 +25,7 @@ from typing import Any
 
 from index import SearchStopped
 
-from .errors import ServiceError
+from .errors import ResourceExhausted
 
 log = logging.getLogger("sparc.service")
 Work = Callable[[Any, dict], Any]  # work(model, encoders) -> result
@@ -88,8 +88,7 @@ class GradientLane:
         or running; SearchStopped as soon as ``should_stop()`` turns true (the job is dropped if not started)."""
         stop = should_stop or (lambda: False)
         if not self._slots.acquire(blocking=False):
-            raise ServiceError(
-                "RESOURCE_EXHAUSTED",
+            raise ResourceExhausted(
                 f"{self.capacity} localisation / attribution calls are already queued or running "
                 "(max_gradient_calls); retry with backoff",
             )

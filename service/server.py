@@ -20,11 +20,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from index.milvus_backend import GalleryUnavailable
+from index import SearchParams
+from index.errors import GalleryUnavailable
 from sparc_core import SparcError
 from sparc_core.attribution import save_heatmap_png, save_pair_png, save_words_png
 
-from .engine import Engine, SearchSpec, SearchStopped, ServiceError
+from .engine import Engine, SearchSpec, SearchStopped
+from .errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 from .protogen import ensure_stubs
 from .settings import ServiceSettings
 
@@ -51,6 +61,24 @@ HEATMAP_METHODS = {
 }
 ATTRIBUTION_METHODS = {pb.ATTRIBUTION_METHOD_GRAD: "grad", pb.ATTRIBUTION_METHOD_RELEVANCE: "relevance"}
 log = logging.getLogger("sparc.service")
+# The status code of each refusal the engine raises (the only place status names meet the engine's errors).
+STATUS = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def status_of(error: ServiceError) -> grpc.StatusCode:
+    """The gRPC status of an engine refusal: its class's (or the nearest base class's), else the status code
+    name it was made with."""
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return getattr(grpc.StatusCode, error.code or "", grpc.StatusCode.INTERNAL)
 
 
 def _method(request: Any, names: dict[int, str]) -> str:
@@ -60,10 +88,10 @@ def _method(request: Any, names: dict[int, str]) -> str:
     if request.method == 0:
         return legacy
     if request.method not in names:
-        raise ServiceError("INVALID_ARGUMENT", f"unknown method enum value {request.method}")
+        raise InvalidArgument(f"unknown method enum value {request.method}")
     chosen = names[request.method]
     if legacy and legacy != chosen:
-        raise ServiceError("INVALID_ARGUMENT", f"method {chosen!r} and method_name {legacy!r} disagree; set one")
+        raise InvalidArgument(f"method {chosen!r} and method_name {legacy!r} disagree; set one")
     return chosen
 
 
@@ -209,7 +237,7 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy: too many calls in flight; retry with backoff")
         try:
             if self.engine is None:
-                raise ServiceError("UNAVAILABLE", "the server is still loading its checkpoint and indexes")
+                raise Unavailable("the server is still loading its checkpoint and indexes")
             self._check_deadline(context)
             try:
                 out = fn()
@@ -220,8 +248,9 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
                 code = self._gone(context)
             return out
         except ServiceError as e:
-            code = e.code
-            context.abort(getattr(grpc.StatusCode, e.code), e.message)
+            status = status_of(e)
+            code = status.name
+            context.abort(status, e.message)
         except GalleryUnavailable as e:  # a Milvus server down or too slow: the client may retry
             code = "UNAVAILABLE"
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
@@ -268,7 +297,7 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
     def _check_deadline(context: grpc.ServicerContext) -> None:
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
-            raise ServiceError("DEADLINE_EXCEEDED", "deadline passed before the call started")
+            raise DeadlineExceeded("deadline passed before the call started")
 
     def _query(self, q: pb.Query):
         kind = q.WhichOneof("kind")
@@ -280,25 +309,27 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
 
     def _spec(self, r: pb.SearchRequest) -> SearchSpec:
         if not r.HasField("query"):
-            raise ServiceError("INVALID_ARGUMENT", "empty query: set exactly one of text, image or vector")
+            raise InvalidArgument("empty query: set exactly one of text, image or vector")
         if r.path not in PATHS:
-            raise ServiceError("INVALID_ARGUMENT", f"unknown search path {r.path}")
-        return SearchSpec(
-            query=self._query(r.query),
-            indexes=list(dict.fromkeys(r.indexes)),  # a name given twice is searched once
-            top_k=r.top_k or 10,
-            path=PATHS[r.path] or self.engine.settings.default_path,
-            require=sorted(set(r.filter.require)),
-            exclude=sorted(set(r.filter.exclude)),
-            boost=dict(r.filter.boost),
-            explain=r.explain,
-            return_code=r.return_code,
-            nprobe=r.nprobe or None,
-            query_cut=r.query_cut or None,
-            heap_factor=r.heap_factor or None,
-            budget=r.budget or None,
-            candidates=r.candidates or None,
-        )
+            raise InvalidArgument(f"unknown search path {r.path}")
+        query = self._query(r.query)
+        try:  # the one place a request's search parameters are made (and validated) from the proto
+            params = SearchParams.create(
+                top_k=r.top_k or 10,
+                path=PATHS[r.path] or self.engine.settings.default_path,
+                require=r.filter.require,
+                exclude=r.filter.exclude,
+                boost=dict(r.filter.boost),
+                nprobe=r.nprobe or None,
+                query_cut=r.query_cut or None,
+                heap_factor=r.heap_factor or None,
+                budget=r.budget or None,
+                candidates=r.candidates or None,
+            )
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        # a name given twice is searched once
+        return SearchSpec(query, list(dict.fromkeys(r.indexes)), params, explain=r.explain, return_code=r.return_code)
 
     def _counted(self, method: str, specs: list[SearchSpec]) -> list[SearchSpec]:
         """``specs``, after adding their encoding work to ``sparc_work_total``."""
@@ -343,17 +374,15 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
         def run():
             n = len(request.requests)
             if n == 0:
-                raise ServiceError("INVALID_ARGUMENT", "SearchBatch with no requests")
+                raise InvalidArgument("SearchBatch with no requests")
             if n > self.engine.settings.max_batch:
-                raise ServiceError(
-                    "RESOURCE_EXHAUSTED", f"batch of {n} queries exceeds max_batch {self.engine.settings.max_batch}"
-                )
+                raise ResourceExhausted(f"batch of {n} queries exceeds max_batch {self.engine.settings.max_batch}")
             specs = []
             for i, r in enumerate(request.requests):
                 try:
                     specs.append(self._spec(r))
                 except ServiceError as e:
-                    raise ServiceError(e.code, f"requests[{i}]: {e.message}") from None
+                    raise e.prefixed(f"requests[{i}]: ") from None
             if self._stopper(context)():
                 raise SearchStopped("stopped after validation: the deadline passed or the call was cancelled")
             return pb.SearchBatchResponse(responses=self._responses(self._counted("SearchBatch", specs), context))
@@ -421,7 +450,7 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
     def Encode(self, request, context):
         def run():
             if not request.HasField("query"):
-                raise ServiceError("INVALID_ARGUMENT", "empty query: set exactly one of text, image or vector")
+                raise InvalidArgument("empty query: set exactly one of text, image or vector")
             spec = self._query(request.query)
             self.metrics.count_queries("Encode", [spec])
             code = self.engine.encode([spec], self._stopper(context))[0]
@@ -434,16 +463,16 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
         return self._call("Encode", context, run)
 
     def _info(self, name: str) -> pb.IndexInfo:
-        s = self.engine.searchers[name]
-        m = s.manifest
+        info = self.engine.infos[name]
+        m = info.manifest
         return pb.IndexInfo(
             name=name,
-            stream=m.stream,
-            n_items=s.n_items,
-            shards=max(1, len(s.shards)),
+            stream=info.stream,
+            n_items=info.n_items,
+            shards=info.shards,
             checkpoint_sha256=m.checkpoint_sha256,
             manifest_json=_public_manifest(m),
-            dense=all(d is not None for d in s.dense),
+            dense=info.dense,
         )
 
     def ListIndexes(self, request, context):
@@ -456,9 +485,7 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
 
         def run():
             if request.name not in self.engine.searchers:
-                raise ServiceError(
-                    "NOT_FOUND", f"unknown index {request.name!r}; this server has {sorted(self.engine.searchers)}"
-                )
+                raise NotFound(f"unknown index {request.name!r}; this server has {sorted(self.engine.searchers)}")
             return self._info(request.name)
 
         return self._call("GetIndex", context, run)
@@ -873,9 +900,9 @@ def _read_pem(path: str, what: str, marker: str) -> bytes:
     try:
         data = open(path, "rb").read()
     except OSError as e:
-        raise ServiceError("FAILED_PRECONDITION", f"{what} {path}: unreadable ({e.strerror})") from None
+        raise FailedPrecondition(f"{what} {path}: unreadable ({e.strerror})") from None
     if marker.encode() not in data:
-        raise ServiceError("FAILED_PRECONDITION", f"{what} {path}: no PEM '{marker}' block in it (cert and key swapped?)")
+        raise FailedPrecondition(f"{what} {path}: no PEM '{marker}' block in it (cert and key swapped?)")
     return data
 
 
@@ -890,7 +917,7 @@ def _server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | N
     try:  # the key must belong to the certificate
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(settings.tls_cert, settings.tls_key)
     except ssl.SSLError as e:
-        raise ServiceError("FAILED_PRECONDITION", f"tls_cert and tls_key do not form a usable pair ({e.reason})") from None
+        raise FailedPrecondition(f"tls_cert and tls_key do not form a usable pair ({e.reason})") from None
     ca = _read_pem(settings.tls_client_ca, "tls_client_ca", "CERTIFICATE") if settings.tls_client_ca else None
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
@@ -936,9 +963,9 @@ class SparcServer:
         try:
             self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
         except RuntimeError as e:
-            raise ServiceError("UNAVAILABLE", f"cannot listen on {address} ({e})") from None
+            raise Unavailable(f"cannot listen on {address} ({e})") from None
         if self.port == 0:
-            raise ServiceError("UNAVAILABLE", f"cannot listen on {address}")
+            raise Unavailable(f"cannot listen on {address}")
         if settings.reflection:
             reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.servicer = SparcServicer(None, self.metrics, settings.in_flight_limit)

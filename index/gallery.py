@@ -1,0 +1,65 @@
+"""The contract every gallery keeps: local bundles (``index.searcher.Searcher``) and a Milvus collection
+(``index.milvus_backend.MilvusSearcher``); ``index.opener.open_gallery`` picks one by location."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from sparc_core import SparcModel, SparseCode
+
+from .manifest import Manifest
+from .params import PATHS, SearchParams
+from .queries import Explanation, SearchResult
+
+
+@dataclass(frozen=True)
+class GalleryInfo:
+    """What a gallery holds and which paths it answers."""
+
+    stream: str
+    n_items: int
+    shards: int
+    manifest: Manifest
+    dense: bool  # the dense path (FAISS, or the collection's dense vectors)
+    seismic: bool  # the seismic path (every shard has a Seismic index)
+    backend: str = "bundle"  # "bundle" (local directories) or "milvus" (a collection)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(p for p in PATHS if (p != "dense" or self.dense) and (p != "seismic" or self.seismic))
+
+
+@runtime_checkable
+class Gallery(Protocol):
+    """Search, explain and browse one gallery of items encoded by one stream."""
+
+    model: SparcModel
+    stream: str
+    manifest: Manifest
+
+    @property
+    def n_items(self) -> int: ...
+
+    def info(self) -> GalleryInfo: ...
+
+    def search(
+        self,
+        query: SparseCode | tuple[str, np.ndarray],
+        params: SearchParams | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        **options: Any,
+    ) -> SearchResult:
+        """Top hits of every query (a SparseCode, or (stream, raw vectors) to encode first), as ``params``
+        says (or the keywords of ``SearchParams.create``); ``should_stop`` polled between chunks of work
+        (raises SearchStopped once true)."""
+        ...
+
+    def item_code(self, item_id: Any) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def explain(self, query: SparseCode, item_id: Any, top: int = 5, row: int = 0) -> list[Explanation]: ...
+
+    def latent_top_items(self, latent: int, top_k: int) -> tuple[int, list[tuple[Any, float]]]: ...

@@ -1,0 +1,184 @@
+"""The on-disk form of a bundle: its manifest, its versions and how a new one is switched in, and the one
+check that a bundle (or a Milvus collection exported from one) belongs to a checkpoint.
+
+A bundle is a directory whose ``CURRENT`` file names the live version sub-directory (``v-...``); a new
+version is written completely into a temp folder, fsynced, renamed, and only then does ``CURRENT`` move to
+it with an atomic rename; so a build killed at any point leaves the previous version untouched and
+loadable (see index/bundle.py for what a version holds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+
+from sparc_core.checkpoint import atomic_write_bytes, atomic_write_json, fsync_dir
+
+from .errors import BundleError
+from .seismic_backend import SeismicSettings
+
+FORMAT = "sparc-index"
+VERSION = 2
+CURRENT = "CURRENT"
+MANIFEST = "manifest.json"
+LEGACY_ARRAYS = ("ids", "codes_idx", "codes_val")  # format version 1: one set of arrays per version
+
+
+class ShardInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: int = 0  # this shard's number
+    count: int = 1  # shards in the whole gallery
+    row_start: int = 0  # first feature row of this shard (inclusive)
+    row_stop: int = 0  # last feature row (exclusive)
+
+
+class PartInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^part-[0-9]{5,}$")  # sub-directory of the version (never a path elsewhere)
+    n_items: int = Field(ge=0)
+    created_at: str
+
+
+class Manifest(BaseModel):
+    """What a bundle holds and how it was built; verified on load."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["sparc-index"] = FORMAT
+    version: int = VERSION
+    stream: str
+    n_latents: int
+    k: int
+    dim: int
+    n_items: int
+    checkpoint_sha256: str
+    checkpoint_path: str  # relative to the bundle directory (absolute in bundles built before that)
+    id_kind: Literal["int", "str"]
+    dense: bool
+    faiss_factory: str | None
+    shard: ShardInfo
+    created_at: str
+    build_seconds: float
+    files: dict[str, int]  # file path in the version -> size in bytes (truncation check)
+    source: str  # features file the items came from
+    parts: list[PartInfo] = []  # format 2; empty in format-1 bundles
+    ids_unique_in_source: bool = False  # ids were checked unique over the whole source (all shards)
+    # Seismic indexes in every part (the seismic path); "approx" in manifests written before the rename
+    seismic: SeismicSettings | None = Field(None, validation_alias=AliasChoices("seismic", "approx"))
+    # Which of the model's codes the items hold (sparc_core.model.CodeKind; queries are encoded the same way),
+    # and the checkpoint's search weight of unagreed latents when built (0: the agreed code alone).
+    code: Literal["search", "agreed", "full"] = "search"
+    soft_weight: float = 0.0
+
+
+def checkpoint_of(path: str | Path, manifest: Manifest) -> Path:
+    """The checkpoint a bundle records: its path relative to the bundle directory (so a project can move),
+    or an absolute one."""
+    p = Path(manifest.checkpoint_path)
+    return p if p.is_absolute() else (Path(path) / p)
+
+
+def relative_checkpoint(checkpoint: str | Path, bundle: str | Path) -> str:
+    return os.path.relpath(Path(checkpoint).resolve(), Path(bundle).resolve())
+
+
+def clean_stale_builds(path: str | Path) -> list[str]:
+    """Remove the temp folders of builds whose process is gone (killed); returns their names."""
+    removed = []
+    for stale in Path(path).glob(".building-*"):
+        pid = stale.name.split("-")[1]
+        alive = False
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                alive = True
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:
+                alive = True  # another user's live process
+        if not alive:
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale.name)
+    return removed
+
+
+def _versions(path: Path) -> list[Path]:
+    return sorted(p for p in path.glob("v-*") if p.is_dir())
+
+
+def current_version(path: str | Path) -> Path:
+    """The live version directory of a bundle."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: index bundle not found")
+    cur = path / CURRENT
+    if not cur.is_file():
+        raise BundleError(f"{cur}: missing (not a sparc index bundle, or its first build never finished)")
+    name = cur.read_text().strip()
+    vdir = path / name
+    if not name.startswith("v-") or "/" in name or not vdir.is_dir():
+        raise BundleError(f"{cur}: names version {name!r}, which does not exist")
+    return vdir
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """The checked manifest of a bundle's live version."""
+    vdir = current_version(path)
+    mpath = vdir / MANIFEST
+    try:
+        m = Manifest.model_validate(json.loads(mpath.read_text()))
+    except FileNotFoundError:
+        raise BundleError(f"{mpath}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mpath}: corrupt JSON ({e})") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise BundleError(f"{mpath}: invalid manifest ({'.'.join(map(str, err['loc']))}: {err['msg']})") from None
+    if m.version > VERSION:
+        raise BundleError(f"{mpath}: bundle format {m.version} is newer than this sparc reads ({VERSION}); upgrade sparc")
+    return m
+
+
+def require_checkpoint(
+    have: str, want: str, where: str | Path, made: str = "built with", remedy: str = "rebuild the index with this checkpoint"
+) -> None:
+    """The one identity check between a bundle (or collection) and a model: ``have`` is the checkpoint hash
+    the index records, ``want`` the model's; they differ -> BundleError naming both and what to do."""
+    if have != want:
+        raise BundleError(
+            f"{where}: {made} checkpoint {have[:12]}, the model is {want[:12]} (it is not the checkpoint the index "
+            f"was built with); {remedy}"
+        )
+
+
+def new_version_dir(path: Path) -> tuple[Path, Path]:
+    """(temp dir to write into, final version dir)."""
+    path.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    vdir = path / f"v-{stamp}-{secrets.token_hex(3)}"
+    tmp = path / f".building-{os.getpid()}-{vdir.name}"
+    tmp.mkdir()
+    return tmp, vdir
+
+
+def commit_version(path: Path, tmp: Path, vdir: Path, manifest: dict[str, Any], keep: int = 1) -> Path:
+    """Record file sizes, write the manifest, rename ``tmp`` to ``vdir`` and point CURRENT at it; prune."""
+    files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    manifest = manifest | {"files": files}
+    Manifest.model_validate(manifest)
+    atomic_write_json(tmp / MANIFEST, manifest)
+    fsync_dir(tmp)
+    os.rename(tmp, vdir)
+    fsync_dir(path)
+    atomic_write_bytes(path / CURRENT, (vdir.name + "\n").encode())
+    for old in _versions(path):
+        if old != vdir and old not in _versions(path)[-keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    clean_stale_builds(path)
+    return vdir
