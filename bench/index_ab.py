@@ -116,24 +116,17 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for path, _ in PATHS:
         first = runs[names[0]][0][path]
+        med = {}
         for v in names:
             lat = np.array([run[path]["lat"] for run in runs[v]])  # [rounds, queries]
-            p50 = np.median(np.percentile(lat, 50, axis=1)) * 1e3
-            p99 = np.median(np.percentile(lat, 99, axis=1)) * 1e3
-            batch = np.median([run[path]["batch"] for run in runs[v]]) * 1e3
-            same = all(run[path]["ids"] == first["ids"] and np.allclose(
-                np.concatenate([np.asarray(x, float) for x in run[path]["scores"]] or [np.zeros(0)]),
-                np.concatenate([np.asarray(x, float) for x in first["scores"]] or [np.zeros(0)]), rtol=0, atol=0)
-                for run in runs[v])  # fmt: skip
+            p50 = float(np.median(np.percentile(lat, 50, axis=1))) * 1e3
+            p99 = float(np.median(np.percentile(lat, 99, axis=1))) * 1e3
+            batch = float(np.median([run[path]["batch"] for run in runs[v]])) * 1e3
+            med[v] = (p50, batch)
+            same = all(run[path]["ids"] == first["ids"] and run[path]["scores"] == first["scores"] for run in runs[v])
             print(f"| {path} | {v} | {p50:.3f} | {p99:.3f} | {batch:.1f} | {'yes' if same else 'NO'} |")
-        ratio = {}
-        for key in ("p50", "batch"):
-            vals = []
-            for v in names:
-                lat = np.array([run[path]["lat"] for run in runs[v]])
-                vals.append(np.median(np.percentile(lat, 50, axis=1)) if key == "p50" else np.median([run[path]["batch"] for run in runs[v]]))
-            ratio[key] = vals[1] / vals[0]
-        print(f"| {path} | this / base | {ratio['p50']:.3f} | | {ratio['batch']:.3f} | |")
+        (b50, bb), (t50, tb) = med[names[0]], med[names[1]]
+        print(f"| {path} | this / base | {t50 / b50:.3f} | | {tb / bb:.3f} | |")
 
 
 if __name__ == "__main__":
