@@ -36,7 +36,7 @@ from sparc_core import SparcConfig, SparcModel, SparseCode
 from index import Searcher
 bundle, queries, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
 paths = json.loads(sys.argv[4])
-model = SparcModel(SparcConfig(streams={"codes": 8}, n_latents=8192, k=k))
+model = SparcModel(SparcConfig(streams={"codes": 8, "other": 8}, n_latents=8192, k=k))
 s = Searcher(bundle, model=model)
 z = np.load(queries)
 qi, qv = torch.from_numpy(z["qi"].astype(np.int64)), torch.from_numpy(z["qv"].astype(np.float32))
