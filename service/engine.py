@@ -1,5 +1,6 @@
 """The retrieval engine behind the gRPC surface: validates requests, batches encodes, calls sparc_core and
-index, and raises ServiceError with a status name. It holds no model maths and no search maths.
+index, and raises the typed refusals of service/errors.py (server.py maps them to status codes). It holds
+no model maths and no search maths (the merge over indexes is index.merge_galleries).
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ class EncodeBatcher:
 
 
 def decode_image(data: bytes, max_pixels: int, target: int = 1024) -> Image.Image:
-    """An RGB image from JPEG/PNG/WebP bytes; anything else, or one over ``max_pixels``, is INVALID_ARGUMENT.
+    """An RGB image from JPEG/PNG/WebP bytes; anything else, or one over ``max_pixels``: InvalidArgument.
 
     JPEGs are decoded at the smallest scale still at least ``target`` pixels on the short side (the
     encoders resize far below that), which bounds the memory of a large photo."""
@@ -347,7 +348,7 @@ class Engine:
             raise InvalidArgument("an index is named more than once")
 
     def check_budget(self, specs: list[SearchSpec]) -> None:
-        """Refuse, before any work, a call whose hits or reply would exceed the limits (RESOURCE_EXHAUSTED)."""
+        """Refuse, before any work, a call whose hits or reply would exceed the limits (ResourceExhausted)."""
         s = self.settings
         hits = sum(spec.top_k * len(spec.indexes) for spec in specs)
         explained = sum(spec.top_k for spec in specs if spec.explain)

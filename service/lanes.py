@@ -5,7 +5,7 @@ installs hooks on the encoders. Run on the thread that encodes search queries, o
 Localize adds its whole cost to every Search queued behind it. Here it runs on its own thread, on its own
 replica of the models (``replica=True``, the default: search encoding never waits for it, at the cost of a
 second copy of the weights), with a bounded number of calls queued or running (``capacity``; beyond it a
-call is refused at once with RESOURCE_EXHAUSTED), and every queued call honours its caller's deadline and
+call is refused at once, ResourceExhausted), and every queued call honours its caller's deadline and
 cancellation: a call whose client is gone is never started, and its caller is answered as soon as the
 deadline passes, not when the work would have finished.
 
@@ -84,7 +84,7 @@ class GradientLane:
             self._slots.release()
 
     def run(self, work: Work, should_stop: Callable[[], bool] | None = None, poll: float = 0.05) -> Any:
-        """``work(model, encoders)`` on the lane; RESOURCE_EXHAUSTED when ``capacity`` calls are already queued
+        """``work(model, encoders)`` on the lane; ResourceExhausted when ``capacity`` calls are already queued
         or running; SearchStopped as soon as ``should_stop()`` turns true (the job is dropped if not started)."""
         stop = should_stop or (lambda: False)
         if not self._slots.acquire(blocking=False):
