@@ -178,7 +178,12 @@ class EncodeBatcher:
             fut.set_exception(e)
 
     def close(self) -> None:
+        """Stop the model thread once the batches queued before this have run, and wait for it (up to 30 s):
+        a thread still releasing its last batch's tensors while the interpreter finalizes aborts the
+        process (torch's deleters take the GIL, which finalization refuses by ending the thread)."""
         self._q.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
 
 
 def decode_image(data: bytes, max_pixels: int, target: int = 1024) -> Image.Image:
