@@ -170,6 +170,7 @@ def _search(args: argparse.Namespace) -> int:
     from sparc_core.naming import load_latent_names
 
     from .bundle import BundleError, checkpoint_of
+    from .params import SearchParams
     from .searcher import Searcher
 
     searcher = Searcher(args.bundle, checkpoint=args.checkpoint)
@@ -183,8 +184,12 @@ def _search(args: argparse.Namespace) -> int:
     if xq.ndim == 1:
         xq = xq[None]
     code = searcher.encode(args.stream, xq)
-    res = searcher.search(code, top_k=args.top_k, path=args.path, nprobe=args.nprobe, query_cut=args.query_cut,
-                          heap_factor=args.heap_factor, budget=args.budget, candidates=args.candidates)  # fmt: skip
+    try:
+        params = SearchParams.create(top_k=args.top_k, path=args.path, nprobe=args.nprobe, query_cut=args.query_cut,
+                                     heap_factor=args.heap_factor, budget=args.budget, candidates=args.candidates)  # fmt: skip
+    except ValueError as e:
+        raise BundleError(f"index search: {e}") from None
+    res = searcher.search(code, params)
     for q, (ids, scores) in enumerate(zip(res.ids, res.scores)):
         hits = []
         for item, score in zip(ids, scores):

@@ -4,6 +4,7 @@ protocol with the same signatures, the merge over galleries, and each engine ref
 from __future__ import annotations
 
 import inspect
+import json
 
 import grpc
 import numpy as np
@@ -96,3 +97,17 @@ def test_each_refusal_of_the_engine_has_its_status_code_named_in_the_server_alon
     assert status_of(errors.ServiceError("nothing more")) == grpc.StatusCode.INTERNAL
     source = open(errors.__file__).read() + open(errors.__file__.replace("errors.py", "engine.py")).read()
     assert not [c.name for c in grpc.StatusCode if c.name in source and c.name not in ("OK",)]
+
+
+def test_the_search_command_names_a_bad_parameter_in_one_line(trained_checkpoint, medium_synth, tmp_path, capsys):
+    from index import build_bundle
+    from sparc_core.cli import main
+
+    build_bundle(trained_checkpoint, "dino", medium_synth / "eval" / "dino.npy", tmp_path / "b", progress=False, dense=False)
+    np.save(tmp_path / "q.npy", np.load(medium_synth / "eval" / "clip_txt.npy")[:3])
+    base = ["index", "search", "--bundle", str(tmp_path / "b"), "--stream", "clip_txt", "--queries", str(tmp_path / "q.npy")]
+    assert main([*base, "--path", "approx", "--budget", "1.5"]) == 2
+    assert "budget must be in (0, 1], got 1.5" in capsys.readouterr().err
+    assert main([*base, "--path", "approx", "--budget", "1.0", "--top-k", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(len(json.loads(x)["hits"]) == 4 for x in lines)
