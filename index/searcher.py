@@ -72,7 +72,8 @@ class Searcher:
         if model is None:
             if checkpoint is None:
                 checkpoint = checkpoint_of(first.path, m)
-            require_checkpoint(expected, checkpoint_hash(checkpoint), checkpoint)
+            require_checkpoint(expected, checkpoint_hash(checkpoint), first.vdir / MANIFEST,
+                               remedy=f"{checkpoint} is another model: give the index's own checkpoint")  # fmt: skip
             model = load_checkpoint(checkpoint)
         if model.n_latents != m.n_latents or m.stream not in model.streams:
             raise BundleError(f"{first.path}: built for stream {m.stream!r} with {m.n_latents} latents; the model does not match")
