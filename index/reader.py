@@ -164,12 +164,8 @@ class Bundle:
         should_stop: Callable[[], bool] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over all parts: (D, I) with I rows of this bundle (-1 = no hit)."""
-        out = []
-        for part in self.parts:
-            D, I = part.postings.search_exact(q_idx, q_val, min(k, part.n_items), require=require, exclude=exclude,
-                                              should_stop=should_stop)  # fmt: skip
-            out.append((D, np.where(I >= 0, I + part.row0, -1)))
-        return merge_topk(out, k)
+        return self._over_parts(k, lambda part, kk: part.postings.search_exact(
+            q_idx, q_val, kk, require=require, exclude=exclude, should_stop=should_stop))  # fmt: skip
 
     def search_approx(
         self,
@@ -185,11 +181,15 @@ class Bundle:
         postings, highest impact first; the best ``params.candidates`` rows rescored exactly): (D, I) as
         ``search_sparse``, every score exact."""
         params = params or ApproxParams()
+        return self._over_parts(k, lambda part, kk: part.postings.search_approx(
+            q_idx, q_val, kk, params, part.codes_idx, part.codes_val, require=require, exclude=exclude,
+            should_stop=should_stop))  # fmt: skip
+
+    def _over_parts(self, k: int, search: Callable[[Part, int], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """``search(part, k)`` on every part, its rows made the bundle's, merged into the best k."""
         out = []
         for part in self.parts:
-            D, I = part.postings.search_approx(q_idx, q_val, min(k, part.n_items), params, part.codes_idx,
-                                               part.codes_val, require=require, exclude=exclude,
-                                               should_stop=should_stop)  # fmt: skip
+            D, I = search(part, min(k, part.n_items))
             out.append((D, np.where(I >= 0, I + part.row0, -1)))
         return merge_topk(out, k)
 
