@@ -42,15 +42,21 @@ def active_sets(code: SparseCode) -> Tensor:
 
 
 def per_sample_jaccard(a: SparseCode, b: SparseCode) -> float:
-    """Mean over rows of |A ∩ B| / |A ∪ B| of the active latent sets (1 where both are empty)."""
+    """Mean over rows of |A ∩ B| / |A ∪ B| of the active latent sets; 0 where both are empty (two silent
+    codes agree on nothing: a model that silences every latent must not score a perfect agreement)."""
     scores = []
     for sl in _batches(len(a), 4096):
         sa = active_sets(SparseCode(a.indices[sl], a.values[sl], a.n_latents))
         sb = active_sets(SparseCode(b.indices[sl], b.values[sl], b.n_latents))
         inter = (sa & sb).sum(1).float()
         union = (sa | sb).sum(1).float()
-        scores.append(torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union)))
+        scores.append(inter / union.clamp_min(1))
     return float(torch.cat(scores).mean())
+
+
+def empty_share(code: SparseCode) -> float:
+    """Share of rows with no active latent (reported beside every Jaccard)."""
+    return float((code.l0() == 0).float().mean()) if len(code) else 0.0
 
 
 def fired_latents(code: SparseCode) -> Tensor:
@@ -175,6 +181,7 @@ def evaluate(
             "nmse_self_joint": float(torch.cat(joint_nmse[s]).mean()) if joint_nmse[s] else None,
             "l0": float(codes[s].l0().float().mean()),  # agreed latents
             "l0_search": float(search[s].l0().float().mean()),
+            "empty_share": empty_share(codes[s]),  # rows with no agreed latent
             "dead_fraction": dead_fraction(codes[s]),  # never agreed
             "dead_fraction_search": dead_fraction(search[s]),  # never in a search code
         }
@@ -202,6 +209,7 @@ def evaluate(
     per_stream = report["streams"].values()
     report["summary"] = {
         "mean_jaccard": float(np.mean([p["jaccard"] for p in pairs])) if pairs else None,
+        "max_empty_share": max(v["empty_share"] for v in per_stream),
         "max_dead_fraction": max(v["dead_fraction"] for v in per_stream),
         "mean_nmse_self": float(np.mean([v["nmse_self"] for v in per_stream])),
         "mean_nmse_self_shared": float(np.mean([v["nmse_self_shared"] for v in per_stream])),

@@ -8,7 +8,7 @@ import torch
 
 from sparc_core import ConfigError, SparseCode, SynthConfig, TrainConfig
 from sparc_core.config import build_config, load_config_file
-from sparc_core.metrics import dead_fraction, label_weighted_jaccard, per_sample_jaccard, retrieval_scores
+from sparc_core.metrics import dead_fraction, empty_share, label_weighted_jaccard, per_sample_jaccard, retrieval_scores
 from sparc_core.synthetic import PlantedConcepts
 
 
@@ -55,6 +55,15 @@ def test_per_sample_jaccard_counts_only_active_latents():
     a = _code([[0, 1, 2], [3, 4, 5]])
     b = _code([[0, 1, 7], [3, 4, 5]], [[1, 1, 1], [1, 1, 0]])  # latent 5 is chosen but not active
     assert per_sample_jaccard(a, b) == pytest.approx((2 / 4 + 2 / 3) / 2)
+
+
+def test_two_silent_codes_agree_on_nothing():
+    # a calibration that silences every latent must not score a perfect agreement
+    silent = _code([[0, 1], [2, 3]], [[0, 0], [0, 0]])
+    assert per_sample_jaccard(silent, silent) == 0.0
+    half = _code([[0, 1], [2, 3]], [[1, 1], [0, 0]])  # one row agrees fully, the other is silent in both
+    assert per_sample_jaccard(half, half) == pytest.approx(0.5)
+    assert empty_share(half) == pytest.approx(0.5) and empty_share(silent) == 1.0
 
 
 def test_dead_fraction_and_label_weighted_jaccard():
