@@ -60,6 +60,7 @@ CLIP_METHODS = ("clip-relevance", "clip-cosine")  # CLIP's own image-text baseli
 METHOD_ALIASES = {"clip-sim": "clip-cosine"}  # the earlier name of clip-cosine
 HEATMAP_PNG_SIZE = (560, 480)  # width, height in pixels of save_heatmap_png's picture
 TEXT_METHODS = ("grad", "relevance")
+SCORES = ("activation", "joint")  # what a heatmap explains: the target's activations, or its code's similarity
 
 
 class AttributionError(SparcError, ValueError):
@@ -299,11 +300,21 @@ def localize(
     method: str = "relevance",
     text_encoder: FeatureEncoder | None = None,
     names: dict[int, str] | None = None,
+    start_layer: int = 0,
+    score: str = "activation",
 ) -> Heatmap:
-    """The heatmap of ``target``'s latents on ``image`` as ``encoder``'s stream sees it (see the module doc)."""
+    """The heatmap of ``target``'s latents on ``image`` as ``encoder``'s stream sees it (see the module doc).
+
+    ``start_layer``: the first block the relevance rollout takes in (0: every block; -1: the last only, as
+    the SPARC authors' code starts). ``score``: what the map explains, "activation" (``sum_i w_i *
+    relu(logit_i)``, every target latent counted even where the image's top-k drops it) or "joint" (the
+    similarity of the target's code with the image's top-k code, ``sum_i w_i * z_i``, the authors' target).
+    The CLIP methods never read the SAE: their maps and ``target_fires`` depend on the caption alone."""
     method = METHOD_ALIASES.get(method, method)
     if method not in METHODS:
         raise AttributionError(f"unknown method {method!r}; methods: {list(METHODS)}")
+    if score not in SCORES:
+        raise AttributionError(f"unknown score {score!r}; scores: {list(SCORES)}")
     if encoder.stream not in model.streams:
         raise AttributionError(f"the checkpoint has no stream {encoder.stream!r} (it has {model.streams})")
     kind, vit = _vision(encoder)
@@ -312,7 +323,8 @@ def localize(
             raise AttributionError(f"{method} compares CLIP's image with the caption: it needs the CLIP image tower")
         if text_encoder is None or target.source == "latents":
             raise AttributionError(f"{method} needs a caption (--text) and the CLIP text tower")
-    pixels = encoder.preprocess(image.convert("RGB"))[None].to(encoder.device)
+    # the pixels carry the gradient, so a tower whose weights are frozen (requires_grad False) still gives maps
+    pixels = encoder.preprocess(image.convert("RGB"))[None].to(encoder.device).requires_grad_(True)
     for i in target.latents:
         if not 0 <= i < model.n_latents:
             raise AttributionError(f"latent {i} is out of range [0, {model.n_latents})")
@@ -333,15 +345,21 @@ def localize(
                 raise AttributionError("sequence-first open_clip transformers are not supported")
         tokens, normed = store["tokens"], store["normed"]  # [1, T, D] each
         feats = feats.float()
-        target_score = (F.relu(model.logits(encoder.stream, feats.to(model.device))) * w).sum()
+        logits = model.logits(encoder.stream, feats.to(model.device))
+        if score == "joint":
+            top = logits.topk(min(model.k, logits.shape[-1]), dim=-1)
+            code = torch.zeros_like(logits).scatter(-1, top.indices, F.relu(top.values))
+            target_score = (code * w).sum()
+        else:
+            target_score = (F.relu(logits) * w).sum()
         if method == "clip-relevance":
             with torch.no_grad():
                 txt = F.normalize(text_encoder.encode_texts([target.source]).float().to(feats.device), dim=-1)
-            score = (F.normalize(feats, dim=-1) * txt).sum()  # CLIP's image-text similarity (its logit / temperature)
+            explained = (F.normalize(feats, dim=-1) * txt).sum()  # CLIP's image-text similarity (its logit / temperature)
         else:
-            score = target_score
-        grads = _input_grads(score, [tokens, normed, *rec.maps]) if method != "clip-cosine" else [None] * (2 + len(rec.maps))
-    fires = float(target_score.detach()) > 0
+            explained = target_score
+        grads = _input_grads(explained, [tokens, normed, *rec.maps]) if method != "clip-cosine" else [None] * (2 + len(rec.maps))
+    fires = method in CLIP_METHODS or float(target_score.detach()) > 0
     with torch.no_grad():
         code = model.encode({encoder.stream: feats.detach().to(model.device)}, code="agreed")
         acts = dict(zip(code.indices[0].tolist(), code.values[0].tolist()))
@@ -362,7 +380,8 @@ def localize(
     elif method in ("relevance", "clip-relevance"):
         n = tokens.shape[1]
         r = torch.eye(n)
-        for a, g in zip(rec.maps, grads[2:]):
+        first = start_layer % len(rec.maps) if rec.maps else 0
+        for a, g in list(zip(rec.maps, grads[2:]))[first:]:
             if g is None:
                 continue
             cam = (g[0].float() * a[0].detach().float()).clamp_min(0).mean(0).cpu()
@@ -471,7 +490,10 @@ def attribute_text(
     rec, store = _Recorder(), {}
 
     def keep_embedding(module, inputs, output):
+        if not output.requires_grad:  # a frozen tower: the embeddings carry the gradient themselves
+            output = output.detach().requires_grad_(True)
         store["emb"] = output
+        return output
 
     h = clip.model.token_embedding.register_forward_hook(keep_embedding)
     try:

@@ -426,3 +426,62 @@ def test_captions_are_drawn_as_plain_text_not_mathtext(world, tmp_path):
     hm = localize(model, enc["clip_img"], _square("clip_img", 1), text_target(model, enc["clip_txt"], caption))
     with Image.open(save_heatmap_png(hm, tmp_path / "h.png")) as im:
         assert im.size == HEATMAP_PNG_SIZE
+
+
+@pytest.mark.parametrize("stream", ["dino", "clip_img"])
+def test_frozen_towers_give_the_same_maps(world, stream):
+    # the gradient starts at the pixels (and the caption's embeddings), not at the towers' weights: a tower
+    # loaded for inference with requires_grad off must not give silently flat maps
+    model, enc = world["model"], world["encoders"][stream]
+    side = LAYOUTS[stream][0]
+    image, blank = _square(stream, 9), Image.fromarray(np.full((side, side, 3), 120, np.uint8))
+    target = latent_target(model, [_driven_latent(model, enc, image, blank)])
+    txt = world["encoders"]["clip_txt"]
+    towers = [p for m in (enc.model if stream == "dino" else enc.clip.model, txt.clip.model) for p in m.parameters()]
+    live = {m: localize(model, enc, image, target, method=m).grid for m in ("relevance", "gradcam", "grad-x-input")}
+    words = attribute_text(model, txt, "a zebra on a bus").scores
+    try:
+        for p in towers:
+            p.requires_grad_(False)
+        for method, want in live.items():
+            got = localize(model, enc, image, target, method=method).grid
+            assert float(got.max()) == pytest.approx(1.0), method  # not flat
+            np.testing.assert_allclose(got, want, atol=1e-5)
+        np.testing.assert_allclose(attribute_text(model, txt, "a zebra on a bus").scores, words, atol=1e-5)
+    finally:
+        for p in towers:
+            p.requires_grad_(True)
+
+
+def test_relevance_from_the_last_block_and_the_joint_score(world):
+    model, enc = world["model"], world["encoders"]["dino"]
+    image, blank = _square("dino", 10), Image.fromarray(np.full((64, 64, 3), 120, np.uint8))
+    target = latent_target(model, [_driven_latent(model, enc, image, blank)])
+    every = localize(model, enc, image, target, method="relevance")
+    last = localize(model, enc, image, target, method="relevance", start_layer=-1)
+    assert int(last.grid.argmax()) == int(every.grid.argmax()) == 10  # both find the only textured patch
+    assert not np.array_equal(last.grid, every.grid)  # and are different rollouts
+    # the joint score counts a latent only where the image's top-k keeps it
+    with torch.no_grad():
+        logits = model.logits("dino", enc.encode_images([image]))[0]
+    kept = int(logits.topk(model.k).indices[0])
+    dropped = int(logits.argsort(descending=True)[model.k])  # fires (ReLU > 0) but is not in the top k
+    assert float(logits[dropped]) > 0
+    assert localize(model, enc, image, latent_target(model, [kept]), score="joint").target_fires
+    assert localize(model, enc, image, latent_target(model, [dropped]), score="activation").target_fires
+    assert not localize(model, enc, image, latent_target(model, [dropped]), score="joint").target_fires
+    with pytest.raises(AttributionError, match="unknown score"):
+        localize(model, enc, image, target, score="magic")
+
+
+def test_clip_baselines_never_read_the_sae(world):
+    # CLIP's own maps depend on the caption alone: a target with no latent still gives them, and says it fires
+    model, enc = world["model"], world["encoders"]
+    image = _square("clip_img", 3)
+    for method in ("clip-relevance", "clip-cosine"):
+        bare = Target([], [], source="a red bus")
+        hm = localize(model, enc["clip_img"], image, bare, method=method, text_encoder=enc["clip_txt"])
+        target = text_target(model, enc["clip_txt"], "a red bus")
+        with_latents = localize(model, enc["clip_img"], image, target, method=method, text_encoder=enc["clip_txt"])
+        assert hm.target_fires and float(hm.grid.max()) == pytest.approx(1.0)
+        np.testing.assert_allclose(hm.grid, with_latents.grid, atol=1e-6)
