@@ -33,16 +33,19 @@ from sparc_core.alignment import LOCAL, PAPER
 from sparc_core.config import ClipConfig, DinoConfig, EncodersConfig, ExtractConfig, TrainConfig
 from sparc_core.encoders import load_encoders
 from sparc_core.extract import extract
-from sparc_core.scenes import CONCEPTS, read_scene_records, write_scenes
+from sparc_core.scenes import family_of, read_scene_records, write_scenes
 from sparc_core.scenes_eval import (
     attribution_table,
+    clip_heatmaps,
     code_scores,
     concept_queries,
+    localisation_pairs,
     localisation_table,
     mask_in_crop,
     naming_table,
     phrase,
     retrieval_table,
+    sparc_heatmaps,
 )
 from sparc_core.towers import train_towers
 from sparc_core.train import train
@@ -59,9 +62,10 @@ def stage(name: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20_000, help="scenes (the last 1,000 held out)")
+    ap.add_argument("--family", default="shapes", help="scene family (sparc_core.scenes.FAMILIES)")
     ap.add_argument("--work", default="runs/scenes")
-    ap.add_argument("--dino-steps", type=int, default=600)
-    ap.add_argument("--clip-steps", type=int, default=700)
+    ap.add_argument("--dino-steps", type=int, default=1000)
+    ap.add_argument("--clip-steps", type=int, default=2400)
     ap.add_argument("--sparc-steps", type=int, default=2000)
     ap.add_argument("--pairs", type=int, default=300, help="(image, object) pairs per localisation method")
     ap.add_argument("--json", help="write every number here")
@@ -73,7 +77,8 @@ def main() -> None:
     t = stage("1. scenes")
     scenes = work / "scenes"
     if not (scenes / "scenes.jsonl").is_file():
-        write_scenes(scenes, args.n, seed=0)
+        write_scenes(scenes, args.n, seed=0, family=args.family)
+    family = family_of(scenes)
     records = read_scene_records(scenes)
     labels = np.load(scenes / "labels.npy")
     n_train = len(records) - HELD_OUT
@@ -135,7 +140,7 @@ def main() -> None:
 
     t = stage("5. retrieval: single-concept text queries")
     encoders = load_encoders(enc_cfg)
-    queries = concept_queries(test_records)
+    queries = concept_queries(test_records, family)
     clip_txt = encoders["clip_txt"]
     table = {}
     for name, model in models.items():
@@ -154,33 +159,41 @@ def main() -> None:
         ap = f"mAP {v['mAP']:.3f}" if "mAP" in v else f"explained {v['explained']:.2f}"
         print(f"   {k:<55} P@10 {v['P@10']:.3f}  {ap}  ({v['queries']} queries)", flush=True)
 
-    t = stage("6. localisation, per (image, object)")
+    t = stage("6. localisation, per (image, class), every row on the same pairs")
     sparc = models["SPARC defaults"]
+    pairs = localisation_pairs(scenes, test_records, {s: encoders[s] for s in ("dino", "clip_img")}, args.pairs, family)
     loc = {}
-    for label, model, stream, method in (
-        ("SPARC latents on DINO, relevance", sparc, "dino", "relevance"),
-        ("SPARC latents on DINO, Grad-CAM", sparc, "dino", "gradcam"),
-        ("SPARC latents on CLIP image, relevance", sparc, "clip_img", "relevance"),
-        ("paper recipe latents on DINO, relevance", models["paper recipe"], "dino", "relevance"),
-        ("CLIP image-text relevance (the paper's baseline)", sparc, "clip_img", "clip-relevance"),
-        ("CLIP patch-text cosine", sparc, "clip_img", "clip-cosine"),
-    ):
-        loc[label] = localisation_table(model, encoders[stream], clip_txt, scenes, test_records, method, args.pairs)
+    for label, stream, heatmap_of in (
+        ("SPARC latents on DINO, relevance", "dino", sparc_heatmaps(sparc, encoders["dino"], clip_txt)),
+        ("SPARC latents on DINO, relevance from the last block", "dino",
+         sparc_heatmaps(sparc, encoders["dino"], clip_txt, start_layer=-1)),
+        ("SPARC latents on DINO, joint code similarity", "dino",
+         sparc_heatmaps(sparc, encoders["dino"], clip_txt, score="joint")),
+        ("SPARC latents on DINO, Grad-CAM", "dino", sparc_heatmaps(sparc, encoders["dino"], clip_txt, "gradcam")),
+        ("SPARC latents on CLIP image, relevance", "clip_img", sparc_heatmaps(sparc, encoders["clip_img"], clip_txt)),
+        ("paper recipe latents on DINO, relevance", "dino",
+         sparc_heatmaps(models["paper recipe"], encoders["dino"], clip_txt)),
+        ("CLIP image-text relevance (the paper's baseline)", "clip_img", clip_heatmaps(sparc, encoders["clip_img"], clip_txt)),
+        ("CLIP image-text relevance from the last block", "clip_img",
+         clip_heatmaps(sparc, encoders["clip_img"], clip_txt, start_layer=-1)),
+        ("CLIP patch-text cosine", "clip_img", clip_heatmaps(sparc, encoders["clip_img"], clip_txt, "clip-cosine")),
+    ):  # fmt: skip
+        loc[label] = localisation_table(scenes, pairs, stream, heatmap_of)
         v = loc[label]
-        print(f"   {label:<50} pointing {v['pointing']:.3f}  mIoU {v['iou']:.3f}  IoU>=0.2 {v['iou>=0.2']:.3f}"
-              f"  mask AP@0.2 {v['mask_AP@0.2']:.3f}  ({v['pairs']} pairs, target fires {v['fires']:.2f})",
+        print(f"   {label:<55} pointing {v['pointing']:.3f}  mIoU {v['iou']:.3f}  IoU>=0.2 {v['iou>=0.2']:.3f}"
+              f"  mask AP@0.2 {v['mask_AP@0.2']:.3f}  ({v['pairs']} pairs, detected {v['detected']:.2f})",
               flush=True)  # fmt: skip
     out["localisation"] = loc
-    _picture(sparc, encoders, clip_txt, scenes, test_records, work / "heatmap.png")
+    _picture(sparc, encoders, clip_txt, scenes, test_records, family, work / "heatmap.png")
 
     t = stage("7. caption attribution and naming")
-    out["attribution"] = attribution_table(sparc, clip_txt, test_records)
+    out["attribution"] = attribution_table(sparc, clip_txt, test_records, family)
     codes = sparc.encode({"dino": torch.from_numpy(test["dino"])}, code="agreed")
-    out["naming"] = naming_table(sparc, clip_txt, (codes.indices.numpy(), codes.values.numpy()), labels[n_train:])
+    out["naming"] = naming_table(sparc, clip_txt, (codes.indices.numpy(), codes.values.numpy()), labels[n_train:], family)
     print(f"   object words outrank every other word in {out['attribution']['object_word_first']:.3f} of "
           f"{out['attribution']['captions']} captions", flush=True)  # fmt: skip
     print(f"   latents named after the attribute that fires them: {out['naming']['named_right']:.3f} of "
-          f"{out['naming']['scored_latents']} (chance {1 / len(CONCEPTS):.3f})", flush=True)  # fmt: skip
+          f"{out['naming']['scored_latents']} (chance {1 / len(family.concepts):.3f})", flush=True)  # fmt: skip
     out["eval_s"] = time.perf_counter() - t
 
     t = stage("8. named latents and the concept report (sparc name-latents, sparc report)")
@@ -190,7 +203,7 @@ def main() -> None:
     flags = extract_flags(towers)
     ckpt = work / "models" / "SPARC-defaults"
     vocab = work / "vocab.txt"
-    vocab.write_text("\n".join(CONCEPTS) + "\n")
+    vocab.write_text("\n".join(family.concepts) + "\n")
     assert sparc(["name-latents", "--checkpoint", str(ckpt), "--vocab", str(vocab), *flags]) == 0
     assert sparc(["report", "--checkpoint", str(ckpt), "--index", f"scenes={work / 'bundles' / 'dino'}",
                   "--captions", str(scenes / "captions.csv"), "--images", str(scenes / "images"),
@@ -240,7 +253,7 @@ def _over_grpc(work: Path, models: dict, enc_cfg: EncodersConfig, queries: list,
     }  # fmt: skip
 
 
-def _picture(model, encoders, clip_txt, scenes: Path, records: list, path: Path) -> None:
+def _picture(model, encoders, clip_txt, scenes: Path, records: list, family, path: Path) -> None:
     """One held-out scene with two or more objects: the first object's heatmap on DINO, its mask outlined."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -256,16 +269,16 @@ def _picture(model, encoders, clip_txt, scenes: Path, records: list, path: Path)
     FigureCanvasAgg(fig)
     for k, stream in enumerate(("dino", "clip_img")):
         obj = r["objects"][0]
-        hm = localize(model, encoders[stream], image, text_target(model, clip_txt, phrase(obj)), method="relevance")
+        hm = localize(model, encoders[stream], image, text_target(model, clip_txt, phrase(obj, family)), method="relevance")
         mask = mask_in_crop(instance_mask(scenes, r["id"], 0), encoders[stream])
         ax = fig.add_subplot(1, 2, k + 1)
         ax.imshow(hm.image)
         ax.imshow(hm.upsampled, cmap="jet", alpha=0.5, vmin=0, vmax=1)
         ax.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=1.5)
-        ax.set_title(f'"{phrase(obj)}" on {stream} (SPARC latents, relevance)', fontsize=8, parse_math=False)
+        ax.set_title(f'"{phrase(obj, family)}" on {stream} (SPARC latents, relevance)', fontsize=8, parse_math=False)
         ax.axis("off")
     fig.savefig(path)
-    print(f"   heatmap of scene {r['id']} ({phrase(r['objects'][0])}, mask outlined in white): {path}", flush=True)
+    print(f"   heatmap of scene {r['id']} ({phrase(r['objects'][0], family)}, mask outlined in white): {path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -405,6 +405,7 @@ def _add_scenes(sub: Any) -> None:
     p.add_argument("--n", type=int, default=20_000, help="scenes to render (default 20000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=112, help="image side in pixels (default 112)")
+    p.add_argument("--family", default="shapes", help="vocabulary, look and caption grammar: shapes (default) or glyphs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new set is complete)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_scenes)
@@ -413,7 +414,9 @@ def _add_scenes(sub: Any) -> None:
 def _cmd_scenes(args: argparse.Namespace) -> int:
     from .scenes import write_scenes
 
-    out = write_scenes(args.out, args.n, seed=args.seed, size=args.size, overwrite=args.overwrite, progress=not args.quiet)
+    out = write_scenes(
+        args.out, args.n, seed=args.seed, size=args.size, overwrite=args.overwrite, progress=not args.quiet, family=args.family
+    )
     print(
         f"{args.n} scenes: {out / 'images'}, captions {out / 'captions.csv'}, masks {out / 'masks'}, truth {out / 'scenes.jsonl'}"
     )
@@ -425,8 +428,8 @@ def _add_towers(sub: Any) -> None:
     p.add_argument("--scenes", required=True, help="a folder written by `sparc scenes`")
     p.add_argument("--out", required=True, help="writes dino/*.pth (official DINOv2 layout), clip/ (open_clip dir), towers.json")
     p.add_argument("--n-train", type=int, help="train on at most this many scenes (the last 1000 are held out)")
-    p.add_argument("--dino-steps", type=int, default=800)
-    p.add_argument("--clip-steps", type=int, default=1500)
+    p.add_argument("--dino-steps", type=int, default=1000, help="self-distillation steps of the DINO-layout tower")
+    p.add_argument("--clip-steps", type=int, default=2400, help="contrastive steps of the CLIP-layout towers")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_towers)
 
@@ -442,7 +445,10 @@ def _cmd_towers(args: argparse.Namespace) -> int:
         clip_steps=args.clip_steps,
         progress=not args.quiet,
     )
-    print(f"DINO-layout tower: linear probe of the {len(r['concepts'])} concepts, mean AUROC {r['dino_linear_probe_auroc']:.3f}")
+    print(
+        f"DINO-layout tower (self-distillation, no labels): linear probe of the {len(r['concepts'])} concepts on its "
+        f"features, mean AUROC {r['dino_linear_probe_auroc']:.3f}"
+    )
     print(
         f"CLIP-layout towers: zero-shot top-1 {r['clip_zero_shot_top1']:.3f} over {r['clip_zero_shot_classes']} colour x shape "
         f"classes ({r['clip_zero_shot_images']} single-object scenes; chance {1 / r['clip_zero_shot_classes']:.3f})"

@@ -8,9 +8,12 @@ with each stream encoded alone, against the ground truth of ``sparc_core.scenes`
 - localisation per (image, class), as the SPARC authors score COCO: the class phrase as the query, the
   ground truth the union of that class's visible masks in the image (carried through the encoder's own
   resize and crop); pointing game (the map's peak inside the mask), the map cut at its Otsu threshold
-  (at 0.3 of its peak when Otsu keeps nothing) as the predicted mask, its IoU with the truth (mIoU: a
-  phrase that activates no latent counts 0), and COCO-style mask AP at IoU 0.2 (one prediction per
-  (image, class) with equal scores, 101-point interpolated precision per class, mean over classes);
+  (at 0.3 of its peak when Otsu keeps nothing) as the predicted mask, its IoU with the truth, and
+  COCO-style mask AP at IoU 0.2 (one prediction per (image, class) with equal scores, 101-point
+  interpolated precision per class, mean over classes). Every method of a table is scored on the same
+  pairs (classes visible in every encoder's crop); a method that yields no map (a phrase with no latent,
+  a target that does not fire, a flat map) detects nothing: a pointing miss, IoU 0, no prediction in mask
+  AP. CLIP's own baselines need no latent and never depend on the SAE;
 - caption attribution: the share of captions whose object words (shapes, colours, textures) outrank every
   filler word;
 - naming: the share of latents (active on held-out DINO codes) whose name, read from the CLIP text tower,
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +34,20 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from .attribution import AttributionError, attribute_text, localize, text_target
+from .attribution import AttributionError, Heatmap, Target, attribute_text, localize, text_target
 from .model import SparcModel
 from .naming import name_latents, naming_score
-from .scenes import COLOUR_WORDS, CONCEPTS, SHAPE_WORDS, TEXTURE_WORDS, instance_mask
+from .scenes import SceneFamily, family_of, instance_mask
 
 
 # ---- retrieval ---------------------------------------------------------------------------------------------
-def concept_queries(records: list[dict]) -> list[tuple[str, np.ndarray]]:
+def concept_queries(records: list[dict], family: SceneFamily) -> list[tuple[str, np.ndarray]]:
     """(query text, [n] bool relevant) for every colour x shape pair some gallery scene holds."""
     pairs = sorted({(o["colour"], o["shape"]) for r in records for o in r["objects"]})
     out = []
     for colour, shape in pairs:
         relevant = np.array([any(o["colour"] == colour and o["shape"] == shape for o in r["objects"]) for r in records])
-        out.append((f"a {colour} {shape}", relevant))
+        out.append((family.phrase(colour, shape), relevant))
     return out
 
 
@@ -84,9 +88,9 @@ def mask_in_crop(mask: np.ndarray, encoder: Any) -> np.ndarray:
     return np.asarray(img) > 127
 
 
-def phrase(obj: dict) -> str:
-    """The plain query for one object: "a red triangle"."""
-    return f"a {obj['colour']} {obj['shape']}"
+def phrase(obj: dict, family: SceneFamily) -> str:
+    """The plain query for one object in its family's grammar: "a red triangle", "a kite in teal"."""
+    return family.phrase(obj["colour"], obj["shape"])
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -150,60 +154,104 @@ def mask_ap(classes: list[str], ious: list[float | None], threshold: float = 0.2
     return float(np.mean(per_class)) if per_class else float("nan")
 
 
-def localisation_table(
-    model: SparcModel,
-    image_encoder: Any,
-    text_encoder: Any,
-    scenes: Path,
-    records: list[dict],
-    method: str,
-    max_pairs: int = 300,
-) -> dict[str, float]:
-    """Pointing game, mIoU, share with IoU >= 0.2 and mask AP@0.2 over (image, class) pairs.
+@dataclass
+class LocalisationPair:
+    """One (image, class) of a localisation table: the class phrase and its mask in each stream's crop."""
 
-    The class phrase ("a red triangle") is the query; the truth is the union of that class's visible masks.
-    """
-    rows, classes, ious = [], [], []
+    scene: str  # the scene's id
+    cls: str  # "red triangle": what mask AP groups by
+    query: str  # the class phrase in the family's grammar
+    masks: dict[str, np.ndarray]  # stream -> [H, W] bool in that encoder's crop
+
+
+def localisation_pairs(
+    scenes: Path, records: list[dict], encoders: dict[str, Any], max_pairs: int = 300, family: SceneFamily | None = None
+) -> list[LocalisationPair]:
+    """The first ``max_pairs`` (image, class) pairs whose class is visible in EVERY encoder's crop, so that
+    every row of a table is scored on the same pairs (an encoder that crops an object away would otherwise
+    be scored on fewer, easier or harder, pairs)."""
+    family = family or family_of(scenes)
+    pairs: list[LocalisationPair] = []
     for r in records:
-        with Image.open(scenes / "images" / f"{r['id']}.png") as im:
-            image = im.convert("RGB")
-        by_class: dict[str, np.ndarray] = {}
+        by_class: dict[tuple[str, str], dict[str, np.ndarray]] = {}
         for j, obj in enumerate(r["objects"]):
-            m = mask_in_crop(instance_mask(scenes, r["id"], j), image_encoder)
-            by_class[phrase(obj)] = by_class[phrase(obj)] | m if phrase(obj) in by_class else m
-        for query, mask in by_class.items():
-            if len(rows) >= max_pairs:
-                break
-            if not mask.any():
-                continue  # the object lies outside the encoder's crop
-            classes.append(query)
-            try:
-                target = text_target(model, text_encoder, query)
-            except AttributionError:  # the phrase activates no agreed latent: nothing to look for, a miss
-                rows.append({"pointing": 0.0, "iou": 0.0, "iou>=0.2": 0.0, "fires": 0.0})
-                ious.append(None)
-                continue
-            hm = localize(model, image_encoder, image, target, method=method, text_encoder=text_encoder)
-            scores = localisation_scores(hm.upsampled, mask)
-            rows.append(scores | {"fires": float(hm.target_fires)})
-            ious.append(scores["iou"])
-        if len(rows) >= max_pairs:
-            break
-    keys = ("pointing", "iou", "iou>=0.2", "fires")
-    means = {k: float(np.mean([x[k] for x in rows])) for k in keys}
+            full = instance_mask(scenes, r["id"], j)
+            masks = by_class.setdefault((obj["colour"], obj["shape"]), {})
+            for stream, enc in encoders.items():
+                m = mask_in_crop(full, enc)
+                masks[stream] = masks[stream] | m if stream in masks else m
+        for (colour, shape), masks in by_class.items():
+            if len(pairs) >= max_pairs:
+                return pairs
+            if all(m.any() for m in masks.values()):
+                pairs.append(LocalisationPair(r["id"], f"{colour} {shape}", family.phrase(colour, shape), masks))
+    return pairs
+
+
+HeatmapOf = Callable[[Image.Image, str], "Heatmap | None"]  # (image, class phrase) -> map, None: no detection
+
+
+def sparc_heatmaps(
+    model: SparcModel, encoder: Any, text_encoder: Any, method: str = "relevance", code: str = "agreed", **options: Any
+) -> HeatmapOf:
+    """SPARC's map of a phrase on an image: the phrase's latents (CLIP text tower -> ``code``) looked for
+    in ``encoder``'s stream. None (no detection) when the phrase has no such latent or none fires on the image."""
+
+    def heatmap_of(image: Image.Image, query: str) -> Heatmap | None:
+        try:
+            target = text_target(model, text_encoder, query, code=code)
+        except AttributionError:
+            return None
+        hm = localize(model, encoder, image, target, method=method, text_encoder=text_encoder, **options)
+        return hm if hm.target_fires else None
+
+    return heatmap_of
+
+
+def clip_heatmaps(
+    model: SparcModel, encoder: Any, text_encoder: Any, method: str = "clip-relevance", **options: Any
+) -> HeatmapOf:
+    """CLIP's own map of a phrase on the CLIP image tower (``clip-relevance`` or ``clip-cosine``): it needs no
+    latent, so nothing of the SAE (not even whether the phrase has latents) decides it."""
+
+    def heatmap_of(image: Image.Image, query: str) -> Heatmap | None:
+        target = Target([], [], source=query)
+        return localize(model, encoder, image, target, method=method, text_encoder=text_encoder, **options)
+
+    return heatmap_of
+
+
+def localisation_table(scenes: Path, pairs: list[LocalisationPair], stream: str, heatmap_of: HeatmapOf) -> dict[str, float]:
+    """Pointing game, mIoU, share with IoU >= 0.2 and mask AP@0.2 of one method over ``pairs`` (scored in
+    ``stream``'s crop). A method that gives no map, or a flat one, detects nothing: a miss in the pointing
+    game, IoU 0, and no prediction in mask AP."""
+    rows, classes, ious = [], [], []
+    for pair in pairs:
+        with Image.open(scenes / "images" / f"{pair.scene}.png") as im:
+            image = im.convert("RGB")
+        hm = heatmap_of(image, pair.query)
+        classes.append(pair.cls)
+        if hm is None or float(hm.upsampled.max() - hm.upsampled.min()) <= 0:
+            rows.append({"pointing": 0.0, "iou": 0.0, "iou>=0.2": 0.0, "detected": 0.0})
+            ious.append(None)
+            continue
+        scores = localisation_scores(hm.upsampled, pair.masks[stream])
+        rows.append(scores | {"detected": 1.0})
+        ious.append(scores["iou"])
+    keys = ("pointing", "iou", "iou>=0.2", "detected")
+    means = {k: float(np.mean([x[k] for x in rows])) if rows else float("nan") for k in keys}
     return means | {"mask_AP@0.2": mask_ap(classes, ious), "pairs": len(rows)}
 
 
 # ---- caption attribution and naming --------------------------------------------------------------------------
-OBJECT_WORDS = {
-    w for words in (*SHAPE_WORDS.values(), *COLOUR_WORDS.values(), *TEXTURE_WORDS.values()) for p in words for w in p.split()
-}
 
 
 def attribution_table(
-    model: SparcModel, text_encoder: Any, records: list[dict], method: str = "grad", max_captions: int = 300
-) -> dict[str, float]:
+    model: SparcModel, text_encoder: Any, records: list[dict], family: SceneFamily, method: str = "grad",
+    max_captions: int = 300,
+) -> dict[str, float]:  # fmt: skip
     """Share of captions whose best object word outranks every other word (fillers, articles, relations)."""
+    object_words = family.object_words()
     wins, silent = [], 0
     for r in records[:max_captions]:
         try:
@@ -213,18 +261,20 @@ def attribution_table(
             silent += 1
             continue
         words = [re.sub(r"[^a-z]", "", w.lower()) for w in ws.words]
-        obj = [s for w, s in zip(words, ws.scores) if w in OBJECT_WORDS]
-        other = [s for w, s in zip(words, ws.scores) if w not in OBJECT_WORDS]
+        obj = [s for w, s in zip(words, ws.scores) if w in object_words]
+        other = [s for w, s in zip(words, ws.scores) if w not in object_words]
         if obj and other:
             wins.append(float(max(obj) > max(other)))
     return {"object_word_first": float(np.mean(wins)) if wins else float("nan"), "captions": len(wins), "no_latent": silent}
 
 
 def naming_table(
-    model: SparcModel, text_encoder: Any, image_codes: tuple[np.ndarray, np.ndarray], labels: np.ndarray
-) -> dict[str, float]:
+    model: SparcModel, text_encoder: Any, image_codes: tuple[np.ndarray, np.ndarray], labels: np.ndarray,
+    family: SceneFamily,
+) -> dict[str, float]:  # fmt: skip
     """Name latents by the concept words (CLIP text tower) and score the names against DINO firings."""
-    vectors = text_encoder.encode_texts(list(CONCEPTS)).numpy()
-    named = name_latents(model, text_encoder.stream, vectors, list(CONCEPTS))
-    score = naming_score(named, image_codes[0], image_codes[1], labels, list(CONCEPTS))
+    concepts = family.concepts
+    vectors = text_encoder.encode_texts(concepts).numpy()
+    named = name_latents(model, text_encoder.stream, vectors, concepts)
+    score = naming_score(named, image_codes[0], image_codes[1], labels, concepts)
     return {"named_right": float(score["top1"]), "scored_latents": int(score["scored_latents"])}
