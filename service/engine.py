@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin TimeoutError before Python 3.11
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -403,7 +404,7 @@ class Engine:
                 try:
                     code = fut.result(timeout=0.05)
                     break
-                except TimeoutError:
+                except FutureTimeout:
                     if stop():
                         raise SearchStopped("stopped while encoding: the deadline passed or the call was cancelled") from None
             for j, i in enumerate(members):

@@ -21,6 +21,7 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin TimeoutError before Python 3.11
 from typing import Any
 
 from index import SearchStopped
@@ -101,7 +102,7 @@ class GradientLane:
         while True:
             try:
                 return fut.result(timeout=poll)
-            except TimeoutError:
+            except FutureTimeout:
                 if stop():
                     fut.cancel()  # never started: it is skipped; running: its result is dropped
                     raise SearchStopped("the deadline passed or the call was cancelled; the call was dropped") from None
