@@ -30,7 +30,7 @@ import torch
 
 from sparc_core import load_checkpoint
 from sparc_core.alignment import LOCAL, PAPER
-from sparc_core.config import ClipConfig, DinoConfig, EncodersConfig, ExtractConfig, TrainConfig
+from sparc_core.config import EncodersConfig, ExtractConfig, TrainConfig
 from sparc_core.encoders import load_encoders
 from sparc_core.extract import extract
 from sparc_core.scenes import family_of, read_scene_records, write_scenes
@@ -47,7 +47,7 @@ from sparc_core.scenes_eval import (
     retrieval_table,
     sparc_heatmaps,
 )
-from sparc_core.towers import train_towers
+from sparc_core.towers import encoders_config, read_towers, train_towers
 from sparc_core.train import train
 
 HELD_OUT = 1000
@@ -87,20 +87,13 @@ def main() -> None:
     t = stage("2. towers")
     if not (work / "towers" / "towers.json").is_file():
         train_towers(scenes, work / "towers", n_test=HELD_OUT, dino_steps=args.dino_steps, clip_steps=args.clip_steps)
-    towers = json.loads((work / "towers" / "towers.json").read_text())
+    towers = read_towers(work / "towers")
     out["towers"] = {k: towers[k] for k in ("dino_linear_probe_auroc", "clip_zero_shot_top1", "clip_zero_shot_classes")}
     print(f"   DINO linear probe mean AUROC {towers['dino_linear_probe_auroc']:.3f}; CLIP zero-shot top-1 "
           f"{towers['clip_zero_shot_top1']:.3f} over {towers['clip_zero_shot_classes']} classes", flush=True)  # fmt: skip
 
     t = stage("3. extract (the real loaders)")
-    enc_cfg = EncodersConfig(
-        clip=ClipConfig(weights=towers["clip_weights"]),
-        dino=DinoConfig(
-            model=towers["dino_model"], weights=towers["dino_weights"], model_args=towers["dino_model_args"],
-            image_size=towers["image_size"],
-        ),
-        device="cpu",
-    )  # fmt: skip
+    enc_cfg = encoders_config(towers)
     feats_dir = work / "features"
     if not (feats_dir / "ids.txt").is_file():
         extract(

@@ -5,8 +5,9 @@ through the real loaders, training, indexes, localisation) run on features that 
 from pixels, where the truth is known (``sparc_core.scenes``):
 
 - a vision-only ViT in the DINOv2-with-registers layout (timm ``vit_small_patch14_reg4_dinov2`` scaled
-  down), trained without captions, from image-level labels only (which shapes, colours and textures an
-  image holds; the classifier head is dropped), saved as the official DINOv2 checkpoint is
+  down), trained as DINO trains, by self-distillation on the images alone (a student matches an EMA
+  teacher's centred, sharpened output across multi-crop views; no label and no caption reaches it; the
+  teacher's backbone is kept and the projection head dropped), saved as the official DINOv2 checkpoint is
   (``register_tokens``, the CLS position inside ``pos_embed``, ``mask_token``), so ``sparc extract
   --dino-weights`` loads it unchanged;
 - a CLIP model in the open_clip layout (ViT image tower, text transformer with open_clip's real BPE
@@ -34,7 +35,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_bytes, atomic_write_json
-from .scenes import COLOURS, CONCEPTS, SHAPES, read_scene_records
+from .scenes import SHAPES_FAMILY, SceneFamily, family_of, read_scene_records
 
 DINO_ARCH = "vit_small_patch14_reg4_dinov2"
 DINO_FILE = "dinov2_vits14_reg4_scenes.pth"  # official layout, like dinov2_vitl14_reg4_pretrain.pth
@@ -95,7 +96,7 @@ def load_pixels(directory: Path, ids: list[str], size: int, resize: int | None =
             im = im.convert("RGB")
             if im.size != (resize, resize):
                 im = im.resize((resize, resize), Image.BICUBIC)
-            out[i] = torch.from_numpy(np.asarray(im)[off : off + size, off : off + size]).permute(2, 0, 1)
+            out[i] = torch.from_numpy(np.array(im)[off : off + size, off : off + size]).permute(2, 0, 1)
     return out
 
 
@@ -111,36 +112,147 @@ def _lr(step: int, steps: int, lr: float) -> float:
     return lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps)))
 
 
-def dino_model(sizes: TowerSizes) -> torch.nn.Module:
+def dino_model(sizes: TowerSizes, dynamic: bool = False) -> torch.nn.Module:
     import timm
 
-    return timm.create_model(DINO_ARCH, pretrained=False, num_classes=0, img_size=sizes.image_size, **sizes.dino_args())
+    extra = {"dynamic_img_size": True} if dynamic else {}  # training sees local crops smaller than image_size
+    return timm.create_model(DINO_ARCH, pretrained=False, num_classes=0, img_size=sizes.image_size, **sizes.dino_args(), **extra)
+
+
+@dataclass
+class DistillSettings:
+    """Self-distillation as DINO trains (Caron et al. 2021): no label, no caption ever reaches the tower."""
+
+    out_dim: int = 1024  # prototypes of the projection head
+    bottleneck: int = 64  # the head's last hidden width before the prototypes
+    local_crops: int = 4  # small crops per image, seen by the student only
+    local_size: int = 56  # pixels; a multiple of the patch size
+    global_scale: tuple[float, float] = (0.4, 1.0)  # share of the image a global crop keeps
+    local_scale: tuple[float, float] = (0.08, 0.4)
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04  # sharpening: the teacher's softmax is colder than the student's
+    teacher_temp_start: float = 0.02  # warmed up to teacher_temp over the first 30% of steps
+    center_momentum: float = 0.9  # centring: the running mean of the teacher's outputs, subtracted
+    ema_start: float = 0.99  # teacher = EMA of the student; momentum rises to 1 along a cosine
+    weight_decay: tuple[float, float] = (0.04, 0.2)
+
+
+class _DinoHead(torch.nn.Module):
+    """DINO's projection head: a 3-layer MLP, an l2-normalised bottleneck, weight-normalised prototypes."""
+
+    def __init__(self, width: int, st: DistillSettings) -> None:
+        super().__init__()
+        hidden = 4 * width
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden), torch.nn.GELU(),
+            torch.nn.Linear(hidden, st.bottleneck),
+        )  # fmt: skip
+        self.last = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(st.bottleneck, st.out_dim, bias=False))
+        self.last.parametrizations.weight.original0.data.fill_(1.0)
+        self.last.parametrizations.weight.original0.requires_grad = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(F.normalize(self.mlp(x), dim=-1))
+
+
+def _random_crops(x: torch.Tensor, n: int, size: int, scale: tuple[float, float], g: torch.Generator) -> list[torch.Tensor]:
+    """``n`` random-resized crops (area share in ``scale``, aspect 3/4..4/3) of each uint8 image, flipped at
+    random, with mild brightness / contrast jitter: hue is left alone, since colour is part of what a scene
+    shows (DINO's colour jitter and greyscale would teach the tower to ignore it)."""
+    b, _, h, w = x.shape
+    out = []
+    for _ in range(n):
+        area = torch.empty(b).uniform_(*scale, generator=g) * h * w
+        ratio = torch.exp(torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
+        cw = (area * ratio).sqrt().clamp(8, w)
+        ch = (area / ratio).sqrt().clamp(8, h)
+        x0 = torch.rand(b, generator=g) * (w - cw)
+        y0 = torch.rand(b, generator=g) * (h - ch)
+        # affine grids: one crop box per image, sampled bilinearly to size x size
+        theta = torch.zeros(b, 2, 3)
+        flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
+        theta[:, 0, 0] = cw / w * flip
+        theta[:, 1, 1] = ch / h
+        theta[:, 0, 2] = (2 * x0 + cw) / w - 1
+        theta[:, 1, 2] = (2 * y0 + ch) / h - 1
+        grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
+        crop = F.grid_sample(x.float() / 255, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        bright = torch.empty(b, 1, 1, 1).uniform_(0.8, 1.2, generator=g)
+        contrast = torch.empty(b, 1, 1, 1).uniform_(0.8, 1.2, generator=g)
+        mean = crop.mean(dim=(1, 2, 3), keepdim=True)
+        crop = ((crop - mean) * contrast + mean * bright).clamp(0, 1)
+        out.append((crop - torch.tensor(DINO_MEAN)[:, None, None]) / torch.tensor(DINO_STD)[:, None, None])
+    return out
 
 
 def train_dino(
-    pixels: torch.Tensor, labels: np.ndarray, sizes: TowerSizes, steps: int = 800, batch: int = 64, lr: float = 1e-3,
-    seed: int = 0, progress: bool = True,
+    pixels: torch.Tensor, sizes: TowerSizes, steps: int = 3000, batch: int = 64, lr: float = 1e-3, seed: int = 0,
+    progress: bool = True, settings: DistillSettings | None = None, on_step: Any = None,
 ) -> torch.nn.Module:  # fmt: skip
-    """The DINO-layout ViT trained from image-level concept labels (multi-label; the head is dropped)."""
+    """The DINO-layout ViT trained by self-distillation on the images alone; returns the EMA teacher's
+    backbone (as DINO releases it). ``on_step(step, loss)`` is called every 50 steps."""
+    st = settings or DistillSettings()
     torch.manual_seed(seed)
-    vit = dino_model(sizes)
-    head = torch.nn.Linear(vit.num_features, labels.shape[1])
-    params = [*vit.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    y = torch.from_numpy(labels.astype(np.float32))
+    student = dino_model(sizes, dynamic=True)
+    teacher = dino_model(sizes, dynamic=True)
+    s_head, t_head = _DinoHead(student.num_features, st), _DinoHead(student.num_features, st)
+    teacher.load_state_dict(student.state_dict())
+    t_head.load_state_dict(s_head.state_dict())
+    for p in (*teacher.parameters(), *t_head.parameters()):
+        p.requires_grad = False
+    params = [p for p in (*student.parameters(), *s_head.parameters()) if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+    center = torch.zeros(st.out_dim)
     g = torch.Generator().manual_seed(seed)
-    vit.train()
-    for step in tqdm(range(steps), desc="training the DINO-layout tower", unit="step", disable=not progress):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr)
+    student.train()
+    bar = tqdm(range(steps), desc="training the DINO-layout tower (self-distillation)", unit="step", disable=not progress)
+    for step in bar:
+        frac = step / max(1, steps - 1)
+        opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = _lr(step, steps, lr)
+        opt.param_groups[0]["weight_decay"] = (
+            st.weight_decay[1] - (st.weight_decay[1] - st.weight_decay[0]) * (1 + math.cos(math.pi * frac)) / 2
+        )
         rows = torch.randint(0, len(pixels), (batch,), generator=g)
-        x = _normalised(pixels[rows], DINO_MEAN, DINO_STD, flip=True)
-        loss = F.binary_cross_entropy_with_logits(head(vit.forward_features(x)[:, 0]), y[rows])
+        x = pixels[rows]
+        globals_ = _random_crops(x, 2, sizes.image_size, st.global_scale, g)
+        locals_ = _random_crops(x, st.local_crops, st.local_size, st.local_scale, g)
+        with torch.no_grad():
+            t_temp = st.teacher_temp_start + (st.teacher_temp - st.teacher_temp_start) * min(1.0, frac / 0.3)
+            t_out = t_head(teacher.forward_features(torch.cat(globals_))[:, 0])
+            t_prob = F.softmax((t_out - center) / t_temp, dim=-1).chunk(2)
+        s_out = torch.cat([
+            s_head(student.forward_features(torch.cat(globals_))[:, 0]),
+            s_head(student.forward_features(torch.cat(locals_))[:, 0]),
+        ]).div(st.student_temp)  # fmt: skip
+        s_logp = F.log_softmax(s_out, dim=-1).chunk(2 + st.local_crops)
+        loss, terms = torch.zeros(()), 0
+        for i, tp in enumerate(t_prob):
+            for j, sl in enumerate(s_logp):
+                if i != j:  # never the same view
+                    loss = loss - (tp * sl).sum(-1).mean()
+                    terms += 1
+        loss = loss / terms
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        if step < steps // 20:  # DINO freezes the last layer for the first steps: it stabilises the prototypes
+            for p in s_head.last.parameters():
+                p.grad = None
         opt.step()
-    return vit.eval()
+        with torch.no_grad():
+            m = 1 - (1 - st.ema_start) * (math.cos(math.pi * frac) + 1) / 2
+            for ps, pt in zip((*student.parameters(), *s_head.parameters()), (*teacher.parameters(), *t_head.parameters())):
+                pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+            center.mul_(st.center_momentum).add_(t_out.mean(0), alpha=1 - st.center_momentum)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            if on_step is not None:
+                on_step(step, float(loss.detach()))
+    plain = dino_model(sizes)  # the saved tower is built as the loaders build it (no dynamic size)
+    plain.load_state_dict(teacher.state_dict())
+    return plain.eval()
 
 
 def clip_model(sizes: TowerSizes) -> torch.nn.Module:
@@ -150,10 +262,11 @@ def clip_model(sizes: TowerSizes) -> torch.nn.Module:
 
 
 def train_clip(
-    pixels: torch.Tensor, captions: list[str], sizes: TowerSizes, steps: int = 1500, batch: int = 128, lr: float = 1e-3,
-    seed: int = 0, progress: bool = True,
+    pixels: torch.Tensor, captions: list[str], sizes: TowerSizes, steps: int = 2400, batch: int = 128, lr: float = 1e-3,
+    seed: int = 0, progress: bool = True, on_step: Any = None,
 ) -> torch.nn.Module:  # fmt: skip
-    """The open_clip-layout CLIP trained contrastively on (scene, caption) pairs."""
+    """The open_clip-layout CLIP trained contrastively on (scene, caption) pairs; ``on_step(step, loss)`` is
+    called every 50 steps."""
     import open_clip
 
     torch.manual_seed(seed)
@@ -177,6 +290,8 @@ def train_clip(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if on_step is not None and step % 50 == 0:
+            on_step(step, float(loss.detach()))
     return model.eval()
 
 
@@ -197,12 +312,21 @@ def save_dino_official(vit: torch.nn.Module, path: Path) -> Path:
     return path
 
 
-def save_clip_dir(model: torch.nn.Module, sizes: TowerSizes, directory: Path) -> Path:
-    """An open_clip model directory (as a hub snapshot has it)."""
+def save_clip_dir(model: torch.nn.Module, sizes: TowerSizes, directory: Path, seen_texts: list[str] | None = None) -> Path:
+    """An open_clip model directory (as a hub snapshot has it). With ``seen_texts`` (the training captions),
+    the token embeddings of tokens no caption holds are saved as zeros: training never moved them from
+    their random start, and zero rows keep a committed copy of the tower a few MB."""
     from safetensors.torch import save
 
     directory.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if seen_texts is not None:
+        import open_clip
+
+        seen = torch.unique(open_clip.tokenize(seen_texts, context_length=sizes.context_length))
+        unseen = torch.ones(len(sd["token_embedding.weight"]), dtype=torch.bool)
+        unseen[seen] = False
+        sd["token_embedding.weight"][unseen] = 0.0
     atomic_write_bytes(directory / "open_clip_model.safetensors", save(sd))
     cfg = {
         "model_name": "sparc-scenes-clip",
@@ -214,12 +338,15 @@ def save_clip_dir(model: torch.nn.Module, sizes: TowerSizes, directory: Path) ->
 
 
 @torch.no_grad()
-def clip_zero_shot(model: torch.nn.Module, pixels: torch.Tensor, objects: list[dict], sizes: TowerSizes) -> float:
-    """Top-1 over the colour x shape classes ("a red triangle") on single-object scenes."""
+def clip_zero_shot(
+    model: torch.nn.Module, pixels: torch.Tensor, objects: list[dict], sizes: TowerSizes,
+    family: SceneFamily = SHAPES_FAMILY,
+) -> float:  # fmt: skip
+    """Top-1 over the family's colour x shape classes ("a red triangle") on single-object scenes."""
     import open_clip
 
-    classes = [(c, s) for c in COLOURS for s in SHAPES]
-    prompts = open_clip.tokenize([f"a {c} {s}" for c, s in classes], context_length=sizes.context_length)
+    classes = [(c, s) for c in family.colours for s in family.shapes]
+    prompts = open_clip.tokenize([family.phrase(c, s) for c, s in classes], context_length=sizes.context_length)
     txt = F.normalize(model.encode_text(prompts), dim=-1)
     truth = torch.tensor([classes.index((o["colour"], o["shape"])) for o in objects])
     img = torch.cat([F.normalize(model.encode_image(_normalised(p, CLIP_MEAN, CLIP_STD)), dim=-1) for p in pixels.split(256)])
@@ -258,8 +385,8 @@ def train_towers(
     sizes: TowerSizes | None = None,
     n_train: int | None = None,
     n_test: int = 1000,
-    dino_steps: int = 800,
-    clip_steps: int = 1500,
+    dino_steps: int = 1000,
+    clip_steps: int = 2400,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train both towers on a scenes folder (the last ``n_test`` scenes held out) and save them under ``out``;
@@ -267,6 +394,7 @@ def train_towers(
     scenes, out = Path(scenes), Path(out)
     sizes = sizes or TowerSizes()
     records = read_scene_records(scenes)
+    family = family_of(scenes)
     labels = np.load(scenes / "labels.npy")
     if len(records) <= n_test:
         raise ValueError(f"{scenes}: {len(records)} scenes, need more than the {n_test} held out")
@@ -277,7 +405,10 @@ def train_towers(
     dino_resize = sizes.image_size * 256 // 224  # DINOv2's preprocessing: resize, then the centre crop
     px = load_pixels(scenes, [ids[i] for i in train_rows], sizes.image_size, dino_resize)
     px_test = load_pixels(scenes, [ids[i] for i in test_rows], sizes.image_size, dino_resize)
-    vit = train_dino(px, labels[train_rows], sizes, steps=dino_steps, progress=progress)
+    curves: dict[str, list[tuple[int, float]]] = {"dino": [], "clip": []}
+    vit = train_dino(  # images only: no label, no caption
+        px, sizes, steps=dino_steps, progress=progress, on_step=lambda i, v: curves["dino"].append((i, v))
+    )
     with torch.no_grad():
         probe_rows = train_rows[: min(len(train_rows), 4000)]
         train_x, test_x = (
@@ -288,30 +419,81 @@ def train_towers(
     dino_s = time.perf_counter() - t0
     px = load_pixels(scenes, [ids[i] for i in train_rows], sizes.image_size)  # CLIP: resize to the side, no crop
     px_test = load_pixels(scenes, [ids[i] for i in test_rows], sizes.image_size)
-    clip = train_clip(px, [records[i]["caption"] for i in train_rows], sizes, steps=clip_steps, progress=progress)
+    clip = train_clip(
+        px, [records[i]["caption"] for i in train_rows], sizes, steps=clip_steps, progress=progress,
+        on_step=lambda i, v: curves["clip"].append((i, v)),
+    )  # fmt: skip
     clip_s = time.perf_counter() - t0 - dino_s
     single = [j for j, i in enumerate(test_rows) if len(records[i]["objects"]) == 1]
-    zero_shot = clip_zero_shot(clip, px_test[single], [records[test_rows[j]]["objects"][0] for j in single], sizes)
+    zero_shot = clip_zero_shot(clip, px_test[single], [records[test_rows[j]]["objects"][0] for j in single], sizes, family)
     dino_path = save_dino_official(vit, out / "dino" / DINO_FILE)
-    clip_dir = save_clip_dir(clip, sizes, out / "clip")
+    clip_dir = save_clip_dir(clip, sizes, out / "clip", seen_texts=[records[i]["caption"] for i in train_rows])
     report = {
-        "dino_weights": str(dino_path),
+        "dino_weights": str(dino_path.relative_to(out)),  # relative to the towers folder: it can move
         "dino_model": DINO_ARCH,
         "dino_model_args": sizes.dino_args(),
         "image_size": sizes.image_size,
-        "clip_weights": str(clip_dir),
+        "clip_weights": str(clip_dir.relative_to(out)),
         "dino_linear_probe_auroc": probe,
         "clip_zero_shot_top1": zero_shot,
-        "clip_zero_shot_classes": len(COLOURS) * len(SHAPES),
+        "clip_zero_shot_classes": len(family.colours) * len(family.shapes),
         "clip_zero_shot_images": len(single),
-        "concepts": CONCEPTS,
+        "family": family.name,
+        "concepts": family.concepts,
         "train_scenes": len(train_rows),
         "test_scenes": len(test_rows),
         "dino_train_s": dino_s,
         "clip_train_s": clip_s,
+        "dino_steps": dino_steps,
+        "clip_steps": clip_steps,
+        "loss_curves": curves,
     }
     atomic_write_json(out / "towers.json", report)
+    atomic_write_bytes(out / "training_curves.png", curves_png(curves))
+    return read_towers(out)
+
+
+def read_towers(directory: str | Path) -> dict[str, Any]:
+    """A towers folder's towers.json with the weights' paths resolved against the folder."""
+    directory = Path(directory)
+    path = directory / "towers.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (is {directory} a `sparc towers` folder?)")
+    report = json.loads(path.read_text())
+    for key in ("dino_weights", "clip_weights"):
+        report[key] = str(directory / report[key])  # an absolute path stays as it is
     return report
+
+
+def encoders_config(report: dict[str, Any], device: str = "cpu") -> Any:
+    """The EncodersConfig that loads a towers folder's weights through the real loaders."""
+    from .config import ClipConfig, DinoConfig, EncodersConfig
+
+    dino = DinoConfig(
+        model=report["dino_model"], weights=report["dino_weights"], model_args=report["dino_model_args"],
+        image_size=report["image_size"],
+    )  # fmt: skip
+    return EncodersConfig(clip=ClipConfig(weights=report["clip_weights"]), dino=dino, device=device)
+
+
+def curves_png(curves: dict[str, list[tuple[int, float]]]) -> bytes:
+    """The towers' training losses as a PNG (self-distillation cross-entropy; CLIP's contrastive loss)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    titles = {"dino": "DINO-layout tower: self-distillation loss", "clip": "CLIP-layout towers: contrastive loss"}
+    for k, (name, points) in enumerate(curves.items()):
+        ax = fig.add_subplot(1, len(curves), k + 1)
+        if points:
+            ax.plot(*zip(*points))
+        ax.set_title(titles.get(name, name), fontsize=9)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
 def extract_flags(report: dict[str, Any]) -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 
 from sparc_core.cli import main
 from sparc_core.scenes import CONCEPTS, read_scene_records
-from sparc_core.towers import TowerSizes, extract_flags, train_towers
+from sparc_core.towers import TowerSizes, encoders_config, extract_flags, train_towers
 
 TINY = TowerSizes(image_size=56, patch=14, width=32, depth=2, heads=2, text_width=32, text_depth=1, text_heads=2, embed_dim=16)
 
@@ -46,12 +46,7 @@ def test_scenes_to_served_search_localisation_and_report(tmp_path, capsys):
     from service.server import SparcServer
     from service.settings import load_settings
 
-    enc = {
-        "clip": {"weights": towers["clip_weights"]},
-        "dino": {"model": towers["dino_model"], "weights": towers["dino_weights"], "model_args": towers["dino_model_args"],
-                 "image_size": towers["image_size"]},
-        "device": "cpu",
-    }  # fmt: skip
+    enc = encoders_config(towers).model_dump()
     settings = load_settings(
         overrides={"checkpoint": str(ckpt), "indexes": {"scenes": [str(bundle)]}, "port": 0, "metrics_port": 0, "encoders": enc},
         environ={},
