@@ -105,3 +105,17 @@ def test_soft_weight_is_the_grid_point_that_retrieves_best_by_brute_force():
     assert scores[chosen] == max(scores.values()) and chosen == min(w for w in grid if scores[w] == scores[chosen])
     # stream b's unagreed latents are its own noise: adding them back can only hurt retrieval here
     assert scores[1.0] < scores[0.0], scores
+
+
+def test_calibration_leaves_the_served_code_at_the_weight_that_retrieves_best():
+    # guard: a calibration that left the soft weight at 1 (the plain top-k code) or silenced every latent
+    # must fail here, not pass because the served code equals the plain one
+    model, feats, conc = _concepts_and_noise(n=600)
+    calibrate(model, feats)
+    left = model.soft_weight  # what calibrate set (stored as float32)
+    _, scores = choose_soft_weight(model, feats, rows=600)
+    chosen = min(scores, key=lambda w: abs(w - left))
+    assert chosen < 1.0 and scores[chosen] > scores[1.0] + 0.05, (chosen, scores)
+    agreed = {s: model.encode({s: torch.from_numpy(x)}, code="agreed") for s, x in feats.items()}
+    no_concept = float((conc.sum(1) == 0).mean())  # rows holding no concept have nothing to agree on
+    assert all(float((c.l0() == 0).float().mean()) <= no_concept + 0.02 for c in agreed.values()), no_concept
