@@ -28,7 +28,7 @@ PAPER = {
     "solo_select_prob": 0.0,
     "prune_unused": False,
     "calibrate_rounds": 0,
-    "revive_after": 10**12,  # AuxK only, as in the paper: no re-initialisation
+    "revive_after": None,  # AuxK only, as in the paper: no re-initialisation
 }
 # The Local-TopK baseline (each stream picks its own latents, no cross-reconstruction).
 LOCAL = PAPER | {"topk": "local", "cross_coef": 0.0}

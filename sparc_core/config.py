@@ -99,7 +99,9 @@ class TrainConfig(_Strict):
     align_coef: float = Field(1.0, ge=0)  # weight of the one-stream code agreement loss
     align_ramp: float = Field(0.3, ge=0, le=1)  # share of steps over which align_coef ramps up from 0
     dead_after: int = Field(10_000, ge=1)  # samples without firing before a latent counts as dead
-    revive_after: int = Field(20_000, ge=1)  # samples dead before the encoder row is re-initialised
+    # samples dead before the encoder row is re-initialised; None (the default): never, AuxK alone keeps dead
+    # latents learning, as in the paper (re-initialising churns the codes of features with few concepts)
+    revive_after: int | None = Field(None, ge=1)
     calibrate_rounds: int = Field(3, ge=0)  # at the end, per-stream latent thresholds from paired rows; 0: keep the floor
     prune_unused: bool = True  # at the end, drop latents that (almost) never fire on the training data (reported)
     prune_below: float = Field(0.05, ge=0, lt=1)  # ... firing in every stream less than this x the mean latent's rate
@@ -135,7 +137,7 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.revive_after < self.dead_after:
+        if self.revive_after is not None and self.revive_after < self.dead_after:
             raise ValueError("revive_after must be >= dead_after")
         return self
 

@@ -253,6 +253,8 @@ class Trainer:
         before the activation floor), so it competes for a slot without taking over: thousands of
         latents revived at once at full activation would swamp every reconstruction.
         """
+        if self.cfg.revive_after is None:
+            return 0
         long_dead = torch.ones(self.model.n_latents, dtype=torch.bool, device=self.device)
         for s in self.model.streams:
             long_dead &= self.dead_counters[s] > self.cfg.revive_after

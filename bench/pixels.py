@@ -1,0 +1,253 @@
+"""What each training addition costs or buys on pixels: two rendered scene families and a planted world.
+
+    python bench/pixels.py [--families shapes,glyphs] [--work runs/pixels] [--steps 2000] [--json out.json]
+
+Per scene family (``sparc_core.scenes.FAMILIES``: other shapes, colours, textures, background and caption
+grammar), on held-out scenes no tower and no SPARC model saw:
+
+1. `sparc scenes`: --n scenes of the family (the last 1,000 held out);
+2. towers: the committed ones under bench/towers/FAMILY (see its README: the command and commit that made
+   them), trained again only where missing: a DINOv2-layout ViT by self-distillation (no label, no caption)
+   and an open_clip-layout CLIP on the captions; their own quality is printed (linear probe, zero-shot);
+3. `sparc extract` through the real loaders;
+4. SPARC trained with the same budget in every configuration: the paper's recipe, the paper plus each
+   addition of the defaults alone, the defaults (all of them);
+5. every configuration measured on the same items with the same scorers: text -> DINO retrieval (P@10 and
+   mAP of the colour x shape queries, latent cosine of the search codes), one-stream Jaccard of caption and
+   DINO codes (agreed; empty codes count 0, their share beside), dead latents (never in a held-out agreed
+   DINO code), and localisation of the class phrase on the SAME (image, class) pairs for every row
+   (pointing game, mIoU, mask AP@0.2); beside them what a user would pick instead: raw CLIP text -> CLIP
+   image, and CLIP's own image-text relevance (every block, and from the last block as the SPARC authors'
+   code starts) and patch-text cosine, which never depend on the SAE.
+
+Then the same configurations on one planted-concept world with more concepts than latents (served text ->
+DINO R@1 against the oracle, one-stream Jaccard against the ceiling, dead latents of the agreed code).
+Every stage reuses what WORK already holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparc_core import load_checkpoint
+from sparc_core.alignment import PAPER, run, world_data
+from sparc_core.config import EncodersConfig, ExtractConfig, TrainConfig
+from sparc_core.encoders import load_encoders
+from sparc_core.extract import extract
+from sparc_core.metrics import dead_fraction, empty_share, per_sample_jaccard
+from sparc_core.scenes import family_of, read_scene_records, write_scenes
+from sparc_core.scenes_eval import (
+    clip_heatmaps,
+    code_scores,
+    concept_queries,
+    localisation_pairs,
+    localisation_table,
+    retrieval_table,
+    sparc_heatmaps,
+)
+from sparc_core.synthetic import preset
+from sparc_core.towers import encoders_config, read_towers, train_towers
+from sparc_core.train import train
+
+HELD_OUT = 1000
+TOWERS = Path(__file__).resolve().parent / "towers"
+STREAMS = ("dino", "clip_img", "clip_txt")
+# the paper's recipe, then each addition of the defaults alone, then all of them
+ADDITIONS = {
+    "+ latent revival (re-initialisation)": {"revive_after": 20_000},
+    "+ alignment loss, one-stream selection": {"align_coef": 1.0, "solo_select_prob": 0.5},
+    "+ calibration (thresholds, soft weight)": {"calibrate_rounds": 3},
+    "+ relative floor": {"min_rel_activation": 0.2},
+    "+ private dictionaries": {"private_latents": 256},
+    "+ pruning": {"prune_unused": True},
+}
+CONFIGS: dict[str, dict[str, Any]] = {
+    "paper recipe": PAPER,
+    **{name: PAPER | over for name, over in ADDITIONS.items()},
+    "defaults (all)": {},
+}
+
+
+def stage(name: str) -> float:
+    print(f"== {name}", flush=True)
+    return time.perf_counter()
+
+
+def towers_for(family: str, scenes: Path, work: Path, towers: Path) -> dict[str, Any]:
+    """The family's towers under ``towers`` (the committed ones by default), else trained into WORK."""
+    if (towers / family / "towers.json").is_file():
+        return read_towers(towers / family)
+    if not (work / "towers" / "towers.json").is_file():
+        train_towers(scenes, work / "towers", n_test=HELD_OUT)
+    return read_towers(work / "towers")
+
+
+def features(scenes: Path, enc_cfg: EncodersConfig, work: Path, n_train: int) -> dict[str, dict[str, np.ndarray]]:
+    """Train / test feature files of every stream (extracted once through the real loaders)."""
+    out = work / "features"
+    if not (out / "ids.txt").is_file():
+        extract(ExtractConfig(images=str(scenes / "images"), captions=str(scenes / "captions.csv"), out=str(out),
+                              encoders=enc_cfg, workers=0, progress=False))  # fmt: skip
+    feats = {s: np.load(out / f"{s}.npy") for s in STREAMS}
+    labels = np.load(scenes / "labels.npy")
+    split = {}
+    for name, rows in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
+        (work / name).mkdir(exist_ok=True)
+        for s in STREAMS:
+            if not (work / name / f"{s}.npy").is_file():
+                np.save(work / name / f"{s}.npy", feats[s][rows])
+        np.save(work / name / "labels.npy", labels[rows])
+        split[name] = {s: feats[s][rows] for s in STREAMS}
+    return split
+
+
+def code_row(model: Any, test: dict[str, np.ndarray]) -> dict[str, float]:
+    """One-stream agreement of caption and DINO codes, and the dictionary's dead share on held-out DINO."""
+    agreed = {s: model.encode({s: torch.from_numpy(test[s])}, code="agreed") for s in ("clip_txt", "dino")}
+    return {
+        "jaccard": per_sample_jaccard(agreed["clip_txt"], agreed["dino"]),
+        "empty": max(empty_share(c) for c in agreed.values()),
+        "dead": dead_fraction(agreed["dino"]),
+    }
+
+
+def scene_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(args.work) / family
+    work.mkdir(parents=True, exist_ok=True)
+    t = stage(f"{family}: scenes, towers, features")
+    scenes = work / "scenes"
+    if not (scenes / "scenes.jsonl").is_file():
+        write_scenes(scenes, args.n, seed=0, family=family)
+    fam = family_of(scenes)
+    records = read_scene_records(scenes)
+    n_train = len(records) - HELD_OUT
+    towers = towers_for(family, scenes, work, Path(args.towers))
+    print(f"   towers: DINO-layout (self-distillation) linear probe AUROC {towers['dino_linear_probe_auroc']:.3f}; "
+          f"CLIP-layout zero-shot top-1 {towers['clip_zero_shot_top1']:.3f} over {towers['clip_zero_shot_classes']} "
+          f"classes (chance {1 / towers['clip_zero_shot_classes']:.3f})", flush=True)  # fmt: skip
+    enc_cfg = encoders_config(towers)
+    split = features(scenes, enc_cfg, work, n_train)
+    test, test_records = split["test"], records[n_train:]
+    encoders = load_encoders(enc_cfg)
+    clip_txt = encoders["clip_txt"]
+    queries = concept_queries(test_records, fam)
+    pairs = localisation_pairs(scenes, test_records, {s: encoders[s] for s in ("dino", "clip_img")}, args.pairs, fam)
+    out: dict[str, Any] = {"towers": {k: towers[k] for k in ("dino_linear_probe_auroc", "clip_zero_shot_top1")},
+                           "queries": len(queries), "pairs": len(pairs), "features_s": time.perf_counter() - t}  # fmt: skip
+
+    t = stage(f"{family}: baselines (no SAE)")
+    raw = lambda texts: code_scores(clip_txt.encode_texts(texts), torch.from_numpy(test["clip_img"]))  # noqa: E731
+    out["raw CLIP"] = retrieval_table(raw, queries)
+    any_model = None
+    rows: dict[str, dict[str, Any]] = {}
+    for name, over in CONFIGS.items():
+        t = stage(f"{family}: train and measure '{name}'")
+        ckpt = work / "models" / name.replace(" ", "-").replace("(", "").replace(")", "").replace(",", "")
+        if not (ckpt / "CURRENT").is_file():
+            cfg = TrainConfig(
+                features={s: str(work / "train" / f"{s}.npy") for s in STREAMS}, out=str(ckpt), steps=args.steps,
+                eval_every=10**9, val_rows=0, save_every=args.steps, progress=False, **over,
+            )  # fmt: skip
+            train(cfg)
+        model = load_checkpoint(ckpt)
+        any_model = any_model or model
+
+        def sparse(texts: list[str], model: Any = model) -> np.ndarray:
+            q = model.encode({"clip_txt": clip_txt.encode_texts(texts)}).to_dense()
+            return code_scores(q, model.encode({"dino": torch.from_numpy(test["dino"])}).to_dense())
+
+        row = {"retrieval": retrieval_table(sparse, queries), **code_row(model, test)}
+        row["localisation"] = localisation_table(scenes, pairs, "dino", sparc_heatmaps(model, encoders["dino"], clip_txt))
+        rows[name] = row
+        _print_row(name, row)
+    out["configs"] = rows
+    t = stage(f"{family}: CLIP's own maps on the same pairs")
+    for label, method, options in (
+        ("CLIP image-text relevance, every block", "clip-relevance", {}),
+        ("CLIP image-text relevance, last block", "clip-relevance", {"start_layer": -1}),
+        ("CLIP patch-text cosine", "clip-cosine", {}),
+    ):
+        hm = clip_heatmaps(any_model, encoders["clip_img"], clip_txt, method, **options)
+        out[label] = localisation_table(scenes, pairs, "clip_img", hm)
+        v = out[label]
+        print(f"   {label:<44} pointing {v['pointing']:.3f}  mIoU {v['iou']:.3f}  mask AP@0.2 {v['mask_AP@0.2']:.3f}")
+    r = out["raw CLIP"]
+    print(f"   raw CLIP text -> CLIP image: P@10 {r['P@10']:.3f}  mAP {r['mAP']:.3f}  ({r['queries']} queries)")
+    return out
+
+
+def _print_row(name: str, row: dict[str, Any]) -> None:
+    r, loc = row["retrieval"], row["localisation"]
+    print(
+        f"   {name:<44} P@10 {r['P@10']:.3f}  mAP {r['mAP']:.3f} | pointing {loc['pointing']:.3f}  mIoU {loc['iou']:.3f}"
+        f"  mask AP@0.2 {loc['mask_AP@0.2']:.3f}  detected {loc['detected']:.2f} | Jaccard {row['jaccard']:.3f}"
+        f" (empty {row['empty']:.2f})  dead {row['dead']:.2f}",
+        flush=True,
+    )
+
+
+def planted(args: argparse.Namespace) -> dict[str, Any]:
+    """The same configurations on a planted world whose concepts outnumber the latents 2x."""
+    dims = {"dino": 256, "clip_img": 192, "clip_txt": 192}
+    world = preset("groups", n_concepts=1024, streams=dims, n_train=16_000, n_eval=2_000, seed=11)
+    work = Path(args.work) / "planted"
+    data = world_data(world, work / "data")
+    out = {}
+    for name, over in CONFIGS.items():
+        stage(f"planted: '{name}'")
+        base = {"n_latents": 512, "k": 32, "steps": args.planted_steps, "batch_size": 256}
+        row = run(world, base | over, work / name.replace(" ", "-"), data=data)
+        out[name] = row
+        print(
+            f"   {name:<44} text->DINO R@1 served {row['clip_txt->dino latent']['R@1']:.3f} "
+            f"(oracle {row['clip_txt->dino oracle R@1']:.3f})  Jaccard/ceiling {row['jaccard_vs_ceiling']:.3f}  "
+            f"dead agreed {row['dead']['dino']:.3f}",
+            flush=True,
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", default="shapes,glyphs")
+    ap.add_argument("--work", default="runs/pixels")
+    ap.add_argument("--n", type=int, default=12_000, help="scenes per family (the last 1,000 held out)")
+    ap.add_argument("--steps", type=int, default=2000, help="SPARC training steps of every configuration")
+    ap.add_argument("--planted-steps", type=int, default=1000)
+    ap.add_argument("--pairs", type=int, default=300, help="(image, class) pairs of the localisation tables")
+    ap.add_argument("--configs", help="comma-separated subset of the configurations")
+    ap.add_argument("--towers", default=str(TOWERS), help="a folder of towers folders, one per family")
+    ap.add_argument(
+        "--add-config",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="one more configuration: training settings over the defaults, e.g. 'x={\"align_coef\": 0}'",
+    )
+    ap.add_argument("--no-planted", action="store_true")
+    ap.add_argument("--json", help="write every number here")
+    args = ap.parse_args()
+    if args.configs:
+        keep = args.configs.split(",")
+        for name in list(CONFIGS):
+            if name not in keep:
+                del CONFIGS[name]
+    for spec in args.add_config:
+        name, _, over = spec.partition("=")
+        CONFIGS[name] = json.loads(over)
+    out = {f: scene_family(f, args) for f in args.families.split(",") if f}
+    if not args.no_planted:
+        out["planted"] = planted(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
