@@ -222,7 +222,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000, help="SPARC training steps of every configuration")
     ap.add_argument("--planted-steps", type=int, default=1000)
     ap.add_argument("--pairs", type=int, default=300, help="(image, class) pairs of the localisation tables")
-    ap.add_argument("--configs", help="comma-separated subset of the configurations")
+    ap.add_argument("--configs", help="the configurations to run, separated by semicolons (names hold commas)")
     ap.add_argument("--towers", default=str(TOWERS), help="a folder of towers folders, one per family")
     ap.add_argument(
         "--add-config",
@@ -235,7 +235,7 @@ def main() -> None:
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args()
     if args.configs:
-        keep = args.configs.split(",")
+        keep = [c.strip() for c in args.configs.split(";")]
         for name in list(CONFIGS):
             if name not in keep:
                 del CONFIGS[name]
