@@ -129,9 +129,10 @@ def scene_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
     records = read_scene_records(scenes)
     n_train = len(records) - HELD_OUT
     towers = towers_for(family, scenes, work, Path(args.towers))
-    print(f"   towers: DINO-layout (self-distillation) linear probe AUROC {towers['dino_linear_probe_auroc']:.3f}; "
+    probe = towers.get("dino_linear_probe_auroc")
+    print(f"   towers: DINO-layout linear probe AUROC {'–' if probe is None else f'{probe:.3f}'}; "
           f"CLIP-layout zero-shot top-1 {towers['clip_zero_shot_top1']:.3f} over {towers['clip_zero_shot_classes']} "
-          f"classes (chance {1 / towers['clip_zero_shot_classes']:.3f})", flush=True)  # fmt: skip
+          f"classes (chance {1 / towers['clip_zero_shot_classes']:.3f}) {towers.get('note', '')}", flush=True)  # fmt: skip
     enc_cfg = encoders_config(towers)
     split = features(scenes, enc_cfg, work, n_train)
     test, test_records = split["test"], records[n_train:]
@@ -139,7 +140,7 @@ def scene_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
     clip_txt = encoders["clip_txt"]
     queries = concept_queries(test_records, fam)
     pairs = localisation_pairs(scenes, test_records, {s: encoders[s] for s in ("dino", "clip_img")}, args.pairs, fam)
-    out: dict[str, Any] = {"towers": {k: towers[k] for k in ("dino_linear_probe_auroc", "clip_zero_shot_top1")},
+    out: dict[str, Any] = {"towers": {k: towers.get(k) for k in ("dino_linear_probe_auroc", "clip_zero_shot_top1")},
                            "queries": len(queries), "pairs": len(pairs), "features_s": time.perf_counter() - t}  # fmt: skip
 
     t = stage(f"{family}: baselines (no SAE)")
