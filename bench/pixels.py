@@ -38,18 +38,19 @@ import torch
 
 from sparc_core import load_checkpoint
 from sparc_core.alignment import PAPER, run, world_data
-from sparc_core.config import EncodersConfig, ExtractConfig, TrainConfig
+from sparc_core.config import TrainConfig
 from sparc_core.encoders import load_encoders
-from sparc_core.extract import extract
 from sparc_core.metrics import dead_fraction, empty_share, per_sample_jaccard
 from sparc_core.scenes import family_of, read_scene_records, write_scenes
 from sparc_core.scenes_eval import (
+    STREAMS,
     clip_heatmaps,
     code_scores,
     concept_queries,
     localisation_pairs,
     localisation_table,
     retrieval_table,
+    scene_features,
     sparc_heatmaps,
 )
 from sparc_core.synthetic import preset
@@ -58,7 +59,7 @@ from sparc_core.train import train
 
 HELD_OUT = 1000
 TOWERS = Path(__file__).resolve().parent / "towers"
-STREAMS = ("dino", "clip_img", "clip_txt")
+
 # the paper's recipe, then each addition of the defaults alone, then all of them
 ADDITIONS = {
     "+ latent revival (re-initialisation)": {"revive_after": 20_000},
@@ -89,25 +90,6 @@ def towers_for(family: str, scenes: Path, work: Path, towers: Path) -> dict[str,
     return read_towers(work / "towers")
 
 
-def features(scenes: Path, enc_cfg: EncodersConfig, work: Path, n_train: int) -> dict[str, dict[str, np.ndarray]]:
-    """Train / test feature files of every stream (extracted once through the real loaders)."""
-    out = work / "features"
-    if not (out / "ids.txt").is_file():
-        extract(ExtractConfig(images=str(scenes / "images"), captions=str(scenes / "captions.csv"), out=str(out),
-                              encoders=enc_cfg, workers=0, progress=False))  # fmt: skip
-    feats = {s: np.load(out / f"{s}.npy") for s in STREAMS}
-    labels = np.load(scenes / "labels.npy")
-    split = {}
-    for name, rows in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
-        (work / name).mkdir(exist_ok=True)
-        for s in STREAMS:
-            if not (work / name / f"{s}.npy").is_file():
-                np.save(work / name / f"{s}.npy", feats[s][rows])
-        np.save(work / name / "labels.npy", labels[rows])
-        split[name] = {s: feats[s][rows] for s in STREAMS}
-    return split
-
-
 def code_row(model: Any, test: dict[str, np.ndarray]) -> dict[str, float]:
     """One-stream agreement of caption and DINO codes, and the dictionary's dead share on held-out DINO."""
     agreed = {s: model.encode({s: torch.from_numpy(test[s])}, code="agreed") for s in ("clip_txt", "dino")}
@@ -134,7 +116,7 @@ def scene_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
           f"CLIP-layout zero-shot top-1 {towers['clip_zero_shot_top1']:.3f} over {towers['clip_zero_shot_classes']} "
           f"classes (chance {1 / towers['clip_zero_shot_classes']:.3f}) {towers.get('note', '')}", flush=True)  # fmt: skip
     enc_cfg = encoders_config(towers)
-    split = features(scenes, enc_cfg, work, n_train)
+    split = scene_features(scenes, enc_cfg, work, n_train)
     test, test_records = split["test"], records[n_train:]
     encoders = load_encoders(enc_cfg)
     clip_txt = encoders["clip_txt"]

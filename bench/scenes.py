@@ -3,7 +3,7 @@
     python bench/scenes.py [--n 20000] [--work runs/scenes] [--json out.json]
 
 1. `sparc scenes`: --n rendered image-caption pairs with masks and labels (the last 1,000 held out);
-2. `sparc towers`: a DINOv2-layout ViT from image-level labels, an open_clip-layout CLIP from the captions;
+2. `sparc towers`: a DINOv2-layout ViT by self-distillation on the images, an open_clip-layout CLIP on the captions;
 3. `sparc extract` through the real loaders (official DINOv2 .pth, open_clip directory);
 4. `sparc train` on the training scenes: the shipped defaults, the paper's recipe, Local TopK (same budget);
 5. `sparc index build` for DINO and CLIP-image over the held-out scenes, `sparc serve` in this process, and
@@ -30,9 +30,8 @@ import torch
 
 from sparc_core import load_checkpoint
 from sparc_core.alignment import LOCAL, PAPER
-from sparc_core.config import EncodersConfig, ExtractConfig, TrainConfig
+from sparc_core.config import EncodersConfig, TrainConfig
 from sparc_core.encoders import load_encoders
-from sparc_core.extract import extract
 from sparc_core.scenes import family_of, read_scene_records, write_scenes
 from sparc_core.scenes_eval import (
     attribution_table,
@@ -45,6 +44,7 @@ from sparc_core.scenes_eval import (
     naming_table,
     phrase,
     retrieval_table,
+    scene_features,
     sparc_heatmaps,
 )
 from sparc_core.towers import encoders_config, read_towers, train_towers
@@ -94,26 +94,8 @@ def main() -> None:
 
     t = stage("3. extract (the real loaders)")
     enc_cfg = encoders_config(towers)
-    feats_dir = work / "features"
-    if not (feats_dir / "ids.txt").is_file():
-        extract(
-            ExtractConfig(
-                images=str(scenes / "images"),
-                captions=str(scenes / "captions.csv"),
-                out=str(feats_dir),
-                encoders=enc_cfg,
-                workers=0,
-            )
-        )
-    streams = ("dino", "clip_img", "clip_txt")
-    feats = {s: np.load(feats_dir / f"{s}.npy") for s in streams}
-    for split, rows in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
-        (work / split).mkdir(exist_ok=True)
-        for s in streams:
-            if not (work / split / f"{s}.npy").is_file():
-                np.save(work / split / f"{s}.npy", feats[s][rows])
-        np.save(work / split / "labels.npy", labels[rows])
-    test = {s: feats[s][n_train:] for s in streams}
+    test = scene_features(scenes, enc_cfg, work, n_train)["test"]
+    streams = tuple(test)
     test_records = records[n_train:]
     out["extract_s"] = time.perf_counter() - t
 

@@ -39,6 +39,33 @@ from .model import SparcModel
 from .naming import name_latents, naming_score
 from .scenes import SceneFamily, family_of, instance_mask
 
+STREAMS = ("dino", "clip_img", "clip_txt")
+
+
+def scene_features(scenes: Path, encoders: Any, work: Path, n_train: int) -> dict[str, dict[str, np.ndarray]]:
+    """Every stream's features of a scenes folder, extracted once through the real loaders into WORK/features,
+    split into WORK/train and WORK/test (the first ``n_train`` scenes train; labels beside them); returns
+    {"train": {stream: rows}, "test": {...}}."""
+    from .config import ExtractConfig
+    from .extract import extract
+
+    out = work / "features"
+    if not (out / "ids.txt").is_file():
+        cfg = ExtractConfig(images=str(scenes / "images"), captions=str(scenes / "captions.csv"), out=str(out),
+                            encoders=encoders, workers=0, progress=False)  # fmt: skip
+        extract(cfg)
+    feats = {s: np.load(out / f"{s}.npy") for s in STREAMS}
+    labels = np.load(scenes / "labels.npy")
+    split: dict[str, dict[str, np.ndarray]] = {}
+    for name, rows in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
+        (work / name).mkdir(exist_ok=True)
+        for s in STREAMS:
+            if not (work / name / f"{s}.npy").is_file():
+                np.save(work / name / f"{s}.npy", feats[s][rows])
+        np.save(work / name / "labels.npy", labels[rows])
+        split[name] = {s: feats[s][rows] for s in STREAMS}
+    return split
+
 
 # ---- retrieval ---------------------------------------------------------------------------------------------
 def concept_queries(records: list[dict], family: SceneFamily) -> list[tuple[str, np.ndarray]]:
