@@ -95,6 +95,12 @@ def retrieval_table(query_scores: Callable[[list[str]], np.ndarray], queries: li
     return {"P@10": float(np.mean([p for p, _ in rows])), "mAP": float(np.mean([a for _, a in rows])), "queries": len(rows)}
 
 
+def retrieval_ceiling(queries: list[tuple[str, np.ndarray]], k: int = 10) -> dict[str, float]:
+    """What a perfect ranking reaches on the concept queries: every relevant image first (mAP 1; P@k below 1
+    where a query has fewer than k relevant images)."""
+    return {f"P@{k}": float(np.mean([min(int(rel.sum()), k) / k for _, rel in queries])), "mAP": 1.0, "queries": len(queries)}
+
+
 def code_scores(query: torch.Tensor, gallery: torch.Tensor) -> np.ndarray:
     """[q, n] cosine between dense codes (or any vectors)."""
     return (F.normalize(query.float(), dim=1) @ F.normalize(gallery.float(), dim=1).T).numpy()

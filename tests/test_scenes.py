@@ -156,3 +156,14 @@ def test_mask_ap_matches_coco_interpolation_by_hand():
     assert mask_ap(["a", "b"], [0.5, None]) == pytest.approx(0.5)
     assert mask_ap(["a", "a"], [0.5, 0.25]) == pytest.approx(1.0)
     assert mask_ap(["a", "a"], [0.5, 0.25], threshold=0.3) == pytest.approx(51 / 101)
+
+
+def test_the_retrieval_ceiling_is_what_a_perfect_ranking_scores():
+    from sparc_core.scenes_eval import precision_and_ap, retrieval_ceiling
+
+    g = np.random.default_rng(0)
+    queries = [(f"q{i}", g.random(200) < p) for i, p in enumerate((0.01, 0.03, 0.2))]
+    ceiling = retrieval_ceiling(queries)
+    perfect = [precision_and_ap(rel.astype(float), rel) for _, rel in queries]  # relevant items score 1, others 0
+    assert ceiling["P@10"] == pytest.approx(np.mean([p for p, _ in perfect])) and ceiling["P@10"] < 1.0
+    assert all(ap == 1.0 for _, ap in perfect) and ceiling["mAP"] == 1.0
