@@ -358,8 +358,8 @@ def add_seismic_index(path: str | Path, settings: SeismicSettings | None = None)
             "seismic": settings.model_dump(),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        manifest.pop("files")
-        return commit_version(path, tmp, vdir, manifest)
+        linked = {name: c for name, c in m.checksums.items() if not name.endswith("/" + INDEX_FILE)}
+        return commit_version(path, tmp, vdir, manifest, known=linked)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -429,8 +429,7 @@ def append_to_bundle(
             "created_at": now,
             "parts": parts,
         }
-        manifest.pop("files")
-        return commit_version(path, tmp, vdir, manifest)
+        return commit_version(path, tmp, vdir, manifest, known=m.checksums if m.version > 1 else None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,12 +17,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sparc_core.checkpoint import atomic_write_bytes, atomic_write_json, fsync_dir
 
 from .errors import BundleError
 from .seismic_backend import SeismicSettings
+from .validate import check_file_name, checksum
 
 FORMAT = "sparc-index"
 VERSION = 2
@@ -66,6 +67,7 @@ class Manifest(BaseModel):
     created_at: str
     build_seconds: float
     files: dict[str, int]  # file path in the version -> size in bytes (truncation check)
+    checksums: dict[str, str] = {}  # file path in the version -> "crc32:..." of its bytes (absent in older bundles)
     source: str  # features file the items came from
     parts: list[PartInfo] = []  # format 2; empty in format-1 bundles
     ids_unique_in_source: bool = False  # ids were checked unique over the whole source (all shards)
@@ -75,6 +77,13 @@ class Manifest(BaseModel):
     # and the checkpoint's search weight of unagreed latents when built (0: the agreed code alone).
     code: Literal["search", "agreed", "full"] = "search"
     soft_weight: float = 0.0
+
+    @field_validator("files", "checksums")
+    @classmethod
+    def _plain_names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for name in v:
+            check_file_name(name)
+        return v
 
 
 def checkpoint_of(path: str | Path, manifest: Manifest) -> Path:
@@ -167,10 +176,16 @@ def new_version_dir(path: Path) -> tuple[Path, Path]:
     return tmp, vdir
 
 
-def commit_version(path: Path, tmp: Path, vdir: Path, manifest: dict[str, Any], keep: int = 1) -> Path:
-    """Record file sizes, write the manifest, rename ``tmp`` to ``vdir`` and point CURRENT at it; prune."""
-    files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-    manifest = manifest | {"files": files}
+def commit_version(
+    path: Path, tmp: Path, vdir: Path, manifest: dict[str, Any], keep: int = 1, known: dict[str, str] | None = None
+) -> Path:
+    """Record file sizes and checksums, write the manifest, rename ``tmp`` to ``vdir`` and point CURRENT at
+    it; prune. ``known``: checksums of files linked unchanged from the previous version (not read again)."""
+    found = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
+    files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in found}
+    known = known or {}
+    sums = {name: known.get(name) or checksum(tmp / name) for name in files}
+    manifest = {k: v for k, v in manifest.items() if k not in ("files", "checksums")} | {"files": files, "checksums": sums}
     Manifest.model_validate(manifest)
     atomic_write_json(tmp / MANIFEST, manifest)
     fsync_dir(tmp)

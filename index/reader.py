@@ -17,6 +17,7 @@ from .manifest import LEGACY_ARRAYS, MANIFEST, current_version, read_manifest, r
 from .params import ApproxParams, SeismicParams
 from .postings import BLOCK, Postings, _pool, load_postings, search_threads
 from .seismic_backend import load_part_index, search_one
+from .validate import check_codes, check_ids, check_postings, verify_files
 
 
 class Part:
@@ -36,19 +37,17 @@ class Part:
 class Bundle:
     """A loaded bundle (one shard): its parts, searched and addressed as one list of rows."""
 
-    def __init__(self, path: str | Path, expected_checkpoint: str | None = None, mmap: bool = True) -> None:
+    def __init__(self, path: str | Path, expected_checkpoint: str | None = None, mmap: bool = True, verify: bool = True) -> None:
+        """``verify``: check every file's checksum and the structure the kernels rely on (index/validate.py)
+        before serving; off only for a bundle this process has just checked or written itself."""
         self.path = Path(path)
+        self.verify = verify
         self.vdir = current_version(self.path)
         self.manifest = read_manifest(self.path)
         m = self.manifest
         if expected_checkpoint is not None:
             require_checkpoint(m.checkpoint_sha256, expected_checkpoint, self.vdir / MANIFEST)
-        for name, size in m.files.items():
-            f = self.vdir / name
-            if not f.is_file():
-                raise BundleError(f"{f}: missing")
-            if f.stat().st_size != size:
-                raise BundleError(f"{f}: {f.stat().st_size} bytes, manifest says {size} (truncated or corrupt)")
+        verify_files(self.vdir, m.files, m.checksums if verify else {})
         self.parts = self._load_legacy(mmap) if m.version == 1 else self._load_parts(mmap)
         if sum(p.n_items for p in self.parts) != m.n_items:
             raise BundleError(f"{self.vdir}: parts hold {sum(p.n_items for p in self.parts)} items, manifest says {m.n_items}")
@@ -68,6 +67,10 @@ class Bundle:
                 raise BundleError(f"{d}: unreadable part ({e})") from None
             if codes_idx.shape != (n, m.k) or codes_val.shape != (n, m.k) or len(ids.keys) != n:
                 raise BundleError(f"{d}: array shapes do not match the manifest's {n} items x k={m.k}")
+            if self.verify:
+                check_codes(d, codes_idx, codes_val, m.n_latents)
+                check_postings(d, postings, n)
+                check_ids(d, ids, n)
             dense = read_dense_index(d / "dense.faiss") if m.dense else None
             if dense is not None and dense.ntotal != n:
                 raise BundleError(f"{d / 'dense.faiss'}: holds {dense.ntotal} vectors, manifest says {n}")
@@ -87,6 +90,9 @@ class Bundle:
         n = m.n_items
         if len(arr["ids"]) != n or arr["codes_idx"].shape != (n, m.k) or arr["codes_val"].shape != (n, m.k):
             raise BundleError(f"{self.vdir}: array shapes do not match the manifest's {n} items x k={m.k}")
+        if arr["ids"].dtype.kind not in "iuU":
+            raise BundleError(f"{self.vdir / 'ids.npy'}: dtype {arr['ids'].dtype}, expected integer or string ids")
+        check_codes(self.vdir, arr["codes_idx"], arr["codes_val"], m.n_latents)
         postings = Postings.from_codes(np.asarray(arr["codes_idx"]), np.asarray(arr["codes_val"]), m.n_latents)
         dense = read_dense_index(self.vdir / "dense.faiss") if m.dense else None
         if dense is not None and dense.ntotal != n:

@@ -157,8 +157,14 @@ def test_hostile_part_names_and_posting_offsets_are_refused_on_load(random_ckpt,
     j = int(np.flatnonzero(np.diff(bad) > 0)[0]) + 1
     bad[j], bad[j + 1] = bad[j + 1], bad[j] - 1  # one list runs backwards, same file size
     np.save(off_file, bad)
-    with pytest.raises(BundleError, match="posting offsets must start at 0 and never decrease"):
+    with pytest.raises(BundleError, match="post_offsets.npy: content checksum"):  # changed after its build
         Bundle(tmp_path / "b")
+    from index.validate import checksum
+
+    manifest.write_text(json.dumps(good | {"checksums": good["checksums"] | {"part-00000/post_offsets.npy": checksum(off_file)}}))
+    with pytest.raises(BundleError, match="posting offsets must start at 0 and never decrease"):  # a wrong writer
+        Bundle(tmp_path / "b")
+    manifest.write_text(json.dumps(good))
     np.save(off_file, offsets)
     assert Bundle(tmp_path / "b").manifest.n_items == 40
 
