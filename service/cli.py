@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,16 @@ def register(sub: Any) -> None:
     u.add_argument("--token-file", dest="token_file", help="the service's bearer token, read from this file")
     u.add_argument("--captions", help="the extraction's captions file: item ids -> images (thumbnails, heatmaps)")
     u.add_argument("--images", help="the image folder the captions file's paths are relative to")
-    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--host", default="127.0.0.1", help="bind address (beyond loopback: --login-token-file is required)")
     u.add_argument("--port", type=int, default=8080)
+    u.add_argument("--allow-host", dest="allow_hosts", action="append", default=[],
+                   help="a host name the page answers to (repeatable; loopback names always)")  # fmt: skip
+    u.add_argument("--login-token-file", dest="login_token_file", help="require signing in with the token in this file")
+    u.add_argument("--request-timeout", dest="request_timeout", type=float, default=30.0, help="seconds (default 30)")
+    u.add_argument("--max-threads", dest="max_threads", type=int, default=16, help="requests served at once (default 16)")
+    u.add_argument("--tls-ca", dest="tls_ca", help="PEM roots: talk TLS to the service")
+    u.add_argument("--tls-cert", dest="tls_cert", help="PEM client certificate (with --tls-key) for a service requiring one")
+    u.add_argument("--tls-key", dest="tls_key")
     u.set_defaults(func=_ui)
 
 
@@ -122,11 +131,31 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _ui(args: argparse.Namespace) -> int:
     from .client import SparcClient
-    from .ui import SearchPage, serve_ui
+    from .ui import LOOPBACK, SearchPage, UiSettings, is_loopback, serve_ui
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
 
     token = Path(args.token_file).read_text().strip() if args.token_file else None
-    with SparcClient(args.target, token=token) as client:
-        page = SearchPage.from_captions(client, args.captions, args.images)
+    login = Path(args.login_token_file).read_text().strip() if args.login_token_file else None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("sparc ui: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if not is_loopback(args.host) and not login:
+        print(f"sparc ui: bound to {args.host}, the page needs --login-token-file (it searches with the service token)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    bound = set() if is_loopback(args.host) or args.host in ("0.0.0.0", "::") else {args.host.lower()}
+    hosts = sorted(LOOPBACK | {h.lower() for h in args.allow_hosts} | bound)
+    settings = UiSettings(
+        allow_hosts=hosts, login_token=login, request_timeout=args.request_timeout, max_threads=args.max_threads
+    )
+    if login is None:
+        print(f"sparc ui: no sign-in (--login-token-file): anyone who can open http://{args.host}:{args.port}/ on this "
+              "machine searches with the service's token", file=sys.stderr, flush=True)  # fmt: skip
+    tls = {"root_certificates": read(args.tls_ca), "client_cert": read(args.tls_cert), "client_key": read(args.tls_key)}
+    with SparcClient(args.target, token=token, **tls) as client:
+        page = SearchPage.from_captions(client, args.captions, args.images, settings=settings)
         server = serve_ui(page, args.host, args.port)
         print(f"sparc ui on http://{args.host}:{server.server_address[1]}/ (service {args.target})", flush=True)
         try:
