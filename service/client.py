@@ -10,13 +10,17 @@
 
 Calls refused with UNAVAILABLE or RESOURCE_EXHAUSTED are retried by gRPC itself (its retry policy in the
 channel's service config: up to ``retries`` attempts, exponential backoff with jitter, within the call's
-deadline); ``retries=1`` turns that off. The messages are public in ``service.messages``.
+deadline); ``retries=1`` turns that off. Retries cannot amplify an overload: the channel's retry throttle
+(``retryThrottling``) stops retrying once failures outnumber successes (three failed attempts in a row
+empty its bucket; ten successes give one retry back), and a refusal the server knows is final (a call
+over a per-call limit) carries gRPC's "do not retry" push-back. The messages are public in ``service.messages``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +137,7 @@ def search_request(
 
 
 RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+RETRY_TOKENS = 6  # the retry throttle's bucket (see channel_options)
 
 
 def channel_options(max_message_bytes: int = 16 * 1024 * 1024, retries: int = 4) -> list[tuple[str, object]]:
@@ -151,7 +156,13 @@ def channel_options(max_message_bytes: int = 16 * 1024 * 1024, retries: int = 4)
             "backoffMultiplier": 2,
             "retryableStatusCodes": list(RETRYABLE),
         }
-        config = {"methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": policy}]}
+        config = {
+            "methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": policy}],
+            # a bucket of 6 tokens, shared by every channel of the process to the same target: a failed
+            # attempt takes 1, a success gives 0.1 back, and retries go only while more than 3 are left, so
+            # under sustained refusal the process sends about one attempt per call
+            "retryThrottling": {"maxTokens": RETRY_TOKENS, "tokenRatio": 0.1},
+        }
         options += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
     else:
         options.append(("grpc.enable_retries", 0))
@@ -187,6 +198,37 @@ def _channel(target: str, options: list, root_certificates: bytes | None, client
     return module.secure_channel(target, creds, options=options)
 
 
+class _SharedChannels:
+    """One blocking channel per (target, options, credentials) in a process, shared by every client made
+    with them and closed when the last one closes: gRPC's recommended reuse, and what makes the retry
+    throttle (a per-channel bucket) bound the retries of the whole process rather than of each client."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._channels: dict[tuple, list] = {}  # key -> [channel, clients using it]
+
+    def acquire(self, key: tuple, make: Callable[[], Any]) -> Any:
+        with self._lock:
+            entry = self._channels.get(key)
+            if entry is None:
+                entry = self._channels[key] = [make(), 0]
+            entry[1] += 1
+            return entry[0]
+
+    def release(self, key: tuple) -> None:
+        with self._lock:
+            entry = self._channels.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._channels[key]
+                entry[0].close()
+
+
+_SHARED = _SharedChannels()
+
+
 class _Connection:
     """The channel, stubs and auth metadata both clients share (``_aio``: a grpc.aio channel)."""
 
@@ -206,7 +248,13 @@ class _Connection:
         certificate to a server that requires one (tls_client_ca); ``retries``: attempts per call for
         UNAVAILABLE / RESOURCE_EXHAUSTED (1: no retry)."""
         options = channel_options(max_message_bytes, retries)
-        self.channel = _channel(target, options, root_certificates, client_key, client_cert, aio=self._aio)
+        if self._aio:  # an asyncio channel belongs to its event loop: never shared
+            self.channel, self._key = _channel(target, options, root_certificates, client_key, client_cert, aio=True), None
+        else:
+            self._key = (target, json.dumps(options, default=str), root_certificates, client_key, client_cert)
+            self.channel = _SHARED.acquire(
+                self._key, lambda: _channel(target, options, root_certificates, client_key, client_cert)
+            )
         self.stub = pb_grpc.SparcServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
@@ -222,7 +270,9 @@ class SparcClient(_Connection):
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        if self._key is not None:
+            _SHARED.release(self._key)
+            self._key = None
 
     def health(self, service: str = "", timeout: float = 5.0) -> str:
         """SERVING, NOT_SERVING, ... for the whole server ("") or a service name."""

@@ -27,7 +27,7 @@ from sparc_core.checkpoint import pick_device
 from sparc_core.encoders import FeatureEncoder, load_encoders
 from sparc_core.naming import load_latent_names
 
-from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
+from .errors import FailedPrecondition, InvalidArgument, NotFound, OverLimit, ServiceError
 from .lanes import GradientLane
 from .settings import ServiceSettings
 
@@ -354,23 +354,24 @@ class Engine:
             raise InvalidArgument("an index is named more than once")
 
     def check_budget(self, specs: list[SearchSpec]) -> None:
-        """Refuse, before any work, a call whose hits or reply would exceed the limits (ResourceExhausted)."""
+        """Refuse, before any work (the server calls it before any image is decoded), a call whose hits or
+        reply would exceed the per-call limits (OverLimit: never retried)."""
         s = self.settings
         hits = sum(spec.top_k * len(spec.indexes) for spec in specs)
         explained = sum(spec.top_k for spec in specs if spec.explain)
         reply = sum(spec.top_k * (HIT_BYTES + (EXPLANATION_BYTES if spec.explain else 0)) for spec in specs)
         if hits > s.max_hits_per_call:
-            raise ResourceExhausted(
+            raise OverLimit(
                 f"{len(specs)} queries x top_k x indexes = {hits} hits exceeds max_hits_per_call {s.max_hits_per_call}; "
                 "split the batch or lower top_k",
             )
         if explained > s.max_explained_hits_per_call:
-            raise ResourceExhausted(
+            raise OverLimit(
                 f"{explained} explained hits exceeds max_explained_hits_per_call {s.max_explained_hits_per_call}; "
                 "explain fewer hits (lower top_k) or split the batch",
             )
         if reply > s.max_message_bytes:
-            raise ResourceExhausted(
+            raise OverLimit(
                 f"the reply would be about {reply / 2**20:.1f} MiB, over max_message_bytes "
                 f"({s.max_message_bytes / 2**20:.1f} MiB); split the batch or lower top_k",
             )
@@ -531,9 +532,6 @@ class Engine:
         text_enc = self.encoders.get(self.default_stream["text"] or "")
         if method in CLIP_METHODS and not text:
             raise InvalidArgument(f"{method} compares CLIP's image with a caption: give text")
-        with self._decoders:
-            pil = decode_image(image, self.settings.max_image_pixels)
-
         if concepts:
             if text or latents:
                 raise InvalidArgument("give text, latents or concepts, not several")
@@ -543,8 +541,10 @@ class Engine:
                 latents = sorted({i for c in concepts for i in latents_named(self.names, c)})
             except NamingError as e:
                 raise InvalidArgument(str(e)) from None
-
         self._check_target(text, latents, weights)
+        self.lane.check_room()  # before the image is decoded
+        with self._decoders:
+            pil = decode_image(image, self.settings.max_image_pixels)
 
         def work(model, encoders):
             target = self._target(text, latents, weights, top, model, encoders)
@@ -581,6 +581,7 @@ class Engine:
         if len(image) > self.settings.max_image_bytes:
             raise InvalidArgument(f"image of {len(image)} bytes exceeds {self.settings.max_image_bytes}")
         image_enc, text_enc = self._encoder_for("image", encoder_stream), self._encoder_for("text", "")
+        self.lane.check_room()  # before the image is decoded
         with self._decoders:
             pil = decode_image(image, self.settings.max_image_pixels)
 

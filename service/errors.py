@@ -37,6 +37,11 @@ class ResourceExhausted(ServiceError):
     """The request would cost more than the server allows per call, or every slot is taken."""
 
 
+class OverLimit(ResourceExhausted):
+    """The request is over a fixed per-call limit (batch size, hits, reply size): sending it again can never
+    succeed, so it is answered with gRPC's "do not retry" push-back (the client's retry policy stops)."""
+
+
 class Unavailable(ServiceError):
     """The server (or a store behind it) cannot answer now; the client may retry."""
 
@@ -46,6 +51,6 @@ class DeadlineExceeded(ServiceError):
 
 
 __all__ = [
-    "DeadlineExceeded", "FailedPrecondition", "InvalidArgument", "NotFound", "ResourceExhausted", "ServiceError",
+    "DeadlineExceeded", "FailedPrecondition", "InvalidArgument", "NotFound", "OverLimit", "ResourceExhausted", "ServiceError",
     "Unavailable",
 ]  # fmt: skip

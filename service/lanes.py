@@ -84,15 +84,24 @@ class GradientLane:
         finally:
             self._slots.release()
 
+    def check_room(self) -> None:
+        """ResourceExhausted now when every slot is taken (a cheap check before a call decodes its image;
+        ``run`` takes the slot)."""
+        if self.busy >= self.capacity:
+            raise ResourceExhausted(self._full())
+
+    def _full(self) -> str:
+        return (
+            f"{self.capacity} localisation / attribution calls are already queued or running (max_gradient_calls); "
+            "retry with backoff"
+        )
+
     def run(self, work: Work, should_stop: Callable[[], bool] | None = None, poll: float = 0.05) -> Any:
         """``work(model, encoders)`` on the lane; ResourceExhausted when ``capacity`` calls are already queued
         or running; SearchStopped as soon as ``should_stop()`` turns true (the job is dropped if not started)."""
         stop = should_stop or (lambda: False)
         if not self._slots.acquire(blocking=False):
-            raise ResourceExhausted(
-                f"{self.capacity} localisation / attribution calls are already queued or running "
-                "(max_gradient_calls); retry with backoff",
-            )
+            raise ResourceExhausted(self._full())
         fut: Future = Future()
         if self._thread is not None:
             self._q.put((work, fut, stop))

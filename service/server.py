@@ -5,13 +5,14 @@ This module is the one place where errors become gRPC status codes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from .errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OverLimit,
     ResourceExhausted,
     ServiceError,
     Unavailable,
@@ -250,6 +252,8 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
         except ServiceError as e:
             status = status_of(e)
             code = status.name
+            if isinstance(e, OverLimit):  # the same call can never pass: gRPC's retry policy must not resend it
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", "-1"),))
             context.abort(status, e.message)
         except GalleryUnavailable as e:  # a Milvus server down or too slow: the client may retry
             code = "UNAVAILABLE"
@@ -307,12 +311,31 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
             )
         return self.engine.query_spec(kind, text=q.text, image=q.image, encoder_stream=q.encoder_stream)
 
-    def _spec(self, r: pb.SearchRequest) -> SearchSpec:
-        if not r.HasField("query"):
+    def _specs(self, requests: Sequence[pb.SearchRequest], batch: bool = False) -> list[SearchSpec]:
+        """Validated searches of a call: every request's parameters and the call's budget are checked
+        before any query is decoded (an image over budget is never decoded)."""
+        plans = []
+        for i, r in enumerate(requests):
+            try:
+                plans.append(self._spec(r, query=False))
+                self.engine.check_search(plans[-1])
+            except ServiceError as e:
+                raise e.prefixed(f"requests[{i}]: ") if batch else e from None
+        self.engine.check_budget(plans)
+        out = []
+        for i, (r, plan) in enumerate(zip(requests, plans)):
+            try:
+                out.append(dataclasses.replace(plan, query=self._query(r.query)))
+            except ServiceError as e:
+                raise e.prefixed(f"requests[{i}]: ") if batch else e from None
+        return out
+
+    def _spec(self, r: pb.SearchRequest, query: bool = True) -> SearchSpec:
+        if not r.HasField("query") or r.query.WhichOneof("kind") is None:
             raise InvalidArgument("empty query: set exactly one of text, image or vector")
         if r.path not in PATHS:
             raise InvalidArgument(f"unknown search path {r.path}")
-        query = self._query(r.query)
+        q = self._query(r.query) if query else None
         try:  # the one place a request's search parameters are made (and validated) from the proto
             params = SearchParams.create(
                 top_k=r.top_k or 10,
@@ -329,7 +352,7 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
         # a name given twice is searched once
-        return SearchSpec(query, list(dict.fromkeys(r.indexes)), params, explain=r.explain, return_code=r.return_code)
+        return SearchSpec(q, list(dict.fromkeys(r.indexes)), params, explain=r.explain, return_code=r.return_code)
 
     def _counted(self, method: str, specs: list[SearchSpec]) -> list[SearchSpec]:
         """``specs``, after adding their encoding work to ``sparc_work_total``."""
@@ -368,7 +391,7 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
 
     # ---- RPCs -------------------------------------------------------------------------------------
     def Search(self, request, context):
-        return self._call("Search", context, lambda: self._responses(self._counted("Search", [self._spec(request)]), context)[0])
+        return self._call("Search", context, lambda: self._responses(self._counted("Search", self._specs([request])), context)[0])
 
     def SearchBatch(self, request, context):
         def run():
@@ -376,13 +399,8 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
             if n == 0:
                 raise InvalidArgument("SearchBatch with no requests")
             if n > self.engine.settings.max_batch:
-                raise ResourceExhausted(f"batch of {n} queries exceeds max_batch {self.engine.settings.max_batch}")
-            specs = []
-            for i, r in enumerate(request.requests):
-                try:
-                    specs.append(self._spec(r))
-                except ServiceError as e:
-                    raise e.prefixed(f"requests[{i}]: ") from None
+                raise OverLimit(f"batch of {n} queries exceeds max_batch {self.engine.settings.max_batch}")
+            specs = self._specs(request.requests, batch=True)
             if self._stopper(context)():
                 raise SearchStopped("stopped after validation: the deadline passed or the call was cancelled")
             return pb.SearchBatchResponse(responses=self._responses(self._counted("SearchBatch", specs), context))
@@ -431,7 +449,7 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
                     finished = True
                     break
                 batch.append(r)
-            run = lambda b=batch: self._responses(self._counted("SearchStream", [self._spec(r) for r in b]), context)  # noqa: E731
+            run = lambda b=batch: self._responses(self._counted("SearchStream", self._specs(b)), context)  # noqa: E731
             yield from self._call("SearchStream", context, run)
 
     def _next_request(self, pending: ByteBoundedQueue, context: grpc.ServicerContext) -> Any:

@@ -212,6 +212,58 @@ def test_a_call_over_budget_is_refused_before_any_work(trained_checkpoint, bundl
         srv.stop(0)
 
 
+def test_retries_cannot_amplify_a_sustained_refusal(trained_checkpoint, bundles, queries, monkeypatch):
+    """40 callers, each with its own client (the defaults: retries on), against a server that refuses every
+    search as busy: the process's retry throttle keeps the attempts the server sees within 1.1x the calls."""
+    from service.errors import ResourceExhausted
+
+    srv = SparcServer(_settings(trained_checkpoint, bundles)).start()
+    seen = []
+
+    def busy(specs, should_stop=None):
+        seen.append(1)
+        raise ResourceExhausted("server busy: retry with backoff")
+
+    monkeypatch.setattr(srv.engine, "search", busy)
+    codes = []
+    try:
+
+        def caller(i: int) -> None:
+            with SparcClient(f"127.0.0.1:{srv.port}") as c:
+                try:
+                    c.search(_req(queries[i]), timeout=10)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+
+        threads = [threading.Thread(target=caller, args=(i,)) for i in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        srv.stop(0)
+    assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 40
+    assert 40 <= len(seen) <= 44, f"{len(seen)} attempts reached the server for 40 calls"
+
+
+def test_a_call_over_a_fixed_limit_reaches_the_server_once(trained_checkpoint, bundles, queries):
+    """A SearchBatch over max_batch, or over the hit budget, can never pass: it is answered with gRPC's
+    do-not-retry push-back, so the client's retry policy sends it once."""
+    srv = SparcServer(_settings(trained_checkpoint, bundles, max_batch=8, max_hits_per_call=100)).start()
+    try:
+        with SparcClient(f"127.0.0.1:{srv.port}") as c:
+            for reqs, why in (
+                ([_req(q) for q in queries[:9]], "max_batch"),
+                ([_req(q, top_k=50) for q in queries[:3]], "max_hits"),
+            ):
+                with pytest.raises(grpc.RpcError) as e:
+                    c.search_batch(reqs, timeout=10)
+                assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and why in e.value.details()
+            assert _count(srv.metrics.requests, "SearchBatch", "RESOURCE_EXHAUSTED") == 2  # once each
+    finally:
+        srv.stop(0)
+
+
 @pytest.fixture(scope="module")
 def client_server(trained_checkpoint, bundles):
     srv = SparcServer(_settings(trained_checkpoint, bundles, auth_token=TOKEN)).start()

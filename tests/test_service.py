@@ -485,9 +485,11 @@ def test_refusals_are_retried_by_grpcs_own_retry_policy(server, medium_synth, mo
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(calls) == 1
     calls.clear()
     refuse[0] = 0
+    before = server.metrics.requests.labels("Search", "NOT_FOUND")._value.get()
     with SparcClient(target) as c, pytest.raises(grpc.RpcError) as e:  # not retryable: answered once
         c.search(search_request(make_query(stream="clip_txt", vector=q), ["nope"], top_k=3), timeout=10)
-    assert e.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT) and len(calls) == 1
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and not calls  # refused before the engine's search
+    assert server.metrics.requests.labels("Search", "NOT_FOUND")._value.get() == before + 1
 
 
 def test_the_asyncio_client_gives_what_the_blocking_one_gives(server, client, medium_synth):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 
 import grpc
 import numpy as np
@@ -488,3 +489,41 @@ def test_the_search_page_searches_shows_hits_and_draws_heatmaps(world, server, t
         http.shutdown()
         http.server_close()
         client.close()
+
+
+def test_over_budget_calls_are_refused_before_any_image_is_decoded(world, server, monkeypatch):
+    """A SearchBatch over the hit budget, and a Localize while the gradient lane is full, are refused before
+    their images are decoded (and the over-budget batch reaches the server once)."""
+    import threading
+
+    import service.engine as engine_module
+    from service.client import SparcClient
+
+    decoded, real = [], engine_module.decode_image
+    monkeypatch.setattr(engine_module, "decode_image", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    png = _encoded(world["dir"] / "images" / "img_0011.jpg", "PNG")
+    metric = server.metrics.requests.labels("SearchBatch", "RESOURCE_EXHAUSTED")
+    before = metric._value.get()
+    with SparcClient(f"127.0.0.1:{server.port}") as c:
+        reqs = [search_request(make_query(image=png), ["images-clip"], top_k=1000) for _ in range(201)]  # 201,000 hits
+        with pytest.raises(grpc.RpcError) as e:
+            c.search_batch(reqs, timeout=30)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_hits_per_call" in e.value.details()
+        assert decoded == [] and metric._value.get() == before + 1
+        lane, gate = server.engine.lane, threading.Event()
+        holders = [threading.Thread(target=lane.run, args=(lambda m, e: gate.wait(20),)) for _ in range(lane.capacity)]
+        for t in holders:
+            t.start()
+        try:
+            deadline = time.monotonic() + 5
+            while lane.busy < lane.capacity and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(grpc.RpcError) as e:
+                c.localize(png, latents=[1], timeout=10)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and decoded == []
+        finally:
+            gate.set()
+            for t in holders:
+                t.join()
+        assert c.search(search_request(make_query(image=png), ["images-clip"], top_k=3), timeout=30).hits
+        assert decoded == [1]  # a call within budget decodes its image
