@@ -39,11 +39,15 @@ class ServiceSettings(BaseModel):
     max_abs_value: float = Field(1e6, gt=0)  # vector queries with larger entries are refused
     max_abs_boost: float = Field(100.0, gt=0)  # latent boosts must lie in [-max_abs_boost, max_abs_boost]
     max_in_flight: int | None = Field(None, ge=1)  # concurrent calls doing work (default and at most: workers)
-    max_streams: int | None = Field(None, ge=1)  # open streaming calls, all clients (default: workers // 4)
+    # open streaming calls, all clients (default: workers // 4, at least 1, and always leaving unary calls a
+    # worker: 0 with one worker, when streams are refused)
+    max_streams: int | None = Field(None, ge=0)
     max_streams_per_client: int = Field(4, ge=1)  # open streaming calls per client address
     max_stream_buffer_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # requests one stream may have read ahead
     stream_idle_seconds: float = Field(30.0, gt=0)  # a stream with no message either way for this long is ended
-    max_health_watches: int | None = Field(None, ge=1)  # open health Watch streams (default: workers // 8, at least 1)
+    # open health Watch streams (default: workers // 8, at least 1, within what streams leave: 0 with two
+    # workers or fewer, where Watch is refused and the unary health Check answers)
+    max_health_watches: int | None = Field(None, ge=0)
     request_wait_seconds: float = Field(10.0, gt=0)  # a call whose request message has not arrived by then is ended
     max_gradient_calls: int = Field(2, ge=1)  # Localize / AttributeText / ExplainPair calls queued or running at once
     gradient_replica: bool = True  # gradient work on its own copy of the models (search never waits for it)
@@ -85,12 +89,10 @@ class ServiceSettings(BaseModel):
             raise ValueError("auth_token is empty")
         if self.max_in_flight is not None and self.max_in_flight > self.workers:
             raise ValueError(f"max_in_flight {self.max_in_flight} exceeds workers {self.workers}: it could never be reached")
-        if self.max_streams is not None and self.max_streams >= self.workers:
-            raise ValueError(f"max_streams {self.max_streams} must leave unary calls a worker (workers {self.workers})")
-        if self.max_health_watches is not None and self.stream_limit + self.max_health_watches >= self.workers:
+        if self.stream_limit + self.health_watch_limit >= self.workers:
             raise ValueError(
-                f"max_streams ({self.stream_limit}) + max_health_watches ({self.max_health_watches}) must leave "
-                f"unary calls a worker (workers {self.workers})"
+                f"max_streams ({self.stream_limit}) + max_health_watches ({self.health_watch_limit}) must be below "
+                f"workers ({self.workers}), so that unary calls always have a worker"
             )
         return self
 
@@ -100,11 +102,15 @@ class ServiceSettings(BaseModel):
 
     @property
     def stream_limit(self) -> int:
-        return self.max_streams or max(1, self.workers // 4)
+        if self.max_streams is not None:
+            return self.max_streams
+        return min(max(1, self.workers // 4), self.workers - 1)
 
     @property
     def health_watch_limit(self) -> int:
-        return self.max_health_watches or max(1, self.workers // 8)
+        if self.max_health_watches is not None:
+            return self.max_health_watches
+        return min(max(1, self.workers // 8), max(0, self.workers - 1 - self.stream_limit))
 
     def token(self) -> str | None:
         """The bearer token, from auth_token or read from auth_token_file (ConfigError naming the file)."""

@@ -374,6 +374,33 @@ def test_health_watch_streams_do_not_take_the_search_stream_slots(trained_checkp
         srv.stop(0)
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_with_few_workers_a_health_watch_never_locks_out_unary_calls(trained_checkpoint, bundles, queries, workers):
+    """The derived stream and watch caps always leave unary calls a worker: one unauthenticated health Watch
+    held open on a 1-, 2- or 3-worker server, and an authenticated Search still answers."""
+    from tests.chaos import HealthWatchers
+
+    srv = SparcServer(_settings(trained_checkpoint, bundles, workers=workers, auth_token=TOKEN)).start()
+    target = f"127.0.0.1:{srv.port}"
+    assert srv.settings.stream_limit + srv.settings.health_watch_limit < workers
+    watchers = HealthWatchers(target, 1)
+    try:
+        with SparcClient(target, token=TOKEN, retries=1) as c:
+            for q in queries[:3]:
+                assert c.search(_req(q), timeout=5).hits
+            assert c.health(timeout=5) == "SERVING"  # the unary Check answers even where Watch is capped at 0
+    finally:
+        watchers.close()
+        srv.stop(0)
+
+
+def test_caps_that_leave_unary_calls_no_worker_are_refused_at_start(trained_checkpoint, bundles):
+    for caps in ({"workers": 4, "max_streams": 2, "max_health_watches": 2}, {"workers": 2, "max_streams": 1, "max_health_watches": 1},
+                 {"workers": 1, "max_health_watches": 1}):  # fmt: skip
+        with pytest.raises((ConfigError, ValueError), match=r"must be below workers"):
+            _settings(trained_checkpoint, bundles, **caps)
+
+
 def test_random_method_paths_are_one_metric_label(client_server):
     from prometheus_client import generate_latest
 
