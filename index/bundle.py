@@ -44,6 +44,7 @@ from .manifest import (
     CURRENT,
     FORMAT,
     MANIFEST,
+    NO_CHECKPOINT,
     VERSION,
     Manifest,
     PartInfo,
@@ -236,6 +237,13 @@ def build_bundle(
     ckpt_hash = checkpoint_hash(checkpoint)
     if model is None:
         model = load_checkpoint(checkpoint, device=pick_device())
+    elif getattr(model, "checkpoint_sha256", None) != ckpt_hash:
+        raise BundleError(f"model= is not checkpoint {checkpoint} (give the model load_checkpoint returns for it, or none)")
+    elif abs(model.soft_weight - model.checkpoint_soft_weight) > 1e-6:
+        raise BundleError(
+            f"model= encodes at soft weight {model.soft_weight:g}, its checkpoint {checkpoint} at "
+            f"{model.checkpoint_soft_weight:g}: save the model as a checkpoint and build with that"
+        )
     if stream not in model.streams:
         raise BundleError(f"stream {stream!r} is not in checkpoint {checkpoint} (it has {model.streams})")
     store = FeatureStore(features)
@@ -298,7 +306,7 @@ def build_bundle_from_codes(
     n_latents: int,
     ids: np.ndarray | None = None,
     stream: str = "codes",
-    checkpoint_sha256: str = "none",
+    checkpoint_sha256: str = NO_CHECKPOINT,
     progress: bool = True,
 ) -> Path:
     """A sparse-only bundle from codes computed elsewhere (chunks of [m, k] idx and unit values), in bounded

@@ -166,6 +166,33 @@ def require_checkpoint(
         )
 
 
+NO_CHECKPOINT = "none"  # build_bundle_from_codes: codes computed elsewhere, no model identity to compare
+
+
+def require_model(manifest: Manifest, model: Any, where: str | Path, checkpoint_sha256: str | None = None) -> None:
+    """The one check that a model may search an index: it is the checkpoint the index was built with
+    (``checkpoint_sha256``, else the hash ``load_checkpoint`` recorded on the model) and it encodes queries
+    as the items were encoded (the manifest's code, at its soft weight). BundleError naming both otherwise.
+    Indexes of codes computed elsewhere (checkpoint ``none``) have nothing to compare."""
+    if manifest.checkpoint_sha256 == NO_CHECKPOINT:
+        return
+    have = checkpoint_sha256 or getattr(model, "checkpoint_sha256", None)
+    if have is None:
+        raise BundleError(
+            f"{where}: the model carries no checkpoint identity (it was not loaded with load_checkpoint); pass "
+            "checkpoint_sha256 of the checkpoint it was saved as, or load the index's checkpoint"
+        )
+    require_checkpoint(manifest.checkpoint_sha256, have, where)
+    if manifest.code != "search":
+        raise BundleError(f"{where}: items hold the {manifest.code!r} code; queries are encoded with the 'search' code")
+    served = float(model.soft_weight)
+    if abs(served - manifest.soft_weight) > 1e-6:
+        raise BundleError(
+            f"{where}: items were encoded at soft weight {manifest.soft_weight:g}, the model encodes queries at "
+            f"{served:g} (set_soft_weight after loading); rebuild the index or set_soft_weight({manifest.soft_weight:g})"
+        )
+
+
 def new_version_dir(path: Path) -> tuple[Path, Path]:
     """(temp dir to write into, final version dir)."""
     path.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from sparc_core import SparcModel, SparseCode
 
 from .errors import BundleError, GalleryUnavailable, SearchStopped
 from .gallery import GalleryInfo
-from .manifest import Manifest, require_checkpoint
+from .manifest import Manifest, require_checkpoint, require_model
 from .params import ApproxParams, DenseParams, SearchParams
 from .queries import Explanation, SearchResult, as_code, dense_arrays, encode_queries, explain_code, params_arrays
 from .reader import Bundle
@@ -306,6 +306,7 @@ class MilvusSearcher:
             raise BundleError(
                 f"{location}: holds stream {self.stream!r} with {self.manifest.n_latents} latents; the model does not match"
             )
+        require_model(self.manifest, model, location, checkpoint_sha256)  # the check a local bundle gets
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         """One Milvus round trip; connection failures and timeouts become GalleryUnavailable."""
@@ -400,8 +401,10 @@ class MilvusSearcher:
         lat = np.array(sorted(code), dtype=np.int64)
         return lat, np.array([code[j] for j in lat.tolist()], dtype=np.float32)
 
-    def explain(self, query: SparseCode, item_id: Any, top: int = 5, row: int = 0) -> list[Explanation]:
-        return explain_code(query, self.item_code(item_id), top, row)
+    def explain(
+        self, query: SparseCode, item_id: Any, top: int = 5, row: int = 0, boost: dict[int, float] | None = None
+    ) -> list[Explanation]:
+        return explain_code(query, self.item_code(item_id), top, row, boost)
 
     def latent_top_items(self, latent: int, top_k: int) -> tuple[int, list[tuple[Any, float]]]:
         """Items with the largest value of ``latent`` (a one-hot query) and how many items have it active."""

@@ -106,18 +106,28 @@ def _boosted(q_idx: np.ndarray, q_val: np.ndarray, boost: dict[int, float]) -> t
     return idx, val
 
 
-def explain_code(query: SparseCode, item: tuple[np.ndarray, np.ndarray], top: int = 5, row: int = 0) -> list[Explanation]:
-    """The shared latents that contribute most to the (sparse) score of an item (its stored code: latent
-    ids, unit values) for query ``row``."""
-    q_idx, q_val = unit_code(SparseCode(query.indices[row : row + 1], query.values[row : row + 1], query.n_latents))
+def explain_code(
+    query: SparseCode, item: tuple[np.ndarray, np.ndarray], top: int = 5, row: int = 0, boost: dict[int, float] | None = None
+) -> list[Explanation]:
+    """The shared latents that contribute most to the sparse score of an item (its stored code: latent ids,
+    unit values) for query ``row``, with the query weights the search scored with (``boost`` applied): the
+    contributions of all shared latents add up to the hit's sparse score (a negative boost contributes
+    negatively). Largest contributions first."""
+    one = SparseCode(query.indices[row : row + 1], query.values[row : row + 1], query.n_latents)
+    q_idx, q_val = unit_code(one)
+    if boost:
+        q_idx, q_val = _boosted(q_idx, q_val, boost)
     i_idx, i_val = item
-    values = dict(zip(np.asarray(i_idx).tolist(), np.asarray(i_val).tolist()))
-    shared = []
+    values: dict[int, float] = {}
+    for lat, v in zip(np.asarray(i_idx).tolist(), np.asarray(i_val, dtype=np.float32).tolist()):
+        if v > 0:
+            values[lat] = values.get(lat, 0.0) + v
+    weights: dict[int, float] = {}
     for lat, qv in zip(q_idx[0].tolist(), q_val[0].tolist()):
-        iv = values.get(lat, 0.0)
-        if qv > 0 and iv > 0:
-            shared.append(Explanation(lat, qv, iv, qv * iv))
-    shared.sort(key=lambda e: -e.contribution)
+        if qv != 0:
+            weights[lat] = weights.get(lat, 0.0) + qv
+    shared = [Explanation(lat, qv, values[lat], qv * values[lat]) for lat, qv in weights.items() if lat in values]
+    shared.sort(key=lambda e: (-e.contribution, e.latent))
     return shared[:top]
 
 

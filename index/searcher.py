@@ -25,7 +25,7 @@ from .errors import BundleError, SearchStopped
 from .faiss_backend import DenseSearcher
 from .gallery import GalleryInfo
 from .kernels import merge_topk
-from .manifest import MANIFEST, checkpoint_of, require_checkpoint
+from .manifest import MANIFEST, checkpoint_of, require_checkpoint, require_model
 from .params import DEFAULT_PATH, PATHS, DenseParams, ExactParams, PathParams, SearchParams, SearchPath
 from .postings import warm_up
 from .queries import Explanation, SearchResult, as_code, dense_arrays, encode_queries, explain_code, params_arrays
@@ -77,6 +77,7 @@ class Searcher:
             model = load_checkpoint(checkpoint)
         if model.n_latents != m.n_latents or m.stream not in model.streams:
             raise BundleError(f"{first.path}: built for stream {m.stream!r} with {m.n_latents} latents; the model does not match")
+        require_model(m, model, first.vdir / MANIFEST, checkpoint_sha256)
         self.model = model
         self.stream = m.stream
         self.manifest = m
@@ -264,9 +265,12 @@ class Searcher:
             return idx[0], val[0]
         raise KeyError(f"item {item_id!r} is not in this index")
 
-    def explain(self, query: SparseCode, item_id: Any, top: int = 5, row: int = 0) -> list[Explanation]:
-        """The shared latents that contribute most to the (sparse) score of ``item_id`` for query ``row``."""
-        return explain_code(query, self.item_code(item_id), top, row)
+    def explain(
+        self, query: SparseCode, item_id: Any, top: int = 5, row: int = 0, boost: dict[int, float] | None = None
+    ) -> list[Explanation]:
+        """The shared latents that contribute most to the sparse score of ``item_id`` for query ``row`` (with
+        the search's ``boost``, so they add up to the boosted score)."""
+        return explain_code(query, self.item_code(item_id), top, row, boost)
 
 
 def warm_kernel_cache(n_items: int = (1 << 16) + 4096) -> None:

@@ -67,6 +67,9 @@ class SearchResult:
     path: str
     query_stream: str
     query_code: tuple[list[int], list[float]] | None = None
+    # with explain: "score" (contributions add up to each hit's score) or "sparse_code" (dense path: what the
+    # codes share, not a decomposition of the score)
+    explanation_basis: str = ""
 
 
 def _result(r: pb.SearchResponse) -> SearchResult:
@@ -81,7 +84,7 @@ def _result(r: pb.SearchResponse) -> SearchResult:
         for h in r.hits
     ]
     code = (list(r.query_code.indices), list(r.query_code.values)) if r.HasField("query_code") else None
-    return SearchResult(hits, r.path, r.query_stream, code)
+    return SearchResult(hits, r.path, r.query_stream, code, r.explanation_basis)
 
 
 def make_query(

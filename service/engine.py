@@ -459,7 +459,7 @@ class Engine:
                     raise SearchStopped("stopped while explaining hits")
                 hits = []
                 for rank, (score, name, item) in enumerate(best, start=1):
-                    expl = self.searchers[name].explain(codes[i], item, top=8) if specs[i].explain else []
+                    expl = self.searchers[name].explain(codes[i], item, top=8, boost=params.boost_map) if specs[i].explain else []
                     hits.append(Hit(item, score, rank, name, expl))
                 results[i] = hits
         return list(zip(codes, results))

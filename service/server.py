@@ -367,6 +367,8 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
         for spec, (code, hits) in zip(specs, results):
             self.metrics.query_l0.observe(int((code.values > 0).sum()))
             resp = pb.SearchResponse(path=spec.path, query_stream=spec.query.stream)
+            if spec.explain:
+                resp.explanation_basis = "sparse_code" if spec.path == "dense" else "score"
             for h in hits:
                 resp.hits.add(
                     id=str(h.id),

@@ -289,6 +289,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify
         if not torch.isfinite(t).all():
             raise CheckpointError(f"{weights}: {name} contains NaN or inf")
     model.load_state_dict(state)
+    # what the model is (index/manifest.py compares them with the bundles it searches): the weights' hash,
+    # and the soft weight they hold (set_soft_weight afterwards makes another code)
+    model.checkpoint_sha256 = str(cfg.get("weights_sha256"))
+    model.checkpoint_soft_weight = model.soft_weight
     return model.to(device).eval()
 
 

@@ -15,7 +15,7 @@ import torch
 
 from index import Bundle, BundleError, Searcher, append_to_bundle, build_bundle, read_manifest
 from index.faiss_backend import gpu_available, gpu_count
-from sparc_core import SparcConfig, SparcModel, save_checkpoint
+from sparc_core import SparcConfig, SparcModel, checkpoint_hash, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -827,3 +827,25 @@ def test_item_ids_lookup_without_python_objects(tmp_path):
         assert got.duplicates() == []
     assert ItemIds.from_array(np.array([5, 3, 5, 9, 3])).duplicates() == [3, 5]
     assert ItemIds.from_array(np.array(["a", "b", "a"])).duplicates() == ["a"]
+
+
+def test_a_model_that_encodes_otherwise_than_the_index_is_refused_everywhere(random_ckpt, tmp_path):
+    """The index records the checkpoint and the soft weight its items were encoded at: a model whose soft
+    weight was changed after loading, or an in-memory model with no checkpoint identity, can neither build
+    an index nor search one (library calls included), and the error says what to do."""
+    feats = _feats(tmp_path, 60, 32)
+    build_bundle(random_ckpt, "img", feats, tmp_path / "b", progress=False)
+    loaded = load_checkpoint(random_ckpt)
+    assert Searcher(tmp_path / "b", model=loaded).search(("txt", np.load(_feats(tmp_path, 2, 24, name="q.npy"))), top_k=3).ids
+    changed = load_checkpoint(random_ckpt)
+    changed.set_soft_weight(0.5)
+    with pytest.raises(BundleError, match="soft weight 0.5, its checkpoint"):
+        build_bundle(random_ckpt, "img", feats, tmp_path / "c", progress=False, model=changed)
+    with pytest.raises(BundleError, match=r"encoded at soft weight 0, the model encodes queries at 0.5"):
+        Searcher(tmp_path / "b", model=changed)
+    fresh = SparcModel(SparcConfig(streams={"img": 32, "txt": 24}, n_latents=128, k=8, auxk=8), seed=1)
+    with pytest.raises(BundleError, match="carries no checkpoint identity"):
+        Searcher(tmp_path / "b", model=fresh)
+    with pytest.raises(BundleError, match="is not checkpoint"):
+        build_bundle(random_ckpt, "img", feats, tmp_path / "c", progress=False, model=fresh)
+    assert Searcher(tmp_path / "b", model=fresh, checkpoint_sha256=checkpoint_hash(random_ckpt)).n_items == 60

@@ -100,6 +100,26 @@ def test_search_explains_and_returns_code(client, queries):
     assert all(e.latent in idx for e in top.explanation)
 
 
+def test_explanations_add_up_to_the_boosted_score_and_say_what_they_are_on_dense(client, queries):
+    """With boosts (one on a latent the query has, one on a latent it lacks, one negative) every hit's
+    contributions add up to its score; on the dense path the response says the explanation is the codes'
+    overlap, not the score's decomposition."""
+    code = client.search_vector("clip_txt", queries[4], indexes=["dino"], top_k=1, return_code=True).query_code
+    plain = client.search_vector("clip_txt", queries[4], indexes=["dino"], top_k=10, explain=True, path="sparse")
+    shared = [e.latent for h in plain.hits for e in h.explanation]
+    boost = {code[0][0]: 0.8, min(set(range(192)) - set(code[0])): 0.5, shared[-1]: -0.3}
+    req = search_request(make_query(stream="clip_txt", vector=queries[4]), ["dino"], top_k=10, explain=True,
+                         path="sparse", boost=boost)  # fmt: skip
+    res = client.search(req)
+    assert res.explanation_basis == "score" and res.hits
+    for h in res.hits:
+        assert sum(e.contribution for e in h.explanation) == pytest.approx(h.score, rel=1e-3, abs=1e-4), h
+    assert any(e.latent in boost for h in res.hits for e in h.explanation)
+    dense = client.search(search_request(make_query(stream="clip_txt", vector=queries[4]), ["dino"], top_k=3,
+                                         explain=True, path="dense"))  # fmt: skip
+    assert dense.explanation_basis == "sparse_code" and dense.hits[0].explanation
+
+
 def test_search_over_several_indexes_merges_by_score(client, queries):
     res = client.search_vector("clip_txt", queries[5], indexes=["dino", "img-sparse"], top_k=6, path="sparse")
     scores = [h.score for h in res.hits]
