@@ -27,6 +27,7 @@ class GalleryInfo:
     dense: bool  # the dense path (FAISS, or the collection's dense vectors)
     seismic: bool  # the seismic path (every shard has a Seismic index)
     backend: str = "bundle"  # "bundle" (local directories) or "milvus" (a collection)
+    version: str = ""  # the live version directories of the bundles (v-..., comma-separated over shards)
 
     @property
     def paths(self) -> tuple[str, ...]:

@@ -105,7 +105,8 @@ class Searcher:
 
     def info(self) -> GalleryInfo:
         dense = all(d is not None for d in self.dense)
-        return GalleryInfo(self.stream, self.n_items, len(self.shards), self.manifest, dense, self.has_seismic)
+        version = ",".join(b.vdir.name for b in self.shards)
+        return GalleryInfo(self.stream, self.n_items, len(self.shards), self.manifest, dense, self.has_seismic, version=version)
 
     # ---- queries ----------------------------------------------------------------------------------
     def encode(self, stream: str, vectors: Any) -> SparseCode:

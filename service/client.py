@@ -59,6 +59,7 @@ class Hit:
     rank: int
     index: str
     explanation: list[SharedLatent] = field(default_factory=list)
+    index_version: str = ""  # the version of its index that answered
 
 
 @dataclass
@@ -80,6 +81,7 @@ def _result(r: pb.SearchResponse) -> SearchResult:
             h.rank,
             h.index,
             [SharedLatent(e.latent, e.query_value, e.item_value, e.contribution, e.name) for e in h.explanation],
+            h.index_version,
         )
         for h in r.hits
     ]

@@ -22,6 +22,7 @@ from PIL import Image
 from index import Gallery, SearchParams, SearchResult, SearchStopped, merge_galleries, open_gallery
 from index.errors import BundleError, GalleryUnavailable
 from index.faiss_backend import DenseIndexError, parse_gpus
+from index.manifest import current_version
 from sparc_core import SparseCode, checkpoint_hash, load_checkpoint
 from sparc_core.checkpoint import pick_device
 from sparc_core.encoders import FeatureEncoder, load_encoders
@@ -85,6 +86,7 @@ class Hit:
     rank: int
     index: str
     explanation: list[Any]
+    version: str = ""  # the version of its index that answered
 
 
 class EncodeBatcher:
@@ -217,19 +219,15 @@ class Engine:
         self.checkpoint_sha256 = checkpoint_hash(settings.checkpoint)
         self.names = load_latent_names(settings.checkpoint)  # latent -> name ({} without latent_names.json)
         self.searchers: dict[str, Gallery] = {}
+        self._swap = threading.Lock()  # searchers and infos change together (reload)
+        self._reloading = threading.Lock()  # one reload at a time
         try:
             self.faiss_gpus = parse_gpus(settings.faiss_gpus, settings.device)
         except DenseIndexError as e:
             raise FailedPrecondition(str(e)) from None
         for name, bundles in settings.indexes.items():
             try:  # the bundles (or collection) must record this checkpoint: open_gallery checks it
-                self.searchers[name] = open_gallery(
-                    bundles,
-                    model=self.model,
-                    gpus=self.faiss_gpus,
-                    shard_gpus=settings.faiss_gpu_shard,
-                    checkpoint_sha256=self.checkpoint_sha256,
-                )
+                self.searchers[name] = self._open(bundles)
             except BundleError as e:
                 raise FailedPrecondition(f"index {name!r}: {e}") from None
         self.infos = {name: g.info() for name, g in self.searchers.items()}
@@ -251,6 +249,52 @@ class Engine:
         self.index_health: Callable[[str, bool], None] = lambda name, ok: None  # set by the server (health per index)
         self.lane = GradientLane(self.model, self.encoders, lane_size, replica=replica, run_shared=self.batcher.call)
         self._decoders = threading.BoundedSemaphore(settings.image_decoders)
+
+    def _open(self, locations: list[str]) -> Gallery:
+        return open_gallery(
+            locations, model=self.model, gpus=self.faiss_gpus, shard_gpus=self.settings.faiss_gpu_shard,
+            checkpoint_sha256=self.checkpoint_sha256,
+        )  # fmt: skip
+
+    def served(self) -> tuple[dict[str, Gallery], dict[str, Any]]:
+        """The galleries and their infos as served now (one consistent snapshot: a call uses it throughout)."""
+        with self._swap:
+            return dict(self.searchers), dict(self.infos)
+
+    def reload(self, names: list[str] | None = None) -> dict[str, str]:
+        """Open the live version of each index whose bundles moved to a new one (their CURRENT changed) and
+        switch to it: calls in flight finish on the galleries they took, new calls get the new one, and the
+        old one's maps are released when the last call holding it ends. A version that cannot serve (another
+        checkpoint, a damaged file, another stream) is refused and the old one keeps serving. Returns, per
+        index, "unchanged", "reloaded OLD -> NEW" or "refused: why"."""
+        out: dict[str, str] = {}
+        with self._reloading:
+            for name in names or list(self.settings.indexes):
+                locations = self.settings.indexes[name]
+                old = self.infos[name]
+                if old.backend != "bundle":
+                    out[name] = "unchanged"  # a Milvus collection changes in place
+                    continue
+                try:
+                    now = ",".join(current_version(p).name for p in locations)
+                except BundleError as e:
+                    out[name] = f"refused: {e}"
+                    continue
+                if now == old.version:
+                    out[name] = "unchanged"
+                    continue
+                try:
+                    gallery = self._open(locations)
+                    info = gallery.info()
+                    if info.stream != old.stream:
+                        raise BundleError(f"holds stream {info.stream!r}, the index served {old.stream!r}")
+                except BundleError as e:
+                    out[name] = f"refused: {e}"
+                    continue
+                with self._swap:
+                    self.searchers[name], self.infos[name] = gallery, info
+                out[name] = f"reloaded {old.version} -> {info.version}"
+        return out
 
     def _default_stream(self, kind: str, wanted: str | None) -> str | None:
         streams = self.encoder_streams[kind]
@@ -430,6 +474,7 @@ class Engine:
         for spec in specs:
             self.check_search(spec)
         self.check_budget(specs)
+        searchers, infos = self.served()  # this call's versions, whatever is swapped in meanwhile
         stop = should_stop or (lambda: False)
         if stop():
             raise SearchStopped("stopped before encoding: the deadline passed or the call was cancelled")
@@ -449,7 +494,7 @@ class Engine:
             found: dict[str, SearchResult] = {}
             for name in indexes:
                 try:
-                    found[name] = self.searchers[name].search(batch, params, should_stop=should_stop)
+                    found[name] = searchers[name].search(batch, params, should_stop=should_stop)
                 except GalleryUnavailable:  # its store (a Milvus server) is down: health says so until it answers
                     self.index_health(name, False)
                     raise
@@ -459,8 +504,8 @@ class Engine:
                     raise SearchStopped("stopped while explaining hits")
                 hits = []
                 for rank, (score, name, item) in enumerate(best, start=1):
-                    expl = self.searchers[name].explain(codes[i], item, top=8, boost=params.boost_map) if specs[i].explain else []
-                    hits.append(Hit(item, score, rank, name, expl))
+                    expl = searchers[name].explain(codes[i], item, top=8, boost=params.boost_map) if specs[i].explain else []
+                    hits.append(Hit(item, score, rank, name, expl, infos[name].version))
                 results[i] = hits
         return list(zip(codes, results))
 
@@ -472,7 +517,7 @@ class Engine:
             raise InvalidArgument(f"latent {latent} is out of range [0, {self.model.n_latents})")
         if not 1 <= top_k <= self.settings.max_top_k:
             raise InvalidArgument(f"top_k must be in [1, {self.settings.max_top_k}], got {top_k}")
-        return self.searchers[index].latent_top_items(latent, top_k)
+        return self.served()[0][index].latent_top_items(latent, top_k)
 
     # ---- see the concepts -------------------------------------------------------------------------
     def _check_target(self, text: str, latents: list[int], weights: list[float]) -> None:

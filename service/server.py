@@ -114,6 +114,12 @@ class Metrics:
             "sparc_query_l0", "active latents per query code", registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
         )
         self.index_items = Gauge("sparc_index_items", "items per index", ["index"], registry=self.registry)
+        self.index_reloads = Counter(
+            "sparc_index_reloads_total",
+            "new index versions swapped in (reloaded) or refused",
+            ["index", "outcome"],
+            registry=self.registry,
+        )
         self.auth_failures = Counter(
             "sparc_auth_failures_total", "calls refused for a missing or wrong token", ["method"], registry=self.registry
         )
@@ -375,6 +381,7 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
                     score=h.score,
                     rank=h.rank,
                     index=h.index,
+                    index_version=h.version,
                     explanation=[
                         pb.SharedLatent(
                             latent=e.latent,
@@ -493,6 +500,7 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
             checkpoint_sha256=m.checkpoint_sha256,
             manifest_json=_public_manifest(m),
             dense=info.dense,
+            version=info.version,
         )
 
     def ListIndexes(self, request, context):
@@ -949,6 +957,8 @@ class SparcServer:
         from concurrent import futures
 
         self.settings = settings
+        self._last_reload: dict[str, str] = {}
+        self._poll_stop = threading.Event()
         self.health = health.HealthServicer()
         self.metrics = Metrics()
         creds = _server_credentials(settings)  # before binding: a bad TLS setup never serves plaintext
@@ -1015,7 +1025,35 @@ class SparcServer:
         for name in ("", SERVICE_NAME, LEGACY_SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(json.dumps({"event": "serving", "port": self.port, "indexes": sorted(self.engine.searchers)}))
+        if self.settings.reload_poll_seconds > 0:
+            threading.Thread(target=self._poll, name="index-reload", daemon=True).start()
         return self
+
+    def reload_now(self, names: list[str] | None = None) -> dict[str, str]:
+        """Swap in the new complete version of each index that has one (see Engine.reload): one log line
+        and a metric per index that changed or was refused."""
+        if self.engine is None:
+            return {}
+        out = self.engine.reload(names)
+        for name, outcome in out.items():
+            if outcome == "unchanged":
+                continue
+            kind = "reloaded" if outcome.startswith("reloaded") else "refused"
+            if self._last_reload.get(name) == outcome and kind == "refused":
+                continue  # the same refused version: said once
+            self._last_reload[name] = outcome
+            self.metrics.index_reloads.labels(name, kind).inc()
+            self.metrics.index_items.labels(name).set(self.engine.infos[name].n_items)
+            say = log.info if kind == "reloaded" else log.warning
+            say(json.dumps({"event": "index_" + kind, "index": name, "detail": outcome}))
+        return out
+
+    def _poll(self) -> None:
+        while not self._poll_stop.wait(self.settings.reload_poll_seconds):
+            try:
+                self.reload_now()
+            except Exception:  # noqa: BLE001 - a poll never takes the server down
+                log.exception("index reload poll failed")
 
     def _index_health(self, name: str, ok: bool) -> None:
         """Health of one index (service name ``index/NAME``): NOT_SERVING while its store (a Milvus server)
@@ -1029,6 +1067,7 @@ class SparcServer:
 
     def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let in-flight calls finish for ``grace`` seconds, release everything."""
+        self._poll_stop.set()
         self.health.enter_graceful_shutdown()
         # After the grace period grpc cancels the calls still running; their work checks for that and stops.
         self.server.stop(self.settings.grace_seconds if grace is None else grace).wait()
@@ -1049,6 +1088,8 @@ class SparcServer:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        if hasattr(signal, "SIGHUP"):  # reload: swap in the new versions of the indexes now
+            signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self.reload_now, daemon=True).start())
         done.wait()
         self.stop()
         log.info(json.dumps({"event": "stopped"}))

@@ -49,6 +49,9 @@ class ServiceSettings(BaseModel):
     # workers or fewer, where Watch is refused and the unary health Check answers)
     max_health_watches: int | None = Field(None, ge=0)
     request_wait_seconds: float = Field(10.0, gt=0)  # a call whose request message has not arrived by then is ended
+    # seconds between checks for a new complete version of each served bundle (its CURRENT moved): found, it
+    # is opened, checked and swapped in without a restart (0: only on SIGHUP / SparcServer.reload_now)
+    reload_poll_seconds: float = Field(10.0, ge=0)
     max_gradient_calls: int = Field(2, ge=1)  # Localize / AttributeText / ExplainPair calls queued or running at once
     gradient_replica: bool = True  # gradient work on its own copy of the models (search never waits for it)
     batch_max_size: int = Field(256, ge=1)  # micro-batching: queries encoded together

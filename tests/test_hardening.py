@@ -395,8 +395,8 @@ def test_with_few_workers_a_health_watch_never_locks_out_unary_calls(trained_che
 
 
 def test_caps_that_leave_unary_calls_no_worker_are_refused_at_start(trained_checkpoint, bundles):
-    for caps in ({"workers": 4, "max_streams": 2, "max_health_watches": 2}, {"workers": 2, "max_streams": 1, "max_health_watches": 1},
-                 {"workers": 1, "max_health_watches": 1}):  # fmt: skip
+    for caps in ({"workers": 4, "max_streams": 2, "max_health_watches": 2},
+                 {"workers": 2, "max_streams": 1, "max_health_watches": 1}, {"workers": 1, "max_health_watches": 1}):  # fmt: skip
         with pytest.raises((ConfigError, ValueError), match=r"must be below workers"):
             _settings(trained_checkpoint, bundles, **caps)
 
