@@ -29,6 +29,7 @@ def register(sub: Any) -> None:
         help="an index and its shard bundles, or NAME=milvus://HOST:PORT/COLLECTION (or milvus-lite:PATH.db/NAME)",
     )
     p.add_argument("--token-file", dest="token_file", help="require the bearer token in this file (or set SPARC_AUTH_TOKEN)")
+    p.add_argument("--admin-token-file", dest="admin_token_file", help="turn the admin calls (ReloadIndex) on, behind this token")
     p.add_argument("--workers", type=int, help="gRPC worker threads: calls served at once (default 16)")
     p.add_argument("--no-reflection", dest="reflection", action="store_false", default=None, help="turn reflection off")
     add_encoder_flags(p)  # local CLIP / DINOv2 weights for text and image queries
@@ -99,6 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
         "metrics_port": args.metrics_port,
         "checkpoint": args.checkpoint,
         "auth_token_file": args.token_file,
+        "admin_token_file": args.admin_token_file,
         "workers": args.workers,
         "reflection": args.reflection,
     }

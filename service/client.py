@@ -335,6 +335,14 @@ class SparcClient(_Connection):
         for r in self.stub.SearchStream(wrapped, timeout=timeout, metadata=self.metadata):
             yield _result(r.response)
 
+    def reload_index(self, admin_token: str, indexes: Sequence[str] = (), timeout: float | None = None) -> dict[str, str]:
+        """Swap in the new versions of ``indexes`` (all when empty) now (an admin call: ``admin_token``, not
+        the search token); index -> "unchanged", "reloaded OLD -> NEW" or "refused: why"."""
+        stub = pb_grpc.SparcAdminServiceStub(self.channel)
+        r = stub.ReloadIndex(pb.ReloadIndexRequest(indexes=list(indexes)), timeout=timeout,
+                             metadata=(("authorization", f"Bearer {admin_token}"),))  # fmt: skip
+        return {x.index: x.outcome for x in r.results}
+
     def encode(self, query: pb.Query, decode_stream: str = "", timeout: float | None = None) -> pb.EncodeResponse:
         return self.stub.Encode(
             pb.EncodeRequest(query=query, decode_stream=decode_stream), timeout=timeout, metadata=self.metadata

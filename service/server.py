@@ -45,6 +45,7 @@ from ._proto.sparc.v1 import sparc_pb2 as pb  # noqa: E402
 from ._proto.sparc.v1 import sparc_pb2_grpc as pb_grpc  # noqa: E402
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SparcService"].full_name
+ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SparcAdminService"].full_name
 # The service's first name: still answered, with the message types of that time, so deployed clients keep working.
 LEGACY_SERVICE_NAME = "sparc.v1.Sparc"
 PATHS = {
@@ -631,6 +632,8 @@ def method_label(method: str) -> str:
     service, _, name = method.lstrip("/").rpartition("/")
     if service in (SERVICE_NAME, LEGACY_SERVICE_NAME):
         return name if name in pb.DESCRIPTOR.services_by_name["SparcService"].methods_by_name else "unknown"
+    if service == ADMIN_SERVICE_NAME:
+        return name if name in pb.DESCRIPTOR.services_by_name["SparcAdminService"].methods_by_name else "unknown"
     if service in _LABELLED_SERVICES and name in ("Check", "Watch", "ServerReflectionInfo"):
         return name
     return "unknown"
@@ -688,9 +691,11 @@ class BearerAuth(grpc.ServerInterceptor):
     (with the number refused since the last line), so a flood of wrong tokens cannot flood the log.
     """
 
-    def __init__(self, token: str, metrics: Metrics | None = None, log_every: float = 10.0) -> None:
+    def __init__(self, token: str, metrics: Metrics | None = None, log_every: float = 10.0, skip_admin: bool = False) -> None:
+        """``skip_admin``: leave the admin service's calls to their own check (AdminAuth)."""
         import hmac
 
+        self._skip_admin = skip_admin
         self._token = token.encode()
         self._compare = hmac.compare_digest
         self._metrics = metrics
@@ -717,7 +722,7 @@ class BearerAuth(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method or ""
-        if method.startswith("/grpc.health.v1."):
+        if method.startswith("/grpc.health.v1.") or (self._skip_admin and method.startswith(f"/{ADMIN_SERVICE_NAME}/")):
             return continuation(handler_call_details)
         meta = dict(handler_call_details.invocation_metadata or ())
         if self._ok(str(meta.get("authorization", ""))):
@@ -726,6 +731,46 @@ class BearerAuth(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         streaming = handler is not None and handler.response_streaming
         return _abort_handler(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token", streaming)
+
+
+class AdminAuth(BearerAuth):
+    """The admin service's calls need the admin token (the search token does not open them); every other
+    call passes. Without an admin token configured, admin calls are refused saying how to turn them on."""
+
+    def __init__(self, token: str | None, metrics: Metrics | None = None) -> None:
+        super().__init__(token or "", metrics)
+        self._on = token is not None
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method or ""
+        if not method.startswith(f"/{ADMIN_SERVICE_NAME}/"):
+            return continuation(handler_call_details)
+        if not self._on:
+            return _abort_handler(grpc.StatusCode.FAILED_PRECONDITION, "admin calls are off: set admin_token_file", False)
+        meta = dict(handler_call_details.invocation_metadata or ())
+        if self._ok(str(meta.get("authorization", ""))):
+            return continuation(handler_call_details)
+        self._refused(method, meta)
+        return _abort_handler(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid admin token", False)
+
+
+class SparcAdminServicer(pb_grpc.SparcAdminServiceServicer):
+    """The admin calls (behind AdminAuth)."""
+
+    def __init__(self, server: SparcServer) -> None:
+        self.server = server
+
+    def ReloadIndex(self, request, context):
+        engine = self.server.engine
+        if engine is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is still loading its checkpoint and indexes")
+        unknown = [n for n in request.indexes if n not in engine.settings.indexes]
+        if unknown:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown index {unknown[0]!r}; this server has {sorted(engine.searchers)}")
+        out = self.server.reload_now(list(request.indexes) or None)
+        return pb.ReloadIndexResponse(
+            results=[pb.IndexReload(index=n, outcome=o, version=engine.infos[n].version) for n, o in sorted(out.items())]
+        )
 
 
 class RequestWait(grpc.ServerInterceptor):
@@ -963,6 +1008,7 @@ class SparcServer:
         self.metrics = Metrics()
         creds = _server_credentials(settings)  # before binding: a bad TLS setup never serves plaintext
         token = settings.token()
+        admin = settings.admin_token()
         self.streams = StreamGate(
             settings.stream_limit,
             settings.max_streams_per_client,
@@ -972,8 +1018,8 @@ class SparcServer:
         )
         self.request_wait = RequestWait(settings.request_wait_seconds)
         # outermost first: refuse without a token, then bound the wait for the request, then gate the streams
-        interceptors: list[grpc.ServerInterceptor] = [BearerAuth(token, self.metrics)] if token else []
-        interceptors += [self.request_wait, self.streams]
+        interceptors: list[grpc.ServerInterceptor] = [BearerAuth(token, self.metrics, skip_admin=True)] if token else []
+        interceptors += [AdminAuth(admin, self.metrics), self.request_wait, self.streams]
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -1000,6 +1046,7 @@ class SparcServer:
             reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.servicer = SparcServicer(None, self.metrics, settings.in_flight_limit)
         pb_grpc.add_SparcServiceServicer_to_server(self.servicer, self.server)
+        pb_grpc.add_SparcAdminServiceServicer_to_server(SparcAdminServicer(self), self.server)
         self.server.add_generic_rpc_handlers((_legacy_handler(self.servicer),))
         self.engine: Engine | None = None
         self._metrics_server = None

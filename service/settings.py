@@ -59,6 +59,9 @@ class ServiceSettings(BaseModel):
     default_path: Literal["sparse", "dense", "approx", "seismic"] = "sparse"
     auth_token: str | None = None  # if set, calls need "authorization: Bearer <token>" (env SPARC_AUTH_TOKEN)
     auth_token_file: str | None = None  # or read the token from this file (never from the command line)
+    # the admin calls' own bearer token (SparcAdminService: ReloadIndex), read from this file; without it the
+    # admin calls are off (FAILED_PRECONDITION) and the search token never opens them
+    admin_token_file: str | None = None
     reflection: bool = True  # gRPC server reflection (behind the token when auth is on)
     tls_cert: str | None = None  # PEM certificate chain; with tls_key, the server speaks TLS only
     tls_key: str | None = None  # PEM private key
@@ -114,6 +117,20 @@ class ServiceSettings(BaseModel):
         if self.max_health_watches is not None:
             return self.max_health_watches
         return min(max(1, self.workers // 8), max(0, self.workers - 1 - self.stream_limit))
+
+    def admin_token(self) -> str | None:
+        """The admin calls' bearer token, read from admin_token_file (ConfigError naming the file)."""
+        if self.admin_token_file is None:
+            return None
+        try:
+            token = Path(self.admin_token_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"admin_token_file {self.admin_token_file}: unreadable ({e.strerror})") from None
+        if not token:
+            raise ConfigError(f"admin_token_file {self.admin_token_file}: empty")
+        if token == self.token():
+            raise ConfigError("admin_token_file holds the search token: the admin calls need a credential of their own")
+        return token
 
     def token(self) -> str | None:
         """The bearer token, from auth_token or read from auth_token_file (ConfigError naming the file)."""

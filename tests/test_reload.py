@@ -110,3 +110,34 @@ def test_the_server_polls_for_new_versions(trained_checkpoint, bundle, tmp_path)
         assert srv.metrics.index_items.labels("dino")._value.get() == 600
     finally:
         srv.stop(0)
+
+
+def test_reload_index_is_an_admin_call_behind_its_own_token(trained_checkpoint, bundle, tmp_path):
+    from service.server import pb
+
+    (tmp_path / "search.token").write_text("search-token")
+    (tmp_path / "admin.token").write_text("admin-token")
+    srv = _server(trained_checkpoint, bundle, reload_poll_seconds=0, auth_token_file=str(tmp_path / "search.token"),
+                  admin_token_file=str(tmp_path / "admin.token"))  # fmt: skip
+    off = _server(trained_checkpoint, bundle, reload_poll_seconds=0)
+    try:
+        with SparcClient(f"127.0.0.1:{srv.port}", token="search-token") as c:
+            for token, code in (("search-token", grpc.StatusCode.UNAUTHENTICATED), ("wrong", grpc.StatusCode.UNAUTHENTICATED)):
+                with pytest.raises(grpc.RpcError) as e:
+                    c.reload_index(token)
+                assert e.value.code() == code
+            assert c.reload_index("admin-token") == {"dino": "unchanged"}
+            append_to_bundle(bundle, tmp_path / "more.npy", progress=False)
+            got = c.reload_index("admin-token", ["dino"])
+            assert got["dino"].startswith("reloaded") and current_version(bundle).name in got["dino"]
+            with pytest.raises(grpc.RpcError) as e:
+                c.reload_index("admin-token", ["nope"])
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            assert c.list_indexes()[0].n_items == 600  # the search token still searches
+        with SparcClient(f"127.0.0.1:{off.port}") as c, pytest.raises(grpc.RpcError) as e:
+            c.reload_index("anything")
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "admin_token_file" in e.value.details()
+        assert pb.DESCRIPTOR.services_by_name["SparcAdminService"]
+    finally:
+        srv.stop(0)
+        off.stop(0)
