@@ -19,6 +19,8 @@ _WHERE = {
     "read_manifest": "manifest",
     "append_to_bundle": "bundle",
     "build_bundle": "bundle",
+    "compact_bundle": "bundle",
+    "delete_items": "bundle",
     "DenseIndexError": "faiss_backend",
     "Gallery": "gallery",
     "GalleryInfo": "gallery",
@@ -41,7 +43,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .bundle import append_to_bundle, build_bundle  # noqa: F401
+    from .bundle import append_to_bundle, build_bundle, compact_bundle, delete_items  # noqa: F401
     from .errors import BundleError, GalleryUnavailable, SearchStopped  # noqa: F401
     from .faiss_backend import DenseIndexError  # noqa: F401
     from .gallery import Gallery, GalleryInfo  # noqa: F401

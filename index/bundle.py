@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -443,6 +444,106 @@ def append_to_bundle(
         raise
 
 
+def delete_items(path: str | Path, ids: Any) -> tuple[Path, list[Any], int]:
+    """Delete items by id: a new version whose parts carry tombstones (``deleted.npy``, sorted local rows;
+    nothing else rewritten), switched atomically. No search path, lookup, explanation or export returns a
+    deleted item from then on; ``compact_bundle`` drops the rows for good. Returns (the live version, the
+    ids not found among the live items, how many were deleted)."""
+    path = Path(path)
+    old = Bundle(path)
+    m = old.manifest
+    if m.version == 1:
+        raise BundleError(f"{path}: a format-1 bundle; `sparc index add` to it (or rebuild it) first")
+    wanted = list(dict.fromkeys(ids.tolist() if isinstance(ids, np.ndarray) else list(ids)))
+    if m.id_kind == "int":
+        try:
+            wanted = [int(x) for x in wanted]
+        except (TypeError, ValueError):
+            raise BundleError(f"{path}: ids are integers; got {wanted[:3]}") from None
+    else:
+        wanted = [str(x) for x in wanted]
+    found = np.zeros(len(wanted), dtype=bool)
+    per_part: list[np.ndarray] = []
+    for part in old.parts:
+        rows = part.ids.find(wanted)
+        hit = rows >= 0
+        hit[hit] = part.live(rows[hit])
+        found |= hit
+        per_part.append(np.union1d(part.deleted, rows[hit]).astype(np.int64))
+    unknown = [w for w, f in zip(wanted, found) if not f]
+    n_deleted = int(found.sum())
+    if not n_deleted:
+        return old.vdir, unknown, 0
+    clean_stale_builds(path)
+    tmp, vdir = new_version_dir(path)
+    try:
+        parts = []
+        for info, rows in zip(m.parts, per_part):
+            _link_tree(old.vdir / info.name, tmp / info.name, skip={"deleted.npy"})
+            if len(rows):
+                _save_npy(tmp / info.name / "deleted.npy", rows)
+            parts.append(info.model_dump() | {"n_deleted": len(rows)})
+        manifest = m.model_dump() | {"parts": parts, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        known = {n: c for n, c in m.checksums.items() if not n.endswith("/deleted.npy")}
+        return commit_version(path, tmp, vdir, manifest, known=known), unknown, n_deleted
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def compact_bundle(path: str | Path, progress: bool = True) -> Path:
+    """Rewrite the parts that hold deleted rows without them (a new version; parts without deletions are
+    linked): the bundle then equals a fresh build of its live items. A dense part's vectors are taken back
+    from its FAISS index (which must support reconstruction: Flat, or an index with a direct map)."""
+    path = Path(path)
+    old = Bundle(path)
+    m = old.manifest
+    if not any(len(p.deleted) for p in old.parts):
+        return old.vdir
+    clean_stale_builds(path)
+    tmp, vdir = new_version_dir(path)
+    try:
+        parts, linked = [], {}
+        for info, part in zip(m.parts, old.parts):
+            if not len(part.deleted):
+                _link_tree(old.vdir / info.name, tmp / info.name)
+                parts.append(info.model_dump())
+                linked |= {n: c for n, c in m.checksums.items() if n.startswith(info.name + "/")}
+                continue
+            keep = np.flatnonzero(part.alive)
+            vectors = None
+            if part.dense_index is not None:
+                try:
+                    vectors = part.dense_index.reconstruct_n(0, part.n_items)[keep]
+                except RuntimeError as e:
+                    raise BundleError(
+                        f"{old.vdir / info.name / 'dense.faiss'}: its vectors cannot be taken back ({str(e).splitlines()[0]}); "
+                        "rebuild the bundle from its features instead of compacting"
+                    ) from None
+
+            def chunks(part: Part = part, keep: np.ndarray = keep, vectors: np.ndarray | None = vectors) -> Iterator:
+                for a in range(0, len(keep), BLOCK):
+                    rows = keep[a : a + BLOCK]
+                    vec = None if vectors is None else vectors[a : a + BLOCK]
+                    yield np.asarray(part.codes_idx[rows]), np.asarray(part.codes_val[rows]), vec
+
+            ids = np.asarray(part.ids.take(keep), dtype=np.int64 if m.id_kind == "int" else str)
+            write_part(tmp / info.name, len(keep), m.k, m.n_latents, chunks(), ids, m.dim if m.dense else None,
+                       m.faiss_factory or "Flat")  # fmt: skip
+            if m.seismic is not None:
+                build_part_index(tmp / info.name, _part_codes(tmp / info.name), m.seismic, m.n_latents)
+            parts.append(info.model_dump() | {"n_items": len(keep), "n_deleted": 0})
+        manifest = m.model_dump() | {
+            "parts": parts,
+            "n_items": sum(p["n_items"] for p in parts),
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        return commit_version(path, tmp, vdir, manifest, known=linked)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _link_tree(src: Path, dst: Path, skip: set[str] | frozenset[str] = frozenset()) -> None:
     """Hard-link a part's files into a new version (copy where the filesystem cannot link)."""
     dst.mkdir(parents=True)
@@ -460,6 +561,7 @@ add_approx_index = add_seismic_index  # the earlier name
 __all__ = [
     "CURRENT", "FORMAT", "MANIFEST", "VERSION", "ApproxSettings", "Bundle", "BundleError", "ItemIds", "Manifest",
     "Part", "PartInfo", "SeismicSettings", "ShardInfo", "add_approx_index", "add_seismic_index", "append_to_bundle",
-    "build_bundle", "build_bundle_from_codes", "checkpoint_of", "clean_stale_builds", "current_version",
+    "build_bundle", "build_bundle_from_codes", "checkpoint_of", "clean_stale_builds", "compact_bundle", "current_version",
+    "delete_items",
     "read_manifest", "shards_share_ids",
 ]  # fmt: skip

@@ -53,6 +53,16 @@ def register(sub: Any) -> None:
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=_add)
 
+    d = isub.add_parser("delete", help="delete items by id (a new version with tombstones; compact drops them)")
+    d.add_argument("--bundle", required=True)
+    d.add_argument("--ids", required=True, help=".npy or a text file, one id per line")
+    d.set_defaults(func=_delete)
+
+    c = isub.add_parser("compact", help="rewrite the parts holding deleted items without them")
+    c.add_argument("--bundle", required=True)
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=_compact)
+
     e = isub.add_parser("export", help="export a bundle into a Milvus collection (resumes an interrupted export)")
     e.add_argument("--bundle", required=True)
     e.add_argument("--to", required=True, metavar="URI", help="milvus://HOST:PORT/COLLECTION or milvus-lite:PATH.db/COLLECTION")
@@ -140,6 +150,26 @@ def _add(args: argparse.Namespace) -> int:
 
     append_to_bundle(args.bundle, args.features, ids=args.ids, checkpoint=args.checkpoint, progress=not args.quiet)
     print(f"bundle: {args.bundle} now holds {read_manifest(args.bundle).n_items} items")
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    from .bundle import delete_items, load_ids, read_manifest
+
+    _, unknown, n = delete_items(args.bundle, load_ids(args.ids))
+    m = read_manifest(args.bundle)
+    live = m.n_items - sum(p.n_deleted for p in m.parts)
+    print(f"bundle: {args.bundle}: {n} items deleted, {live} live" + (f"; {len(unknown)} ids not found" if unknown else ""))
+    for x in unknown[:20]:
+        print(f"  not found: {x}")
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from .bundle import compact_bundle, read_manifest
+
+    compact_bundle(args.bundle, progress=not args.quiet)
+    print(f"bundle: {args.bundle} holds {read_manifest(args.bundle).n_items} items, none deleted")
     return 0
 
 

@@ -43,8 +43,9 @@ class ShardInfo(BaseModel):
 class PartInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^part-[0-9]{5,}$")  # sub-directory of the version (never a path elsewhere)
-    n_items: int = Field(ge=0)
+    n_items: int = Field(ge=0)  # rows in the part, deleted ones included
     created_at: str
+    n_deleted: int = Field(0, ge=0)  # rows deleted (tombstones in deleted.npy) until a compaction drops them
 
 
 class Manifest(BaseModel):

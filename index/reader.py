@@ -24,14 +24,42 @@ class Part:
     """One part of a loaded bundle: its ids, codes, postings and optional FAISS index; rows from ``row0``."""
 
     def __init__(self, name: str, row0: int, ids: ItemIds, codes_idx: np.ndarray, codes_val: np.ndarray,
-                 postings: Postings, dense_index: Any | None, seismic_index: Any | None = None) -> None:  # fmt: skip
+                 postings: Postings, dense_index: Any | None, seismic_index: Any | None = None,
+                 deleted: np.ndarray | None = None) -> None:  # fmt: skip
         self.name, self.row0, self.ids = name, row0, ids
         self.codes_idx, self.codes_val, self.postings, self.dense_index = codes_idx, codes_val, postings, dense_index
         self.seismic_index = seismic_index
+        self.deleted = np.zeros(0, dtype=np.int64) if deleted is None else np.asarray(deleted, dtype=np.int64)
+        self.alive: np.ndarray | None = None  # row -> not deleted (only when some are)
+        if len(self.deleted):
+            self.alive = np.ones(len(ids), dtype=bool)
+            self.alive[self.deleted] = False
 
     @property
     def n_items(self) -> int:
+        """Rows in the part, deleted ones included (row numbers)."""
         return len(self.ids)
+
+    @property
+    def n_live(self) -> int:
+        return len(self.ids) - len(self.deleted)
+
+    def live(self, rows: np.ndarray) -> np.ndarray:
+        """Whether each local row is not deleted."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return np.ones(rows.shape, dtype=bool) if self.alive is None else self.alive[rows]
+
+
+def drop_deleted(D: np.ndarray, I: np.ndarray, part: Part, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A part's over-fetched results (local rows, -1 = none) without its deleted rows, the best ``k`` kept."""
+    if part.alive is None:
+        return D[:, :k], I[:, :k]
+    outD = np.full((len(D), k), -np.inf, dtype=np.float32)
+    outI = np.full((len(I), k), -1, dtype=np.int64)
+    for q in range(len(D)):
+        keep = np.flatnonzero((I[q] >= 0) & part.alive[np.maximum(I[q], 0)])[:k]
+        outD[q, : len(keep)], outI[q, : len(keep)] = D[q, keep], I[q, keep]
+    return outD, outI
 
 
 class Bundle:
@@ -52,6 +80,7 @@ class Bundle:
         if sum(p.n_items for p in self.parts) != m.n_items:
             raise BundleError(f"{self.vdir}: parts hold {sum(p.n_items for p in self.parts)} items, manifest says {m.n_items}")
         self._row0 = np.array([p.row0 for p in self.parts], dtype=np.int64)
+        self.n_live = sum(p.n_live for p in self.parts)  # items not deleted
 
     def _load_parts(self, mmap: bool) -> list[Part]:
         m, parts, row0 = self.manifest, [], 0
@@ -75,9 +104,29 @@ class Bundle:
             if dense is not None and dense.ntotal != n:
                 raise BundleError(f"{d / 'dense.faiss'}: holds {dense.ntotal} vectors, manifest says {n}")
             seismic = load_part_index(d) if m.seismic is not None else None
-            parts.append(Part(info.name, row0, ids, codes_idx, codes_val, postings, dense, seismic))
+            deleted = self._deleted(d, n, info.n_deleted)
+            parts.append(Part(info.name, row0, ids, codes_idx, codes_val, postings, dense, seismic, deleted))
             row0 += n
         return parts
+
+    @staticmethod
+    def _deleted(d: Path, n: int, expected: int) -> np.ndarray | None:
+        """A part's tombstones: sorted, unique local rows in [0, n), as many as the manifest says."""
+        f = d / "deleted.npy"
+        if not f.is_file():
+            if expected:
+                raise BundleError(f"{f}: missing (the manifest says {expected} rows are deleted)")
+            return None
+        try:
+            rows = np.load(f, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise BundleError(f"{f}: unreadable ({e})") from None
+        ok = rows.ndim == 1 and rows.dtype.kind in "iu" and len(rows) == expected
+        if ok and len(rows):
+            ok = int(rows[0]) >= 0 and int(rows[-1]) < n and bool((np.diff(rows) > 0).all())
+        if not ok:
+            raise BundleError(f"{f}: expected {expected} sorted, unique rows in [0, {n})")
+        return rows
 
     def _load_legacy(self, mmap: bool) -> list[Part]:
         m, arr = self.manifest, {}
@@ -122,19 +171,23 @@ class Bundle:
         return self.ids_at([row])[0]
 
     def row_of(self, item_id: Any) -> int:
-        """Row number of an item id (KeyError if absent)."""
+        """Row number of an item id (KeyError if absent or deleted)."""
         for part in self.parts:
             r = int(part.ids.find([item_id])[0])
-            if r >= 0:
+            if r >= 0 and part.live(np.array([r]))[0]:
                 return part.row0 + r
         raise KeyError(item_id)
 
-    def contains(self, ids: Any) -> np.ndarray:
-        """Whether each id is in the bundle (vectorised over parts)."""
+    def contains(self, ids: Any, deleted: bool = False) -> np.ndarray:
+        """Whether each id is in the bundle and not deleted (with ``deleted``: deleted ones count too)."""
         ids = list(ids)
         found = np.zeros(len(ids), dtype=bool)
         for part in self.parts:
-            found |= part.ids.find(ids) >= 0
+            rows = part.ids.find(ids)
+            hit = rows >= 0
+            if not deleted:
+                hit[hit] = part.live(rows[hit])
+            found |= hit
         return found
 
     def codes(self, rows: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -149,15 +202,22 @@ class Bundle:
         return idx, val
 
     def iter_codes(self, chunk: int = BLOCK) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(rows, idx, val) of every item, part by part, in chunks."""
+        """(rows, idx, val) of every item not deleted, part by part, in chunks."""
         for part in self.parts:
             for a in range(0, part.n_items, chunk):
                 b = min(part.n_items, a + chunk)
-                rows = np.arange(part.row0 + a, part.row0 + b)
-                yield rows, np.asarray(part.codes_idx[a:b]), np.asarray(part.codes_val[a:b], dtype=np.float32)
+                keep = part.live(np.arange(a, b))
+                rows = np.arange(part.row0 + a, part.row0 + b)[keep]
+                idx, val = np.asarray(part.codes_idx[a:b])[keep], np.asarray(part.codes_val[a:b], dtype=np.float32)[keep]
+                yield rows, idx, val
 
     def all_ids(self) -> list[Any]:
-        return [v for p in self.parts for v in p.ids.tolist()]
+        """The ids of the items not deleted."""
+        out = []
+        for p in self.parts:
+            ids = p.ids.tolist()
+            out += ids if p.alive is None else [v for v, a in zip(ids, p.alive.tolist()) if a]
+        return out
 
     # ---- search -----------------------------------------------------------------------------------
     def search_sparse(
@@ -194,8 +254,9 @@ class Bundle:
     def _over_parts(self, k: int, search: Callable[[Part, int], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         """``search(part, k)`` on every part, its rows made the bundle's, merged into the best k."""
         out = []
-        for part in self.parts:
-            D, I = search(part, min(k, part.n_items))
+        for part in self.parts:  # a part with deletions: fetch as many more, then drop the deleted rows
+            D, I = search(part, min(k + len(part.deleted), part.n_items))
+            D, I = drop_deleted(D, I, part, k)
             out.append((D, np.where(I >= 0, I + part.row0, -1)))
         return merge_topk(out, k)
 
@@ -226,8 +287,9 @@ class Bundle:
             found = []
             for part in self.parts:
                 d, r = search_one(part.seismic_index, part.codes_idx, part.codes_val, np.asarray(q_idx[q])[on],
-                                  np.asarray(q_val[q])[on], min(k, part.n_items), cut, hf)  # fmt: skip
-                found.append((d[None, :], (r + part.row0)[None, :]))
+                                  np.asarray(q_val[q])[on], min(k + len(part.deleted), part.n_items), cut, hf)  # fmt: skip
+                d, r = drop_deleted(d[None, :], r[None, :], part, k)
+                found.append((d, np.where(r >= 0, r + part.row0, -1)))
             d, r = merge_topk(found, k)
             D[q], I[q] = d[0], r[0]
             return True
@@ -239,7 +301,12 @@ class Bundle:
 
     def posting(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows and values of one latent over all parts."""
-        rows, vals = zip(*[(r + p.row0, v) for p in self.parts for r, v in [p.postings.posting(latent)]])
+        rows, vals = [], []
+        for p in self.parts:
+            r, v = p.postings.posting(latent)
+            keep = p.live(r)
+            rows.append(r[keep] + p.row0)
+            vals.append(v[keep])
         return np.concatenate(rows), np.concatenate(vals)
 
     def memory_bytes(self) -> dict[str, int]:

@@ -29,7 +29,7 @@ from .manifest import MANIFEST, checkpoint_of, require_checkpoint, require_model
 from .params import DEFAULT_PATH, PATHS, DenseParams, ExactParams, PathParams, SearchParams, SearchPath
 from .postings import warm_up
 from .queries import Explanation, SearchResult, as_code, dense_arrays, encode_queries, explain_code, params_arrays
-from .reader import Bundle, shards_share_ids
+from .reader import Bundle, drop_deleted, shards_share_ids
 
 MAX_FILTER_CANDIDATES = 65_536  # dense path with latent filters: the most candidates fetched per query
 QUERY_CHUNK = 256  # queries searched between checks of should_stop
@@ -97,7 +97,7 @@ class Searcher:
 
     @property
     def n_items(self) -> int:
-        return sum(b.manifest.n_items for b in self.shards)
+        return sum(b.n_live for b in self.shards)
 
     @property
     def has_seismic(self) -> bool:
@@ -224,7 +224,9 @@ class Searcher:
                     xq = dense_arrays(self.model, self.stream, q_idx, q_val)
                 parts = []
                 for part, dense in zip(b.parts, self.dense[s]):
-                    Dp, Ip = dense.search(xq, min(kk, part.n_items), nprobe=settings.nprobe, ef_search=settings.ef_search)
+                    want = min(kk + len(part.deleted), part.n_items)
+                    Dp, Ip = dense.search(xq, want, nprobe=settings.nprobe, ef_search=settings.ef_search)
+                    Dp, Ip = drop_deleted(Dp, Ip, part, kk)
                     parts.append((Dp, np.where(Ip >= 0, Ip + part.row0, -1)))
                 D, I = merge_topk(parts, kk)
             per_shard.append((s, D, I))

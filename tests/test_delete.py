@@ -1,0 +1,79 @@
+"""Deleting items: tombstones in a new version, never returned by any path, and a compaction that equals a
+fresh build of what is left."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from index import Bundle, Searcher, build_bundle, compact_bundle, delete_items
+from index.errors import BundleError
+from index.manifest import current_version
+
+
+@pytest.fixture()
+def world(trained_checkpoint, medium_synth, tmp_path):
+    feats = np.load(medium_synth / "eval" / "dino.npy")
+    ids = np.array([f"img-{i:04d}" for i in range(len(feats))])
+    np.save(tmp_path / "g.npy", feats)
+    np.save(tmp_path / "ids.npy", ids)
+    build_bundle(trained_checkpoint, "dino", tmp_path / "g.npy", tmp_path / "b", ids=tmp_path / "ids.npy", progress=False)
+    gone = np.random.default_rng(0).choice(len(ids), size=len(ids) // 10, replace=False)
+    keep = np.setdiff1d(np.arange(len(ids)), gone)
+    np.save(tmp_path / "g_kept.npy", feats[keep])
+    np.save(tmp_path / "ids_kept.npy", ids[keep])
+    build_bundle(trained_checkpoint, "dino", tmp_path / "g_kept.npy", tmp_path / "fresh", ids=tmp_path / "ids_kept.npy",
+                 progress=False)  # fmt: skip
+    queries = np.load(medium_synth / "eval" / "clip_txt.npy")[:200]
+    return tmp_path, ids, set(ids[gone].tolist()), queries
+
+
+def _top(searcher, queries, path):
+    r = searcher.search(("clip_txt", queries), top_k=10, path=path)
+    return r.ids, r.scores
+
+
+def test_deleted_items_never_come_back_and_exact_paths_equal_a_fresh_build(world):
+    root, ids, gone, queries = world
+    before = current_version(root / "b").name
+    vdir, unknown, n = delete_items(root / "b", [*sorted(gone), "no-such-id", sorted(gone)[0]])
+    assert n == len(gone) and unknown == ["no-such-id"] and vdir.name != before
+    s, fresh = Searcher(root / "b"), Searcher(root / "fresh")
+    assert s.n_items == fresh.n_items == len(ids) - len(gone)
+    for path in ("sparse", "dense"):
+        got, want = _top(s, queries, path), _top(fresh, queries, path)
+        assert got[0] == want[0], path  # the same ids, in the same order
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
+    approx = _top(s, queries, "approx")[0]
+    assert not gone & {i for row in approx for i in row}
+    b = s.shards[0]
+    assert not gone & set(b.all_ids()) and not b.contains(sorted(gone)).any() and b.contains(sorted(gone), deleted=True).all()
+    victim = sorted(gone)[0]
+    with pytest.raises(KeyError):
+        s.item_code(victim)
+    for lat in range(0, s.model.n_latents, 7):
+        _, top = s.latent_top_items(lat, 50)
+        assert not gone & {i for i, _ in top}
+    assert delete_items(root / "b", [victim])[1:] == ([victim], 0)  # already deleted: reported, no new version
+
+
+def test_compaction_equals_a_fresh_build_of_what_is_left(world):
+    root, ids, gone, queries = world
+    delete_items(root / "b", sorted(gone))
+    compact_bundle(root / "b", progress=False)
+    b = Bundle(root / "b")
+    assert b.manifest.n_items == len(ids) - len(gone) and not any(len(p.deleted) for p in b.parts)
+    s, fresh = Searcher(root / "b"), Searcher(root / "fresh")
+    for path in ("sparse", "approx", "dense"):
+        got, want = _top(s, queries, path), _top(fresh, queries, path)
+        assert got[0] == want[0], path
+    size = lambda p: sum(f.stat().st_size for f in current_version(p).rglob("*") if f.is_file())  # noqa: E731
+    assert abs(size(root / "b") - size(root / "fresh")) <= 0.05 * size(root / "fresh")
+
+
+def test_a_damaged_tombstone_file_is_refused(world):
+    root, _, gone, _ = world
+    vdir, _, _ = delete_items(root / "b", sorted(gone))
+    np.save(vdir / "part-00000" / "deleted.npy", np.array([5, 3]))
+    with pytest.raises(BundleError, match="deleted.npy"):
+        Bundle(root / "b")
