@@ -381,8 +381,11 @@ def append_to_bundle(
     checkpoint: str | Path | None = None,
     batch_size: int = 8192,
     progress: bool = True,
+    replace: bool = False,
 ) -> Path:
-    """Add items to a bundle as a new part: the new version links the old parts' files (nothing rewritten)."""
+    """Add items to a bundle as a new part: the new version links the old parts' files (nothing rewritten).
+    An id the bundle already holds is refused, unless ``replace``: then its old row is deleted in the same
+    version (an upsert: no moment serves both or neither)."""
     old = Bundle(path, mmap=True)
     m = old.manifest
     path = Path(path)
@@ -408,8 +411,13 @@ def append_to_bundle(
         raise BundleError(f"new ids are {'int' if new_ids.dtype.kind == 'i' else 'str'}, the bundle's are {m.id_kind}: {hint}")
     _check_unique(new_ids, "new ids")
     clash = old.contains(new_ids.tolist() if len(new_ids) <= 1_000_000 else new_ids)
-    if clash.any():
-        raise BundleError(f"ids (existing + new): duplicate item ids, e.g. {new_ids[clash][:5].tolist()}")
+    if clash.any() and not replace:
+        raise BundleError(
+            f"ids (existing + new): duplicate item ids, e.g. {new_ids[clash][:5].tolist()} (--replace replaces them)"
+        )
+    if clash.any() and m.version == 1:
+        raise BundleError(f"{path}: a format-1 bundle cannot replace items; add without them first")
+    replaced = new_ids[clash].tolist() if clash.any() else []
     tmp, vdir = new_version_dir(path)
     try:
         parts = [p.model_dump() for p in m.parts]
@@ -420,8 +428,16 @@ def append_to_bundle(
                 write_dense_index(old.parts[0].dense_index, tmp / "part-00000" / "dense.faiss")
             parts = [{"name": "part-00000", "n_items": m.n_items, "created_at": m.created_at}]
         else:
-            for info in m.parts:
-                _link_tree(old.vdir / info.name, tmp / info.name)
+            for i, (info, part) in enumerate(zip(m.parts, old.parts)):
+                _link_tree(old.vdir / info.name, tmp / info.name, skip={"deleted.npy"} if replaced else frozenset())
+                if replaced:  # the replaced items' old rows: deleted in this same version
+                    rows = part.ids.find(replaced)
+                    hit = rows >= 0
+                    hit[hit] = part.live(rows[hit])
+                    gone = np.union1d(part.deleted, rows[hit]).astype(np.int64)
+                    if len(gone):
+                        _save_npy(tmp / info.name / "deleted.npy", gone)
+                    parts[i] = parts[i] | {"n_deleted": len(gone)}
         name = f"part-{len(parts):05d}"
         chunks = encode_chunks(model, m.stream, store, 0, store.n_rows, batch_size, m.dense, progress)
         kind = write_part(tmp / name, store.n_rows, m.k, m.n_latents, chunks, new_ids,
@@ -438,7 +454,8 @@ def append_to_bundle(
             "created_at": now,
             "parts": parts,
         }
-        return commit_version(path, tmp, vdir, manifest, known=m.checksums if m.version > 1 else None)
+        known = {n: c for n, c in m.checksums.items() if not (replaced and n.endswith("/deleted.npy"))}
+        return commit_version(path, tmp, vdir, manifest, known=known if m.version > 1 else None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -50,11 +50,14 @@ def register(sub: Any) -> None:
     a.add_argument("--features", required=True)
     a.add_argument("--ids")
     a.add_argument("--checkpoint", help="default: the checkpoint the bundle records")
+    a.add_argument("--replace", action="store_true", help="an id the bundle holds is replaced (its old row deleted)")
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=_add)
 
     d = isub.add_parser("delete", help="delete items by id (a new version with tombstones; compact drops them)")
-    d.add_argument("--bundle", required=True)
+    d.add_argument(
+        "--bundle", required=True, help="a bundle, or a Milvus collection (milvus://HOST:PORT/NAME, milvus-lite:PATH/NAME)"
+    )
     d.add_argument("--ids", required=True, help=".npy or a text file, one id per line")
     d.set_defaults(func=_delete)
 
@@ -148,7 +151,8 @@ def _seismic(args: argparse.Namespace) -> int:
 def _add(args: argparse.Namespace) -> int:
     from .bundle import append_to_bundle, read_manifest
 
-    append_to_bundle(args.bundle, args.features, ids=args.ids, checkpoint=args.checkpoint, progress=not args.quiet)
+    append_to_bundle(args.bundle, args.features, ids=args.ids, checkpoint=args.checkpoint, progress=not args.quiet,
+                     replace=args.replace)  # fmt: skip
     print(f"bundle: {args.bundle} now holds {read_manifest(args.bundle).n_items} items")
     return 0
 
@@ -156,6 +160,12 @@ def _add(args: argparse.Namespace) -> int:
 def _delete(args: argparse.Namespace) -> int:
     from .bundle import delete_items, load_ids, read_manifest
 
+    if str(args.bundle).startswith(("milvus://", "milvus-lite:")):
+        from .milvus_backend import delete_from_collection
+
+        n, unknown = delete_from_collection(args.bundle, load_ids(args.ids).tolist())
+        print(f"{args.bundle}: {n} items deleted" + (f"; {len(unknown)} ids not found" if unknown else ""))
+        return 0
     _, unknown, n = delete_items(args.bundle, load_ids(args.ids))
     m = read_manifest(args.bundle)
     live = m.n_items - sum(p.n_deleted for p in m.parts)

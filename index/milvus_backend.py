@@ -137,6 +137,7 @@ def _lineage(bundle: Bundle) -> str:
 
 def _rows(bundle: Bundle, start: int, stop: int, dense: bool) -> list[dict[str, Any]]:
     rows = np.arange(start, stop)
+    rows = rows[bundle.alive_at(rows)]  # deleted items are not exported (and deleted from the collection)
     idx, val = bundle.codes(rows)
     ids = bundle.ids_at(rows)
     vectors = _dense_vectors(bundle, rows) if dense else None
@@ -219,6 +220,9 @@ def export_bundle(
             client.upsert(name, _rows(b, a, stop, dense_index is not None))  # idempotent: never a duplicate key
             written += stop - a
             bar.update(stop - a)
+    gone = b.deleted_ids()  # items deleted from the bundle since an earlier export: deleted here too
+    for a in range(0, len(gone), batch):
+        client.delete(name, ids=gone[a : a + batch])
     client.flush(name)
     # the collection now holds exactly this bundle: its manifest and item count follow it (after `index add` too)
     client.alter_collection_properties(name, properties=meta | {"sparc.complete": "1"})
@@ -272,6 +276,38 @@ def _resume_point(client: Any, name: str, b: Bundle, batch: int) -> int:
     return lo * batch
 
 
+def _delete_keys(client: Any, coll: str, id_kind: str, ids: Any) -> tuple[int, list[Any], list[Any]]:
+    """Delete ids (converted to the collection's key type) that exist: (deleted, not found, deleted keys)."""
+    try:
+        keys = [int(x) for x in ids] if id_kind == "int" else [str(x) for x in ids]
+    except (TypeError, ValueError):
+        raise BundleError(f"{coll}: ids are integers; got {list(ids)[:3]}") from None
+    keys = list(dict.fromkeys(keys))
+    present: set[Any] = set()
+    for a in range(0, len(keys), 1000):
+        present |= {g["id"] for g in client.get(coll, ids=keys[a : a + 1000], output_fields=["id"], timeout=CALL_TIMEOUT)}
+    found = [k for k in keys if k in present]
+    for a in range(0, len(found), 1000):
+        client.delete(coll, ids=found[a : a + 1000], timeout=CALL_TIMEOUT)
+    client.flush(coll)
+    return len(found), [k for k in keys if k not in present], found
+
+
+def delete_from_collection(location: str, ids: Any) -> tuple[int, list[Any]]:
+    """Delete items by id from an exported collection (no model needed): (deleted, ids not found)."""
+    target = MilvusTarget.parse(location)
+    client = target.client()
+    name = target.collection
+    if not client.has_collection(name):
+        raise BundleError(f"{location}: no such collection")
+    props = client.describe_collection(name).get("properties", {})
+    if "sparc.manifest" not in props:
+        raise BundleError(f"{location}: not a sparc collection (no sparc.manifest property)")
+    id_kind = json.loads(props["sparc.manifest"]).get("id_kind", "int")
+    n, unknown, _ = _delete_keys(client, name, id_kind, ids)
+    return n, unknown
+
+
 class MilvusSearcher:
     """Search a Milvus collection with the Searcher API: encode the query, let Milvus rank by inner product
     over the sparse code (or the dense vector), filters inside Milvus, explanations from the returned codes."""
@@ -302,6 +338,7 @@ class MilvusSearcher:
         self.stream = self.manifest.stream
         self._codes: OrderedDict[Any, dict[int, float]] = OrderedDict()
         self._lock = threading.Lock()
+        self._count: int | None = None
         if model.n_latents != self.manifest.n_latents or self.stream not in model.streams:
             raise BundleError(
                 f"{location}: holds stream {self.stream!r} with {self.manifest.n_latents} latents; the model does not match"
@@ -320,7 +357,20 @@ class MilvusSearcher:
 
     @property
     def n_items(self) -> int:
-        return self.manifest.n_items
+        if self._count is None:
+            got = self._call(lambda: self.client.query(self.target.collection, filter="", output_fields=["count(*)"],
+                                                       timeout=CALL_TIMEOUT))  # fmt: skip
+            self._count = int(got[0]["count(*)"])
+        return self._count
+
+    def delete(self, ids: Any) -> tuple[int, list[Any]]:
+        """Delete items by primary key; (how many were deleted, the ids not found)."""
+        n, unknown, found = self._call(lambda: _delete_keys(self.client, self.target.collection, self.manifest.id_kind, ids))
+        with self._lock:
+            for k in found:
+                self._codes.pop(k, None)
+        self._count = None
+        return n, unknown
 
     def info(self) -> GalleryInfo:
         return GalleryInfo(self.stream, self.n_items, 1, self.manifest, bool(self.dense_type), False, backend="milvus")

@@ -190,6 +190,18 @@ class Bundle:
             found |= hit
         return found
 
+    def alive_at(self, rows: Any) -> np.ndarray:
+        """Whether each row is not deleted."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.ones(len(rows), dtype=bool)
+        for part, sel, local in self._split(rows):
+            out[sel] = part.live(local)
+        return out
+
+    def deleted_ids(self) -> list[Any]:
+        """The ids of the deleted items (tombstones not compacted yet)."""
+        return [v for p in self.parts if len(p.deleted) for v in p.ids.take(p.deleted)]
+
     def codes(self, rows: Any) -> tuple[np.ndarray, np.ndarray]:
         """Stored codes of rows: (latent ids int64 [m, k], unit values float32 [m, k])."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)

@@ -343,6 +343,15 @@ class SparcClient(_Connection):
                              metadata=(("authorization", f"Bearer {admin_token}"),))  # fmt: skip
         return {x.index: x.outcome for x in r.results}
 
+    def delete_items(
+        self, admin_token: str, index: str, ids: Sequence[Any], timeout: float | None = None
+    ) -> tuple[int, list[str]]:
+        """Delete items by id from ``index`` (an admin call); (deleted, ids not found)."""
+        stub = pb_grpc.SparcAdminServiceStub(self.channel)
+        r = stub.DeleteItems(pb.DeleteItemsRequest(index=index, ids=[str(x) for x in ids]), timeout=timeout,
+                             metadata=(("authorization", f"Bearer {admin_token}"),))  # fmt: skip
+        return int(r.deleted), list(r.unknown_ids)
+
     def encode(self, query: pb.Query, decode_stream: str = "", timeout: float | None = None) -> pb.EncodeResponse:
         return self.stub.Encode(
             pb.EncodeRequest(query=query, decode_stream=decode_stream), timeout=timeout, metadata=self.metadata

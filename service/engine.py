@@ -210,6 +210,9 @@ def decode_image(data: bytes, max_pixels: int, target: int = 1024) -> Image.Imag
         raise InvalidArgument(f"undecodable image ({type(e).__name__}: {e})") from None
 
 
+MAX_DELETE_IDS = 100_000  # ids per DeleteItems call
+
+
 class Engine:
     """Loaded checkpoint, index searchers and (optional) query encoders."""
 
@@ -295,6 +298,34 @@ class Engine:
                     self.searchers[name], self.infos[name] = gallery, info
                 out[name] = f"reloaded {old.version} -> {info.version}"
         return out
+
+    def delete_items(self, index: str, ids: list[str]) -> tuple[int, list[str]]:
+        """Delete items by id from an index and serve the result at once: (deleted, ids not found)."""
+        from index.bundle import delete_items
+
+        if index not in self.searchers:
+            raise NotFound(f"unknown index {index!r}; this server has {sorted(self.searchers)}")
+        if len(ids) > MAX_DELETE_IDS:
+            raise OverLimit(f"{len(ids)} ids in one call exceeds {MAX_DELETE_IDS}; split it")
+        gallery, info = self.searchers[index], self.infos[index]
+        if info.backend != "bundle":
+            n, unknown = gallery.delete(ids)  # type: ignore[attr-defined]
+            with self._swap:
+                self.infos[index] = gallery.info()
+            return n, [str(x) for x in unknown]
+        remaining: list = list(ids)
+        total = 0
+        with self._reloading:  # no reload opens a half-deleted shard set
+            for location in self.settings.indexes[index]:
+                try:
+                    _, remaining, n = delete_items(location, remaining)
+                except BundleError as e:
+                    raise InvalidArgument(str(e)) from None
+                total += n
+                if not remaining:
+                    break
+        self.reload([index])
+        return total, [str(x) for x in remaining]
 
     def _default_stream(self, kind: str, wanted: str | None) -> str | None:
         streams = self.encoder_streams[kind]

@@ -77,3 +77,51 @@ def test_a_damaged_tombstone_file_is_refused(world):
     np.save(vdir / "part-00000" / "deleted.npy", np.array([5, 3]))
     with pytest.raises(BundleError, match="deleted.npy"):
         Bundle(root / "b")
+
+
+def test_delete_items_over_grpc_is_an_admin_call_and_served_at_once(world, trained_checkpoint, tmp_path):
+    import grpc
+
+    from service.client import SparcClient, make_query, search_request
+    from service.server import SparcServer
+    from service.settings import load_settings
+
+    root, ids, gone, queries = world
+    (tmp_path / "admin.token").write_text("admin-token")
+    s = load_settings(overrides={"checkpoint": str(trained_checkpoint), "indexes": {"imgs": [str(root / "b")]}, "port": 0,
+                                 "metrics_port": 0, "reload_poll_seconds": 0, "admin_token_file": str(tmp_path / "admin.token")},
+                      environ={})  # fmt: skip
+    srv = SparcServer(s).start()
+    try:
+        with SparcClient(f"127.0.0.1:{srv.port}") as c:
+            reqs = [search_request(make_query(stream="clip_txt", vector=q), ["imgs"], top_k=10) for q in queries[:50]]
+            shown = {h.id for r in c.search_batch(reqs) for h in r.hits}
+            victims = sorted(shown)[:25]
+            with pytest.raises(grpc.RpcError) as e:
+                c.delete_items("wrong", "imgs", victims)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            n, unknown = c.delete_items("admin-token", "imgs", [*victims, "nope"])
+            assert n == len(victims) and unknown == ["nope"]
+            after = {h.id for r in c.search_batch(reqs) for h in r.hits}
+            assert not set(victims) & after and len(after) >= len(shown) - len(victims)
+            assert {i.name: i.n_items for i in c.list_indexes()}["imgs"] == len(ids) - len(victims)
+    finally:
+        srv.stop(0)
+
+
+def test_add_with_replace_is_an_upsert_in_one_version(world, medium_synth):
+    from index import append_to_bundle
+
+    root, ids, _, queries = world
+    feats = np.load(medium_synth / "eval" / "dino.npy")
+    np.save(root / "new.npy", feats[:20][::-1].copy())  # ids img-0000..img-0019 get other items' features
+    np.save(root / "new_ids.npy", ids[:20])
+    with pytest.raises(BundleError, match="duplicate item ids.*--replace"):
+        append_to_bundle(root / "b", root / "new.npy", ids=root / "new_ids.npy", progress=False)
+    append_to_bundle(root / "b", root / "new.npy", ids=root / "new_ids.npy", progress=False, replace=True)
+    s = Searcher(root / "b")
+    assert s.n_items == len(ids) and sorted(s.shards[0].all_ids()) == sorted(ids.tolist())
+    idx, _ = s.item_code("img-0000")
+    want = Searcher(root / "b").encode("dino", feats[19:20])
+    assert set(idx.tolist()) == set(want.indices[0].tolist())  # the replaced id holds its new code
+    assert s.shards[0].parts[0].deleted.tolist() == list(range(20))  # the old rows: deleted in the same version

@@ -215,3 +215,43 @@ def test_cli_export(world, tmp_path):
     assert main(["index", "export", "--bundle", str(bundle), "--to", loc, "--quiet"]) == 0
     assert main(["index", "export", "--bundle", str(bundle), "--to", loc, "--quiet"]) == 0  # complete: nothing to do
     assert Path(tmp_path / "c.db").exists()
+
+
+def test_deletes_reach_milvus_by_primary_key_and_by_re_export(world, trained_checkpoint, tmp_path):
+    """Items deleted from a collection (or from its bundle, then exported again) are never returned."""
+    import shutil
+
+    from index import delete_items
+
+    bundle, _, xq = world
+    model = load_checkpoint(trained_checkpoint)
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    location = f"milvus-lite:{tmp_path / 'd.db'}/dino"
+    export_bundle(str(copy), location, batch=200, progress=False)
+    remote = MilvusSearcher(location, model)
+    n = remote.n_items
+    first = remote.search(("clip_txt", xq[:10]), top_k=5)
+    victims = sorted({i for row in first.ids for i in row[:2]})
+    deleted, unknown = remote.delete([*victims, 10**9])
+    assert deleted == len(victims) and unknown == [10**9] and remote.n_items == n - len(victims)
+    after = remote.search(("clip_txt", xq[:10]), top_k=5)
+    assert not set(victims) & {i for row in after.ids for i in row}
+    # deleted from the bundle, then exported again: the collection follows
+    more = sorted({i for row in after.ids for i in row[:1]})
+    delete_items(copy, more)
+    export_bundle(str(copy), location, batch=200, progress=False)
+    again = MilvusSearcher(location, model)
+    assert not set(more) & {i for row in again.search(("clip_txt", xq[:10]), top_k=5).ids for i in row}
+    assert again.n_items <= n - len(more)
+
+
+def test_sparc_index_delete_takes_a_collection(world, tmp_path, capsys):
+    from sparc_core.cli import main
+
+    bundle, _, _ = world
+    location = f"milvus-lite:{tmp_path / 'c.db'}/dino"
+    export_bundle(str(bundle), location, batch=500, progress=False)
+    np.save(tmp_path / "gone.npy", np.array([3, 5, 7, 10**9]))
+    assert main(["index", "delete", "--bundle", location, "--ids", str(tmp_path / "gone.npy")]) == 0
+    assert "3 items deleted; 1 ids not found" in capsys.readouterr().out
