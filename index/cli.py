@@ -272,8 +272,8 @@ def _report(args: argparse.Namespace) -> int:
         b = Bundle(path, expected_checkpoint=sha)
         m = b.manifest
         n_latents = m.n_latents
-        ids = b.all_ids()
-        codes_idx, codes_val = b.codes(np.arange(m.n_items))
+        ids = b.all_ids()  # the items not deleted, and their codes
+        codes_idx, codes_val = b.codes(np.flatnonzero(b.alive_at(np.arange(m.n_items))))
         galleries.append(
             Gallery(name, m.stream, codes_idx, codes_val, ids,
                     {i: captions[str(i)] for i in ids if str(i) in captions},
