@@ -23,6 +23,9 @@ def register(sub: Any) -> None:
     p.add_argument("--metrics-port", dest="metrics_port", type=int, help="Prometheus /metrics port (0 disables)")
     p.add_argument("--checkpoint")
     p.add_argument(
+        "--deployment", dest="deployment_file", help="a deployment file (sparc deploy): checkpoint and indexes, switched whole"
+    )
+    p.add_argument(
         "--index",
         action="append",
         metavar="NAME=DIR[,DIR...]",
@@ -35,6 +38,13 @@ def register(sub: Any) -> None:
     add_encoder_flags(p)  # local CLIP / DINOv2 weights for text and image queries
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_serve)
+
+    d = sub.add_parser("deploy", help="switch a running service to a checkpoint and the bundles built with it, as a whole")
+    d.add_argument("--file", required=True, help="the deployment file the service reads (sparc serve --deployment FILE)")
+    d.add_argument("--checkpoint", help="the checkpoint to deploy")
+    d.add_argument("--index", action="append", metavar="NAME=DIR[,DIR...]", help="an index built with that checkpoint")
+    d.add_argument("--rollback", action="store_true", help="switch back to the previous deployment")
+    d.set_defaults(func=_deploy)
 
     u = sub.add_parser("ui", help="a search page beside a running service: type a caption or drop an image, see the hits")
     u.add_argument("--target", default="127.0.0.1:50051", help="the running sparc service (HOST:PORT)")
@@ -100,6 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
         "metrics_port": args.metrics_port,
         "checkpoint": args.checkpoint,
         "auth_token_file": args.token_file,
+        "deployment_file": args.deployment_file,
         "admin_token_file": args.admin_token_file,
         "workers": args.workers,
         "reflection": args.reflection,
@@ -128,6 +139,44 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     server.serve_forever()
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from sparc_core import checkpoint_hash
+    from sparc_core.config import ConfigError
+
+    from .deployment import read_deployment, rollback, write_deployment
+
+    if args.rollback:
+        if args.checkpoint or args.index:
+            raise ConfigError("--rollback takes only --file")
+        d = read_deployment(rollback(args.file))
+        print(f"deployment {args.file}: back to checkpoint {d.checkpoint} ({sorted(d.indexes)})")
+        return 0
+    if not args.checkpoint or not args.index:
+        raise ConfigError("give --checkpoint and at least one --index NAME=DIR (or --rollback)")
+    indexes = {}
+    for spec in args.index:
+        name, sep, dirs = spec.partition("=")
+        if not sep or not name or not dirs:
+            raise ConfigError(f"--index expects NAME=DIR[,DIR...], got {spec!r}")
+        indexes[name] = dirs.split(",")
+    from index import read_manifest
+    from index.manifest import require_checkpoint
+
+    def remote(x: str) -> bool:
+        return x.startswith(("milvus://", "milvus-lite:"))
+
+    sha = checkpoint_hash(args.checkpoint)
+    for name, dirs in indexes.items():  # refused here already: bundles of another checkpoint never go live
+        for d in dirs:
+            if not remote(d):
+                fix = f"build index {name!r} with {args.checkpoint}"
+                require_checkpoint(read_manifest(d).checkpoint_sha256, sha, d, remedy=fix)
+    resolved = {n: [x if remote(x) else str(Path(x).resolve()) for x in v] for n, v in indexes.items()}
+    write_deployment(args.file, str(Path(args.checkpoint).resolve()), resolved)
+    print(f"deployment {args.file}: checkpoint {args.checkpoint} with {sorted(indexes)} (switched at the service's next check)")
     return 0
 
 

@@ -71,6 +71,7 @@ class SearchResult:
     # with explain: "score" (contributions add up to each hit's score) or "sparse_code" (dense path: what the
     # codes share, not a decomposition of the score)
     explanation_basis: str = ""
+    checkpoint_sha256: str = ""  # the checkpoint that encoded the query and whose codes were searched
 
 
 def _result(r: pb.SearchResponse) -> SearchResult:
@@ -86,7 +87,7 @@ def _result(r: pb.SearchResponse) -> SearchResult:
         for h in r.hits
     ]
     code = (list(r.query_code.indices), list(r.query_code.values)) if r.HasField("query_code") else None
-    return SearchResult(hits, r.path, r.query_stream, code, r.explanation_basis)
+    return SearchResult(hits, r.path, r.query_stream, code, r.explanation_basis, r.checkpoint_sha256)
 
 
 def make_query(

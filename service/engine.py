@@ -218,6 +218,9 @@ class Engine:
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
+        self._users = 0  # calls holding this engine (a replaced engine closes when the last one ends)
+        self._users_lock = threading.Lock()
+        self._retired = False
         self.model = load_checkpoint(settings.checkpoint, device=pick_device(settings.device))
         self.checkpoint_sha256 = checkpoint_hash(settings.checkpoint)
         self.names = load_latent_names(settings.checkpoint)  # latent -> name ({} without latent_names.json)
@@ -350,6 +353,25 @@ class Engine:
     def close(self) -> None:
         self.batcher.close()
         self.lane.close()
+
+    def hold(self) -> None:
+        with self._users_lock:
+            self._users += 1
+
+    def release(self) -> None:
+        with self._users_lock:
+            self._users -= 1
+            done = self._retired and self._users == 0
+        if done:
+            self.close()
+
+    def retire(self) -> None:
+        """Replaced by a new deployment: close once no call holds it."""
+        with self._users_lock:
+            self._retired = True
+            done = self._users == 0
+        if done:
+            self.close()
 
     # ---- validation -------------------------------------------------------------------------------
     def query_spec(

@@ -26,6 +26,7 @@ from index.errors import GalleryUnavailable
 from sparc_core import SparcError
 from sparc_core.attribution import save_heatmap_png, save_pair_png, save_words_png
 
+from .deployment import fingerprint, read_deployment
 from .engine import Engine, SearchSpec, SearchStopped
 from .errors import (
     DeadlineExceeded,
@@ -232,9 +233,20 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
     """Maps protobuf messages to Engine calls and ServiceErrors to status codes."""
 
     def __init__(self, engine: Engine | None, metrics: Metrics, max_in_flight: int) -> None:
-        self.engine: Engine = engine  # type: ignore[assignment]  # set once loading finishes
+        self._engine: Engine | None = engine  # set once loading finishes; replaced whole by a new deployment
+        self._local = threading.local()
         self.metrics = metrics
         self._slots = threading.BoundedSemaphore(max_in_flight)
+
+    @property
+    def engine(self) -> Engine:
+        """The engine of the call running on this thread (taken once when it began: a deployment switched
+        meanwhile never mixes into it), else the serving one."""
+        return getattr(self._local, "engine", None) or self._engine  # type: ignore[return-value]
+
+    @engine.setter
+    def engine(self, engine: Engine | None) -> None:
+        self._engine = engine
 
     # ---- plumbing ---------------------------------------------------------------------------------
     def _call(self, method: str, context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
@@ -244,8 +256,12 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
             code = "RESOURCE_EXHAUSTED"
             self._finish(method, code, t0, context)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy: too many calls in flight; retry with backoff")
+        engine = self._engine
+        if engine is not None:
+            engine.hold()
+        self._local.engine = engine
         try:
-            if self.engine is None:
+            if engine is None:
                 raise Unavailable("the server is still loading its checkpoint and indexes")
             self._check_deadline(context)
             try:
@@ -276,6 +292,9 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
             log.exception("unhandled error in %s", method)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
         finally:
+            self._local.engine = None
+            if engine is not None:
+                engine.release()
             self._slots.release()
             if method in GRADIENT_METHODS and code not in ("RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"):
                 self.metrics.work.labels(method, "gradient_calls").inc()  # admitted to the gradient lane
@@ -368,12 +387,13 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
 
     def _responses(self, specs: list[SearchSpec], context: grpc.ServicerContext) -> list[pb.SearchResponse]:
         out = []
-        names = self.engine.names
-        results = self.engine.search(specs, should_stop=self._stopper(context))
+        engine = self.engine
+        names = engine.names
+        results = engine.search(specs, should_stop=self._stopper(context))
         self._check_deadline(context)
         for spec, (code, hits) in zip(specs, results):
             self.metrics.query_l0.observe(int((code.values > 0).sum()))
-            resp = pb.SearchResponse(path=spec.path, query_stream=spec.query.stream)
+            resp = pb.SearchResponse(path=spec.path, query_stream=spec.query.stream, checkpoint_sha256=engine.checkpoint_sha256)
             if spec.explain:
                 resp.explanation_basis = "sparse_code" if spec.path == "dense" else "score"
             for h in hits:
@@ -1019,6 +1039,8 @@ class SparcServer:
 
         self.settings = settings
         self._last_reload: dict[str, str] = {}
+        self._deploying = threading.Lock()
+        self._deployed: str | None = None
         self._poll_stop = threading.Event()
         self.health = health.HealthServicer()
         self.metrics = Metrics()
@@ -1067,11 +1089,19 @@ class SparcServer:
         self.engine: Engine | None = None
         self._metrics_server = None
 
+    def _deployed_settings(self) -> ServiceSettings:
+        """The settings with the deployment file's checkpoint and indexes (the settings alone without one)."""
+        if self.settings.deployment_file is None:
+            return self.settings
+        d = read_deployment(self.settings.deployment_file)
+        return self.settings.model_copy(update={"checkpoint": d.checkpoint, "indexes": d.indexes})
+
     def start(self) -> SparcServer:
         """Start listening (health NOT_SERVING), load checkpoint and indexes, then report SERVING."""
         self.server.start()
         try:
-            self.engine = Engine(self.settings)
+            self._deployed = fingerprint(self.settings.deployment_file) if self.settings.deployment_file else None
+            self.engine = Engine(self._deployed_settings())
         except BaseException:
             self.server.stop(0)
             raise
@@ -1092,11 +1122,53 @@ class SparcServer:
             threading.Thread(target=self._poll, name="index-reload", daemon=True).start()
         return self
 
+    def redeploy(self) -> str:
+        """Switch to the deployment file's deployment when it changed: a complete new engine is loaded beside
+        the serving one and replaces it with one assignment (see service/deployment.py). "unchanged",
+        "deployed CHECKPOINT" or "refused: why" (the old deployment keeps serving)."""
+        f = self.settings.deployment_file
+        if f is None or self.engine is None:
+            return "unchanged"
+        with self._deploying:
+            try:
+                now = fingerprint(f)
+            except OSError as e:
+                return f"refused: {f}: unreadable ({e.strerror})"
+            if now == self._deployed:
+                return "unchanged"
+            try:
+                engine = Engine(self._deployed_settings())
+            except (ServiceError, SparcError) as e:
+                self._deployed = now  # said once: the same file is not loaded again until it changes
+                outcome = f"refused: {getattr(e, 'message', str(e))}"
+                log.warning(json.dumps({"event": "deployment_refused", "detail": outcome}))
+                self.metrics.index_reloads.labels("*", "refused").inc()
+                return outcome
+            old = self.engine
+            engine.index_health = self._index_health
+            self.engine = self.servicer.engine = engine  # the switch: every call from here on takes the new one
+            self._deployed = now
+            old.retire()
+            for name, g in engine.searchers.items():
+                self.metrics.index_items.labels(name).set(g.n_items)
+                self.health.set(f"index/{name}", health_pb2.HealthCheckResponse.SERVING)
+                self._index_ok[name] = True
+            log.info(
+                json.dumps(
+                    {"event": "deployed", "checkpoint": engine.checkpoint_sha256[:12], "indexes": sorted(engine.searchers)}
+                )
+            )
+            self.metrics.index_reloads.labels("*", "reloaded").inc()
+            return f"deployed {engine.checkpoint_sha256[:12]}"
+
     def reload_now(self, names: list[str] | None = None) -> dict[str, str]:
-        """Swap in the new complete version of each index that has one (see Engine.reload): one log line
-        and a metric per index that changed or was refused."""
+        """Swap in a changed deployment (``redeploy``), else the new complete version of each index that has
+        one (see Engine.reload): one log line and a metric per index that changed or was refused."""
         if self.engine is None:
             return {}
+        deployed = self.redeploy()
+        if deployed != "unchanged":
+            return dict.fromkeys(self.engine.searchers, deployed)
         out = self.engine.reload(names)
         for name, outcome in out.items():
             if outcome == "unchanged":

@@ -22,6 +22,9 @@ class ServiceSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     checkpoint: str = "runs/demo/sparc"
+    # a deployment file (service/deployment.py: a checkpoint and the bundles built with it); when set, its
+    # checkpoint and indexes replace the two settings above, and a change to it is switched in as a whole
+    deployment_file: str | None = None
     indexes: dict[str, list[str]] = {}  # index name -> bundle directories (its shards)
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)  # 0 picks a free port
