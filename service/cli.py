@@ -127,7 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
     encoders = encoder_overrides(args, settings.encoders.model_dump() if settings.encoders is not None else {})
     if encoders:
         settings = load_settings(args.config, {**overrides, "encoders": encoders})
-    if not settings.indexes and args.config is None and args.checkpoint is None:
+    if not settings.indexes and args.config is None and args.checkpoint is None and settings.deployment_file is None:
         settings = settings.model_copy(update={"indexes": demo_artefacts(), "checkpoint": str(DEMO_ROOT / "sparc")})
     try:
         server = SparcServer(settings).start()
