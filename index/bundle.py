@@ -374,6 +374,9 @@ def add_seismic_index(path: str | Path, settings: SeismicSettings | None = None)
         raise
 
 
+COMPACT_ABOVE = 0.2  # `index add` compacts a bundle whose deleted rows exceed this share of its rows
+
+
 def append_to_bundle(
     path: str | Path,
     features: str | Path,
@@ -382,10 +385,12 @@ def append_to_bundle(
     batch_size: int = 8192,
     progress: bool = True,
     replace: bool = False,
+    compact_above: float = COMPACT_ABOVE,
 ) -> Path:
     """Add items to a bundle as a new part: the new version links the old parts' files (nothing rewritten).
     An id the bundle already holds is refused, unless ``replace``: then its old row is deleted in the same
-    version (an upsert: no moment serves both or neither)."""
+    version (an upsert: no moment serves both or neither). When deleted rows then make up more than
+    ``compact_above`` of the bundle, it is compacted too (a second new version)."""
     old = Bundle(path, mmap=True)
     m = old.manifest
     path = Path(path)
@@ -455,10 +460,14 @@ def append_to_bundle(
             "parts": parts,
         }
         known = {n: c for n, c in m.checksums.items() if not (replaced and n.endswith("/deleted.npy"))}
-        return commit_version(path, tmp, vdir, manifest, known=known if m.version > 1 else None)
+        out = commit_version(path, tmp, vdir, manifest, known=known if m.version > 1 else None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    dead = sum(p.get("n_deleted", 0) for p in parts)
+    if dead > compact_above * manifest["n_items"]:
+        out = compact_bundle(path, progress=progress)
+    return out
 
 
 def delete_items(path: str | Path, ids: Any) -> tuple[Path, list[Any], int]:

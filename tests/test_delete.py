@@ -125,3 +125,42 @@ def test_add_with_replace_is_an_upsert_in_one_version(world, medium_synth):
     want = Searcher(root / "b").encode("dino", feats[19:20])
     assert set(idx.tolist()) == set(want.indices[0].tolist())  # the replaced id holds its new code
     assert s.shards[0].parts[0].deleted.tolist() == list(range(20))  # the old rows: deleted in the same version
+
+
+def test_add_compacts_when_deletions_pass_the_threshold(world, medium_synth):
+    from index import append_to_bundle
+
+    root, ids, gone, _ = world
+    delete_items(root / "b", sorted(gone))  # 10%: below the threshold, kept as tombstones
+    feats = np.load(medium_synth / "eval" / "dino.npy")
+    np.save(root / "one.npy", feats[:1])
+    np.save(root / "one_id.npy", np.array(["extra-1"]))
+    append_to_bundle(root / "b", root / "one.npy", ids=root / "one_id.npy", progress=False)
+    assert sum(len(p.deleted) for p in Bundle(root / "b").parts) == len(gone)
+    np.save(root / "two_id.npy", np.array(["extra-2"]))
+    append_to_bundle(root / "b", root / "one.npy", ids=root / "two_id.npy", progress=False, compact_above=0.05)
+    b = Bundle(root / "b")
+    assert not any(len(p.deleted) for p in b.parts) and b.n_live == len(ids) - len(gone) + 2
+
+
+def test_a_kill_during_delete_or_compact_leaves_a_loadable_version(world, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, ids, gone, _ = world
+    np.save(tmp_path / "gone.npy", np.array(sorted(gone)))
+    live = {len(ids), len(ids) - len(gone)}
+    for delay in (0.5, 1.2, 1.6, 2.0, 2.5):  # imports take about a second: kills before, during and after the work
+        for cmd in (["index", "delete", "--bundle", str(root / "b"), "--ids", str(tmp_path / "gone.npy")],
+                    ["index", "compact", "--bundle", str(root / "b"), "--quiet"]):  # fmt: skip
+            p = subprocess.Popen(
+                [sys.executable, "-m", "sparc_core.cli", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            time.sleep(delay)
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            b = Bundle(root / "b")  # whatever the moment: the previous or the new version, complete
+            assert b.n_live in live
+            assert len(Searcher(root / "b").search(("dino", np.zeros((1, 64), np.float32) + 0.1), top_k=3).ids[0]) == 3
