@@ -116,13 +116,7 @@ def _serve(args: argparse.Namespace) -> int:
         "reflection": args.reflection,
     }
     if args.index:
-        indexes = {}
-        for spec in args.index:
-            name, sep, dirs = spec.partition("=")
-            if not sep or not name or not dirs:
-                raise ConfigError(f"--index expects NAME=DIR[,DIR...], got {spec!r}")
-            indexes[name] = dirs.split(",")
-        overrides["indexes"] = indexes
+        overrides["indexes"] = index_specs(args.index)
     settings = load_settings(args.config, overrides)
     encoders = encoder_overrides(args, settings.encoders.model_dump() if settings.encoders is not None else {})
     if encoders:
@@ -142,6 +136,19 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def index_specs(specs: list[str]) -> dict[str, list[str]]:
+    """``--index NAME=DIR[,DIR...]`` flags as index name -> bundle directories (ConfigError naming a bad one)."""
+    from sparc_core.config import ConfigError
+
+    indexes = {}
+    for spec in specs:
+        name, sep, dirs = spec.partition("=")
+        if not sep or not name or not dirs:
+            raise ConfigError(f"--index expects NAME=DIR[,DIR...], got {spec!r}")
+        indexes[name] = dirs.split(",")
+    return indexes
+
+
 def _deploy(args: argparse.Namespace) -> int:
     from sparc_core import checkpoint_hash
     from sparc_core.config import ConfigError
@@ -156,12 +163,7 @@ def _deploy(args: argparse.Namespace) -> int:
         return 0
     if not args.checkpoint or not args.index:
         raise ConfigError("give --checkpoint and at least one --index NAME=DIR (or --rollback)")
-    indexes = {}
-    for spec in args.index:
-        name, sep, dirs = spec.partition("=")
-        if not sep or not name or not dirs:
-            raise ConfigError(f"--index expects NAME=DIR[,DIR...], got {spec!r}")
-        indexes[name] = dirs.split(",")
+    indexes = index_specs(args.index)
     from index import read_manifest
     from index.manifest import require_checkpoint
 

@@ -125,12 +125,7 @@ class ServiceSettings(BaseModel):
         """The admin calls' bearer token, read from admin_token_file (ConfigError naming the file)."""
         if self.admin_token_file is None:
             return None
-        try:
-            token = Path(self.admin_token_file).read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"admin_token_file {self.admin_token_file}: unreadable ({e.strerror})") from None
-        if not token:
-            raise ConfigError(f"admin_token_file {self.admin_token_file}: empty")
+        token = _read_token(self.admin_token_file, "admin_token_file")
         if token == self.token():
             raise ConfigError("admin_token_file holds the search token: the admin calls need a credential of their own")
         return token
@@ -139,13 +134,7 @@ class ServiceSettings(BaseModel):
         """The bearer token, from auth_token or read from auth_token_file (ConfigError naming the file)."""
         if self.auth_token_file is None:  # stripped, as clients' tokens are: "tok\n" from an env file is "tok"
             return self.auth_token.strip() if self.auth_token is not None else None
-        try:
-            token = Path(self.auth_token_file).read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"auth_token_file {self.auth_token_file}: unreadable ({e.strerror})") from None
-        if not token:
-            raise ConfigError(f"auth_token_file {self.auth_token_file}: empty")
-        return token
+        return _read_token(self.auth_token_file, "auth_token_file")
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -191,3 +180,14 @@ def load_settings(
         data[name] = _merge(data[name], value) if nested else value
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return build_config(ServiceSettings, data, where)
+
+
+def _read_token(path: str, setting: str) -> str:
+    """A token from a file, stripped (ConfigError naming the setting and the file when unreadable or empty)."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"{setting} {path}: unreadable ({e.strerror})") from None
+    if not token:
+        raise ConfigError(f"{setting} {path}: empty")
+    return token
