@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from index import SearchParams
 from index.errors import GalleryUnavailable
 from sparc_core import SparcError
-from sparc_core.attribution import save_heatmap_png, save_pair_png, save_words_png
+from sparc_core.attribution import heatmap_png, pair_png, words_png
 
 from .deployment import fingerprint, read_deployment
 from .engine import Engine, SearchSpec, SearchStopped
@@ -579,7 +579,7 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
             )
             png = b""
             if request.return_png:
-                png = _png_bytes(lambda path: save_heatmap_png(hm, path))
+                png = heatmap_png(hm)
             h, w = hm.grid.shape
             return pb.LocalizeResponse(
                 height=h,
@@ -600,7 +600,7 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
             ws = self.engine.attribute(
                 request.text, list(request.latents), _method(request, ATTRIBUTION_METHODS), should_stop=self._stopper(context)
             )
-            png = _png_bytes(lambda path: save_words_png(ws, path, self.engine.names)) if request.return_png else b""
+            png = words_png(ws, self.engine.names) if request.return_png else b""
             return pb.AttributeTextResponse(
                 words=[pb.WordScore(word=wd, score=sc) for wd, sc in zip(ws.words, ws.scores)],
                 latents=self._weights(ws.target, self.engine.names),
@@ -620,7 +620,7 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
                 request.max_latents,
                 should_stop=self._stopper(context),
             )
-            png = _png_bytes(lambda path: save_pair_png(pair, path)) if request.return_png else b""
+            png = pair_png(pair) if request.return_png else b""
             shared = [
                 pb.SharedConcept(
                     latent=c.latent,
@@ -663,16 +663,6 @@ def _public_manifest(m: Any) -> str:
     """A bundle's manifest as clients see it: file names, never the server's absolute paths."""
     hidden = {k: Path(v).name for k in ("source", "checkpoint_path") if Path(v := getattr(m, k)).is_absolute()}
     return m.model_copy(update=hidden).model_dump_json()
-
-
-def _png_bytes(write: Callable[[Path], Any]) -> bytes:
-    """A picture rendered to a temp file (the writers are atomic file writers) and read back."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="sparc-png-") as d:
-        path = Path(d) / "out.png"
-        write(path)
-        return path.read_bytes()
 
 
 def _wrap_handler(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Callable]) -> grpc.RpcMethodHandler:

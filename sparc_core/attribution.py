@@ -618,7 +618,13 @@ def explain_pair(
 
 
 def save_pair_png(pair: PairExplanation, path: str | Path) -> Path:
-    """One row per shared latent: its heatmap over the image, and the caption with words shaded by score."""
+    """``pair_png`` written atomically to ``path``."""
+    return _write(path, pair_png(pair))
+
+
+def pair_png(pair: PairExplanation) -> bytes:
+    """One row per shared latent: its heatmap over the image, and the caption with words shaded by score
+    (PNG bytes)."""
     rows = max(1, len(pair.concepts))
     fig = _figure(9, 2.4 * rows)
     if not pair.concepts:
@@ -636,7 +642,7 @@ def save_pair_png(pair: PairExplanation, path: str | Path) -> Path:
         tx.axis("off")
         _word_strip(fig, tx, c.words.words, c.words.scores, fontsize=11)
     fig.suptitle(f"{pair.stream}: what the image and the caption share", fontsize=10)
-    return _png(fig, path)
+    return _png(fig)
 
 
 # ---- pictures ----------------------------------------------------------------------------------------------
@@ -662,19 +668,29 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
-def _png(fig: Any, path: str | Path, **savefig: Any) -> Path:
+def _png(fig: Any, **savefig: Any) -> bytes:
     import io
-
-    from .checkpoint import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", **savefig)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    return buf.getvalue()
+
+
+def _write(path: str | Path, png: bytes) -> Path:
+    from .checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), png)
     return Path(path)
 
 
 def save_heatmap_png(hm: Heatmap, path: str | Path) -> Path:
-    """The crop the encoder saw, the heatmap over it (colormap + colorbar), the latents in the title."""
+    """``heatmap_png`` written atomically to ``path``."""
+    return _write(path, heatmap_png(hm))
+
+
+def heatmap_png(hm: Heatmap) -> bytes:
+    """The crop the encoder saw, the heatmap over it (colormap + colorbar), the latents in the title (PNG
+    bytes of HEATMAP_PNG_SIZE pixels)."""
     fig = _figure(HEATMAP_PNG_SIZE[0] / 100, HEATMAP_PNG_SIZE[1] / 100)
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(hm.image)
@@ -686,7 +702,7 @@ def save_heatmap_png(hm: Heatmap, path: str | Path) -> Path:
         title += "\n(no target latent fires on this image: empty map)"
     ax.set_title(title, fontsize=8, parse_math=False)  # captions are plain text, never mathtext
     ax.axis("off")
-    return _png(fig, path)  # HEATMAP_PNG_SIZE pixels
+    return _png(fig)
 
 
 def _word_strip(fig: Any, ax: Any, words: list[str], scores: list[float], fontsize: int = 12) -> None:
@@ -706,17 +722,25 @@ def _word_strip(fig: Any, ax: Any, words: list[str], scores: list[float], fontsi
 
 
 def save_words_png(ws: WordScores, path: str | Path, names: dict[int, str] | None = None) -> Path:
-    """The caption as a strip of words shaded by their score (positive: red, negative: blue)."""
+    """``words_png`` written atomically to ``path``."""
+    return _write(path, words_png(ws, names))
+
+
+def words_png(ws: WordScores, names: dict[int, str] | None = None) -> bytes:
+    """The caption as a strip of words shaded by their score (positive: red, negative: blue; PNG bytes)."""
     width = max(4.0, 0.16 * sum(len(w) + 2 for w in ws.words))
     fig = _figure(min(width, 24), 1.4)
     ax = fig.add_subplot(1, 1, 1)
     ax.axis("off")
     _word_strip(fig, ax, ws.words, ws.scores)
     ax.set_title(f"{ws.method} attribution: {_title(ws.target, names or {})}", fontsize=8, parse_math=False)
-    return _png(fig, path, bbox_inches="tight")
+    return _png(fig, bbox_inches="tight")
 
 
 __all__ = [
+    "words_png",
+    "pair_png",
+    "heatmap_png",
     "METHODS",
     "TEXT_METHODS",
     "AttributionError",
