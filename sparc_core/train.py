@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -475,3 +477,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
         trainer.data.close()
         if trainer.dist.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _TrainModule(types.ModuleType):
+    """``sparc_core.train`` names both this module and its function ``train`` (a public name of the package):
+    importing the module sets the package attribute to it, so the module is callable as the function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _TrainModule

@@ -294,3 +294,16 @@ def test_cli_errors_are_one_clear_line(synth_dir, trained_checkpoint, medium_syn
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stream(s) ['clip_text'] that the checkpoint does not have" in err[0]
     assert report.read_text() == "{}"
+
+
+def test_the_package_train_is_callable_after_its_module_is_imported(tmp_path, synth_dir):
+    """``sparc_core.train`` is the function and the module; importing the module first (as ``sparc train``
+    does) must not leave the package's ``train`` uncallable. A fresh interpreter: here both are cached."""
+    cfg = _cfg(synth_dir, tmp_path / "ck", steps=3, eval_every=3, save_every=3)
+    code = (
+        "import sys, sparc_core.train, sparc_core; from sparc_core import TrainConfig, train; "
+        "print(train(TrainConfig.model_validate_json(sys.argv[1])))"
+    )
+    run = subprocess.run([sys.executable, "-c", code, cfg.model_dump_json()], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == str(tmp_path / "ck") and load_checkpoint(tmp_path / "ck").k == TINY["k"]
