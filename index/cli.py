@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from sparc_core.cli import add_encoder_flags, encoder_overrides
+from sparc_core.cli import add_cluster_flags, add_encoder_flags, cluster_from_args, encoder_overrides
 
 
 def register(sub: Any) -> None:
@@ -42,7 +42,11 @@ def register(sub: Any) -> None:
     b.add_argument("--shard", default="0/1", help="build shard I/N of the rows (default 0/1)")
     b.add_argument("--seismic", action="store_true", help="also build a Seismic index (the seismic path)")
     b.add_argument("--batch-size", type=int, default=8192)
+    b.add_argument(
+        "--shards", type=int, help="build every shard of N into OUT/shard-0000I (with --engine ray: default one per actor)"
+    )
     b.add_argument("--quiet", action="store_true")
+    add_cluster_flags(b)
     b.set_defaults(func=_build)
 
     a = isub.add_parser("add", help="append items to a bundle")
@@ -105,6 +109,9 @@ def register(sub: Any) -> None:
 def _build(args: argparse.Namespace) -> int:
     from .bundle import BundleError, build_bundle
 
+    if args.engine == "ray" or args.shards is not None:
+        return _build_shards(args)
+
     try:
         i, n = (int(x) for x in args.shard.split("/"))
     except ValueError:
@@ -123,6 +130,24 @@ def _build(args: argparse.Namespace) -> int:
         seismic=_seismic_settings(args) if args.seismic else None,
     )
     print(f"bundle: {args.out} (version {out.name})")
+    return 0
+
+
+def _build_shards(args: argparse.Namespace) -> int:
+    from sparc_core.config import ClusterConfig, build_config
+
+    from .cluster import build_shards
+    from .errors import BundleError
+
+    if args.shard != "0/1":
+        raise BundleError("--shard I/N builds one shard; --shards N (or --engine ray) builds all of them: give one")
+    paths = build_shards(
+        args.checkpoint, args.stream, args.features, args.out, n_shards=args.shards, engine=args.engine or "local",
+        cluster=build_config(ClusterConfig, cluster_from_args(args), "command line"), ids=args.ids,
+        dense=False if args.no_dense else None, faiss_factory=args.faiss, batch_size=args.batch_size,
+        seismic=_seismic_settings(args) if args.seismic else None, progress=not args.quiet,
+    )  # fmt: skip
+    print(f"{len(paths)} shards under {args.out}; serve them with --index NAME={','.join(str(p) for p in paths)}")
     return 0
 
 

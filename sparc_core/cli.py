@@ -267,6 +267,22 @@ def encoder_overrides(args: argparse.Namespace, enc: dict[str, Any], always: boo
     return enc
 
 
+def add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of a batch job that can run on Ray (shared by extract and index build)."""
+    g = p.add_argument_group("cluster (--engine ray; needs sparc[ray])")
+    g.add_argument("--engine", choices=["local", "ray"], help="local (default): this process; ray: an actor pool on Ray")
+    g.add_argument("--address", help="a running Ray cluster (auto, ray://HOST:10001); default: a local one here")
+    g.add_argument("--actors", type=int, help="actor pool size (default: one per GPU, else one per --cpus-per-actor)")
+    g.add_argument("--cpus-per-actor", type=float, help="CPUs each actor reserves (default 1)")
+    g.add_argument("--gpus-per-actor", type=float, help="GPUs each actor reserves (default 1 when the cluster has GPUs)")
+    g.add_argument("--num-cpus", type=int, help="CPUs of the local cluster started without --address (default all)")
+
+
+def cluster_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A ClusterConfig dict overlaid with the cluster flags."""
+    return _overlay(dict(base or {}), args, ["address", "actors", "cpus_per_actor", "gpus_per_actor", "num_cpus"])
+
+
 def _add_extract(sub: Any) -> None:
     p = sub.add_parser(
         "extract",
@@ -288,13 +304,15 @@ def _add_extract(sub: Any) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--keep-chunks", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_cluster_flags(p)
     p.set_defaults(func=_cmd_extract)
 
 
 def extract_config_from_args(args: argparse.Namespace) -> ExtractConfig:
     """ExtractConfig from an optional config file overlaid with command-line flags."""
     data = load_config_file(args.config) if args.config else {}
-    data = _overlay(data, args, ["images", "captions", "out", "batch_size", "workers", "chunk_size"])
+    data = _overlay(data, args, ["images", "captions", "out", "batch_size", "workers", "chunk_size", "engine"])
+    data["cluster"] = cluster_from_args(args, data.get("cluster"))
     enc = _overlay(dict(data.get("encoders") or {}), args, ["device", "precision"])
     enc = encoder_overrides(args, enc, always=True)
     if args.dino_patch_tokens:

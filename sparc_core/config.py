@@ -227,6 +227,16 @@ class EncodersConfig(_Strict):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16/fp16 autocast on GPU, fp32 on CPU
 
 
+class ClusterConfig(_Strict):
+    """Where a batch job runs on Ray (``--engine ray``): the cluster and its actor pool."""
+
+    address: str | None = None  # a running cluster ("auto", "ray://host:10001"); none: a local one on this machine
+    actors: int | None = Field(None, ge=1)  # pool size; default: one per GPU in the cluster, else one per cpus_per_actor
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float | None = Field(None, ge=0)  # default: 1 when the cluster has GPUs, else 0
+    num_cpus: int | None = Field(None, ge=1)  # CPUs of a local cluster (no address); default: every core
+
+
 class ExtractConfig(_Strict):
     """One feature-extraction run: images + captions in, one paired feature file per stream out."""
 
@@ -240,6 +250,8 @@ class ExtractConfig(_Strict):
     chunk_size: int = Field(4096, ge=1)  # rows per chunk file; a crash loses at most one chunk
     keep_chunks: bool = False  # keep the chunk files after assembling the final arrays
     progress: bool = True
+    engine: Literal["local", "ray"] = "local"  # ray: chunks encoded by an actor pool on a Ray cluster
+    cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _check(self) -> ExtractConfig:

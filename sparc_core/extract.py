@@ -175,23 +175,33 @@ def _collate(batch: list) -> tuple[list[int], dict[str, torch.Tensor], list[tupl
 
 
 # ---- the run ------------------------------------------------------------------------------------------
-def _fingerprint(cfg: ExtractConfig, items: list[Item], encoders: dict[str, FeatureEncoder]) -> dict[str, Any]:
-    """Everything the output depends on; a resumed run must match it exactly."""
+def describe_encoders(encoders: dict[str, FeatureEncoder]) -> dict[str, dict[str, Any]]:
+    """What the output needs to know of each stream's encoder (a cluster's driver asks a worker for it)."""
+    info = {}
+    for s, e in encoders.items():
+        path = getattr(e, "weights", None)
+        st = path.stat() if path is not None else None
+        info[s] = {
+            "name": e.name,
+            "dim": e.dim,
+            "modality": e.modality,
+            "patch_tokens": bool(isinstance(e, DinoEncoder) and e.patch_tokens),
+            "weights": [str(path.resolve()), st.st_size, st.st_mtime_ns] if st is not None else None,
+        }
+    return info
+
+
+def _fingerprint(cfg: ExtractConfig, items: list[Item], info: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Everything the output depends on; a resumed run must match it exactly (whichever engine ran it)."""
     h = hashlib.sha256()
     for it in items:
         h.update(json.dumps([it.image, it.caption, it.id]).encode())
-    weights = []
-    for e in encoders.values():
-        path = getattr(e, "weights", None)
-        if path is not None:
-            st = path.stat()
-            weights.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
     return {
         "rows_sha256": h.hexdigest(),
         "images": str(Path(cfg.images).resolve()),
         "encoders": cfg.encoders.model_dump(),
-        "weights": weights,
-        "streams": {s: [e.name, e.dim] for s, e in encoders.items()},
+        "weights": [v["weights"] for v in info.values() if v["weights"] is not None],
+        "streams": {s: [v["name"], v["dim"]] for s, v in info.items()},
         "chunk_size": cfg.chunk_size,
         "batch_size": cfg.batch_size,
     }
@@ -234,40 +244,29 @@ def _encode_batch(
 
 
 def extract(cfg: ExtractConfig, encoders: dict[str, FeatureEncoder] | None = None) -> dict[str, Any]:
-    """Run (or resume) an extraction; returns the manifest of the assembled files."""
+    """Run (or resume) an extraction; returns the manifest of the assembled files. With ``cfg.engine`` "ray"
+    the chunks are encoded by an actor pool on a Ray cluster (:mod:`sparc_core.cluster`); either engine
+    resumes what the other left."""
     out = Path(cfg.out)
     root = Path(cfg.images)
     if not root.is_dir():
         raise ExtractError(f"image folder not found: {root}")
     items = read_captions(cfg.captions, cfg.all_captions)
+    if cfg.engine == "ray":
+        if encoders is not None:
+            raise ExtractError("the ray engine loads the encoders on its workers; give a config, not encoders")
+        from .cluster import extract_on_ray
+
+        return extract_on_ray(cfg, items)
     encoders = load_encoders(cfg.encoders) if encoders is None else encoders
     if not encoders:
         raise ExtractError("no encoder configured")
-    fp = _fingerprint(cfg, items, encoders)
-    fp_hash = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
-    manifest_path = out / MANIFEST
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("fingerprint") == fp_hash:
-            log.info("%s: already complete", out)
-            return manifest
-        raise ExtractError(f"{out} already holds features extracted with other inputs or settings; choose another --out")
-    fp_file = out / CHUNKS / "fingerprint.json"
-    if fp_file.is_file() and json.loads(fp_file.read_text()).get("hash") != fp_hash:
-        raise ExtractError(
-            f"{out} holds a partial extraction with other inputs or settings (captions, models, weights, "
-            "chunk or batch size); re-run it with the same ones, or choose another --out"
-        )
-    atomic_write_json(fp_file, {"hash": fp_hash, **fp})
-
-    n_chunks = -(-len(items) // cfg.chunk_size)
-    pending = [c for c in range(n_chunks) if not _chunk_done(_chunk_path(out, c), fp_hash)]
-    batches, owner = [], []  # batches stay inside one chunk, so resuming changes no batch
-    for c in pending:
-        lo, hi = c * cfg.chunk_size, min((c + 1) * cfg.chunk_size, len(items))
-        for b in range(lo, hi, cfg.batch_size):
-            batches.append(list(range(b, min(b + cfg.batch_size, hi))))
-            owner.append(c)
+    info = describe_encoders(encoders)
+    plan = plan_chunks(cfg, items, info)
+    if isinstance(plan, dict):
+        return plan
+    fp, fp_hash, pending = plan
+    batches, owner = chunk_batches(cfg, len(items), pending)
     transforms = {s: e.preprocess for s, e in encoders.items() if e.modality == "image"}
     loader = DataLoader(
         _Images(root, items, transforms),
@@ -292,41 +291,113 @@ def extract(cfg: ExtractConfig, encoders: dict[str, FeatureEncoder] | None = Non
             acc_rows.extend(rows)
         bar.update(len(rows) + len(failed))
         if n + 1 == len(batches) or owner[n + 1] != owner[n]:
-            _write_chunk(out, owner[n], encoders, acc, acc_rows, rejects, fp_hash)
+            _write_chunk(out, owner[n], info, acc, acc_rows, rejects, fp_hash)
             acc, acc_rows, rejects = {}, [], []
     bar.close()
-    return _assemble(out, cfg, items, encoders, n_chunks, fp, fp_hash)
+    return assemble(cfg, items, info, fp, fp_hash)
+
+
+def plan_chunks(
+    cfg: ExtractConfig, items: list[Item], info: dict[str, dict[str, Any]]
+) -> dict[str, Any] | tuple[dict[str, Any], str, list[int]]:
+    """The finished run's manifest, or (fingerprint, its hash, the chunks still to do); refuses an output
+    folder that holds another run's work."""
+    out = Path(cfg.out)
+    fp = _fingerprint(cfg, items, info)
+    fp_hash = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("fingerprint") == fp_hash:
+            log.info("%s: already complete", out)
+            return manifest
+        raise ExtractError(f"{out} already holds features extracted with other inputs or settings; choose another --out")
+    fp_file = out / CHUNKS / "fingerprint.json"
+    if fp_file.is_file() and json.loads(fp_file.read_text()).get("hash") != fp_hash:
+        raise ExtractError(
+            f"{out} holds a partial extraction with other inputs or settings (captions, models, weights, "
+            "chunk or batch size); re-run it with the same ones, or choose another --out"
+        )
+    atomic_write_json(fp_file, {"hash": fp_hash, **fp})
+    n_chunks = -(-len(items) // cfg.chunk_size)
+    return fp, fp_hash, [c for c in range(n_chunks) if not _chunk_done(_chunk_path(out, c), fp_hash)]
+
+
+def chunk_rows(cfg: ExtractConfig, n_items: int, c: int) -> range:
+    """The rows of chunk ``c``."""
+    return range(c * cfg.chunk_size, min((c + 1) * cfg.chunk_size, n_items))
+
+
+def chunk_batches(cfg: ExtractConfig, n_items: int, chunks: list[int]) -> tuple[list[list[int]], list[int]]:
+    """The batches of ``chunks`` (rows) and the chunk of each: batches never cross a chunk, so a resumed or
+    distributed run encodes every row in the same batch as an uninterrupted local one."""
+    batches, owner = [], []
+    for c in chunks:
+        rows = chunk_rows(cfg, n_items, c)
+        for b in range(rows.start, rows.stop, cfg.batch_size):
+            batches.append(list(range(b, min(b + cfg.batch_size, rows.stop))))
+            owner.append(c)
+    return batches, owner
+
+
+def extract_chunk(
+    cfg: ExtractConfig, items: Any, c: int, encoders: dict[str, FeatureEncoder], info: dict[str, dict[str, Any]],
+    fp_hash: str,
+) -> tuple[int, int]:  # fmt: skip
+    """Encode and write chunk ``c`` alone (what a cluster worker does); ``items[i]`` is row ``i``'s Item for
+    the chunk's rows. Returns (rows written, rows rejected)."""
+    batches, _ = chunk_batches(cfg, len(items), [c])
+    transforms = {s: e.preprocess for s, e in encoders.items() if e.modality == "image"}
+    loader = DataLoader(
+        _Images(Path(cfg.images), items, transforms),
+        batch_sampler=batches,
+        num_workers=cfg.workers,
+        collate_fn=_collate,
+        persistent_workers=False,
+    )
+    acc: dict[str, list[torch.Tensor]] = {}
+    acc_rows: list[int] = []
+    rejects: list[dict[str, Any]] = []
+    for rows, pixels, failed in loader:
+        for i, err in failed:
+            log.warning("skipping %s: %s", items[i].image, err)
+            rejects.append({"row": i, "id": items[i].id, "image": items[i].image, "error": err})
+        if rows:
+            for key, feats in _encode_batch(encoders, rows, pixels, items).items():
+                acc.setdefault(key, []).append(feats)
+            acc_rows.extend(rows)
+    _write_chunk(Path(cfg.out), c, info, acc, acc_rows, rejects, fp_hash)
+    return len(acc_rows), len(rejects)
 
 
 def _write_chunk(
     out: Path,
     c: int,
-    encoders: dict[str, FeatureEncoder],
+    info: dict[str, dict[str, Any]],
     acc: dict[str, list[torch.Tensor]],
     rows: list[int],
     rejects: list[dict[str, Any]],
     fp_hash: str,
 ) -> None:
     tensors = {"row": torch.tensor(rows, dtype=torch.int64)}
-    for s, e in encoders.items():
-        tensors[s] = torch.cat(acc[s]) if s in acc else torch.empty(0, e.dim)
-        if isinstance(e, DinoEncoder) and e.patch_tokens:
+    for s, e in info.items():
+        tensors[s] = torch.cat(acc[s]) if s in acc else torch.empty(0, e["dim"])
+        if e["patch_tokens"]:
             key = f"{s}_patches"
-            tensors[key] = torch.cat(acc[key]) if key in acc else torch.empty(0, 0, e.dim, dtype=torch.float16)
+            tensors[key] = torch.cat(acc[key]) if key in acc else torch.empty(0, 0, e["dim"], dtype=torch.float16)
     atomic_save_tensors(_chunk_path(out, c), tensors, {"fingerprint": fp_hash, "rejects": json.dumps(rejects)})
 
 
-def _assemble(
-    out: Path,
-    cfg: ExtractConfig,
-    items: list[Item],
-    encoders: dict[str, FeatureEncoder],
-    n_chunks: int,
-    fp: dict[str, Any],
-    fp_hash: str,
+def assemble(
+    cfg: ExtractConfig, items: list[Item], info: dict[str, dict[str, Any]], fp: dict[str, Any], fp_hash: str
 ) -> dict[str, Any]:
     """Concatenate the chunks into the final per-stream arrays, ids and rejects; the manifest is written last."""
+    out = Path(cfg.out)
+    n_chunks = -(-len(items) // cfg.chunk_size)
     paths = [_chunk_path(out, c) for c in range(n_chunks)]
+    missing = [p.name for p in paths if not _chunk_done(p, fp_hash)]
+    if missing:
+        raise ExtractError(f"{out}: {len(missing)} chunks are missing or torn ({missing[0]}, ...); run the same command again")
     rows, rejects, shapes = [], [], {}
     for p in paths:
         with safe_open(str(p), "pt") as f:
@@ -338,6 +409,9 @@ def _assemble(
                     shapes.setdefault(key, shape[1:])
     rows_all = np.concatenate(rows)
     n = len(rows_all)
+    every = np.sort(np.concatenate([rows_all, np.array([r["row"] for r in rejects], dtype=np.int64)]))
+    if not np.array_equal(every, np.arange(len(items))):  # every row exactly once, written or rejected
+        raise ExtractError(f"{out}: the chunks do not hold every row exactly once; delete {out / CHUNKS} and run again")
     if n == 0:
         raise ExtractError(f"every image was rejected; see the warnings (first: {rejects[0]['error'] if rejects else '?'})")
     files = {}
@@ -363,8 +437,10 @@ def _assemble(
         "rows": n,
         "rejected": len(rejects),
         "captions": str(Path(cfg.captions).resolve()),
-        "streams": {s: {"file": files[s], "dim": e.dim, "encoder": e.name, "modality": e.modality} for s, e in encoders.items()},
-        "extra_files": {k: v for k, v in files.items() if k not in encoders},
+        "streams": {
+            s: {"file": files[s], "dim": e["dim"], "encoder": e["name"], "modality": e["modality"]} for s, e in info.items()
+        },
+        "extra_files": {k: v for k, v in files.items() if k not in info},
         "ids": "ids.txt",
         "rejects": "rejects.jsonl",
         "fingerprint": fp_hash,

@@ -9,7 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 INDEX_ORDER = [
     "errors", "params", "ids", "faiss_backend", "seismic_backend", "postings_format", "kernels", "postings",
-    "validate", "manifest", "reader", "bundle", "queries", "gallery", "searcher", "milvus_backend", "opener", "cli",
+    "validate", "manifest", "reader", "bundle", "cluster", "queries", "gallery", "searcher", "milvus_backend", "opener",
+    "cli",
 ]  # fmt: skip
 
 
