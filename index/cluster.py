@@ -43,7 +43,7 @@ def _built(path: Path, i: int, n: int, ckpt: str, source: str, settings: dict[st
     return (
         m.checkpoint_sha256 == ckpt and m.source == source and (m.shard.index, m.shard.count) == (i, n)
         and len(m.parts) == 1 and m.parts[0].n_deleted == 0
-        and m.faiss_factory == settings["faiss_factory"] and m.dense == settings["dense"]
+        and m.dense == settings["dense"] and (not m.dense or m.faiss_factory == settings["faiss_factory"])
         and (m.seismic.model_dump() if m.seismic else None) == settings["seismic"]
     )  # fmt: skip
 

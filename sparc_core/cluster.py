@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -64,8 +65,11 @@ def pool_options(ray: Any, cluster: ClusterConfig) -> tuple[dict[str, Any], int]
         actors = max(1, int(res.get("GPU", 0) // gpus))
     else:
         actors = max(1, int(res.get("CPU", 1) // cluster.cpus_per_actor))
-    # Ray Data restarts a pool's actors that die and retries their calls (max_restarts / max_task_retries -1)
-    return {"compute": ray.data.ActorPoolStrategy(size=actors), "num_cpus": cluster.cpus_per_actor, "num_gpus": gpus}, actors
+    # One unit in flight per actor: a unit is long (a chunk, a shard), and the first actor up must not queue
+    # every unit while the others start. Ray Data restarts a pool's actors that die and retries their calls
+    # (max_restarts / max_task_retries -1 by default).
+    pool = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1)
+    return {"compute": pool, "num_cpus": cluster.cpus_per_actor, "num_gpus": gpus}, actors
 
 
 def run_units(ray: Any, units: list[dict[str, Any]], worker: type, kwargs: dict[str, Any], opts: dict[str, Any],
@@ -130,13 +134,18 @@ class ChunkWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .extract import Item, extract_chunk
 
-        done, rejected = [], []
+        done, rejected, seconds = [], [], []
         for c, lo, images, captions, ids in zip(batch["chunk"], batch["lo"], batch["image"], batch["caption"], batch["id"]):
+            t0 = time.perf_counter()
             items = [Item(str(a), str(b), str(i)) for a, b, i in zip(images, captions, ids)]
             n, bad = extract_chunk(self.cfg, _Rows(int(lo), self.n_items, items), int(c), self.encoders, self.info, self.fp_hash)
             done.append(n + bad)
             rejected.append(bad)
-        return {"chunk": np.asarray(batch["chunk"]), "rows": np.asarray(done), "rejected": np.asarray(rejected)}
+            seconds.append(time.perf_counter() - t0)
+        return {
+            "chunk": np.asarray(batch["chunk"]), "rows": np.asarray(done), "rejected": np.asarray(rejected),
+            "seconds": np.asarray(seconds),
+        }  # fmt: skip
 
 
 def extract_on_ray(cfg: ExtractConfig, items: list[Any]) -> dict[str, Any]:
@@ -164,5 +173,9 @@ def extract_on_ray(cfg: ExtractConfig, items: list[Any]) -> dict[str, Any]:
         log.info("%d of %d chunks to encode on %d actors", len(units), -(-len(items) // cfg.chunk_size), actors)
         kwargs = {"cfg_json": cfg_json, "info": info, "fp_hash": fp_hash, "n_items": len(items)}
         total = sum(len(u["id"]) for u in units)
-        run_units(ray, units, ChunkWorker, kwargs, opts, total, "extract (ray)", cfg.progress, "rows")
-    return assemble(cfg, items, info, fp, fp_hash)
+        results = run_units(ray, units, ChunkWorker, kwargs, opts, total, "extract (ray)", cfg.progress, "rows")
+    engine = {
+        "name": "ray", "actors": actors, "chunks_encoded": len(results), "rows_encoded": total,
+        "actor_seconds": round(sum(float(r["seconds"]) for r in results), 3),  # time the actors spent on chunks
+    }  # fmt: skip
+    return assemble(cfg, items, info, fp, fp_hash, engine)

@@ -389,8 +389,9 @@ def _write_chunk(
 
 
 def assemble(
-    cfg: ExtractConfig, items: list[Item], info: dict[str, dict[str, Any]], fp: dict[str, Any], fp_hash: str
-) -> dict[str, Any]:
+    cfg: ExtractConfig, items: list[Item], info: dict[str, dict[str, Any]], fp: dict[str, Any], fp_hash: str,
+    engine: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Concatenate the chunks into the final per-stream arrays, ids and rejects; the manifest is written last."""
     out = Path(cfg.out)
     n_chunks = -(-len(items) // cfg.chunk_size)
@@ -445,6 +446,7 @@ def assemble(
         "rejects": "rejects.jsonl",
         "fingerprint": fp_hash,
         "settings": fp,
+        "engine": engine or {"name": "local"},  # what ran the last pass (a rerun's pass covers what was left)
     }
     atomic_write_json(out / MANIFEST, manifest)
     if not cfg.keep_chunks:
