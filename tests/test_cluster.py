@@ -79,8 +79,14 @@ def local_run(images):
 
 def test_ray_extract_equals_the_local_engine(cluster, images, local_run):
     out = images["dir"] / "ray"
-    manifest = extract(_config(images, out, "ray", actors=2))
+    argv = ["extract", "--images", str(images["images"]), "--captions", str(images["captions"]), "--out", str(out),
+            "--clip-weights", str(images["clip"]), "--dino-model", tm.DINO_ARCH, "--dino-weights", str(images["dino"]),
+            "--dino-model-args", json.dumps(tm.DINO_ARGS), "--dino-image-size", str(tm.DINO_SIZE), "--device", "cpu",
+            "--batch-size", "4", "--chunk-size", "6", "--workers", "0", "--quiet", "--engine", "ray", "--actors", "2"]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((out / "extract.json").read_text())
     assert manifest["rows"] == N_IMAGES - 1 and manifest["rejected"] == 1
+    assert manifest["engine"] == {**manifest["engine"], "name": "ray", "actors": 2, "chunks_encoded": 15, "rows_encoded": 90}
     assert json.loads((out / "rejects.jsonl").read_text())["id"] == "item-7"
     _assert_same(out, local_run)
     again = extract(_config(images, out, "ray", actors=2))  # complete: nothing to do
