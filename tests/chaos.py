@@ -267,7 +267,7 @@ class IdleStreams:
 
         import grpc
 
-        from service.server import pb_grpc
+        from service.wire import pb_grpc
 
         self.channel = grpc.insecure_channel(target)
         stub = pb_grpc.SparcServiceStub(self.channel)

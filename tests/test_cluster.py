@@ -82,7 +82,8 @@ def test_ray_extract_equals_the_local_engine(cluster, images, local_run):
     argv = ["extract", "--images", str(images["images"]), "--captions", str(images["captions"]), "--out", str(out),
             "--clip-weights", str(images["clip"]), "--dino-model", tm.DINO_ARCH, "--dino-weights", str(images["dino"]),
             "--dino-model-args", json.dumps(tm.DINO_ARGS), "--dino-image-size", str(tm.DINO_SIZE), "--device", "cpu",
-            "--batch-size", "4", "--chunk-size", "6", "--workers", "0", "--quiet", "--engine", "ray", "--actors", "2"]  # fmt: skip
+            "--batch-size", "4", "--chunk-size", "6", "--workers", "0", "--quiet", "--engine", "ray",
+            "--actors", "2"]  # fmt: skip
     assert main(argv) == 0
     manifest = json.loads((out / "extract.json").read_text())
     assert manifest["rows"] == N_IMAGES - 1 and manifest["rejected"] == 1

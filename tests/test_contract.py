@@ -81,7 +81,7 @@ def test_merge_over_galleries_ranks_by_score_and_keeps_ties_in_gallery_order():
 
 def test_each_refusal_of_the_engine_has_its_status_code_named_in_the_server_alone():
     from service import errors
-    from service.server import status_of
+    from service.wire import status_of
 
     want = {
         errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT, errors.NotFound: grpc.StatusCode.NOT_FOUND,

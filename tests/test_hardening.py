@@ -17,8 +17,9 @@ import pytest
 from index import build_bundle
 from service.client import SparcClient, make_query, search_request
 from service.engine import ServiceError
-from service.server import SparcServer, pb
+from service.server import SparcServer
 from service.settings import load_settings
+from service.wire import pb
 from sparc_core import ConfigError
 from tests.chaos import stop_during
 
@@ -404,7 +405,7 @@ def test_caps_that_leave_unary_calls_no_worker_are_refused_at_start(trained_chec
 def test_random_method_paths_are_one_metric_label(client_server):
     from prometheus_client import generate_latest
 
-    from service.server import method_label
+    from service.wire import method_label
 
     assert method_label("/sparc.v1.SparcService/Search") == method_label("/sparc.v1.Sparc/Search") == "Search"
     assert method_label("/grpc.health.v1.Health/Watch") == "Watch"
@@ -520,7 +521,7 @@ def test_a_stream_reads_ahead_a_bounded_number_of_bytes():
     """SearchStream's read-ahead holds at most max_stream_buffer_bytes (one oversized request alone)."""
     import queue
 
-    from service.server import ByteBoundedQueue
+    from service.interceptors import ByteBoundedQueue
 
     q = ByteBoundedQueue(max_items=100, max_bytes=1000)
     assert q.put("a", 600) and q.buffered_bytes == 600

@@ -42,3 +42,12 @@ def test_the_library_never_imports_index_or_service():
     for path in (ROOT / "sparc_core").rglob("*.py"):
         _, absolute = _imports(path)
         assert not absolute & {"index", "service"}, f"{path} imports {sorted(absolute & {'index', 'service'})}"
+
+
+SERVER_MODULES = ["server", "servicer", "admin", "interceptors", "wire", "metrics"]
+
+
+def test_the_server_is_split_by_job_and_no_part_grows_past_500_lines():
+    for name in SERVER_MODULES:
+        n = len((ROOT / "service" / f"{name}.py").read_text().splitlines())
+        assert n <= 500, f"service/{name}.py has {n} lines: split it by job"

@@ -113,7 +113,7 @@ def test_the_server_polls_for_new_versions(trained_checkpoint, bundle, tmp_path)
 
 
 def test_reload_index_is_an_admin_call_behind_its_own_token(trained_checkpoint, bundle, tmp_path):
-    from service.server import pb
+    from service.wire import pb
 
     (tmp_path / "search.token").write_text("search-token")
     (tmp_path / "admin.token").write_text("admin-token")

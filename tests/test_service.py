@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 
 from index import build_bundle
 from service.client import SparcClient, make_query, search_request
-from service.server import SparcServer, pb
+from service.server import SparcServer
 from service.settings import load_settings
+from service.wire import pb
 
 TOKEN = "s3cret-token"
 
@@ -377,7 +378,8 @@ def test_fuzzed_requests_never_break_the_server(client, stream, values, indexes,
 
 SLOW_SERVER = """
 import sys, time
-from service.server import SparcServer, SparcServicer
+from service.server import SparcServer
+from service.servicer import SparcServicer
 from service.settings import load_settings
 orig = SparcServicer._responses
 def slow(self, specs, context):

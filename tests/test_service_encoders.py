@@ -16,8 +16,9 @@ from PIL import Image
 from index import Searcher, build_bundle
 from service.client import make_query, search_request
 from service.engine import Engine, ServiceError
-from service.server import SparcServer, pb
+from service.server import SparcServer
 from service.settings import load_settings
+from service.wire import pb
 from sparc_core import TrainConfig, load_checkpoint, train
 from sparc_core.config import ClipConfig, ConfigError, DinoConfig, EncodersConfig, ExtractConfig
 from sparc_core.encoders import load_encoders
