@@ -13,6 +13,8 @@ import numpy as np
 
 from sparc_core.cli import add_cluster_flags, add_encoder_flags, cluster_from_args, encoder_overrides
 
+from .params import PATHS
+
 
 def register(sub: Any) -> None:
     """Add the ``index`` command group (and ``report``, which reads bundles) to the sparc parser."""
@@ -95,7 +97,7 @@ def register(sub: Any) -> None:
     s.add_argument("--stream", required=True, help="the queries' stream")
     s.add_argument("--queries", required=True, help=".npy [nq, d]")
     s.add_argument("--top-k", type=int, default=10)
-    s.add_argument("--path", choices=["sparse", "dense", "approx", "seismic"])
+    s.add_argument("--path", choices=PATHS)
     s.add_argument("--budget", type=float, help="approx path: share of the query's postings read, in (0, 1]")
     s.add_argument("--candidates", type=int, help="approx path: rows rescored exactly")
     s.add_argument("--query-cut", type=int, help="seismic path: the query's largest entries used")

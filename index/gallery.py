@@ -12,7 +12,7 @@ import numpy as np
 from sparc_core import SparcModel, SparseCode
 
 from .manifest import Manifest
-from .params import PATHS, SearchParams
+from .params import PATHS, SearchParams, SearchPath
 from .queries import Explanation, SearchResult
 
 
@@ -31,7 +31,7 @@ class GalleryInfo:
 
     @property
     def paths(self) -> tuple[str, ...]:
-        return tuple(p for p in PATHS if (p != "dense" or self.dense) and (p != "seismic" or self.seismic))
+        return tuple(p for p in PATHS if (p != SearchPath.DENSE or self.dense) and (p != SearchPath.SEISMIC or self.seismic))
 
 
 @runtime_checkable

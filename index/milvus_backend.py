@@ -30,7 +30,7 @@ from sparc_core import SparcModel, SparseCode
 from .errors import BundleError, GalleryUnavailable, SearchStopped
 from .gallery import GalleryInfo
 from .manifest import Manifest, require_checkpoint, require_model
-from .params import ApproxParams, DenseParams, SearchParams
+from .params import ApproxParams, DenseParams, SearchParams, SearchPath
 from .queries import Explanation, SearchResult, as_code, dense_arrays, encode_queries, explain_code, params_arrays
 from .reader import Bundle
 
@@ -392,10 +392,10 @@ class MilvusSearcher:
         params = SearchParams.of(params, **options)
         code = as_code(self.model, query)
         path, settings, top_k = params.path, params.settings, params.top_k
-        if path == "seismic":
+        if path == SearchPath.SEISMIC:
             raise BundleError(f"{self.location}: a Milvus collection has no Seismic index; use the sparse or approx path")
         drop = 1.0 - settings.budget if isinstance(settings, ApproxParams) else 0.0
-        if path == "dense" and not self.dense_type:
+        if path == SearchPath.DENSE and not self.dense_type:
             raise BundleError(f"{self.location}: exported without dense vectors; use the sparse path")
         q_idx, q_val, require_l, exclude_l = params_arrays(code, self.model.n_latents, params)
         expr = _filter_expr(require_l, exclude_l)
@@ -404,7 +404,7 @@ class MilvusSearcher:
             if should_stop is not None and should_stop():
                 raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
             qi, qv = q_idx[a : a + QUERY_CHUNK], q_val[a : a + QUERY_CHUNK]
-            if path in ("sparse", "approx"):
+            if path in (SearchPath.SPARSE, SearchPath.APPROX):
                 data = [{int(j): float(v) for j, v in zip(i, w) if v > 0} for i, w in zip(qi, qv)]
                 params: dict[str, Any] = {"metric_type": "IP", "params": {"drop_ratio_search": drop}}
                 field = "code"

@@ -14,11 +14,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from enum import Enum
 
-SearchPath = Literal["sparse", "dense", "approx", "seismic"]
-PATHS: tuple[str, ...] = ("sparse", "dense", "approx", "seismic")
-DEFAULT_PATH: SearchPath = "sparse"  # faster and smaller at every gallery size measured (bench/index_search.py)
+
+class SearchPath(str, Enum):
+    """How a gallery is searched: the one place the path names are spelled (settings, the server, the client,
+    the search page and the CLI take them from here; the proto's enum maps to it in ``service.wire``)."""
+
+    SPARSE = "sparse"  # exact, posting lists
+    DENSE = "dense"  # the code cross-decoded, searched with FAISS
+    APPROX = "approx"  # posting lists read highest impact first up to a budget, rescored exactly
+    SEISMIC = "seismic"  # Seismic's candidates, rescored exactly
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PATHS: tuple[str, ...] = tuple(p.value for p in SearchPath)
+DEFAULT_PATH = SearchPath.SPARSE  # faster and smaller at every gallery size measured (bench/index_search.py)
 DEFAULT_BUDGET = 0.5  # approximate path: share of the query's postings read (recall@10 >= 0.95 on every bench world)
 DEFAULT_CANDIDATES = 300  # approximate path: rows rescored exactly (bench/index_scale.py)
 MAX_CANDIDATES = 100_000
@@ -68,7 +81,10 @@ class DenseParams:
 
 
 PathParams = ExactParams | ApproxParams | SeismicParams | DenseParams
-_SETTINGS = {"sparse": ExactParams, "approx": ApproxParams, "seismic": SeismicParams, "dense": DenseParams}
+_SETTINGS = {
+    SearchPath.SPARSE: ExactParams, SearchPath.APPROX: ApproxParams, SearchPath.SEISMIC: SeismicParams,
+    SearchPath.DENSE: DenseParams,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -86,6 +102,7 @@ class SearchParams:
     def __post_init__(self) -> None:
         if self.path not in PATHS:
             raise ValueError(f"unknown search path {self.path!r} (use one of {', '.join(PATHS)})")
+        object.__setattr__(self, "path", SearchPath(self.path))
         if not isinstance(self.settings, _SETTINGS[self.path]):
             raise ValueError(f"the {self.path} path takes {_SETTINGS[self.path].__name__}, got {type(self.settings).__name__}")
         if int(self.top_k) < 1:
@@ -113,14 +130,14 @@ class SearchParams:
         paths other than ``path`` are then left out."""
         path = path or DEFAULT_PATH
         settings: dict[str, PathParams] = {
-            "sparse": ExactParams(),
-            "approx": ApproxParams(
+            SearchPath.SPARSE: ExactParams(),
+            SearchPath.APPROX: ApproxParams(
                 DEFAULT_BUDGET if budget is None else budget, DEFAULT_CANDIDATES if candidates is None else candidates
             ),
-            "seismic": SeismicParams(query_cut, heap_factor),
-            "dense": DenseParams(nprobe, ef_search),
+            SearchPath.SEISMIC: SeismicParams(query_cut, heap_factor),
+            SearchPath.DENSE: DenseParams(nprobe, ef_search),
         }
-        if path not in settings:
+        if path not in PATHS:
             raise ValueError(f"unknown search path {path!r} (use one of {', '.join(PATHS)})")
         return cls(path, top_k, tuple(require or ()), tuple(exclude or ()), tuple((boost or {}).items()), settings[path])
 

@@ -14,7 +14,7 @@ from .faiss_backend import read_dense_index
 from .ids import ItemIds, read_ids
 from .kernels import merge_topk
 from .manifest import LEGACY_ARRAYS, MANIFEST, current_version, read_manifest, require_checkpoint
-from .params import ApproxParams, SeismicParams
+from .params import ApproxParams, SearchPath, SeismicParams
 from .postings import BLOCK, Postings, _pool, load_postings, search_threads
 from .seismic_backend import load_part_index, search_one
 from .validate import check_codes, check_ids, check_postings, verify_files
@@ -329,7 +329,7 @@ class Bundle:
                 dense += size
             elif name != MANIFEST:
                 sparse += size
-        return {"sparse": sparse, "dense": dense}
+        return {SearchPath.SPARSE: sparse, SearchPath.DENSE: dense}
 
 
 def shards_share_ids(bundles: list[Bundle]) -> list[Any]:

@@ -140,11 +140,11 @@ class Searcher:
         code = as_code(self.model, query)
         path: SearchPath = params.path
         settings: PathParams = params.settings
-        if path == "seismic" and not self.has_seismic:
+        if path == SearchPath.SEISMIC and not self.has_seismic:
             raise BundleError(f"{self.shards[0].path}: has no Seismic index; add one with `sparc index seismic`")
-        if path == "seismic" and (params.require or params.exclude):
-            path, settings = "sparse", ExactParams()
-        if path == "dense" and any(d is None for d in self.dense):
+        if path == SearchPath.SEISMIC and (params.require or params.exclude):
+            path, settings = SearchPath.SPARSE, ExactParams()
+        if path == SearchPath.DENSE and any(d is None for d in self.dense):
             raise BundleError(f"{self.shards[0].path}: built without a dense index; use the sparse path")
         q_idx, q_val, require, exclude = params_arrays(code, self.model.n_latents, params)
         top_k = params.top_k
@@ -153,7 +153,7 @@ class Searcher:
             if should_stop is not None and should_stop():
                 raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
             qi, qv = q_idx[a : a + QUERY_CHUNK], q_val[a : a + QUERY_CHUNK]
-            if path == "dense":
+            if path == SearchPath.DENSE:
                 assert isinstance(settings, DenseParams)
                 D, refs = self._dense_filtered(qi, qv, top_k, settings, require, exclude)
             else:  # filters run inside the posting-list search
@@ -176,10 +176,10 @@ class Searcher:
         """Dense search; with latent filters, candidates are fetched in growing rounds (at most
         MAX_FILTER_CANDIDATES per query) and filtered on their stored codes, vectorised."""
         if not (require or exclude):
-            return self._search_all(q_idx, q_val, top_k, "dense", settings)
+            return self._search_all(q_idx, q_val, top_k, SearchPath.DENSE, settings)
         fetch = min(self.n_items, max(4 * top_k, 64))
         while True:
-            D, refs = self._search_all(q_idx, q_val, fetch, "dense", settings)
+            D, refs = self._search_all(q_idx, q_val, fetch, SearchPath.DENSE, settings)
             keep = [self._passes(r, require, exclude) for r in refs]
             if all(int(k.sum()) >= top_k for k in keep) or fetch >= min(self.n_items, MAX_FILTER_CANDIDATES):
                 return [d[k] for d, k in zip(D, keep)], [r[k] for r, k in zip(refs, keep)]
@@ -211,12 +211,12 @@ class Searcher:
         xq = None
         for s, b in enumerate(self.shards):
             kk = min(k, b.manifest.n_items)
-            if path == "sparse":
+            if path == SearchPath.SPARSE:
                 D, I = b.search_sparse(q_idx, q_val, kk, require=require, exclude=exclude, should_stop=should_stop)
-            elif path == "approx":
+            elif path == SearchPath.APPROX:
                 D, I = b.search_approx(q_idx, q_val, kk, settings, require=require, exclude=exclude,  # type: ignore[arg-type]
                                        should_stop=should_stop)  # fmt: skip
-            elif path == "seismic":
+            elif path == SearchPath.SEISMIC:
                 D, I = b.search_seismic(q_idx, q_val, kk, settings, should_stop=should_stop)  # type: ignore[arg-type]
             else:
                 assert isinstance(settings, DenseParams)

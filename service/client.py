@@ -33,14 +33,9 @@ from .protogen import ensure_stubs
 ensure_stubs()
 from ._proto.sparc.v1 import sparc_pb2 as pb  # noqa: E402
 from ._proto.sparc.v1 import sparc_pb2_grpc as pb_grpc  # noqa: E402
+from .wire import PATHS as PROTO_PATHS  # noqa: E402
 
-PATHS = {
-    None: pb.SEARCH_PATH_UNSPECIFIED,
-    "sparse": pb.SEARCH_PATH_SPARSE,
-    "dense": pb.SEARCH_PATH_DENSE,
-    "approx": pb.SEARCH_PATH_APPROX,
-    "seismic": pb.SEARCH_PATH_SEISMIC,
-}
+PATHS = {path: code for code, path in PROTO_PATHS.items()}  # a search path (or None) -> the proto's enum
 
 
 @dataclass

@@ -23,6 +23,7 @@ from index import Gallery, SearchParams, SearchResult, SearchStopped, merge_gall
 from index.errors import BundleError, GalleryUnavailable
 from index.faiss_backend import DenseIndexError, parse_gpus
 from index.manifest import current_version
+from index.params import SearchPath
 from sparc_core import SparseCode, checkpoint_hash, load_checkpoint
 from sparc_core.checkpoint import pick_device
 from sparc_core.encoders import FeatureEncoder, load_encoders
@@ -431,9 +432,9 @@ class Engine:
             if name not in self.searchers:
                 raise NotFound(f"unknown index {name!r}; this server has {sorted(self.searchers)}")
             info = self.infos[name]
-            if spec.path == "dense" and not info.dense:
+            if spec.path == SearchPath.DENSE and not info.dense:
                 raise FailedPrecondition(f"index {name!r} was built without a dense index; use the sparse path")
-            if spec.path == "seismic" and not info.seismic:
+            if spec.path == SearchPath.SEISMIC and not info.seismic:
                 how = "a Milvus collection: use the sparse or approx path" if info.backend == "milvus" else "sparc index seismic"
                 raise FailedPrecondition(f"index {name!r} has no Seismic index ({how})")
         p = spec.params

@@ -14,6 +14,7 @@ import grpc
 
 from index import SearchParams
 from index.errors import GalleryUnavailable
+from index.params import SearchPath
 from sparc_core import SparcError
 from sparc_core.attribution import heatmap_png, pair_png, words_png
 
@@ -202,7 +203,7 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
             self.metrics.query_l0.observe(int((code.values > 0).sum()))
             resp = pb.SearchResponse(path=spec.path, query_stream=spec.query.stream, checkpoint_sha256=engine.checkpoint_sha256)
             if spec.explain:
-                resp.explanation_basis = "sparse_code" if spec.path == "dense" else "score"
+                resp.explanation_basis = "sparse_code" if spec.path == SearchPath.DENSE else "score"
             for h in hits:
                 resp.hits.add(
                     id=str(h.id),

@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import EnvSettingsSource, SettingsError
 
+from index.params import DEFAULT_PATH, SearchPath
 from sparc_core.config import ConfigError, EncodersConfig, build_config, load_config_file
 
 ENV_PREFIX = "SPARC_"
@@ -59,7 +60,7 @@ class ServiceSettings(BaseModel):
     gradient_replica: bool = True  # gradient work on its own copy of the models (search never waits for it)
     batch_max_size: int = Field(256, ge=1)  # micro-batching: queries encoded together
     batch_max_wait_ms: float = Field(0.0, ge=0)  # micro-batching: extra wait for company (0: batch what is queued)
-    default_path: Literal["sparse", "dense", "approx", "seismic"] = "sparse"
+    default_path: SearchPath = DEFAULT_PATH
     auth_token: str | None = None  # if set, calls need "authorization: Bearer <token>" (env SPARC_AUTH_TOKEN)
     auth_token_file: str | None = None  # or read the token from this file (never from the command line)
     # the admin calls' own bearer token (SparcAdminService: ReloadIndex), read from this file; without it the

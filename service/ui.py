@@ -42,11 +42,13 @@ from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import parse_qs, unquote
 
 import grpc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from index.params import PATHS, SearchPath
 
 from .client import SparcClient, make_query, search_request
 
@@ -75,7 +77,7 @@ header { display: flex; gap: .6em; align-items: center; flex-wrap: wrap; }
   <input id="q" placeholder="a caption, e.g. a red triangle left of a blue star" autofocus>
   <span id="drop">or drop an image here</span>
   <select id="index"></select>
-  <select id="path"><option>sparse</option><option>approx</option><option>dense</option><option>seismic</option></select>
+  <select id="path">{path_options}</select>
   <button id="go">Search</button>
 </header>
 <div id="status"></div>
@@ -147,6 +149,7 @@ document.addEventListener("drop", (e) => {
 """
 
 
+PAGE = PAGE.replace("{path_options}", "".join(f"<option>{p}</option>" for p in PATHS))
 LOGIN_PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>sparc search: sign in</title>
 <style>
@@ -195,13 +198,10 @@ class UiSettings(BaseModel):
         return hmac.new(self.login_token.encode(), b"sparc-ui-session", hashlib.sha256).hexdigest()
 
 
-PATHS = ("sparse", "approx", "dense", "seismic")
-
-
 class SearchBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     index: str = Field(min_length=1, max_length=256)
-    path: Literal["sparse", "approx", "dense", "seismic"] | None = None
+    path: SearchPath | None = Field(None, strict=False)  # its value, as JSON gives it
     top_k: int = Field(12, ge=1, le=100)
     text: str | None = Field(None, max_length=4096)
     image: str | None = None  # base64

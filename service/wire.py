@@ -10,6 +10,8 @@ from typing import Any
 
 import grpc
 
+from index.params import SearchPath
+
 from .errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
 from .protogen import ensure_stubs
 
@@ -27,12 +29,14 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SparcService"].full_name
 ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SparcAdminService"].full_name
 # The service's first name: still answered, with the message types of that time, so deployed clients keep working.
 LEGACY_SERVICE_NAME = "sparc.v1.Sparc"
+# The proto's search-path enum and the library's (index.params.SearchPath), in one table; the client reads it
+# backwards.
 PATHS = {
     pb.SEARCH_PATH_UNSPECIFIED: None,
-    pb.SEARCH_PATH_SPARSE: "sparse",
-    pb.SEARCH_PATH_DENSE: "dense",
-    pb.SEARCH_PATH_APPROX: "approx",
-    pb.SEARCH_PATH_SEISMIC: "seismic",
+    pb.SEARCH_PATH_SPARSE: SearchPath.SPARSE,
+    pb.SEARCH_PATH_DENSE: SearchPath.DENSE,
+    pb.SEARCH_PATH_APPROX: SearchPath.APPROX,
+    pb.SEARCH_PATH_SEISMIC: SearchPath.SEISMIC,
 }
 HEATMAP_METHODS = {
     pb.HEATMAP_METHOD_RELEVANCE: "relevance",

@@ -51,3 +51,47 @@ def test_the_server_is_split_by_job_and_no_part_grows_past_500_lines():
     for name in SERVER_MODULES:
         n = len((ROOT / "service" / f"{name}.py").read_text().splitlines())
         assert n <= 500, f"service/{name}.py has {n} lines: split it by job"
+
+
+PATH_NAMES = {"sparse", "dense", "approx", "seismic"}
+
+
+def _bare_paths(path: Path) -> list[str]:
+    """Search-path names spelled as strings where a path is meant: compared, offered as choices, given as a
+    path default, or as every key of a table."""
+
+    def named(node: ast.AST) -> list[ast.Constant]:
+        if isinstance(node, ast.Constant) and node.value in PATH_NAMES:
+            return [node]
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return [c for e in node.elts for c in named(e)]
+        return []
+
+    found: list[ast.Constant] = []
+    for n in ast.walk(ast.parse(path.read_text())):
+        if isinstance(n, ast.Compare):
+            found += [c for side in (n.left, *n.comparators) for c in named(side)]
+        elif isinstance(n, ast.keyword) and n.arg in ("choices", "path", "default_path"):
+            found += named(n.value)
+        elif isinstance(n, ast.arguments):
+            pos = n.args[len(n.args) - len(n.defaults) :]
+            for a, d in zip(pos + n.kwonlyargs, list(n.defaults) + list(n.kw_defaults)):
+                if d is not None and a.arg in ("path", "default_path"):
+                    found += named(d)
+        elif isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.target.id in ("path", "default_path"):
+            found += named(n.value) if n.value is not None else []
+        elif isinstance(n, ast.Dict) and n.keys and all(isinstance(k, ast.Constant) and k.value in PATH_NAMES for k in n.keys):
+            found += [k for k in n.keys if isinstance(k, ast.Constant)]
+        elif isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name) and n.value.id == "Literal":
+            found += named(n.slice)
+    return [f"{path.relative_to(ROOT)}:{c.lineno} {c.value!r}" for c in found]
+
+
+def test_search_paths_are_spelled_only_in_params():
+    """One SearchPath enum (index/params.py): settings, server, client, UI and CLI take the names from it."""
+    bare = []
+    for package in ("index", "service", "sparc_core"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path.name != "params.py" and "_proto" not in path.parts:
+                bare += _bare_paths(path)
+    assert not bare, f"search paths spelled as strings (use index.params.SearchPath): {bare}"
