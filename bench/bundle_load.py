@@ -1,6 +1,6 @@
 """What opening a bundle costs with and without its validation (index/validate.py), on a 1M-item bundle.
 
-The bundle is built once from synthetic skewed codes (bench/skewed_codes.py, int ids, then a string-id copy
+The bundle is built once from synthetic skewed codes (index/synthetic_codes.py, int ids, then a string-id copy
 of the same codes). Each variant opens it in a fresh child process (cold: nothing of it in this process;
 warm: the page cache holds the files, as on a server that restarts), alternating over rounds; medians.
 
@@ -23,16 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from skewed_codes import code_chunks, latent_probabilities  # noqa: E402
-
-from index.bundle import build_bundle_from_codes  # noqa: E402
+from index.bundle import build_bundle_from_codes
+from index.synthetic_codes import code_chunks, latent_probabilities
 
 CHILD = """
 import sys, time
-sys.path.insert(0, {root!r})
 from index import reader, validate
 mode = {mode!r}
 if mode == "structure":  # sizes and structure, no checksums

@@ -1,6 +1,6 @@
 """Chaos run: many SIGKILLs at random moments of every artefact write, and the service under hostile clients.
 
-Part 1 (tests/chaos.py's harness, more kills): checkpoint save, index build, `index add`, feature
+Part 1 (service/chaos.py's harness, more kills): checkpoint save, index build, `index add`, feature
 extraction. A kill survives when the artefact still loads and equals a complete write.
 
 Part 2, the service on loopback (vector queries, a 200k-item random bundle), every number measured here:
@@ -21,16 +21,13 @@ Part 3, the service with text and image encoders (a randomly initialised ViT-B/1
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.chaos import IdleStreams, chaos_checkpoint, chaos_extract, chaos_index_add, chaos_index_build, stop_during  # noqa: E402
+from service.chaos import IdleStreams, chaos_checkpoint, chaos_extract, chaos_index_add, chaos_index_build, stop_during
 
 
 def kills_table(kills: int, seed: int) -> None:
@@ -180,7 +177,7 @@ def encoder_table(rate: float, seconds: float) -> None:
     from sparc_core import SparcConfig, SparcModel, save_checkpoint
     from sparc_core.config import ClipConfig, EncodersConfig
     from sparc_core.encoders import load_encoders
-    from tests import tiny_models as tm
+    from sparc_core.encoders import tiny as tm
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory(prefix="sparc-chaos-enc-") as d:

@@ -1,7 +1,7 @@
 """Deletes against a fresh build: after deleting a random 10% of the items, does every path answer as a
 bundle built without them would, and does a compaction restore a fresh build's bytes per item?
 
-Codes: the ``topics`` world of bench/skewed_codes.py (items share half their latents with one of n/100
+Codes: the ``topics`` world of index/synthetic_codes.py (items share half their latents with one of n/100
 topics, so queries have true neighbours), 8,192 latents, L0 64; 200 distinct queries drawn the same way.
 Three bundles: the full build with 10% deleted (tombstones), the same after ``compact_bundle``, and a fresh
 build of the remaining 90%. Exact (sparse) top-10 is compared id for id; the approximate paths (ours at
@@ -14,19 +14,14 @@ hit counts when its true score reaches the 10th true score).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from skewed_codes import latent_probabilities, topic_codes  # noqa: E402
-
-from index.bundle import Bundle, add_seismic_index, build_bundle_from_codes, compact_bundle, delete_items  # noqa: E402
-from index.manifest import current_version  # noqa: E402
+from index.bundle import Bundle, add_seismic_index, build_bundle_from_codes, compact_bundle, delete_items
+from index.manifest import current_version
+from index.synthetic_codes import latent_probabilities, topic_codes
 
 N_LATENTS, K = 8192, 64
 

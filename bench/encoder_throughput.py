@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -24,33 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from sparc_core.config import ClipConfig, DinoConfig, EncodersConfig, ExtractConfig
 from sparc_core.encoders import load_encoders
+from sparc_core.encoders.tiny import FULL_DINO_ARCH, write_full_size
 from sparc_core.extract import extract
-
-DINO_ARCH = "vit_base_patch14_reg4_dinov2"
-
-
-def write_models(d: Path) -> tuple[Path, Path]:
-    """A random ViT-B-32 open_clip directory and a random DINOv2 ViT-B/14-reg4 in the official layout."""
-    import open_clip
-    import timm
-
-    clip_dir = d / "clip"
-    clip_dir.mkdir()
-    model = open_clip.create_model("ViT-B-32", pretrained=None)
-    cfg = {"model_name": "ViT-B-32", "model_cfg": open_clip.get_model_config("ViT-B-32"), "preprocess_cfg": {}}
-    (clip_dir / "open_clip_config.json").write_text(json.dumps(cfg))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, clip_dir / "open_clip_model.safetensors")
-    vit = timm.create_model(DINO_ARCH, pretrained=False, num_classes=0, img_size=518)
-    sd = dict(vit.state_dict())
-    sd["register_tokens"] = sd.pop("reg_token")
-    sd["pos_embed"] = torch.cat([torch.zeros(1, 1, sd["pos_embed"].shape[-1]), sd["pos_embed"]], 1)
-    sd["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1])
-    torch.save(sd, d / "dinov2_vitb14_reg4_pretrain.pth")
-    return clip_dir, d / "dinov2_vitb14_reg4_pretrain.pth"
 
 
 def timed(fn, reps: int, device: torch.device) -> float:
@@ -77,9 +54,11 @@ def main() -> None:
     bs = args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        clip_dir, dino_file = write_models(d)
+        clip_dir, dino_file = write_full_size(d)
         enc_cfg = EncodersConfig(
-            clip=ClipConfig(weights=str(clip_dir)), dino=DinoConfig(model=DINO_ARCH, weights=str(dino_file)), device=args.device
+            clip=ClipConfig(weights=str(clip_dir)),
+            dino=DinoConfig(model=FULL_DINO_ARCH, weights=str(dino_file)),
+            device=args.device,
         )
         rng = np.random.default_rng(0)
         images = [Image.fromarray((rng.random((256, 320, 3)) * 255).astype(np.uint8)) for _ in range(bs)]

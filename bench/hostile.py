@@ -31,14 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from index import build_bundle  # noqa: E402
-from index.manifest import current_version  # noqa: E402
-from index.validate import checksum  # noqa: E402
-from sparc_core import TrainConfig, load_checkpoint, train  # noqa: E402
-from sparc_core.config import SynthConfig  # noqa: E402
-from sparc_core.synthetic import write_synthetic  # noqa: E402
+from index import build_bundle
+from index.manifest import current_version
+from index.validate import checksum
+from sparc_core import TrainConfig, load_checkpoint, train
+from sparc_core.config import SynthConfig
+from sparc_core.synthetic import write_synthetic
 
 SPARC = [sys.executable, "-m", "sparc_core.cli"]
 TOKEN = "hostile-test-token"

@@ -1,6 +1,6 @@
 """Same-run A/B of the search stack against another commit: one bundle, the same queries, both trees.
 
-A bundle of ``--size`` synthetic codes (bench/skewed_codes.py: 8192 latents, skewed firing rates) is built
+A bundle of ``--size`` synthetic codes (index/synthetic_codes.py: 8192 latents, skewed firing rates) is built
 once; then, round after round, a child process per tree (``--base`` checked out into a temp folder with
 ``git worktree``, and this checkout) opens it with ``index.Searcher`` through a model of the bundle's shape
 and times the same distinct queries through the public search call: one at a time (p50 / p99 latency) and
@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 N_LATENTS = 8192
 PATHS = (("sparse", {}), ("approx", {"budget": 0.3}))
 
@@ -79,9 +78,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
 
-    from skewed_codes import code_chunks, latent_probabilities, sample_codes
-
     from index.bundle import build_bundle_from_codes
+    from index.synthetic_codes import code_chunks, latent_probabilities, sample_codes
 
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "index", "sparc_core"], cwd=ROOT, capture_output=True, text=True)

@@ -1,7 +1,7 @@
 """Index at scale: exact sparse search vs the approximate paths (ours: impact-ordered budget; Seismic) vs
 FAISS Flat / HNSW on raw 768-d vectors, at 1M and 10M items, every number measured in this run.
 
-Codes are synthetic with a realistic, skewed latent-frequency distribution (bench/skewed_codes.py: 8192
+Codes are synthetic with a realistic, skewed latent-frequency distribution (index/synthetic_codes.py: 8192
 latents, log-normal firing rates), in one of two worlds: ``skewed`` (every item an independent draw: no
 neighbour stands out, the worst case for any approximate search) or ``topics`` (items share half their
 latents with one of n/100 topics: queries have true neighbours, as a caption has its image). Queries are
@@ -31,13 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from skewed_codes import code_chunks, latent_probabilities, sample_codes, topic_chunks, topic_codes  # noqa: E402
-
-from index.bundle import Bundle, build_bundle_from_codes  # noqa: E402
-from index.params import ApproxParams, SeismicParams  # noqa: E402
+from index.bundle import Bundle, build_bundle_from_codes
+from index.params import ApproxParams, SeismicParams
+from index.synthetic_codes import code_chunks, latent_probabilities, sample_codes, topic_chunks, topic_codes
 
 N_LATENTS = 8192
 

@@ -31,12 +31,11 @@ import scipy.sparse as sp
 
 from index import Searcher, build_bundle
 from sparc_core import SparseCode, load_checkpoint
-from sparc_core.synthetic import PlantedConcepts, preset
+from sparc_core.synthetic import INDEX_WORLD as WORLD
+from sparc_core.synthetic import PlantedConcepts
+from sparc_core.synthetic import index_gallery as synth_gallery
 
-GALLERY, QUERY, RAW_GALLERY = "dino", "clip_txt", "clip_img"
-# Dense codes, as real CLIP/DINO features give: many concepts per sample, far more concepts than k.
-WORLD = preset("many", n_concepts=8000, concepts_per_sample=72.0, tower_correlation=0.5, n_train=60_000, n_eval=0, seed=5)
-N_QUERIES = 1024
+GALLERY, QUERY, RAW_GALLERY, N_QUERIES = "dino", "clip_txt", "clip_img", 1024
 
 
 def train_checkpoint(out: Path, steps: int, n_train: int = 60_000, chunk: int = 10_000) -> None:
@@ -62,23 +61,6 @@ def train_checkpoint(out: Path, steps: int, n_train: int = 60_000, chunk: int = 
         features=feats, out=str(out), n_latents=8192, k=64, steps=steps, eval_every=steps, save_every=steps, prune_unused=False
     )
     train(cfg)
-
-
-def synth_gallery(n: int, out: Path, chunk: int = 10_000) -> tuple[Path, np.ndarray, np.ndarray]:
-    """Gallery DINO features (.npy memmap), raw CLIP image features, and the CLIP-text queries of items 0..N_QUERIES."""
-    world = PlantedConcepts(WORLD)
-    dims = WORLD.streams
-    gal = np.lib.format.open_memmap(out / f"{GALLERY}.npy", mode="w+", dtype=np.float32, shape=(n, dims[GALLERY]))
-    raw = np.empty((n, dims[RAW_GALLERY]), dtype=np.float32)
-    queries = None
-    for i, a in enumerate(range(0, n, chunk)):
-        b = min(n, a + chunk)
-        feats, _ = world.sample(b - a, seed=1000 + i)
-        gal[a:b], raw[a:b] = feats[GALLERY], feats[RAW_GALLERY]
-        if a == 0:
-            queries = feats[QUERY][:N_QUERIES]
-    gal.flush()
-    return out / f"{GALLERY}.npy", raw, np.asarray(queries)
 
 
 def top10_numpy(scores_fn, n_items: int, nq: int, chunk: int) -> np.ndarray:

@@ -36,13 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from index import build_bundle  # noqa: E402
-from index.manifest import current_version, read_manifest  # noqa: E402
-from sparc_core import TrainConfig, train  # noqa: E402
-from sparc_core.config import SynthConfig  # noqa: E402
-from sparc_core.synthetic import write_synthetic  # noqa: E402
+from index import build_bundle
+from index.manifest import current_version, read_manifest
+from sparc_core import TrainConfig, train
+from sparc_core.config import SynthConfig
+from sparc_core.synthetic import write_synthetic
 
 SPARC = [sys.executable, "-m", "sparc_core.cli"]
 STREAMS = {"dino": 64, "clip_img": 48, "clip_txt": 48}

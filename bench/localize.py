@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,10 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from encoder_throughput import DINO_ARCH, write_models  # noqa: E402
+from sparc_core.encoders.tiny import FULL_DINO_ARCH, write_full_size
 
 
 def main() -> None:
@@ -43,9 +39,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="sparc-loc-") as d:
         d = Path(d)
-        clip_dir, dino = write_models(d)
+        clip_dir, dino = write_full_size(d)
         enc_cfg = EncodersConfig(
-            clip=ClipConfig(weights=str(clip_dir)), dino=DinoConfig(model=DINO_ARCH, weights=str(dino)), device="cpu"
+            clip=ClipConfig(weights=str(clip_dir)), dino=DinoConfig(model=FULL_DINO_ARCH, weights=str(dino)), device="cpu"
         )
         encoders = load_encoders(enc_cfg)
         model = SparcModel(SparcConfig(streams={s: e.dim for s, e in encoders.items()}, n_latents=8192, k=64, auxk=256))

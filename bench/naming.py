@@ -12,21 +12,16 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from alignment import DIMS, WORLDS  # noqa: E402
-
-from sparc_core.alignment import PAPER, run, world_data  # noqa: E402
-from sparc_core.checkpoint import load_checkpoint  # noqa: E402
-from sparc_core.naming import name_latents, naming_score  # noqa: E402
-from sparc_core.synthetic import PlantedConcepts, preset  # noqa: E402
+from sparc_core.alignment import PAPER, WORLDS, run, world_data
+from sparc_core.checkpoint import load_checkpoint
+from sparc_core.naming import name_latents, naming_score
+from sparc_core.synthetic import PlantedConcepts, preset
 
 
 def main() -> None:
@@ -40,14 +35,16 @@ def main() -> None:
     print("|---|---|---|---|---|")
     t0 = time.perf_counter()
     try:
-        for name, base, over, mult in [w for w in WORLDS if w[0] in args.worlds.split(",")]:
-            world = preset(base, **over, streams=DIMS, n_train=args.n_train, n_eval=5000)
+        for name in args.worlds.split(","):
+            base, over, latents, dims, _, _ = WORLDS[name]
+            world = preset(base, **over, streams=dims, n_train=args.n_train, n_eval=5000)
+            n_latents = latents if isinstance(latents, int) else int(latents * world.n_concepts)
             data = world_data(world, work / name / "data")
             names = [f"concept-{c}" for c in range(world.n_concepts)]
             vocab = PlantedConcepts(world).concept_vectors("clip_txt")
             for config, overrides in (("defaults", {}), ("paper", PAPER)):
                 out = work / name / config
-                run(world, {"n_latents": int(mult * world.n_concepts), "k": 32, "steps": args.steps} | overrides, out, data)
+                run(world, {"n_latents": n_latents, "k": 32, "steps": args.steps} | overrides, out, data)
                 model = load_checkpoint(out / "model")
                 named = name_latents(model, "clip_txt", vocab, names)
                 code = model.encode({"dino": torch.from_numpy(data["eval"]["dino"])})
@@ -59,7 +56,7 @@ def main() -> None:
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{(time.perf_counter() - t0) / 60:.1f} min; {args.steps} steps of 256, k 32, dims {DIMS}")
+    print(f"\n{(time.perf_counter() - t0) / 60:.1f} min; {args.steps} steps of 256, k 32")
 
 
 if __name__ == "__main__":

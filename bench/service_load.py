@@ -26,8 +26,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 
 def _free_port() -> int:
@@ -78,9 +76,8 @@ def main() -> None:
     p.add_argument("--soak", type=float, default=0.0, help="extra seconds of SearchBatch load to watch memory")
     args = p.parse_args()
 
-    from index_search import synth_gallery
-
     from index import Searcher, build_bundle
+    from sparc_core.synthetic import index_gallery as synth_gallery
 
     work = Path(tempfile.mkdtemp(prefix="sparc-load-"))
     gal, _, xq = synth_gallery(args.items, work)

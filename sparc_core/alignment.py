@@ -36,6 +36,35 @@ LOCAL = PAPER | {"topk": "local", "cross_coef": 0.0}
 QUERY, IMAGE_STREAMS = "clip_txt", ("dino", "clip_img")
 
 
+# The planted worlds bench/alignment.py and bench/naming.py measure on.
+SMALL_DIMS = {"dino": 256, "clip_img": 192, "clip_txt": 192}  # smaller than ViT-L's, so the multiples fit on 2 cores
+VITL_DIMS = {"dino": 1024, "clip_img": 768, "clip_txt": 768}  # ViT-L/14's DINOv2 and CLIP widths
+# name -> (preset, world overrides, dictionary: an int, or a float multiple of the concept inventory,
+#          stream dims, training samples, steps (None: --steps))
+WORLDS: dict[str, tuple[str, dict, int | float, dict[str, int], int, int | None]] = {
+    # ViT-L widths, a fixed dictionary of 4096 latents with k 32 and 1,500 steps:
+    # (a) samples hold 1-4 concepts, so items share concepts and near-ties are common;
+    "few-vitl": (
+        "groups",
+        {"n_concepts": 2000, "concepts_per_sample": 2.0, "max_concepts_per_sample": 4},
+        4096,
+        VITL_DIMS,
+        30_000,
+        1500,
+    ),
+    # (b) concepts outnumber latents 3x, in a hierarchy, with a correlated CLIP text tower.
+    "open-vitl": ("hierarchy", {"n_concepts": 12_288, "tower_correlation": 0.6}, 4096, VITL_DIMS, 30_000, 1500),
+    "groups-0.5x": ("groups", {}, 0.5, SMALL_DIMS, 16_000, None),
+    "groups-6x": ("groups", {"n_concepts": 400}, 6.0, SMALL_DIMS, 16_000, None),
+    "hierarchy-0.5x": ("hierarchy", {}, 0.5, SMALL_DIMS, 16_000, None),
+    "many-0.5x": ("many", {}, 0.5, SMALL_DIMS, 16_000, None),
+    "flat-8x": ("flat", {}, 8.0, SMALL_DIMS, 16_000, None),
+    "dense-0.5x": ("dense", {}, 0.5, SMALL_DIMS, 16_000, None),
+    "noisy-4x": ("noisy", {}, 4.0, SMALL_DIMS, 16_000, None),
+    "gap-4x": ("gap", {}, 4.0, SMALL_DIMS, 16_000, None),
+}
+
+
 def world_data(world: SynthConfig, out: Path) -> dict[str, Any]:
     """Write (or reuse) a world's train/eval files; returns paths, eval arrays, per-pair ceilings and the
     concepts each stream can see in each eval sample (for the oracle)."""

@@ -201,3 +201,27 @@ def write_synthetic(cfg: SynthConfig, out: str | Path) -> dict[str, dict[str, st
     }
     atomic_write_json(out / "synth.json", meta)
     return paths
+
+
+# Dense codes, as real CLIP/DINO features give: many concepts per sample, far more concepts than k (the
+# index benchmarks' world).
+INDEX_WORLD = preset("many", n_concepts=8000, concepts_per_sample=72.0, tower_correlation=0.5, n_train=60_000, n_eval=0, seed=5)
+
+
+def index_gallery(n: int, out: Path, chunk: int = 10_000) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A gallery of ``INDEX_WORLD``: DINO features (``out/dino.npy``, a memmap), raw CLIP image features, and
+    the CLIP-text queries of items 0..1023 (bench/index_search.py, bench/service_load.py)."""
+    world = PlantedConcepts(INDEX_WORLD)
+    dims = INDEX_WORLD.streams
+    GALLERY, QUERY, RAW_GALLERY, N_QUERIES = "dino", "clip_txt", "clip_img", 1024
+    gal = np.lib.format.open_memmap(out / f"{GALLERY}.npy", mode="w+", dtype=np.float32, shape=(n, dims[GALLERY]))
+    raw = np.empty((n, dims[RAW_GALLERY]), dtype=np.float32)
+    queries = None
+    for i, a in enumerate(range(0, n, chunk)):
+        b = min(n, a + chunk)
+        feats, _ = world.sample(b - a, seed=1000 + i)
+        gal[a:b], raw[a:b] = feats[GALLERY], feats[RAW_GALLERY]
+        if a == 0:
+            queries = feats[QUERY][:N_QUERIES]
+    gal.flush()
+    return out / f"{GALLERY}.npy", raw, np.asarray(queries)

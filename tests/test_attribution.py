@@ -30,7 +30,7 @@ from sparc_core.attribution import (
 from sparc_core.cli import main
 from sparc_core.config import ClipConfig, DinoConfig, EncodersConfig
 from sparc_core.encoders import load_encoders
-from tests import tiny_models as tm
+from sparc_core.encoders import tiny as tm
 
 CLIP_64 = {**tm.CLIP_CFG, "vision_cfg": {**tm.CLIP_CFG["vision_cfg"], "image_size": 64, "layers": 2}}
 DINO_SIZE = 56  # a 4 x 4 patch grid at patch 14

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.chaos import chaos_checkpoint, chaos_extract, chaos_index_add, chaos_index_build
+from service.chaos import chaos_checkpoint, chaos_extract, chaos_index_add, chaos_index_build
 
 
 @pytest.mark.parametrize(

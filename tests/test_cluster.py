@@ -20,9 +20,9 @@ from index.cluster import build_shards
 from sparc_core import SparcConfig, SparcModel, save_checkpoint
 from sparc_core.cli import main
 from sparc_core.config import ClipConfig, ClusterConfig, DinoConfig, EncodersConfig, ExtractConfig
+from sparc_core.encoders import tiny as tm
 from sparc_core.extract import extract
 from sparc_core.extras import MissingExtra
-from tests import tiny_models as tm
 
 ray = pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from PIL import Image
 
 from sparc_core.config import ClipConfig, DinoConfig, EncodersConfig
 from sparc_core.encoders import EncoderError, load_encoders
-from tests import tiny_models as tm
+from sparc_core.encoders import tiny as tm
 
 
 def _images(n: int, seed: int = 0) -> list[Image.Image]:

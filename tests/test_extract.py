@@ -16,8 +16,8 @@ from sparc_core import load_checkpoint
 from sparc_core.cli import main
 from sparc_core.config import ClipConfig, DinoConfig, EncodersConfig, ExtractConfig
 from sparc_core.encoders import load_encoders
+from sparc_core.encoders import tiny as tm
 from sparc_core.extract import ExtractError, extract, read_captions
-from tests import tiny_models as tm
 
 N_IMAGES = 200
 

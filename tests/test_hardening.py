@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from index import build_bundle
+from service.chaos import stop_during
 from service.client import SparcClient, make_query, search_request
 from service.engine import ServiceError
 from service.server import SparcServer
 from service.settings import load_settings
 from service.wire import pb
 from sparc_core import ConfigError
-from tests.chaos import stop_during
 
 TOKEN = "s3cret-token"
 
@@ -55,7 +55,7 @@ def _count(metric, *labels) -> float:
 def test_idle_streams_cannot_starve_other_clients(trained_checkpoint, bundles, queries):
     """64 idle SearchStream calls from one client: most are refused at once, the rest hold a bounded
     number of workers, and another client's Search still answers within 100 ms."""
-    from tests.chaos import IdleStreams
+    from service.chaos import IdleStreams
 
     srv = SparcServer(_settings(trained_checkpoint, bundles, workers=16)).start()
     target = f"127.0.0.1:{srv.port}"
@@ -321,7 +321,7 @@ def test_auth_scheme_is_case_insensitive_and_failures_are_counted_and_rate_logge
 def test_calls_without_a_token_whose_body_never_arrives_cannot_lock_anyone_out(trained_checkpoint, bundles, queries):
     """12 unary calls with no token whose request body never comes (8 workers): each is refused at once,
     and the authenticated Search and the health check still answer."""
-    from tests.chaos import SilentBodies
+    from service.chaos import SilentBodies
 
     srv = SparcServer(_settings(trained_checkpoint, bundles, workers=8, auth_token=TOKEN)).start()
     target = f"127.0.0.1:{srv.port}"
@@ -338,7 +338,7 @@ def test_calls_without_a_token_whose_body_never_arrives_cannot_lock_anyone_out(t
 
 def test_a_request_that_never_arrives_is_timed_out(trained_checkpoint, bundles, queries):
     """Authenticated calls whose body never comes hold a worker for request_wait_seconds at most."""
-    from tests.chaos import SilentBodies
+    from service.chaos import SilentBodies
 
     srv = SparcServer(_settings(trained_checkpoint, bundles, workers=8, auth_token=TOKEN, request_wait_seconds=0.5)).start()
     target = f"127.0.0.1:{srv.port}"
@@ -358,7 +358,7 @@ def test_a_request_that_never_arrives_is_timed_out(trained_checkpoint, bundles, 
 
 
 def test_health_watch_streams_do_not_take_the_search_stream_slots(trained_checkpoint, bundles, queries):
-    from tests.chaos import HealthWatchers
+    from service.chaos import HealthWatchers
 
     srv = SparcServer(_settings(trained_checkpoint, bundles, workers=16, auth_token=TOKEN)).start()
     target = f"127.0.0.1:{srv.port}"
@@ -379,7 +379,7 @@ def test_health_watch_streams_do_not_take_the_search_stream_slots(trained_checkp
 def test_with_few_workers_a_health_watch_never_locks_out_unary_calls(trained_checkpoint, bundles, queries, workers):
     """The derived stream and watch caps always leave unary calls a worker: one unauthenticated health Watch
     held open on a 1-, 2- or 3-worker server, and an authenticated Search still answers."""
-    from tests.chaos import HealthWatchers
+    from service.chaos import HealthWatchers
 
     srv = SparcServer(_settings(trained_checkpoint, bundles, workers=workers, auth_token=TOKEN)).start()
     target = f"127.0.0.1:{srv.port}"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 INDEX_ORDER = [
-    "errors", "params", "ids", "faiss_backend", "seismic_backend", "postings_format", "kernels", "postings",
+    "errors", "synthetic_codes", "params", "ids", "faiss_backend", "seismic_backend", "postings_format", "kernels", "postings",
     "validate", "manifest", "reader", "bundle", "cluster", "queries", "gallery", "searcher", "milvus_backend", "opener",
     "cli",
 ]  # fmt: skip
@@ -95,3 +95,20 @@ def test_search_paths_are_spelled_only_in_params():
             if path.name != "params.py" and "_proto" not in path.parts:
                 bare += _bare_paths(path)
     assert not bare, f"search paths spelled as strings (use index.params.SearchPath): {bare}"
+
+
+def test_bench_imports_only_the_packages():
+    """bench/ scripts import the installed packages: no sys.path edits, no sibling scripts, no test modules."""
+    scripts = {p.stem for p in (ROOT / "bench").glob("*.py")}
+    for path in (ROOT / "bench").glob("*.py"):
+        text = path.read_text()
+        assert "sys.path" not in text, f"bench/{path.name} edits sys.path"
+        rel, absolute = _imports(path)
+        assert not absolute & (scripts | {"tests"}), f"bench/{path.name} imports {sorted(absolute & (scripts | {'tests'}))}"
+
+
+def test_no_test_module_is_imported_outside_tests():
+    for package in ("index", "service", "sparc_core", "bench"):
+        for path in (ROOT / package).rglob("*.py"):
+            _, absolute = _imports(path)
+            assert "tests" not in absolute, f"{path.relative_to(ROOT)} imports tests"

@@ -64,7 +64,7 @@ def test_names_file_is_tied_to_the_checkpoint(trained_checkpoint, tmp_path):
 def test_name_latents_cli_with_a_tiny_clip(tmp_path, capsys):
     from sparc_core import SparcModel, save_checkpoint
     from sparc_core.cli import main
-    from tests import tiny_models as tm
+    from sparc_core.encoders import tiny as tm
 
     clip = tm.write_clip_dir(tmp_path / "clip")
     model = SparcModel(SparcConfig(streams={"clip_img": 16, "clip_txt": 16}, n_latents=64, k=8, auxk=8), seed=0)

@@ -13,8 +13,8 @@ from sparc_core import scenes_eval as se
 from sparc_core.attribution import AttributionError, Heatmap, Target
 from sparc_core.config import ClipConfig, DinoConfig, EncodersConfig
 from sparc_core.encoders import load_encoders
+from sparc_core.encoders import tiny as tm
 from sparc_core.scenes import family_of, read_scene_records, write_scenes
-from tests import tiny_models as tm
 
 CLIP_64 = {**tm.CLIP_CFG, "vision_cfg": {**tm.CLIP_CFG["vision_cfg"], "image_size": 64, "layers": 2}}
 

@@ -22,8 +22,8 @@ from service.wire import pb
 from sparc_core import TrainConfig, load_checkpoint, train
 from sparc_core.config import ClipConfig, ConfigError, DinoConfig, EncodersConfig, ExtractConfig
 from sparc_core.encoders import load_encoders
+from sparc_core.encoders import tiny as tm
 from sparc_core.extract import extract
-from tests import tiny_models as tm
 
 N = 80
 

@@ -131,10 +131,11 @@ while True:
 
 def _search_signature(bundle: Path, xq: np.ndarray) -> tuple:
     from index import Searcher
+    from index.params import SearchPath
 
     s = Searcher(bundle)
-    r = s.search(("txt", xq), top_k=5, path="sparse")
-    d = s.search(("txt", xq), top_k=5, path="dense")
+    r = s.search(("txt", xq), top_k=5, path=SearchPath.SPARSE)
+    d = s.search(("txt", xq), top_k=5, path=SearchPath.DENSE)
     return s.n_items, r.ids, r.scores, d.ids
 
 
@@ -217,7 +218,7 @@ def chaos_extract(work: Path, kills: int, seed: int = 0, n_images: int = 120) ->
     from safetensors import safe_open
 
     from sparc_core.cli import main
-    from tests import tiny_models as tm
+    from sparc_core.encoders import tiny as tm
 
     captions = tm.write_images(work / "images", n_images)
     clip, dino = tm.write_clip_dir(work / "clip"), tm.write_dino_official(work / "dinov2_vits14_reg4_pretrain.pth")

@@ -1,4 +1,5 @@
-"""Tiny randomly initialised CLIP and DINOv2 models, saved in the layouts real checkpoints have."""
+"""Randomly initialised CLIP and DINOv2 models saved in the layouts real checkpoints have: tiny ones (tests)
+and full-size ones (``write_full_size``: benchmarks of the encoders at their real cost)."""
 
 from __future__ import annotations
 
@@ -114,3 +115,26 @@ def write_images(d: Path, n: int, seed: int = 0) -> Path:
         w.writerow(["image_path", "caption", "id"])
         w.writerows(rows)
     return d / "captions.csv"
+
+
+FULL_DINO_ARCH = "vit_base_patch14_reg4_dinov2"  # write_full_size's DINOv2 (ViT-B/14 with registers)
+
+
+def write_full_size(d: Path) -> tuple[Path, Path]:
+    """A random ViT-B-32 open_clip directory and a random DINOv2 ViT-B/14-reg4 in the official layout."""
+    import open_clip
+    import timm
+
+    clip_dir = d / "clip"
+    clip_dir.mkdir()
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    cfg = {"model_name": "ViT-B-32", "model_cfg": open_clip.get_model_config("ViT-B-32"), "preprocess_cfg": {}}
+    (clip_dir / "open_clip_config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, clip_dir / "open_clip_model.safetensors")
+    vit = timm.create_model(FULL_DINO_ARCH, pretrained=False, num_classes=0, img_size=518)
+    sd = dict(vit.state_dict())
+    sd["register_tokens"] = sd.pop("reg_token")
+    sd["pos_embed"] = torch.cat([torch.zeros(1, 1, sd["pos_embed"].shape[-1]), sd["pos_embed"]], 1)
+    sd["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1])
+    torch.save(sd, d / "dinov2_vitb14_reg4_pretrain.pth")
+    return clip_dir, d / "dinov2_vitb14_reg4_pretrain.pth"

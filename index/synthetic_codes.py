@@ -1,4 +1,4 @@
-"""Synthetic sparse codes with a realistic, skewed latent-frequency distribution (for index benchmarks).
+"""Synthetic sparse codes with a realistic, skewed latent-frequency distribution (index benchmarks and tests).
 
 Latent firing rates are log-normal (sigma 1 by default: the median latent fires on ~0.5% of items, the
 busiest on ~20%, as in trained SAEs' firing-rate histograms). Each item draws about ``l0`` latents in
