@@ -35,7 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sparc_core import SparcModel, checkpoint_hash, load_checkpoint
-from sparc_core.checkpoint import fsync_dir, pick_device
+from sparc_core.atomic import atomic_save_npy, fsync_dir
+from sparc_core.checkpoint import pick_device
 from sparc_core.data import FeatureStore
 
 from .errors import BundleError
@@ -64,13 +65,6 @@ from .reader import Bundle, Part, shards_share_ids
 from .seismic_backend import INDEX_FILE, SeismicSettings, build_part_index
 
 ApproxSettings = SeismicSettings  # the earlier name
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def load_ids(path: str | Path) -> np.ndarray:
@@ -158,7 +152,7 @@ class PartWriter:
         if len(ids) != self.n:
             raise BundleError(f"part {self.dir.name}: {len(ids)} ids for {self.n} items")
         offsets, _, _ = self.postings.finish()
-        _save_npy(self.dir / "post_offsets.npy", offsets)
+        atomic_save_npy(self.dir / "post_offsets.npy", offsets)
         for arr in (self.codes_idx, self.codes_val):
             arr.flush()
         for name in ("codes_idx.npy", "codes_val.npy"):
@@ -167,7 +161,7 @@ class PartWriter:
         del self.codes_idx, self.codes_val
         if self.dense is not None:
             write_dense_index(self.dense.finish(), self.dir / "dense.faiss")
-        kind = write_ids(self.dir, ids, _save_npy)
+        kind = write_ids(self.dir, ids, atomic_save_npy)
         fsync_dir(self.dir)
         return kind
 
@@ -441,7 +435,7 @@ def append_to_bundle(
                     hit[hit] = part.live(rows[hit])
                     gone = np.union1d(part.deleted, rows[hit]).astype(np.int64)
                     if len(gone):
-                        _save_npy(tmp / info.name / "deleted.npy", gone)
+                        atomic_save_npy(tmp / info.name / "deleted.npy", gone)
                     parts[i] = parts[i] | {"n_deleted": len(gone)}
         name = f"part-{len(parts):05d}"
         chunks = encode_chunks(model, m.stream, store, 0, store.n_rows, batch_size, m.dense, progress)
@@ -507,7 +501,7 @@ def delete_items(path: str | Path, ids: Any) -> tuple[Path, list[Any], int]:
         for info, rows in zip(m.parts, per_part):
             _link_tree(old.vdir / info.name, tmp / info.name, skip={"deleted.npy"})
             if len(rows):
-                _save_npy(tmp / info.name / "deleted.npy", rows)
+                atomic_save_npy(tmp / info.name / "deleted.npy", rows)
             parts.append(info.model_dump() | {"n_deleted": len(rows)})
         manifest = m.model_dump() | {"parts": parts, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         known = {n: c for n, c in m.checksums.items() if not n.endswith("/deleted.npy")}

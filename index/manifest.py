@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sparc_core.checkpoint import atomic_write_bytes, atomic_write_json, fsync_dir
+from sparc_core.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 
 from .errors import BundleError
 from .seismic_backend import SeismicSettings

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sparc_core.checkpoint import atomic_write_json
+from sparc_core.atomic import atomic_write_json
 from sparc_core.config import ConfigError
 
 PREVIOUS = ".previous"

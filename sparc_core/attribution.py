@@ -677,7 +677,7 @@ def _png(fig: Any, **savefig: Any) -> bytes:
 
 
 def _write(path: str | Path, png: bytes) -> Path:
-    from .checkpoint import atomic_write_bytes
+    from .atomic import atomic_write_bytes
 
     atomic_write_bytes(Path(path), png)
     return Path(path)

@@ -16,14 +16,10 @@ holding config.json + model.safetensors directly (a single version, e.g. copied 
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +28,16 @@ from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .atomic import (  # noqa: F401 - the atomic writes were first imported from here
+    UMASK,
+    atomic_path,
+    atomic_save_npy,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_sha256,
+    fsync_dir,
+    replace_dir,
+)
 from .config import SparcConfig, SparcError
 from .model import SparcModel
 
@@ -49,10 +55,6 @@ class CheckpointError(SparcError, RuntimeError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 def pick_device(name: str = "auto") -> torch.device:
     """CUDA when present (for "auto"), else CPU; or exactly the device named."""
     if name == "auto":
@@ -60,74 +62,16 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temp path beside ``path``, fsynced and renamed onto it when the block succeeds, removed if it fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the result from other users
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Put the complete folder ``tmp`` in the place of ``out``; an old ``out`` is removed only once replaced."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and an atomic rename."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Atomically write ``tensors`` as a safetensors file."""
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # save_file recreates the file with 0600
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fsync_dir(d: Path) -> None:
-    """fsync a directory (its entries: a rename into it is durable), where the filesystem allows."""
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.chmod(tmp, 0o666 & ~UMASK)  # save_file recreates the file with 0600
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata=metadata)
-    os.chmod(path, 0o666 & ~_UMASK)  # readable by whoever may read the directory (a container user)
+    os.chmod(path, 0o666 & ~UMASK)  # readable by whoever may read the directory (a container user)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 

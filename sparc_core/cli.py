@@ -14,14 +14,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_json
 from .config import ConfigError, ExtractConfig, SparcError, SynthConfig, TrainConfig, build_config, load_config_file
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """sparc_core.checkpoint.atomic_write_json, imported when first needed (it loads torch)."""
-    from .checkpoint import atomic_write_json as write
-
-    write(path, obj)
 
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:

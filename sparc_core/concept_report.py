@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import replace_dir
+from .atomic import replace_dir
 
 SHARED_RATE = 1e-3  # a latent counts as firing in a stream above this rate
 

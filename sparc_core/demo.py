@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from .alignment import LOCAL, PAPER
-from .checkpoint import CheckpointError, atomic_write_json, read_checkpoint_config
+from .atomic import atomic_write_json
+from .checkpoint import CheckpointError, read_checkpoint_config
 from .config import SynthConfig, TrainConfig
 from .metrics import evaluate
 from .report import format_report

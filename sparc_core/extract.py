@@ -32,7 +32,8 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_path, atomic_save_tensors, atomic_write_bytes, atomic_write_json
+from .atomic import atomic_path, atomic_write_bytes, atomic_write_json
+from .checkpoint import atomic_save_tensors
 from .config import ExtractConfig, SparcError
 from .encoders import DinoEncoder, FeatureEncoder, load_encoders
 

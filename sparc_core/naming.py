@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_json, checkpoint_hash
+from .atomic import atomic_write_json
+from .checkpoint import checkpoint_hash
 from .config import SparcError
 from .model import SparcModel
 

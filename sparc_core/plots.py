@@ -6,7 +6,7 @@ import io
 import json
 from pathlib import Path
 
-from .checkpoint import atomic_write_bytes
+from .atomic import atomic_write_bytes
 
 
 def plot_training_curves(log_path: str | Path, png_path: str | Path) -> Path | None:

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .checkpoint import fsync_dir, replace_dir
+from .atomic import fsync_dir, replace_dir
 from .config import SparcError
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "diamond", "pentagon")

@@ -11,12 +11,11 @@ which concepts each stream can see, the ceiling of one-stream agreement is known
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write_bytes, atomic_write_json
+from .atomic import atomic_save_npy, atomic_write_json
 from .config import SYNTH_PRESETS, ConfigError, SynthConfig
 
 # Named worlds for `sparc synth --preset` and the alignment benchmark: each differs from the demo's
@@ -166,12 +165,6 @@ def ceiling(world: PlantedConcepts, labels: np.ndarray) -> dict[str, float]:
     return {f"{s}->{t}": visible_jaccard(vis[s], vis[t]) for s in vis for t in vis if s != t}
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def write_synthetic(cfg: SynthConfig, out: str | Path) -> dict[str, dict[str, str]]:
     """Write train/ and eval/ splits (one .npy per stream + labels.npy) and synth.json; returns the paths."""
     out = Path(out)
@@ -185,12 +178,12 @@ def write_synthetic(cfg: SynthConfig, out: str | Path) -> dict[str, dict[str, st
         paths[split] = {}
         for s, x in feats.items():
             p = out / split / f"{s}.npy"
-            _save_npy(p, x)
+            atomic_save_npy(p, x)
             paths[split][s] = str(p)
-        _save_npy(out / split / "labels.npy", labels)
+        atomic_save_npy(out / split / "labels.npy", labels)
         ceilings[split] = ceiling(world, labels)
         paths[split]["labels"] = str(out / split / "labels.npy")
-    _save_npy(out / "visibility.npy", world.visible)
+    atomic_save_npy(out / "visibility.npy", world.visible)
     meta = {
         "config": cfg.model_dump(),
         "visible_to_all": int(world.visible.all(0).sum()),

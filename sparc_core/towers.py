@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_bytes, atomic_write_json
+from .atomic import atomic_write_bytes, atomic_write_json
 from .scenes import SHAPES_FAMILY, SceneFamily, family_of, read_scene_records
 
 DINO_ARCH = "vit_small_patch14_reg4_dinov2"

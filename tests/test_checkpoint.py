@@ -152,7 +152,7 @@ def test_weights_are_readable_by_the_group_and_others(tmp_path, small_model):
     finally:
         os.umask(old)
     # the mode the process umask gives (set when the module was imported), never save_file's 0600
-    from sparc_core.checkpoint import _UMASK
+    from sparc_core.atomic import UMASK as _UMASK
 
     assert (path / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_UMASK
     assert (path / "model.safetensors").stat().st_mode & 0o044 == 0o044 & ~_UMASK

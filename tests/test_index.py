@@ -172,12 +172,12 @@ def test_hostile_part_names_and_posting_offsets_are_refused_on_load(random_ckpt,
 KILL_SCRIPT = """
 import sys, time
 import index.bundle as b
-real = b._save_npy
+real = b.atomic_save_npy
 def slow(path, arr):
     real(path, arr)
     print("WRITING", flush=True)
     time.sleep(60)
-b._save_npy = slow
+b.atomic_save_npy = slow
 b.build_bundle(sys.argv[1], "img", sys.argv[2], sys.argv[3], progress=False)
 """
 
@@ -807,7 +807,7 @@ def test_search_in_a_forked_child_does_not_hang(monkeypatch):
 
 
 def test_item_ids_lookup_without_python_objects(tmp_path):
-    from index.bundle import _save_npy
+    from index.bundle import atomic_save_npy as _save_npy
     from index.ids import ItemIds, read_ids, write_ids
 
     rng = np.random.default_rng(4)

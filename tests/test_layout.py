@@ -112,3 +112,9 @@ def test_no_test_module_is_imported_outside_tests():
         for path in (ROOT / package).rglob("*.py"):
             _, absolute = _imports(path)
             assert "tests" not in absolute, f"{path.relative_to(ROOT)} imports tests"
+
+
+def test_atomic_writes_load_no_torch():
+    """sparc_core/atomic.py (every artefact's writes) imports no torch: any command may use it."""
+    _, absolute = _imports(ROOT / "sparc_core" / "atomic.py")
+    assert not absolute & {"torch", "safetensors", "sparc_core"}, sorted(absolute)
