@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from sparc_core import SparcError
+from sparc_core.extras import LazyModule
 
 log = logging.getLogger("sparc.index")
 
@@ -29,22 +30,17 @@ class DenseIndexError(SparcError, RuntimeError):
     """A FAISS index that cannot be built or read; the message names the file or factory string."""
 
 
-class _LazyFaiss:
-    """The faiss module, imported on first attribute access; a clear error when it is not installed."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            import faiss as module
-        except ImportError:
-            raise DenseIndexError(
-                "the dense path needs FAISS, which is not installed: pip install 'sparc[cpu]' "
-                "(or 'sparc[gpu]' on a CUDA machine), or build the bundle with --no-dense"
-            ) from None
-        globals()["faiss"] = module
-        return getattr(module, name)
+def _lazy_faiss() -> Any:
+    return LazyModule(
+        "faiss",
+        "cpu",
+        "dense indexes",
+        DenseIndexError,
+        " (or 'sparc[gpu]' on a CUDA machine), or build the bundle with --no-dense",
+    )
 
 
-faiss: Any = _LazyFaiss()
+faiss: Any = _lazy_faiss()  # imported on first use
 
 
 def faiss_installed() -> bool:

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sparc_core import SparcModel, SparseCode
+from sparc_core.extras import require
 
 from .errors import BundleError, GalleryUnavailable, SearchStopped
 from .gallery import GalleryInfo
@@ -85,12 +86,9 @@ class MilvusTarget:
         raise BundleError(f"{location!r}: not a Milvus location (milvus://HOST:PORT/NAME or milvus-lite:PATH.db/NAME)")
 
     def client(self) -> Any:
-        try:
-            from pymilvus import MilvusClient
-        except ImportError:
-            raise BundleError(
-                "Milvus indexes need pymilvus (and milvus-lite for milvus-lite:): pip install 'sparc[milvus]'"
-            ) from None
+        MilvusClient = require(
+            "pymilvus", "milvus", "Milvus indexes", BundleError, " (it brings milvus-lite for milvus-lite: locations)"
+        ).MilvusClient
 
         kw: dict[str, Any] = {"uri": self.uri}
         if not self.embedded:

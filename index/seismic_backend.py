@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from sparc_core import SparcError
+from sparc_core.extras import require
 
 INDEX_FILE = "seismic.index"
 
@@ -47,11 +48,7 @@ ApproxError = SeismicError  # the earlier name
 
 
 def _seismic() -> Any:
-    try:
-        import seismic
-    except ImportError:
-        raise SeismicError("approximate sparse search needs pyseismic-lsr: pip install 'sparc[seismic]'") from None
-    return seismic
+    return require("seismic", "seismic", "Seismic indexes (the seismic path)", SeismicError, " (pyseismic-lsr)")
 
 
 def write_inner_format(path: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[int, int]:

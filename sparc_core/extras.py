@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from types import ModuleType
+from typing import Any
 
 from .config import SparcError
 
@@ -19,9 +20,26 @@ def available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def require(module: str, extra: str, what: str) -> ModuleType:
-    """``module``, imported; MissingExtra ("pip install 'sparc[extra]'") when it is not installed."""
+def require(module: str, extra: str, what: str, error: type[Exception] = MissingExtra, hint: str = "") -> ModuleType:
+    """``module``, imported; ``error`` ("WHAT need MODULE, which is not installed: pip install 'sparc[EXTRA]'"
+    and the ``hint``) when it is not installed. The one way an optional dependency is imported."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise MissingExtra(f"{what} need {module}, which is not installed: pip install 'sparc[{extra}]'") from None
+        raise error(f"{what} need {module}, which is not installed: pip install 'sparc[{extra}]'{hint}") from None
+
+
+class LazyModule:
+    """An optional module imported through :func:`require` on first attribute access (a module-level name
+    that costs nothing until used)."""
+
+    def __init__(self, module: str, extra: str, what: str, error: type[Exception] = MissingExtra, hint: str = "") -> None:
+        self._args = (module, extra, what, error, hint)
+        self._module: ModuleType | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._module is None:
+            self._module = require(*self._args)
+        return getattr(self._module, name)

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision import transforms
 
 from .attribution import AttributionError, Heatmap, Target, attribute_text, localize, text_target
+from .extras import require
 from .model import SparcModel
 from .naming import name_latents, naming_score
 from .scenes import SceneFamily, family_of, instance_mask
@@ -109,6 +109,7 @@ def code_scores(query: torch.Tensor, gallery: torch.Tensor) -> np.ndarray:
 # ---- localisation ------------------------------------------------------------------------------------------
 def mask_in_crop(mask: np.ndarray, encoder: Any) -> np.ndarray:
     """An image-sized bool mask carried through the encoder's resize and centre crop (nearest neighbour)."""
+    transforms = require("torchvision.transforms", "encoders", "localisation scoring")
     steps = []
     for t in getattr(encoder.preprocess, "transforms", []):
         if isinstance(t, transforms.Resize):

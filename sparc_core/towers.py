@@ -35,6 +35,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_bytes, atomic_write_json
+from .extras import require
 from .scenes import SHAPES_FAMILY, SceneFamily, family_of, read_scene_records
 
 DINO_ARCH = "vit_small_patch14_reg4_dinov2"
@@ -113,8 +114,7 @@ def _lr(step: int, steps: int, lr: float) -> float:
 
 
 def dino_model(sizes: TowerSizes, dynamic: bool = False) -> torch.nn.Module:
-    import timm
-
+    timm = require("timm", "encoders", "the scene towers")
     extra = {"dynamic_img_size": True} if dynamic else {}  # training sees local crops smaller than image_size
     return timm.create_model(DINO_ARCH, pretrained=False, num_classes=0, img_size=sizes.image_size, **sizes.dino_args(), **extra)
 
@@ -256,8 +256,7 @@ def train_dino(
 
 
 def clip_model(sizes: TowerSizes) -> torch.nn.Module:
-    import open_clip
-
+    open_clip = require("open_clip", "encoders", "the scene towers")
     return open_clip.CLIP(**sizes.clip_cfg())
 
 
@@ -267,8 +266,7 @@ def train_clip(
 ) -> torch.nn.Module:  # fmt: skip
     """The open_clip-layout CLIP trained contrastively on (scene, caption) pairs; ``on_step(step, loss)`` is
     called every 50 steps."""
-    import open_clip
-
+    open_clip = require("open_clip", "encoders", "the scene towers")
     torch.manual_seed(seed)
     model = clip_model(sizes)
     tokens = open_clip.tokenize(captions, context_length=sizes.context_length)
@@ -321,8 +319,7 @@ def save_clip_dir(model: torch.nn.Module, sizes: TowerSizes, directory: Path, se
     directory.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     if seen_texts is not None:
-        import open_clip
-
+        open_clip = require("open_clip", "encoders", "the scene towers")
         seen = torch.unique(open_clip.tokenize(seen_texts, context_length=sizes.context_length))
         unseen = torch.ones(len(sd["token_embedding.weight"]), dtype=torch.bool)
         unseen[seen] = False
@@ -343,8 +340,7 @@ def clip_zero_shot(
     family: SceneFamily = SHAPES_FAMILY,
 ) -> float:  # fmt: skip
     """Top-1 over the family's colour x shape classes ("a red triangle") on single-object scenes."""
-    import open_clip
-
+    open_clip = require("open_clip", "encoders", "the scene towers")
     classes = [(c, s) for c in family.colours for s in family.shapes]
     prompts = open_clip.tokenize([family.phrase(c, s) for c, s in classes], context_length=sizes.context_length)
     txt = F.normalize(model.encode_text(prompts), dim=-1)

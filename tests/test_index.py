@@ -416,7 +416,7 @@ def test_without_faiss_the_dense_path_says_what_to_install(random_ckpt, tmp_path
     import index.faiss_backend as fb
 
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if neither faiss-cpu nor faiss-gpu were installed
-    monkeypatch.setattr(fb, "faiss", fb._LazyFaiss())
+    monkeypatch.setattr(fb, "faiss", fb._lazy_faiss())
     with pytest.raises(fb.DenseIndexError, match=r"pip install 'sparc\[cpu\]'"):
         build_bundle(random_ckpt, "img", _feats(tmp_path, 50, 32), tmp_path / "b", progress=False, dense=True)
     build_bundle(random_ckpt, "img", _feats(tmp_path, 50, 32), tmp_path / "c", progress=False)  # default: sparse only

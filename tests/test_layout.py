@@ -118,3 +118,22 @@ def test_atomic_writes_load_no_torch():
     """sparc_core/atomic.py (every artefact's writes) imports no torch: any command may use it."""
     _, absolute = _imports(ROOT / "sparc_core" / "atomic.py")
     assert not absolute & {"torch", "safetensors", "sparc_core"}, sorted(absolute)
+
+
+OPTIONAL = {"faiss", "timm", "open_clip", "torchvision", "pymilvus", "milvus_lite", "seismic", "ray", "h5py", "matplotlib"}
+
+
+def test_optional_dependencies_load_only_through_extras():
+    """No module of the packages imports an optional dependency when it is imported itself: each is loaded
+    through sparc_core.extras (require / LazyModule) by the feature that needs it."""
+    for package in ("sparc_core", "index", "service"):
+        for path in (ROOT / package).rglob("*.py"):
+            if "_proto" in path.parts:
+                continue
+            for node in ast.parse(path.read_text()).body:
+                names = set()
+                if isinstance(node, ast.Import):
+                    names = {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    names = {node.module.split(".")[0]}
+                assert not names & OPTIONAL, f"{path.relative_to(ROOT)} imports {sorted(names & OPTIONAL)} at load"
