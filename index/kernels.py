@@ -7,10 +7,12 @@ with numba (cached on disk, GIL released); index/postings.py decides what runs w
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numba
 import numpy as np
 
+from .merge import merge_order
 from .postings_format import BLOCK
 
 _F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)  # float16 bits -> float32
@@ -544,18 +546,15 @@ def _approx_lone(
     return sink
 
 
-def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge per-part (D, I) [nq, k_i] results (I already global, -1 = none) into the best k per query."""
+def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-part (D, I) [nq, k_i] results (I global rows, -1 = none) merged into the best k per query
+    (``merge_order`` keyed by row)."""
     if len(parts) == 1 and parts[0][0].shape[1] == k:
         return parts[0]
-    D = np.concatenate([d for d, _ in parts], axis=1)
-    I = np.concatenate([i for _, i in parts], axis=1)
-    order = np.lexsort((np.where(I < 0, np.iinfo(np.int64).max, I), -D), axis=1)[:, :k]
-    D, I = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
-    if D.shape[1] < k:
-        pad = k - D.shape[1]
-        D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
-        I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
+    D, src, pos = merge_order([d for d, _ in parts], k, keys=[i for _, i in parts])
+    rows = np.concatenate([np.asarray(i, dtype=np.int64) for _, i in parts], axis=1)
+    offsets = np.cumsum([0] + [i.shape[1] for _, i in parts])[:-1]
+    I = np.where(src >= 0, np.take_along_axis(rows, np.where(src >= 0, offsets[np.maximum(src, 0)] + pos, 0), 1), -1)
     return D, I
 
 

@@ -12,6 +12,7 @@ import torch
 from sparc_core import SparcModel, SparseCode
 
 from .errors import BundleError
+from .merge import merge_order
 from .params import SearchParams, SearchPath
 
 
@@ -134,9 +135,19 @@ def explain_code(
 def merge_galleries(results: dict[str, SearchResult], top_k: int) -> list[list[tuple[float, str, Any]]]:
     """Per query, the best ``top_k`` hits over several galleries' results (by name): (score, gallery, id),
     best first; equal scores keep the galleries' order, then each gallery's own order."""
+    names = list(results)
     n = max((len(r.ids) for r in results.values()), default=0)
-    merged: list[list[tuple[float, str, Any]]] = [[] for _ in range(n)]
-    for name, res in results.items():
-        for q in range(len(res.ids)):
-            merged[q].extend((sc, name, item) for item, sc in zip(res.ids[q], res.scores[q]))
-    return [sorted(m, key=lambda t: -t[0])[:top_k] for m in merged]
+    if not names or n == 0:
+        return [[] for _ in range(n)]
+    width = [max((len(s) for s in results[g].scores), default=0) for g in names]
+    scores = []
+    for g, w in zip(names, width):
+        arr = np.full((n, w), -np.inf, dtype=np.float32)
+        for q, sc in enumerate(results[g].scores):
+            arr[q, : len(sc)] = sc
+        scores.append(arr)
+    D, src, pos = merge_order(scores, top_k)  # the one merge: galleries in order, each in the tie order
+    return [
+        [(float(d), names[s], results[names[s]].ids[q][p]) for d, s, p in zip(D[q], src[q], pos[q]) if np.isfinite(d)]
+        for q in range(n)
+    ]

@@ -26,6 +26,7 @@ from .faiss_backend import DenseSearcher
 from .gallery import GalleryInfo
 from .kernels import merge_topk
 from .manifest import MANIFEST, checkpoint_of, require_checkpoint, require_model
+from .merge import merge_order
 from .params import DEFAULT_PATH, PATHS, DenseParams, ExactParams, PathParams, SearchParams, SearchPath
 from .postings import warm_up
 from .queries import Explanation, SearchResult, as_code, dense_arrays, encode_queries, explain_code, params_arrays
@@ -230,31 +231,32 @@ class Searcher:
                     parts.append((Dp, np.where(Ip >= 0, Ip + part.row0, -1)))
                 D, I = merge_topk(parts, kk)
             per_shard.append((s, D, I))
-        out_D, out_R = [], []
-        for q in range(q_idx.shape[0]):
-            d_parts, r_parts = [], []
-            for s, D, I in per_shard:
-                valid = I[q] >= 0
-                d_parts.append(D[q][valid])
-                r_parts.append(np.stack([np.full(int(valid.sum()), s), I[q][valid]], axis=1))
-            d = np.concatenate(d_parts)
-            r = np.concatenate(r_parts) if r_parts else np.zeros((0, 2), dtype=np.int64)
-            order = np.argsort(-d, kind="stable")[:k]
-            out_D.append(d[order])
-            out_R.append(r[order].astype(np.int64))
-        return out_D, out_R
+        # the one merge (kernels.merge_order): shards in order, each already in the tie order
+        D, src, pos = merge_order([np.where(I >= 0, D, -np.inf) for _, D, I in per_shard], k)
+        rows = np.concatenate([I for _, _, I in per_shard], axis=1)
+        offsets = np.cumsum([0] + [I.shape[1] for _, _, I in per_shard])[:-1]
+        shard_of = np.array([s for s, _, _ in per_shard], dtype=np.int64)
+        valid = np.isfinite(D)
+        at = np.where(valid, offsets[np.maximum(src, 0)] + pos, 0)
+        refs = np.stack([shard_of[np.maximum(src, 0)], np.take_along_axis(rows, at, 1)], axis=2).astype(np.int64)
+        return [D[q][valid[q]] for q in range(len(D))], [refs[q][valid[q]] for q in range(len(D))]
 
     def latent_top_items(self, latent: int, top_k: int) -> tuple[int, list[tuple[Any, float]]]:
         """Items with the largest value of ``latent`` and how many items have it active."""
-        found: list[tuple[float, Any]] = []
-        n_active = 0
+        n_active, scores, rows = 0, [], []
         for shard in self.shards:
-            rows, values = shard.posting(latent)
-            n_active += len(rows)
-            top = np.argsort(-values, kind="stable")[:top_k]
-            found.extend(zip(values[top].tolist(), shard.ids_at(rows[top])))
-        found.sort(key=lambda t: -t[0])
-        return n_active, [(item, v) for v, item in found[:top_k]]
+            r, values = shard.posting(latent)
+            n_active += len(r)
+            top = merge_order([values[None, :]], top_k, keys=[r[None, :]])  # by value, then row
+            keep = np.isfinite(top[0][0])
+            scores.append(top[0][:, keep])
+            rows.append(r[top[2][0][keep]][None, :])
+        D, src, pos = merge_order(scores, top_k)
+        found = []
+        for d, s, p in zip(D[0], src[0], pos[0]):
+            if np.isfinite(d):
+                found.append((self.shards[int(s)].ids_at(rows[int(s)][:, int(p)])[0], float(d)))
+        return n_active, found
 
     # ---- explanations -----------------------------------------------------------------------------
     def item_code(self, item_id: Any) -> tuple[np.ndarray, np.ndarray]:

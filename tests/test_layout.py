@@ -8,9 +8,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 INDEX_ORDER = [
-    "errors", "synthetic_codes", "params", "ids", "faiss_backend", "seismic_backend", "postings_format", "kernels", "postings",
-    "validate", "manifest", "reader", "bundle", "cluster", "queries", "gallery", "searcher", "milvus_backend", "opener",
-    "cli",
+    "errors", "synthetic_codes", "params", "merge", "ids", "faiss_backend", "seismic_backend", "postings_format",
+    "kernels", "postings", "validate", "manifest", "reader", "bundle", "cluster", "queries", "gallery", "searcher",
+    "milvus_backend", "opener", "cli",
 ]  # fmt: skip
 
 
@@ -137,3 +137,23 @@ def test_optional_dependencies_load_only_through_extras():
                 elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                     names = {node.module.split(".")[0]}
                 assert not names & OPTIONAL, f"{path.relative_to(ROOT)} imports {sorted(names & OPTIONAL)} at load"
+
+
+# Orderings that are not merges of several sources' results: choosing a heavy query's two common latents,
+# sorting one hit's explanation, ranking one Seismic part's candidates by (score, row): the same tie rule.
+NOT_MERGES = {("postings.py", "argsort"), ("queries.py", "sort"), ("seismic_backend.py", "lexsort")}
+
+
+def test_one_top_k_merge():
+    """index.merge.merge_order is the only top-k merge: no other sort by descending score in index/ or service/."""
+    for package in ("index", "service"):
+        for path in (ROOT / package).glob("*.py"):
+            if path.name == "merge.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.Call):
+                    continue
+                fn = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                descending = any(isinstance(a, ast.UnaryOp) and isinstance(a.op, ast.USub) for a in ast.walk(node))
+                if fn in ("lexsort", "argsort", "sort", "sorted") and descending and (path.name, fn) not in NOT_MERGES:
+                    raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno}: a second top-k merge; use index.merge")
