@@ -19,6 +19,12 @@ def merge_order(
     a negative key is no entry), then by source, then by position. Every source is itself in this order, so
     one level up (source, position) stands for the key: the order is the same whichever way results were cut.
     """
+    if len(scores) == 1 and keys is None:  # one source is already in the tie order
+        D = np.asarray(scores[0], dtype=np.float32)[:, :k]
+        src, pos = np.zeros(D.shape, dtype=np.int64), np.broadcast_to(np.arange(D.shape[1]), D.shape)
+        if D.shape[1] == k:
+            return D, src, pos
+        scores = [D]  # fewer than k: padded below
     D = np.concatenate([np.asarray(s, dtype=np.float32) for s in scores], axis=1)
     src = np.concatenate([np.full(np.shape(s), i, dtype=np.int64) for i, s in enumerate(scores)], axis=1)
     pos = np.concatenate([np.broadcast_to(np.arange(np.shape(s)[1]), np.shape(s)) for s in scores], axis=1)
