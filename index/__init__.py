@@ -30,6 +30,7 @@ _WHERE = {
     "DenseParams": "params",
     "ExactParams": "params",
     "SearchParams": "params",
+    "SearchPath": "params",
     "SeismicParams": "params",
     "Explanation": "queries",
     "SearchResult": "queries",
@@ -49,7 +50,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .gallery import Gallery, GalleryInfo  # noqa: F401
     from .manifest import Manifest, read_manifest  # noqa: F401
     from .opener import open_gallery  # noqa: F401
-    from .params import DEFAULT_PATH, ApproxParams, DenseParams, ExactParams, SearchParams, SeismicParams  # noqa: F401
+    from .params import DEFAULT_PATH, ApproxParams, DenseParams, ExactParams, SearchParams, SearchPath, SeismicParams  # noqa: F401
     from .queries import Explanation, SearchResult, merge_galleries  # noqa: F401
     from .reader import Bundle  # noqa: F401
     from .searcher import Searcher  # noqa: F401

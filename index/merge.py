@@ -32,7 +32,8 @@ def merge_order(
         order = np.argsort(-D, axis=1, kind="stable")  # stable: source, then position
     else:
         K = np.concatenate([np.asarray(x, dtype=np.int64) for x in keys], axis=1)
-        order = np.lexsort((pos, src, np.where(K < 0, np.iinfo(np.int64).max, K), -D), axis=1)
+        # a key (a row) appears once, so (score, key) already orders every entry but the missing ones
+        order = np.lexsort((np.where(K < 0, np.iinfo(np.int64).max, K), -D), axis=1)
     order = order[:, :k]
     D, src, pos = (np.take_along_axis(a, order, 1) for a in (D, src, pos))
     if D.shape[1] < k:
