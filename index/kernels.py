@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numba
 import numpy as np
 
-from .merge import merge_order
+from .merge import gather, merge_order
 from .postings_format import BLOCK
 
 _F16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)  # float16 bits -> float32
@@ -551,11 +551,9 @@ def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[
     (``merge_order`` keyed by row)."""
     if len(parts) == 1 and parts[0][0].shape[1] == k:
         return parts[0]
-    D, src, pos = merge_order([d for d, _ in parts], k, keys=[i for _, i in parts])
-    rows = np.concatenate([np.asarray(i, dtype=np.int64) for _, i in parts], axis=1)
-    offsets = np.cumsum([0] + [i.shape[1] for _, i in parts])[:-1]
-    I = np.where(src >= 0, np.take_along_axis(rows, np.where(src >= 0, offsets[np.maximum(src, 0)] + pos, 0), 1), -1)
-    return D, I
+    rows = [np.asarray(i, dtype=np.int64) for _, i in parts]
+    D, at = merge_order([d for d, _ in parts], k, keys=rows)
+    return D, gather(rows, at)
 
 
 def _pack_queries(q_idx: np.ndarray, q_val: np.ndarray, n_latents: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -8,35 +8,36 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def merge_order(
-    scores: Sequence[np.ndarray], k: int, keys: Sequence[np.ndarray] | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def merge_order(scores: Sequence[np.ndarray], k: int, keys: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The top-k merge, at every level (a query's block ranges, a bundle's parts, a gallery's shards, a
     search's galleries): per query, the ``k`` best entries of several sources' [nq, k_i] scores (-inf: no
-    entry), as (scores, source, position in the source), each [nq, k].
+    entry), as (scores [nq, k], at [nq, k]): ``at`` is the entry's column in the sources' concatenation
+    (-1 past the last entry), so a caller gathers any payload concatenated the same way.
 
-    One tie rule: score descending; equal scores by ``keys`` ascending where the level has them (global rows;
-    a negative key is no entry), then by source, then by position. Every source is itself in this order, so
-    one level up (source, position) stands for the key: the order is the same whichever way results were cut.
+    One tie rule: score descending; equal scores by ``keys`` ascending where the level has them (global rows,
+    each appearing once; a negative key is no entry), else by source, then by position. Every source is
+    itself in this order, so one level up (source, position) stands for the key: the order is the same
+    whichever way the results were cut.
     """
     if len(scores) == 1 and keys is None:  # one source is already in the tie order
         D = np.asarray(scores[0], dtype=np.float32)[:, :k]
-        src, pos = np.zeros(D.shape, dtype=np.int64), np.broadcast_to(np.arange(D.shape[1]), D.shape)
-        if D.shape[1] == k:
-            return D, src, pos
-        scores = [D]  # fewer than k: padded below
-    D = np.concatenate([np.asarray(s, dtype=np.float32) for s in scores], axis=1)
-    src = np.concatenate([np.full(np.shape(s), i, dtype=np.int64) for i, s in enumerate(scores)], axis=1)
-    pos = np.concatenate([np.broadcast_to(np.arange(np.shape(s)[1]), np.shape(s)) for s in scores], axis=1)
-    if keys is None:
-        order = np.argsort(-D, axis=1, kind="stable")  # stable: source, then position
+        order = np.broadcast_to(np.arange(D.shape[1]), D.shape)
     else:
-        K = np.concatenate([np.asarray(x, dtype=np.int64) for x in keys], axis=1)
-        # a key (a row) appears once, so (score, key) already orders every entry but the missing ones
-        order = np.lexsort((np.where(K < 0, np.iinfo(np.int64).max, K), -D), axis=1)
-    order = order[:, :k]
-    D, src, pos = (np.take_along_axis(a, order, 1) for a in (D, src, pos))
+        D = np.concatenate([np.asarray(s, dtype=np.float32) for s in scores], axis=1)
+        if keys is None:
+            order = np.argsort(-D, axis=1, kind="stable")[:, :k]  # stable: source, then position
+        else:
+            K = np.concatenate([np.asarray(x, dtype=np.int64) for x in keys], axis=1)
+            order = np.lexsort((np.where(K < 0, np.iinfo(np.int64).max, K), -D), axis=1)[:, :k]
+        D = np.take_along_axis(D, order, 1)
     if D.shape[1] < k:
         pad = ((0, 0), (0, k - D.shape[1]))
-        D, src, pos = np.pad(D, pad, constant_values=-np.inf), np.pad(src, pad, constant_values=-1), np.pad(pos, pad)
-    return D, src, pos
+        D, order = np.pad(D, pad, constant_values=-np.inf), np.pad(order, pad, constant_values=-1)
+    return D, order
+
+
+def gather(payload: Sequence[np.ndarray], at: np.ndarray, fill: int = -1) -> np.ndarray:
+    """The entries ``merge_order`` chose from payloads concatenated as its sources were ([nq, k_i] each);
+    ``fill`` past the last entry."""
+    flat = payload[0] if len(payload) == 1 else np.concatenate(payload, axis=1)
+    return np.where(at >= 0, np.take_along_axis(flat, np.maximum(at, 0), 1), fill)

@@ -12,7 +12,7 @@ import torch
 from sparc_core import SparcModel, SparseCode
 
 from .errors import BundleError
-from .merge import merge_order
+from .merge import gather, merge_order
 from .params import SearchParams, SearchPath
 
 
@@ -146,7 +146,9 @@ def merge_galleries(results: dict[str, SearchResult], top_k: int) -> list[list[t
         for q, sc in enumerate(results[g].scores):
             arr[q, : len(sc)] = sc
         scores.append(arr)
-    D, src, pos = merge_order(scores, top_k)  # the one merge: galleries in order, each in the tie order
+    D, at = merge_order(scores, top_k)  # the one merge: galleries in order, each in the tie order
+    src = gather([np.full(s.shape, g) for g, s in enumerate(scores)], at)
+    pos = gather([np.broadcast_to(np.arange(s.shape[1]), s.shape) for s in scores], at)
     return [
         [(float(d), names[s], results[names[s]].ids[q][p]) for d, s, p in zip(D[q], src[q], pos[q]) if np.isfinite(d)]
         for q in range(n)

@@ -26,7 +26,7 @@ from .faiss_backend import DenseSearcher
 from .gallery import GalleryInfo
 from .kernels import merge_topk
 from .manifest import MANIFEST, checkpoint_of, require_checkpoint, require_model
-from .merge import merge_order
+from .merge import gather, merge_order
 from .params import DEFAULT_PATH, PATHS, DenseParams, ExactParams, PathParams, SearchParams, SearchPath
 from .postings import warm_up
 from .queries import Explanation, SearchResult, as_code, dense_arrays, encode_queries, explain_code, params_arrays
@@ -231,31 +231,27 @@ class Searcher:
                     parts.append((Dp, np.where(Ip >= 0, Ip + part.row0, -1)))
                 D, I = merge_topk(parts, kk)
             per_shard.append((s, D, I))
-        # the one merge (kernels.merge_order): shards in order, each already in the tie order
-        D, src, pos = merge_order([np.where(I >= 0, D, -np.inf) for _, D, I in per_shard], k)
-        rows = np.concatenate([I for _, _, I in per_shard], axis=1)
-        offsets = np.cumsum([0] + [I.shape[1] for _, _, I in per_shard])[:-1]
-        shard_of = np.array([s for s, _, _ in per_shard], dtype=np.int64)
+        # the one merge (index.merge): shards in order, each already in the tie order
+        D, at = merge_order([np.where(I >= 0, D, -np.inf) for _, D, I in per_shard], k)
+        rows = gather([I for _, _, I in per_shard], at)
+        shard = gather([np.full(I.shape, s, dtype=np.int64) for s, _, I in per_shard], at)
+        refs = np.stack([shard, rows], axis=2)
         valid = np.isfinite(D)
-        at = np.where(valid, offsets[np.maximum(src, 0)] + pos, 0)
-        refs = np.stack([shard_of[np.maximum(src, 0)], np.take_along_axis(rows, at, 1)], axis=2).astype(np.int64)
         return [D[q][valid[q]] for q in range(len(D))], [refs[q][valid[q]] for q in range(len(D))]
 
     def latent_top_items(self, latent: int, top_k: int) -> tuple[int, list[tuple[Any, float]]]:
         """Items with the largest value of ``latent`` and how many items have it active."""
-        n_active, scores, rows = 0, [], []
+        n_active, scores, items = 0, [], []
         for shard in self.shards:
             r, values = shard.posting(latent)
             n_active += len(r)
-            top = merge_order([values[None, :]], top_k, keys=[r[None, :]])  # by value, then row
-            keep = np.isfinite(top[0][0])
-            scores.append(top[0][:, keep])
-            rows.append(r[top[2][0][keep]][None, :])
-        D, src, pos = merge_order(scores, top_k)
-        found = []
-        for d, s, p in zip(D[0], src[0], pos[0]):
-            if np.isfinite(d):
-                found.append((self.shards[int(s)].ids_at(rows[int(s)][:, int(p)])[0], float(d)))
+            d, at = merge_order([values[None, :]], top_k, keys=[r[None, :]])  # by value, then row
+            keep = np.isfinite(d[0])
+            scores.append(d[:, keep])
+            items.append(shard.ids_at(r[at[0][keep]]))
+        D, at = merge_order(scores, top_k)
+        flat = [item for found in items for item in found]
+        found = [(flat[int(a)], float(d)) for d, a in zip(D[0], at[0]) if np.isfinite(d)]
         return n_active, found
 
     # ---- explanations -----------------------------------------------------------------------------

@@ -248,7 +248,6 @@ def extract(cfg: ExtractConfig, encoders: dict[str, FeatureEncoder] | None = Non
     """Run (or resume) an extraction; returns the manifest of the assembled files. With ``cfg.engine`` "ray"
     the chunks are encoded by an actor pool on a Ray cluster (:mod:`sparc_core.cluster`); either engine
     resumes what the other left."""
-    out = Path(cfg.out)
     root = Path(cfg.images)
     if not root.is_dir():
         raise ExtractError(f"image folder not found: {root}")
@@ -268,33 +267,9 @@ def extract(cfg: ExtractConfig, encoders: dict[str, FeatureEncoder] | None = Non
         return plan
     fp, fp_hash, pending = plan
     batches, owner = chunk_batches(cfg, len(items), pending)
-    transforms = {s: e.preprocess for s, e in encoders.items() if e.modality == "image"}
-    loader = DataLoader(
-        _Images(root, items, transforms),
-        batch_sampler=batches,
-        num_workers=cfg.workers if batches else 0,
-        collate_fn=_collate,
-        pin_memory=any(e.device.type == "cuda" for e in encoders.values()),
-        persistent_workers=False,
-    )
     done_rows = len(items) - sum(len(b) for b in batches)
-    bar = tqdm(total=len(items), initial=done_rows, unit="img", desc="extract", disable=not cfg.progress)
-    acc: dict[str, list[torch.Tensor]] = {}
-    acc_rows: list[int] = []
-    rejects: list[dict[str, Any]] = []
-    for n, (rows, pixels, failed) in enumerate(loader):
-        for i, err in failed:
-            log.warning("skipping %s: %s", items[i].image, err)
-            rejects.append({"row": i, "id": items[i].id, "image": items[i].image, "error": err})
-        if rows:
-            for key, feats in _encode_batch(encoders, rows, pixels, items).items():
-                acc.setdefault(key, []).append(feats)
-            acc_rows.extend(rows)
-        bar.update(len(rows) + len(failed))
-        if n + 1 == len(batches) or owner[n + 1] != owner[n]:
-            _write_chunk(out, owner[n], info, acc, acc_rows, rejects, fp_hash)
-            acc, acc_rows, rejects = {}, [], []
-    bar.close()
+    with tqdm(total=len(items), initial=done_rows, unit="img", desc="extract", disable=not cfg.progress) as bar:
+        _run_batches(cfg, items, encoders, info, fp_hash, batches, owner, bar.update)
     return assemble(cfg, items, info, fp, fp_hash)
 
 
@@ -347,19 +322,31 @@ def extract_chunk(
 ) -> tuple[int, int]:  # fmt: skip
     """Encode and write chunk ``c`` alone (what a cluster worker does); ``items[i]`` is row ``i``'s Item for
     the chunk's rows. Returns (rows written, rows rejected)."""
-    batches, _ = chunk_batches(cfg, len(items), [c])
+    batches, owner = chunk_batches(cfg, len(items), [c])
+    return _run_batches(cfg, items, encoders, info, fp_hash, batches, owner)
+
+
+def _run_batches(
+    cfg: ExtractConfig, items: Any, encoders: dict[str, FeatureEncoder], info: dict[str, dict[str, Any]], fp_hash: str,
+    batches: list[list[int]], owner: list[int], on_batch: Callable[[int], Any] | None = None,
+) -> tuple[int, int]:  # fmt: skip
+    """Decode, encode and write the chunks ``batches`` cover (batch n belongs to chunk ``owner[n]``; a chunk
+    is written once its last batch is in); ``on_batch(rows)`` after each batch. Returns (rows written, rows
+    rejected)."""
     transforms = {s: e.preprocess for s, e in encoders.items() if e.modality == "image"}
     loader = DataLoader(
         _Images(Path(cfg.images), items, transforms),
         batch_sampler=batches,
-        num_workers=cfg.workers,
+        num_workers=cfg.workers if batches else 0,
         collate_fn=_collate,
+        pin_memory=any(e.device.type == "cuda" for e in encoders.values()),
         persistent_workers=False,
     )
     acc: dict[str, list[torch.Tensor]] = {}
     acc_rows: list[int] = []
     rejects: list[dict[str, Any]] = []
-    for rows, pixels, failed in loader:
+    written = rejected = 0
+    for n, (rows, pixels, failed) in enumerate(loader):
         for i, err in failed:
             log.warning("skipping %s: %s", items[i].image, err)
             rejects.append({"row": i, "id": items[i].id, "image": items[i].image, "error": err})
@@ -367,8 +354,13 @@ def extract_chunk(
             for key, feats in _encode_batch(encoders, rows, pixels, items).items():
                 acc.setdefault(key, []).append(feats)
             acc_rows.extend(rows)
-    _write_chunk(Path(cfg.out), c, info, acc, acc_rows, rejects, fp_hash)
-    return len(acc_rows), len(rejects)
+        if on_batch is not None:
+            on_batch(len(rows) + len(failed))
+        if n + 1 == len(batches) or owner[n + 1] != owner[n]:
+            _write_chunk(Path(cfg.out), owner[n], info, acc, acc_rows, rejects, fp_hash)
+            written, rejected = written + len(acc_rows), rejected + len(rejects)
+            acc, acc_rows, rejects = {}, [], []
+    return written, rejected
 
 
 def _write_chunk(
