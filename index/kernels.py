@@ -551,9 +551,9 @@ def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[
     (``merge_order`` keyed by row)."""
     if len(parts) == 1 and parts[0][0].shape[1] == k:
         return parts[0]
-    rows = [np.asarray(i, dtype=np.int64) for _, i in parts]
-    D, at = merge_order([d for d, _ in parts], k, keys=rows)
-    return D, gather(rows, at)
+    rows = np.concatenate([i for _, i in parts], axis=1)  # once: the merge's key and the payload
+    D, at = merge_order([np.concatenate([d for d, _ in parts], axis=1)], k, keys=[rows])
+    return D, gather([rows], at)
 
 
 def _pack_queries(q_idx: np.ndarray, q_val: np.ndarray, n_latents: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

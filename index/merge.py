@@ -23,11 +23,11 @@ def merge_order(scores: Sequence[np.ndarray], k: int, keys: Sequence[np.ndarray]
         D = np.asarray(scores[0], dtype=np.float32)[:, :k]
         order = np.broadcast_to(np.arange(D.shape[1]), D.shape)
     else:
-        D = np.concatenate([np.asarray(s, dtype=np.float32) for s in scores], axis=1)
+        D = _joined(scores)
         if keys is None:
             order = np.argsort(-D, axis=1, kind="stable")[:, :k]  # stable: source, then position
         else:
-            K = np.concatenate([np.asarray(x, dtype=np.int64) for x in keys], axis=1)
+            K = _joined(keys)
             order = np.lexsort((np.where(K < 0, np.iinfo(np.int64).max, K), -D), axis=1)[:, :k]
         D = np.take_along_axis(D, order, 1)
     if D.shape[1] < k:
@@ -39,5 +39,9 @@ def merge_order(scores: Sequence[np.ndarray], k: int, keys: Sequence[np.ndarray]
 def gather(payload: Sequence[np.ndarray], at: np.ndarray, fill: int = -1) -> np.ndarray:
     """The entries ``merge_order`` chose from payloads concatenated as its sources were ([nq, k_i] each);
     ``fill`` past the last entry."""
-    flat = payload[0] if len(payload) == 1 else np.concatenate(payload, axis=1)
-    return np.where(at >= 0, np.take_along_axis(flat, np.maximum(at, 0), 1), fill)
+    out = np.take_along_axis(_joined(payload), np.maximum(at, 0), 1)
+    return out if at.size == 0 or at.min() >= 0 else np.where(at >= 0, out, fill)
+
+
+def _joined(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    return np.asarray(arrays[0]) if len(arrays) == 1 else np.concatenate(arrays, axis=1)
