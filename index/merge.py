@@ -20,7 +20,7 @@ def merge_order(scores: Sequence[np.ndarray], k: int, keys: Sequence[np.ndarray]
     whichever way the results were cut.
     """
     if len(scores) == 1 and keys is None:  # one source is already in the tie order
-        D = np.asarray(scores[0], dtype=np.float32)[:, :k]
+        D = np.asarray(scores[0])[:, :k]
         order = np.broadcast_to(np.arange(D.shape[1]), D.shape)
     else:
         D = _joined(scores)

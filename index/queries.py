@@ -142,7 +142,7 @@ def merge_galleries(results: dict[str, SearchResult], top_k: int) -> list[list[t
     width = [max((len(s) for s in results[g].scores), default=0) for g in names]
     scores = []
     for g, w in zip(names, width):
-        arr = np.full((n, w), -np.inf, dtype=np.float32)
+        arr = np.full((n, w), -np.inf)  # float64: the galleries' scores come back as they were
         for q, sc in enumerate(results[g].scores):
             arr[q, : len(sc)] = sc
         scores.append(arr)
@@ -150,6 +150,10 @@ def merge_galleries(results: dict[str, SearchResult], top_k: int) -> list[list[t
     src = gather([np.full(s.shape, g) for g, s in enumerate(scores)], at)
     pos = gather([np.broadcast_to(np.arange(s.shape[1]), s.shape) for s in scores], at)
     return [
-        [(float(d), names[s], results[names[s]].ids[q][p]) for d, s, p in zip(D[q], src[q], pos[q]) if np.isfinite(d)]
+        [
+            (results[names[s]].scores[q][p], names[s], results[names[s]].ids[q][p])
+            for d, s, p in zip(D[q], src[q], pos[q])
+            if np.isfinite(d)
+        ]
         for q in range(n)
     ]
