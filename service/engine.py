@@ -5,7 +5,6 @@ no model maths and no search maths (the merge over indexes is index.merge_galler
 
 from __future__ import annotations
 
-import io
 import queue
 import threading
 import time
@@ -17,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from index import Gallery, SearchParams, SearchResult, SearchStopped, merge_galleries, open_gallery
 from index.errors import BundleError, GalleryUnavailable
@@ -30,13 +28,13 @@ from sparc_core.encoders import FeatureEncoder, load_encoders
 from sparc_core.naming import load_latent_names
 
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OverLimit, ServiceError
+from .images import decode_image
 from .lanes import GradientLane
 from .settings import ServiceSettings
 
 __all__ = ["Engine", "EncodeBatcher", "SearchSpec", "QuerySpec", "ServiceError", "SearchStopped", "Hit"]
 
 
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 MAX_TARGET_LATENTS = 64  # latents one Localize / AttributeText call may name
 HIT_BYTES = 64  # a hit in the reply: id, score, rank, index name, framing (ids of up to ~40 characters)
 EXPLANATION_BYTES = 8 * 24  # the 8 shared latents of an explained hit
@@ -188,27 +186,6 @@ class EncodeBatcher:
         self._q.put(None)
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
-
-
-def decode_image(data: bytes, max_pixels: int, target: int = 1024) -> Image.Image:
-    """An RGB image from JPEG/PNG/WebP bytes; anything else, or one over ``max_pixels``: InvalidArgument.
-
-    JPEGs are decoded at the smallest scale still at least ``target`` pixels on the short side (the
-    encoders resize far below that), which bounds the memory of a large photo."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format not in IMAGE_FORMATS:
-                raise InvalidArgument(f"image format {im.format} is not supported (JPEG, PNG or WebP)")
-            if im.width * im.height > max_pixels:
-                raise InvalidArgument(f"image of {im.width}x{im.height} pixels exceeds max_image_pixels {max_pixels}")
-            if im.format == "JPEG":
-                scale = max(1, min(im.width, im.height) // target)
-                im.draft("RGB", (max(1, im.width // scale), max(1, im.height // scale)))
-            return im.convert("RGB")
-    except ServiceError:
-        raise
-    except Exception as e:  # noqa: BLE001 - truncated, corrupt or not an image at all
-        raise InvalidArgument(f"undecodable image ({type(e).__name__}: {e})") from None
 
 
 MAX_DELETE_IDS = 100_000  # ids per DeleteItems call

@@ -311,8 +311,8 @@ class SearchPage:
     def thumb(self, item: str) -> bytes:
         """The item's image as a JPEG of at most THUMB_PX a side: decoded under the pixel cap (JPEGs at a
         reduced scale), one of the last 1,024 from memory."""
-        from .engine import decode_image
         from .errors import ServiceError
+        from .images import decode_image
 
         with self._lock:
             if item in self._thumbs:

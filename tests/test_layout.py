@@ -157,3 +157,11 @@ def test_one_top_k_merge():
                 descending = any(isinstance(a, ast.UnaryOp) and isinstance(a.op, ast.USub) for a in ast.walk(node))
                 if fn in ("lexsort", "argsort", "sort", "sorted") and descending and (path.name, fn) not in NOT_MERGES:
                     raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno}: a second top-k merge; use index.merge")
+
+
+def test_the_search_page_reaches_the_service_only_through_the_client():
+    """service/ui.py imports no engine (nor the models' stack through it): the client, the image decoder, the
+    path names (and, to read captions, the caption reader)."""
+    rel, absolute = _imports(ROOT / "service" / "ui.py")
+    assert rel <= {"client", "images", "errors"}, sorted(rel)
+    assert "torch" not in absolute
