@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
 import torch
 
@@ -86,3 +91,35 @@ def client(server):
 
     with SparcClient(f"127.0.0.1:{server.port}") as c:
         yield c
+
+
+@contextlib.contextmanager
+def searching(port: int, queries: np.ndarray, top_k: int, step: int, record) -> Iterator[list]:
+    """Three clients searching index "dino" with CLIP-text queries until the block ends; ``record(response)``
+    keeps what a test checks; yields the list of the status codes of failed calls."""
+    from service.client import SparcClient, make_query, search_request
+
+    errors: list = []
+    stop = threading.Event()
+
+    def search_forever(offset: int) -> None:
+        with SparcClient(f"127.0.0.1:{port}") as c:
+            i = offset
+            while not stop.is_set():
+                try:
+                    record(
+                        c.search(search_request(make_query(stream="clip_txt", vector=queries[i % 600]), ["dino"], top_k=top_k))
+                    )
+                except grpc.RpcError as e:
+                    errors.append(e.code())
+                i += step
+
+    threads = [threading.Thread(target=search_forever, args=(k,)) for k in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        yield errors
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()

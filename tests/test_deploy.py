@@ -3,10 +3,8 @@ under concurrent searches, never mixing checkpoints, with a rollback."""
 
 from __future__ import annotations
 
-import threading
 import time
 
-import grpc
 import numpy as np
 import pytest
 
@@ -17,6 +15,7 @@ from service.deployment import read_deployment, rollback, write_deployment
 from service.server import SparcServer
 from service.settings import load_settings
 from sparc_core import SparcConfig, SparcModel, checkpoint_hash, save_checkpoint
+from tests.conftest import searching
 
 
 @pytest.fixture()
@@ -37,23 +36,10 @@ def test_a_rollover_never_mixes_checkpoints_and_rolls_back(two, medium_synth, tm
                                     environ={})).start()  # fmt: skip
     bundle_of = {checkpoint_hash(ck_a): current_version(b_a).name, checkpoint_hash(ck_b): current_version(b_b).name}
     queries = np.load(medium_synth / "eval" / "clip_txt.npy")
-    seen, errors, stop = [], [], threading.Event()
-
-    def search_forever(offset: int) -> None:
-        with SparcClient(f"127.0.0.1:{srv.port}") as c:
-            i = offset
-            while not stop.is_set():
-                try:
-                    r = c.search(search_request(make_query(stream="clip_txt", vector=queries[i % 600]), ["dino"], top_k=5))
-                    seen.append((r.checkpoint_sha256, {h.index_version for h in r.hits}))
-                except grpc.RpcError as e:
-                    errors.append(e.code())
-                i += 5
-
-    threads = [threading.Thread(target=search_forever, args=(k,)) for k in range(3)]
-    try:
-        for t in threads:
-            t.start()
+    seen: list = []
+    with searching(
+        srv.port, queries, 5, 5, lambda r: seen.append((r.checkpoint_sha256, {h.index_version for h in r.hits}))
+    ) as errors:
         time.sleep(0.4)
         write_deployment(f, str(ck_b), {"dino": [str(b_b)]})
         assert srv.reload_now()["dino"].startswith("deployed")
@@ -62,10 +48,6 @@ def test_a_rollover_never_mixes_checkpoints_and_rolls_back(two, medium_synth, tm
         assert read_deployment(f).checkpoint == str(ck_a)
         assert srv.reload_now()["dino"].startswith("deployed")
         time.sleep(0.4)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
     with SparcClient(f"127.0.0.1:{srv.port}") as c:
         assert c.list_indexes()[0].checkpoint_sha256 == checkpoint_hash(ck_a)
     srv.stop(0)

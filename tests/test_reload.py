@@ -5,7 +5,6 @@ that cannot serve is refused while the old one keeps serving."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import grpc
@@ -18,6 +17,7 @@ from service.client import SparcClient, make_query, search_request
 from service.server import SparcServer
 from service.settings import load_settings
 from sparc_core import SparcConfig, SparcModel, save_checkpoint
+from tests.conftest import searching
 
 
 def _server(checkpoint, bundle, **extra) -> SparcServer:
@@ -38,33 +38,18 @@ def test_a_new_version_is_swapped_in_under_concurrent_searches(trained_checkpoin
     srv = _server(trained_checkpoint, bundle, reload_poll_seconds=0)
     queries = np.load(medium_synth / "eval" / "clip_txt.npy")
     old = current_version(bundle).name
-    seen, errors, stop = [], [], threading.Event()
+    seen: list = []
 
-    def search_forever(offset: int) -> None:
-        with SparcClient(f"127.0.0.1:{srv.port}") as c:
-            i = offset
-            while not stop.is_set():
-                try:
-                    r = c.search(search_request(make_query(stream="clip_txt", vector=queries[i % 600]), ["dino"], top_k=20))
-                    seen.append({h.index_version for h in r.hits} | {str(max(int(h.id) for h in r.hits))})
-                except grpc.RpcError as e:
-                    errors.append(e.code())
-                i += 7
+    def record(r) -> None:
+        seen.append({h.index_version for h in r.hits} | {str(max(int(h.id) for h in r.hits))})
 
-    threads = [threading.Thread(target=search_forever, args=(k,)) for k in range(3)]
-    try:
-        for t in threads:
-            t.start()
+    with searching(srv.port, queries, 20, 7, record) as errors:
         time.sleep(0.5)
         append_to_bundle(bundle, tmp_path / "more.npy", progress=False)  # a new version: 600 items
         new = current_version(bundle).name
         outcome = srv.reload_now()
         assert outcome["dino"].startswith("reloaded") and new in outcome["dino"], outcome
         time.sleep(0.5)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
     with SparcClient(f"127.0.0.1:{srv.port}") as c:
         info = {i.name: i for i in c.list_indexes()}["dino"]
         assert info.n_items == 600 and info.version == new
