@@ -92,6 +92,30 @@ class SparcOutput(NamedTuple):
     """Detached mean number of active latents when a stream is encoded alone."""
 
 
+class _Selection(NamedTuple):
+    """A training batch's selection: logits, each stream's own top-k, the indices each stream's code uses."""
+
+    logits: dict[str, Tensor]
+    solo: dict[str, Tensor]
+    codes: dict[str, Tensor]
+    shared: Tensor | None  # Global TopK's shared indices; None under Local TopK
+
+
+class _AuxK(NamedTuple):
+    """Per stream with dead latents: AuxK indices, (dead ids, positions among them), activations."""
+
+    idx: dict[str, Tensor]
+    pos: dict[str, tuple[Tensor, Tensor]]
+    vals: dict[str, Tensor]
+
+
+class _Encoded(NamedTuple):
+    """The batch's codes (with gradient) and the alignment logits."""
+
+    codes: dict[str, SparseCode]
+    align_logits: dict[str, Tensor]
+
+
 class StreamCodec(nn.Module):
     """One stream's affine encoder and decoder (sparsify's names: W_enc, b_enc, W_dec, b_dec), and its
     private residual dictionary (W_enc_p, b_enc_p, W_dec_p), which is never part of the shared code."""
@@ -328,7 +352,7 @@ class SparcModel(nn.Module):
         cross: bool = True,
         align: bool = True,
     ) -> SparcOutput:
-        """One training pass over a paired batch.
+        """One training pass over a paired batch: select, encode, decode, losses.
 
         dead: per stream, [n_latents] bool of latents counted dead (they feed AuxK).
         solo_select: [B] long; row b takes its shared indices from stream ``streams[solo_select[b]]``
@@ -336,59 +360,76 @@ class SparcModel(nn.Module):
         """
         streams = self._check_inputs(inputs)
         xs = {s: self.normalize(s, inputs[s].to(self.codecs[s].W_enc.dtype)) for s in streams}
-        with torch.no_grad():
-            h = {s: F.linear(xs[s] - self.codecs[s].b_dec, self.codecs[s].W_enc, self.codecs[s].b_enc) for s in streams}
-            solo_idx = {s: h[s].topk(self.k, dim=1, sorted=False).indices for s in streams}
-            if self.cfg.topk == "global":
-                stacked = torch.stack([h[s] for s in streams])
-                total = stacked.sum(0)
-                if solo_select is not None and bool((solo_select >= 0).any()):
-                    rows = torch.arange(total.shape[0], device=total.device)
-                    picked = stacked[solo_select.clamp_min(0), rows]
-                    total = torch.where((solo_select >= 0).unsqueeze(1), picked, total)
-                shared = total.topk(self.k, dim=1, sorted=False).indices
-                sel = {s: shared for s in streams}
-            else:
-                sel = solo_idx
-
-        k = self.k
-        aux_idx: dict[str, Tensor] = {}
-        aux_pos: dict[str, tuple[Tensor, Tensor]] = {}  # (dead latent ids, AuxK positions among them)
-        if dead is not None and self.cfg.auxk > 0:
-            with torch.no_grad():
-                for s in streams:
-                    dead_ids = dead[s].nonzero().squeeze(1)
-                    if len(dead_ids):  # top-auxk among the dead columns only
-                        top = h[s].index_select(1, dead_ids).topk(min(self.cfg.auxk, len(dead_ids)), dim=1, sorted=False)
-                        aux_idx[s] = dead_ids[top.indices]
-                        aux_pos[s] = (dead_ids, top.indices)
+        sel = self._select(xs, solo_select)
+        aux = self._auxk_select(sel.logits, dead)
         do_align = align and self.cfg.topk == "global" and len(streams) > 1
         # Alignment reads every stream's raw logits at the same positions: the shared selection and
         # each stream's own one-stream selection (what it would pick if encoded alone).
-        align_pos = torch.cat([shared] + [solo_idx[s] for s in streams], dim=1) if do_align else None
-        # One gather per stream for everything the loss reads from the logits: the code, the
-        # alignment positions (which start with the shared code's) and the AuxK latents -> one
-        # sparse W_enc gradient per stream.
-        codes, align_logits, aux_vals = {}, {}, {}
-        for s in streams:
-            parts = [sel[s] if align_pos is None else align_pos] + ([aux_idx[s]] if s in aux_idx else [])
-            raw = self._gather(s, h[s], xs[s], torch.cat(parts, dim=1))
-            codes[s] = SparseCode(sel[s], self.activate(raw[:, :k], s, sel[s]), self.n_latents)
-            if align_pos is not None:
-                align_logits[s] = raw[:, : align_pos.shape[1]]
-            if s in aux_idx:
-                aux_vals[s] = raw[:, raw.shape[1] - aux_idx[s].shape[1] :].relu()
+        align_pos = torch.cat([sel.shared] + [sel.solo[s] for s in streams], dim=1) if do_align else None
+        enc = self._encode_selected(xs, sel, aux, align_pos)
+        recon, aux_hat = self._decode_all(xs, enc, aux, cross)
+        return self._losses(xs, sel, enc, recon, aux_hat, cross)
 
-        # One decode call per target stream: every source's code plus the target's AuxK code.
+    def _select(self, xs: dict[str, Tensor], solo_select: Tensor | None) -> _Selection:
+        """Which latents each row uses: Global TopK over the summed logits (or one stream's, where
+        ``solo_select`` asks), or each stream's own top-k under Local TopK. No gradient flows here."""
+        with torch.no_grad():
+            h = {s: F.linear(xs[s] - self.codecs[s].b_dec, self.codecs[s].W_enc, self.codecs[s].b_enc) for s in xs}
+            solo = {s: h[s].topk(self.k, dim=1, sorted=False).indices for s in xs}
+            if self.cfg.topk != "global":
+                return _Selection(h, solo, dict(solo), None)
+            stacked = torch.stack(list(h.values()))
+            total = stacked.sum(0)
+            if solo_select is not None and bool((solo_select >= 0).any()):
+                rows = torch.arange(total.shape[0], device=total.device)
+                picked = stacked[solo_select.clamp_min(0), rows]
+                total = torch.where((solo_select >= 0).unsqueeze(1), picked, total)
+            shared = total.topk(self.k, dim=1, sorted=False).indices
+            return _Selection(h, solo, {s: shared for s in xs}, shared)
+
+    def _auxk_select(self, h: dict[str, Tensor], dead: dict[str, Tensor] | None) -> _AuxK:
+        """Per stream, the top-auxk latents among its dead ones (the AuxK code's indices)."""
+        aux = _AuxK({}, {}, {})
+        if dead is None or self.cfg.auxk <= 0:
+            return aux
+        with torch.no_grad():
+            for s in h:
+                dead_ids = dead[s].nonzero().squeeze(1)
+                if len(dead_ids):  # top-auxk among the dead columns only
+                    top = h[s].index_select(1, dead_ids).topk(min(self.cfg.auxk, len(dead_ids)), dim=1, sorted=False)
+                    aux.idx[s] = dead_ids[top.indices]
+                    aux.pos[s] = (dead_ids, top.indices)
+        return aux
+
+    def _encode_selected(self, xs: dict[str, Tensor], sel: _Selection, aux: _AuxK, align_pos: Tensor | None) -> _Encoded:
+        """The codes (with gradient), the alignment logits and the AuxK activations. One gather per
+        stream for everything the loss reads from the logits: the code, the alignment positions (which
+        start with the shared code's) and the AuxK latents -> one sparse W_enc gradient per stream."""
+        k, enc = self.k, _Encoded({}, {})
+        for s in xs:
+            parts = [sel.codes[s] if align_pos is None else align_pos] + ([aux.idx[s]] if s in aux.idx else [])
+            raw = self._gather(s, sel.logits[s], xs[s], torch.cat(parts, dim=1))
+            enc.codes[s] = SparseCode(sel.codes[s], self.activate(raw[:, :k], s, sel.codes[s]), self.n_latents)
+            if align_pos is not None:
+                enc.align_logits[s] = raw[:, : align_pos.shape[1]]
+            if s in aux.idx:
+                aux.vals[s] = raw[:, raw.shape[1] - aux.idx[s].shape[1] :].relu()
+        return enc
+
+    def _decode_all(
+        self, xs: dict[str, Tensor], enc: _Encoded, aux: _AuxK, cross: bool
+    ) -> tuple[dict[tuple[str, str], Tensor], dict[str, Tensor]]:
+        """recon[(s, t)]: stream s's code decoded by stream t's decoder (s == t only without ``cross``),
+        and each stream's AuxK reconstruction. One decode call per target stream."""
         recon: dict[tuple[str, str], Tensor] = {}
         aux_hat: dict[str, Tensor] = {}
-        for t in streams:
-            sources = [s for s in streams if s == t or cross]
-            parts = [(codes[s].indices, codes[s].values) for s in sources]
+        for t in xs:
+            sources = [s for s in xs if s == t or cross]
+            parts = [(enc.codes[s].indices, enc.codes[s].values) for s in sources]
             c = self.codecs[t]
-            compact = self.cfg.sparse_kernels and t in aux_pos and use_compact_decode(*aux_pos[t])
-            if t in aux_idx and not compact:
-                parts.append((aux_idx[t], aux_vals[t]))
+            compact = self.cfg.sparse_kernels and t in aux.pos and use_compact_decode(*aux.pos[t])
+            if t in aux.idx and not compact:
+                parts.append((aux.idx[t], aux.vals[t]))
             if self.cfg.sparse_kernels:
                 outs = sparse_decode_many(parts, c.W_dec)
             else:
@@ -398,48 +439,51 @@ class SparcModel(nn.Module):
             if self.cfg.private_latents:  # the private dictionary adds to self-reconstruction only
                 recon[(t, t)] = recon[(t, t)] + self.private_recon(t, xs[t] - c.b_dec)
             if compact:
-                aux_hat[t] = compact_decode(*aux_pos[t], aux_vals[t], c.W_dec)
-            elif t in aux_idx:
+                aux_hat[t] = compact_decode(*aux.pos[t], aux.vals[t], c.W_dec)
+            elif t in aux.idx:
                 aux_hat[t] = outs[-1]
+        return recon, aux_hat
 
+    def _losses(
+        self, xs: dict[str, Tensor], sel: _Selection, enc: _Encoded, recon: dict[tuple[str, str], Tensor],
+        aux_hat: dict[str, Tensor], cross: bool,
+    ) -> SparcOutput:  # fmt: skip
+        """Self- and cross-reconstruction, AuxK and alignment losses, and what each stream fires alone."""
+        streams = list(xs)
         self_terms = {s: normalized_mse(recon[(s, s)], xs[s]) for s in streams}
         self_loss = torch.stack(list(self_terms.values())).mean()
         zero = self_loss.new_zeros(())
         cross_loss = cross_reconstruction(recon, xs) if cross and len(streams) > 1 else zero
         aux_terms = [auxk_loss(aux_hat[s], (xs[s] - recon[(s, s)]).detach()) for s in aux_hat]
         aux = torch.stack(aux_terms).mean() if aux_terms else zero
-
         align_err, align_energy = zero, self_loss.new_ones(())
-        if align_logits:
+        if enc.align_logits:
             # Pull every stream's logits at those positions towards their cross-stream mean: equal
             # logits give equal one-stream top-k sets. The loss is err / energy with the batch's
             # target energy (not per row, which blows up on rows with tiny targets); both are sums
             # over rows, so data-parallel ranks can add them up exactly.
             with torch.no_grad():
-                target = torch.stack([align_logits[s] for s in streams]).mean(0)
+                target = torch.stack([enc.align_logits[s] for s in streams]).mean(0)
                 align_energy = target.pow(2).sum().clamp_min(1e-6)
-            align_err = torch.stack([(align_logits[s] - target).pow(2).sum() for s in streams]).mean()
-
-        with torch.no_grad():
-            fired, l0 = {}, []
-            for s in streams:
-                vals = self.activate(h[s].gather(1, solo_idx[s]), s, solo_idx[s])
-                f = torch.zeros(self.n_latents, dtype=torch.bool, device=vals.device)
-                f[solo_idx[s][vals > 0]] = True
-                fired[s] = f
-                l0.append((vals > 0).sum(-1).float().mean())
+            align_err = torch.stack([(enc.align_logits[s] - target).pow(2).sum() for s in streams]).mean()
+        fired, solo_l0 = self._fired_alone(sel)
         return SparcOutput(
-            codes=codes,
-            self_loss=self_loss,
-            cross_loss=cross_loss,
-            auxk_loss=aux,
-            align_loss=align_err / align_energy,
-            align_err=align_err,
-            align_energy=align_energy,
-            stream_nmse={s: v.detach() for s, v in self_terms.items()},
-            fired=fired,
-            solo_l0=torch.stack(l0).mean(),
-        )
+            codes=enc.codes, self_loss=self_loss, cross_loss=cross_loss, auxk_loss=aux,
+            align_loss=align_err / align_energy, align_err=align_err, align_energy=align_energy,
+            stream_nmse={s: v.detach() for s, v in self_terms.items()}, fired=fired, solo_l0=solo_l0,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def _fired_alone(self, sel: _Selection) -> tuple[dict[str, Tensor], Tensor]:
+        """Per stream, [n_latents] bool of the latents active when it is encoded alone; the mean L0 then."""
+        fired, l0 = {}, []
+        for s, idx in sel.solo.items():
+            vals = self.activate(sel.logits[s].gather(1, idx), s, idx)
+            f = torch.zeros(self.n_latents, dtype=torch.bool, device=vals.device)
+            f[idx[vals > 0]] = True
+            fired[s] = f
+            l0.append((vals > 0).sum(-1).float().mean())
+        return fired, torch.stack(l0).mean()
 
     @torch.no_grad()
     def keep_latents(self, keep: Tensor) -> None:
