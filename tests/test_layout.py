@@ -165,3 +165,17 @@ def test_the_search_page_reaches_the_service_only_through_the_client():
     rel, absolute = _imports(ROOT / "service" / "ui.py")
     assert rel <= {"client", "images", "errors"}, sorted(rel)
     assert "torch" not in absolute
+
+
+def test_the_training_pass_is_composed_of_short_named_steps():
+    """SparcModel.forward reads as select -> encode -> decode -> losses: it and each step it calls stay
+    under 40 lines, and forward calls every step (a step inlined back into forward fails here)."""
+    tree = ast.parse((ROOT / "sparc_core" / "model.py").read_text())
+    model = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SparcModel")
+    methods = {f.name: f for f in model.body if isinstance(f, ast.FunctionDef)}
+    steps = ["_select", "_auxk_select", "_encode_selected", "_decode_all", "_losses"]
+    called = {n.func.attr for n in ast.walk(methods["forward"]) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    assert set(steps) <= called, set(steps) - called
+    for name in ["forward", *steps, "_fired_alone"]:
+        f = methods[name]
+        assert f.end_lineno - f.lineno + 1 <= 40, f"SparcModel.{name} is {f.end_lineno - f.lineno + 1} lines"
