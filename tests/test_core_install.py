@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent(
         load_encoders(EncodersConfig(clip=ClipConfig(weights=str(out)), device="cpu"))
     except MissingExtra as e:
         print("ENCODERS:", e)
-    from sparc_core.attribution import _figure
+    from sparc_core.attribution.drawing import _figure
     try:
         _figure(1, 1)
     except MissingExtra as e:

@@ -179,3 +179,17 @@ def test_the_training_pass_is_composed_of_short_named_steps():
     for name in ["forward", *steps, "_fired_alone"]:
         f = methods[name]
         assert f.end_lineno - f.lineno + 1 <= 40, f"SparcModel.{name} is {f.end_lineno - f.lineno + 1} lines"
+
+
+def test_attribution_is_split_by_job_and_drawing_returns_bytes():
+    """One module per job (targets, tower hooks, heatmap methods, caption words, pairs, drawing), none
+    over 200 lines; every picture function returns PNG bytes, writing a file is a ``save_*`` helper's job."""
+    pkg = ROOT / "sparc_core" / "attribution"
+    jobs = {"__init__", "targets", "hooks", "heatmaps", "text", "pairs", "drawing"}
+    assert {p.stem for p in pkg.glob("*.py")} == jobs
+    for p in pkg.glob("*.py"):
+        assert len(p.read_text().splitlines()) <= 200, p.name
+    tree = ast.parse((pkg / "drawing.py").read_text())
+    for f in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.endswith("_png")):
+        ret = ast.unparse(f.returns) if f.returns else ""
+        assert ret == ("Path" if f.name.startswith("save_") else "bytes"), (f.name, ret)
