@@ -32,7 +32,7 @@ ABLATIONS = {  # the defaults less one addition
     "no floor, no calibration": {"min_rel_activation": 0.0, "calibrate_rounds": 0},
     "no private dictionary": {"private_latents": 0},
     "no alignment loss": {"align_coef": 0.0},
-    "no one-stream selection": {"solo_select_prob": 0.0},
+    "no one-stream selection": {"alone_select_prob": 0.0},
     "no pruning": {"prune_unused": False},
 }
 PAIRS = ("clip_txt->dino", "clip_txt->clip_img")

@@ -64,7 +64,7 @@ TOWERS = Path(__file__).resolve().parent / "towers"
 # the paper's recipe, then each addition of the defaults alone, then all of them
 ADDITIONS = {
     "+ latent revival (re-initialisation)": {"revive_after": 20_000},
-    "+ alignment loss, one-stream selection": {"align_coef": 1.0, "solo_select_prob": 0.5},
+    "+ alignment loss, one-stream selection": {"align_coef": 1.0, "alone_select_prob": 0.5},
     "+ calibration (thresholds, soft weight)": {"calibrate_rounds": 3},
     "+ relative floor": {"min_rel_activation": 0.2},
     "+ private dictionaries": {"private_latents": 256},

@@ -43,7 +43,7 @@ class Variant:
         ]
         # A realistic share of dead latents keeps the AuxK path busy in both variants.
         self.dead = {s: (torch.rand(args.n_latents, generator=g) < args.dead_fraction).to(device) for s in self.streams}
-        self.solo = None if paper else torch.randint(-1, len(self.streams), (args.batch_size,), generator=g).to(device)
+        self.alone = None if paper else torch.randint(-1, len(self.streams), (args.batch_size,), generator=g).to(device)
         self.i = 0
 
     def steps(self, n: int) -> float:
@@ -52,7 +52,7 @@ class Variant:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(n):
-            train_step(self.model, self.opt, self.batches[self.i % 2], self.tcfg, 10**5, self.dead, self.solo)
+            train_step(self.model, self.opt, self.batches[self.i % 2], self.tcfg, 10**5, self.dead, self.alone)
             self.i += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize()

@@ -38,6 +38,7 @@ from sparc_core import SparcModel, checkpoint_hash, load_checkpoint
 from sparc_core.atomic import atomic_save_npy, fsync_dir
 from sparc_core.checkpoint import pick_device
 from sparc_core.data import FeatureStore
+from sparc_core.model import CodeKind
 
 from .errors import BundleError
 from .faiss_backend import DenseBuilder, write_dense_index
@@ -168,9 +169,11 @@ class PartWriter:
 
 @torch.no_grad()
 def encode_chunks(
-    model: SparcModel, stream: str, store: FeatureStore, start: int, stop: int, batch_size: int, dense: bool, progress: bool
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    """Codes (idx, L2-normalised float16 values) and, if ``dense``, the centred unit feature vectors, by batch."""
+    model: SparcModel, stream: str, store: FeatureStore, start: int, stop: int, batch_size: int, dense: bool,
+    progress: bool, code_kind: CodeKind = "search",
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:  # fmt: skip
+    """Codes of kind ``code_kind`` (idx, L2-normalised float16 values) and, if ``dense``, the centred unit
+    feature vectors, by batch."""
     b_dec = model.codecs[stream].b_dec
     with tqdm(total=stop - start, desc=f"encoding {stream}", unit="item", disable=not progress, leave=False) as bar:
         for a in range(start, stop, batch_size):
@@ -179,7 +182,7 @@ def encode_chunks(
             if not torch.isfinite(x).all():
                 bad = a + int((~torch.isfinite(x).all(1)).nonzero()[0])
                 raise BundleError(f"{store.path}: row {bad} contains NaN or inf")
-            code = model.encode({stream: x})
+            code = model.encode({stream: x}, code=code_kind)
             vals = torch.nn.functional.normalize(code.values, dim=1)
             vectors = None
             if dense:
@@ -219,6 +222,7 @@ def build_bundle(
     progress: bool = True,
     model: SparcModel | None = None,
     seismic: SeismicSettings | None = None,
+    code: CodeKind = "search",
 ) -> Path:
     """Encode one stream's gallery with a checkpoint and write a bundle (or shard ``i`` of ``n``) to ``out``;
     with ``seismic``, each part also gets a Seismic index (the seismic path). ``dense``: also a
@@ -260,7 +264,7 @@ def build_bundle(
     path = Path(out)
     tmp, vdir = new_version_dir(path)
     try:
-        chunks = encode_chunks(model, stream, store, start, stop, batch_size, dense, progress)
+        chunks = encode_chunks(model, stream, store, start, stop, batch_size, dense, progress, code)
         kind = write_part(tmp / "part-00000", stop - start, model.k, model.n_latents, chunks, item_ids,
                           store.dim if dense else None, faiss_factory)  # fmt: skip
         if seismic is not None:
@@ -284,7 +288,7 @@ def build_bundle(
             "parts": [{"name": "part-00000", "n_items": stop - start, "created_at": now}],
             "ids_unique_in_source": True,
             "seismic": seismic.model_dump() if seismic is not None else None,
-            "code": "search",
+            "code": code,
             "soft_weight": model.soft_weight,
         }
         return commit_version(path, tmp, vdir, manifest)
@@ -438,7 +442,7 @@ def append_to_bundle(
                         atomic_save_npy(tmp / info.name / "deleted.npy", gone)
                     parts[i] = parts[i] | {"n_deleted": len(gone)}
         name = f"part-{len(parts):05d}"
-        chunks = encode_chunks(model, m.stream, store, 0, store.n_rows, batch_size, m.dense, progress)
+        chunks = encode_chunks(model, m.stream, store, 0, store.n_rows, batch_size, m.dense, progress, m.code)
         kind = write_part(tmp / name, store.n_rows, m.k, m.n_latents, chunks, new_ids,
                           m.dim if m.dense else None, m.faiss_factory or "Flat")  # fmt: skip
         if m.seismic is not None:

@@ -43,6 +43,10 @@ def register(sub: Any) -> None:
     b.add_argument("--no-dense", action="store_true", help="sparse latent search only (default without FAISS installed)")
     b.add_argument("--shard", default="0/1", help="build shard I/N of the rows (default 0/1)")
     b.add_argument("--seismic", action="store_true", help="also build a Seismic index (the seismic path)")
+    b.add_argument(
+        "--code", choices=["search", "agreed", "full"], default="search",
+        help="which of the model's codes the items hold (queries are encoded the same way; default search)",
+    )  # fmt: skip
     b.add_argument("--batch-size", type=int, default=8192)
     b.add_argument(
         "--shards", type=int, help="build every shard of N into OUT/shard-0000I (with --engine ray: default one per actor)"
@@ -130,6 +134,7 @@ def _build(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
         seismic=_seismic_settings(args) if args.seismic else None,
+        code=args.code,
     )
     print(f"bundle: {args.out} (version {out.name})")
     return 0
@@ -147,7 +152,7 @@ def _build_shards(args: argparse.Namespace) -> int:
         args.checkpoint, args.stream, args.features, args.out, n_shards=args.shards, engine=args.engine or "local",
         cluster=build_config(ClusterConfig, cluster_from_args(args), "command line"), ids=args.ids,
         dense=False if args.no_dense else None, faiss_factory=args.faiss, batch_size=args.batch_size,
-        seismic=_seismic_settings(args) if args.seismic else None, progress=not args.quiet,
+        seismic=_seismic_settings(args) if args.seismic else None, progress=not args.quiet, code=args.code,
     )  # fmt: skip
     print(f"{len(paths)} shards under {args.out}; serve them with --index NAME={','.join(str(p) for p in paths)}")
     return 0
@@ -276,7 +281,7 @@ def _report(args: argparse.Namespace) -> int:
     import json as _json
 
     from sparc_core.checkpoint import checkpoint_hash
-    from sparc_core.concept_report import Gallery, firing_rates, write_concept_report
+    from sparc_core.concept_report import CodeSet, firing_rates, write_concept_report
     from sparc_core.config import ConfigError
     from sparc_core.naming import NAMES_FILE
 
@@ -302,7 +307,7 @@ def _report(args: argparse.Namespace) -> int:
         ids = b.all_ids()  # the items not deleted, and their codes
         codes_idx, codes_val = b.codes(np.flatnonzero(b.alive_at(np.arange(m.n_items))))
         galleries.append(
-            Gallery(name, m.stream, codes_idx, codes_val, ids,
+            CodeSet(name, m.stream, codes_idx, codes_val, ids,
                     {i: captions[str(i)] for i in ids if str(i) in captions},
                     {i: images[str(i)] for i in ids if str(i) in images})
         )  # fmt: skip

@@ -44,7 +44,7 @@ def _built(path: Path, i: int, n: int, ckpt: str, source: str, settings: dict[st
         m.checkpoint_sha256 == ckpt and m.source == source and (m.shard.index, m.shard.count) == (i, n)
         and len(m.parts) == 1 and m.parts[0].n_deleted == 0
         and m.dense == settings["dense"] and (not m.dense or m.faiss_factory == settings["faiss_factory"])
-        and (m.seismic.model_dump() if m.seismic else None) == settings["seismic"]
+        and (m.seismic.model_dump() if m.seismic else None) == settings["seismic"] and m.code == settings["code"]
     )  # fmt: skip
 
 
@@ -68,7 +68,7 @@ class ShardWorker:
             build_bundle(
                 self.checkpoint, j["stream"], j["features"], str(path), ids=j["ids"], dense=j["dense"],
                 faiss_factory=j["faiss_factory"], shard=(int(i), j["n_shards"]), batch_size=j["batch_size"],
-                progress=False, model=self.model, seismic=seismic,
+                progress=False, model=self.model, seismic=seismic, code=j["code"],
             )  # fmt: skip
             rows.append(read_manifest(path).n_items)
         return {"shard": np.asarray(batch["shard"]), "rows": np.asarray(rows)}
@@ -88,6 +88,7 @@ def build_shards(
     batch_size: int = 8192,
     seismic: SeismicSettings | None = None,
     progress: bool = True,
+    code: str = "search",
 ) -> list[Path]:
     """Build shards 0..n_shards-1 of one stream's gallery under ``out`` (default: one per actor of the pool),
     on a Ray cluster or (``engine`` "local") one after the other here; returns the shard bundles."""
@@ -106,7 +107,7 @@ def build_shards(
     job = {
         "stream": stream, "features": source, "ids": str(Path(ids).resolve()) if ids is not None else None,
         "dense": dense, "faiss_factory": faiss_factory, "n_shards": n_shards, "batch_size": batch_size,
-        "seismic": seismic.model_dump() if seismic is not None else None,
+        "seismic": seismic.model_dump() if seismic is not None else None, "code": code,
     }  # fmt: skip
     ckpt = checkpoint_hash(checkpoint)
 

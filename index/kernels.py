@@ -560,7 +560,7 @@ def _pack_queries(q_idx: np.ndarray, q_val: np.ndarray, n_latents: int) -> tuple
     """Active entries of each query first: (latents int32 [nq, kq], weights float32, counts int32)."""
     q_idx = np.asarray(q_idx)
     q_val = np.asarray(q_val, dtype=np.float32)
-    active = q_val > 0
+    active = q_val != 0  # a negative boost is a weight too; zeros are padding
     if active.all():  # the common case (no padding): nothing to move
         if q_idx.size and (q_idx.min() < 0 or q_idx.max() >= n_latents):
             raise ValueError(f"query latents must be in [0, {n_latents})")

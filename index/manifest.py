@@ -184,10 +184,8 @@ def require_model(manifest: Manifest, model: Any, where: str | Path, checkpoint_
             "checkpoint_sha256 of the checkpoint it was saved as, or load the index's checkpoint"
         )
     require_checkpoint(manifest.checkpoint_sha256, have, where)
-    if manifest.code != "search":
-        raise BundleError(f"{where}: items hold the {manifest.code!r} code; queries are encoded with the 'search' code")
     served = float(model.soft_weight)
-    if abs(served - manifest.soft_weight) > 1e-6:
+    if manifest.code == "search" and abs(served - manifest.soft_weight) > 1e-6:  # only the search code has the weight
         raise BundleError(
             f"{where}: items were encoded at soft weight {manifest.soft_weight:g}, the model encodes queries at "
             f"{served:g} (set_soft_weight after loading); rebuild the index or set_soft_weight({manifest.soft_weight:g})"

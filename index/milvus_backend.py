@@ -374,7 +374,7 @@ class MilvusSearcher:
         return GalleryInfo(self.stream, self.n_items, 1, self.manifest, bool(self.dense_type), False, backend="milvus")
 
     def encode(self, stream: str, vectors: np.ndarray) -> SparseCode:
-        return encode_queries(self.model, stream, vectors)
+        return encode_queries(self.model, stream, vectors, self.manifest.code)
 
     def search(
         self,
@@ -388,7 +388,7 @@ class MilvusSearcher:
         1 - ``budget`` of the query's entries are dropped at search time); "seismic" is refused (a Milvus
         collection has no Seismic index); "dense" searches the exported dense vectors."""
         params = SearchParams.of(params, **options)
-        code = as_code(self.model, query)
+        code = as_code(self.model, query, self.manifest.code)
         path, settings, top_k = params.path, params.settings, params.top_k
         if path == SearchPath.SEISMIC:
             raise BundleError(f"{self.location}: a Milvus collection has no Seismic index; use the sparse or approx path")

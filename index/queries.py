@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from sparc_core import SparcModel, SparseCode
+from sparc_core.model import CodeKind
 
 from .errors import BundleError
 from .merge import gather, merge_order
@@ -42,9 +43,9 @@ def unit_code(code: SparseCode) -> tuple[np.ndarray, np.ndarray]:
     return code.indices.cpu().numpy(), vals.cpu().numpy()
 
 
-def encode_queries(model: SparcModel, stream: str, vectors: np.ndarray | torch.Tensor) -> SparseCode:
-    """The shared sparse code of raw feature vectors of ``stream`` [n, d]; a wrong stream, shape, or a
-    row with NaN/inf raises BundleError naming it."""
+def encode_queries(model: SparcModel, stream: str, vectors: np.ndarray | torch.Tensor, code: CodeKind = "search") -> SparseCode:
+    """The shared sparse code (of kind ``code``: the one the searched items hold) of raw feature vectors of
+    ``stream`` [n, d]; a wrong stream, shape, or a row with NaN/inf raises BundleError naming it."""
     if stream not in model.cfg.streams:
         raise BundleError(f"unknown query stream {stream!r}; the model has {model.streams}")
     arr = np.asarray(vectors, dtype=np.float32)
@@ -54,12 +55,12 @@ def encode_queries(model: SparcModel, stream: str, vectors: np.ndarray | torch.T
     bad = np.flatnonzero(~np.isfinite(arr).all(1))
     if len(bad):
         raise BundleError(f"query row {int(bad[0])} contains NaN or inf ({len(bad)} such rows)")
-    return model.encode({stream: torch.as_tensor(arr).to(model.device)})
+    return model.encode({stream: torch.as_tensor(arr).to(model.device)}, code=code)
 
 
-def as_code(model: SparcModel, query: SparseCode | tuple[str, np.ndarray]) -> SparseCode:
-    """A query given as a code, or as (stream, raw vectors) encoded first."""
-    return query if isinstance(query, SparseCode) else encode_queries(model, *query)
+def as_code(model: SparcModel, query: SparseCode | tuple[str, np.ndarray], code: CodeKind = "search") -> SparseCode:
+    """A query given as a code, or as (stream, raw vectors) encoded first (as a ``code`` code)."""
+    return query if isinstance(query, SparseCode) else encode_queries(model, *query, code=code)
 
 
 def dense_queries(model: SparcModel, gallery_stream: str, code: SparseCode) -> np.ndarray:

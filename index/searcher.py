@@ -112,7 +112,7 @@ class Searcher:
     # ---- queries ----------------------------------------------------------------------------------
     def encode(self, stream: str, vectors: Any) -> SparseCode:
         """The shared sparse code of raw feature vectors of ``stream`` [n, d] (see ``encode_queries``)."""
-        return encode_queries(self.model, stream, vectors)
+        return encode_queries(self.model, stream, vectors, self.manifest.code)
 
     def search(
         self,
@@ -138,7 +138,7 @@ class Searcher:
         queries; once true the search raises SearchStopped.
         """
         params = SearchParams.of(params, **options)
-        code = as_code(self.model, query)
+        code = as_code(self.model, query, self.manifest.code)
         path: SearchPath = params.path
         settings: PathParams = params.settings
         if path == SearchPath.SEISMIC and not self.has_seismic:

@@ -29,7 +29,7 @@ class SparcAdminServicer(pb_grpc.SparcAdminServiceServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server is still loading its checkpoint and indexes")
         unknown = [n for n in request.indexes if n not in engine.settings.indexes]
         if unknown:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown index {unknown[0]!r}; this server has {sorted(engine.searchers)}")
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown index {unknown[0]!r}; this server has {sorted(engine.galleries)}")
         out = self.server.reload_now(list(request.indexes) or None)
         return pb.ReloadIndexResponse(
             results=[pb.IndexReload(index=n, outcome=o, version=engine.infos[n].version) for n, o in sorted(out.items())]

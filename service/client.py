@@ -58,7 +58,7 @@ class Hit:
 
 
 @dataclass
-class SearchResult:
+class SearchReply:
     hits: list[Hit]
     path: str
     query_stream: str
@@ -69,7 +69,7 @@ class SearchResult:
     checkpoint_sha256: str = ""  # the checkpoint that encoded the query and whose codes were searched
 
 
-def _result(r: pb.SearchResponse) -> SearchResult:
+def _result(r: pb.SearchResponse) -> SearchReply:
     hits = [
         Hit(
             h.id,
@@ -82,7 +82,7 @@ def _result(r: pb.SearchResponse) -> SearchResult:
         for h in r.hits
     ]
     code = (list(r.query_code.indices), list(r.query_code.values)) if r.HasField("query_code") else None
-    return SearchResult(hits, r.path, r.query_stream, code, r.explanation_basis, r.checkpoint_sha256)
+    return SearchReply(hits, r.path, r.query_stream, code, r.explanation_basis, r.checkpoint_sha256)
 
 
 def make_query(
@@ -295,7 +295,7 @@ class SparcClient(_Connection):
                 raise TimeoutError(f"server not SERVING after {timeout}s")
             time.sleep(0.05)
 
-    def search(self, request: pb.SearchRequest, timeout: float | None = None) -> SearchResult:
+    def search(self, request: pb.SearchRequest, timeout: float | None = None) -> SearchReply:
         return _result(self.stub.Search(request, timeout=timeout, metadata=self.metadata))
 
     def search_vector(
@@ -308,25 +308,25 @@ class SparcClient(_Connection):
         explain: bool = False,
         timeout: float | None = None,
         **kw,
-    ) -> SearchResult:
+    ) -> SearchReply:
         """Search with one raw feature vector of ``stream``."""
         req = search_request(make_query(stream=stream, vector=vector), indexes, top_k, path, explain, **kw)
         return self.search(req, timeout)
 
-    def search_text(self, text: str, indexes: Sequence[str], top_k: int = 10, timeout: float | None = None, **kw) -> SearchResult:
+    def search_text(self, text: str, indexes: Sequence[str], top_k: int = 10, timeout: float | None = None, **kw) -> SearchReply:
         return self.search(search_request(make_query(text=text), indexes, top_k, **kw), timeout)
 
     def search_image(
         self, image: bytes, indexes: Sequence[str], top_k: int = 10, encoder_stream: str = "", timeout: float | None = None, **kw
-    ) -> SearchResult:
+    ) -> SearchReply:
         """Search with image bytes (JPEG/PNG/WebP), encoded by ``encoder_stream``'s encoder (e.g. "dino")."""
         return self.search(search_request(make_query(image=image, encoder_stream=encoder_stream), indexes, top_k, **kw), timeout)
 
-    def search_batch(self, requests: Sequence[pb.SearchRequest], timeout: float | None = None) -> list[SearchResult]:
+    def search_batch(self, requests: Sequence[pb.SearchRequest], timeout: float | None = None) -> list[SearchReply]:
         r = self.stub.SearchBatch(pb.SearchBatchRequest(requests=list(requests)), timeout=timeout, metadata=self.metadata)
         return [_result(x) for x in r.responses]
 
-    def search_stream(self, requests: Iterable[pb.SearchRequest], timeout: float | None = None) -> Iterator[SearchResult]:
+    def search_stream(self, requests: Iterable[pb.SearchRequest], timeout: float | None = None) -> Iterator[SearchReply]:
         wrapped = (pb.SearchStreamRequest(request=r) for r in requests)
         for r in self.stub.SearchStream(wrapped, timeout=timeout, metadata=self.metadata):
             yield _result(r.response)
@@ -376,7 +376,7 @@ class SparcClient(_Connection):
         top: int = 0,
         timeout: float | None = None,
         concepts: Sequence[str] = (),
-    ) -> Heatmap:
+    ) -> HeatmapReply:
         """Where a caption's concepts (``text``), chosen ``latents`` or the latents named ``concepts`` are in
         ``image`` (JPEG/PNG/WebP bytes)."""
         r = self.stub.Localize(
@@ -389,7 +389,7 @@ class SparcClient(_Connection):
         )  # fmt: skip
         grid = np.asarray(r.grid, dtype=np.float32).reshape(r.height, r.width)
         latents_used = [(x.latent, x.weight, x.name, x.image_activation) for x in r.latents]
-        return Heatmap(grid, latents_used, r.method, r.stream, r.png, r.target_fires, r.note)
+        return HeatmapReply(grid, latents_used, r.method, r.stream, r.png, r.target_fires, r.note)
 
     def explain_pair(
         self,
@@ -429,7 +429,7 @@ class SparcClient(_Connection):
 
 
 @dataclass
-class Heatmap:
+class HeatmapReply:
     """A Localize reply: the [h, w] grid in [0, 1], the latents used (latent, weight, name, value in the
     image's code), the method and image stream, and the PNG overlay when asked for."""
 
@@ -473,30 +473,43 @@ class AsyncSparcClient(_Connection):
         r = await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
-    async def search(self, request: pb.SearchRequest, timeout: float | None = None) -> SearchResult:
+    async def search(self, request: pb.SearchRequest, timeout: float | None = None) -> SearchReply:
         return _result(await self.stub.Search(request, timeout=timeout, metadata=self.metadata))
 
     async def search_vector(
         self, stream: str, vector: Sequence[float] | np.ndarray, indexes: Sequence[str], top_k: int = 10,
         timeout: float | None = None, **kw,
-    ) -> SearchResult:  # fmt: skip
+    ) -> SearchReply:  # fmt: skip
         return await self.search(search_request(make_query(stream=stream, vector=vector), indexes, top_k, **kw), timeout)
 
     async def search_text(
         self, text: str, indexes: Sequence[str], top_k: int = 10, timeout: float | None = None, **kw
-    ) -> SearchResult:
+    ) -> SearchReply:
         return await self.search(search_request(make_query(text=text), indexes, top_k, **kw), timeout)
 
     async def search_image(
         self, image: bytes, indexes: Sequence[str], top_k: int = 10, encoder_stream: str = "", timeout: float | None = None, **kw
-    ) -> SearchResult:
+    ) -> SearchReply:
         query = make_query(image=image, encoder_stream=encoder_stream)
         return await self.search(search_request(query, indexes, top_k, **kw), timeout)
 
-    async def search_batch(self, requests: Sequence[pb.SearchRequest], timeout: float | None = None) -> list[SearchResult]:
+    async def search_batch(self, requests: Sequence[pb.SearchRequest], timeout: float | None = None) -> list[SearchReply]:
         r = await self.stub.SearchBatch(pb.SearchBatchRequest(requests=list(requests)), timeout=timeout, metadata=self.metadata)
         return [_result(x) for x in r.responses]
 
     async def list_indexes(self, timeout: float | None = None) -> list[pb.IndexInfo]:
         r = await self.stub.ListIndexes(pb.ListIndexesRequest(), timeout=timeout, metadata=self.metadata)
         return list(r.indexes)
+
+
+_RENAMED = {"SearchResult": "SearchReply", "Heatmap": "HeatmapReply"}  # earlier names (the library's own
+# index.SearchResult and sparc_core.attribution.Heatmap are other things)
+
+
+def __getattr__(name: str) -> object:
+    if name in _RENAMED:
+        import warnings
+
+        warnings.warn(f"service.client.{name} is now called {_RENAMED[name]}", DeprecationWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

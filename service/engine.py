@@ -8,6 +8,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin TimeoutError before Python 3.11
@@ -25,6 +26,7 @@ from index.params import SearchPath
 from sparc_core import SparseCode, checkpoint_hash, load_checkpoint
 from sparc_core.checkpoint import pick_device
 from sparc_core.encoders import FeatureEncoder, load_encoders
+from sparc_core.model import CodeKind
 from sparc_core.naming import load_latent_names
 
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OverLimit, ServiceError
@@ -32,7 +34,7 @@ from .images import decode_image
 from .lanes import GradientLane
 from .settings import ServiceSettings
 
-__all__ = ["Engine", "EncodeBatcher", "SearchSpec", "QuerySpec", "ServiceError", "SearchStopped", "Hit"]
+__all__ = ["Engine", "EncodeBatcher", "SearchSpec", "QuerySpec", "ServiceError", "SearchStopped", "ServedHit"]
 
 
 MAX_TARGET_LATENTS = 64  # latents one Localize / AttributeText call may name
@@ -79,7 +81,7 @@ class SearchSpec:
 
 
 @dataclass
-class Hit:
+class ServedHit:
     id: Any
     score: float
     rank: int
@@ -107,14 +109,16 @@ class EncodeBatcher:
         """Run ``fn`` on the thread that owns the models, between batches (work that must not overlap an
         encode: gradients through the encoders, hooks on them)."""
         fut: Future = Future()
-        self._q.put(("", "call", fn, fut, None))
+        self._q.put(("", "call", fn, fut, None, ""))
         return fut
 
-    def submit(self, stream: str, kind: str, payload: Any, should_stop: Callable[[], bool] | None = None) -> Future:
-        """Future of the SparseCode of ``payload``: features [n, d], texts (list), or pixels [n, 3, H, W].
-        A payload whose ``should_stop()`` is true when its batch forms is dropped (SearchStopped)."""
+    def submit(
+        self, stream: str, kind: str, payload: Any, should_stop: Callable[[], bool] | None = None, code: CodeKind = "search"
+    ) -> Future:
+        """Future of the SparseCode (of kind ``code``) of ``payload``: features [n, d], texts (list), or pixels
+        [n, 3, H, W]. A payload whose ``should_stop()`` is true when its batch forms is dropped (SearchStopped)."""
         fut: Future = Future()
-        self._q.put((stream, kind, payload, fut, should_stop))
+        self._q.put((stream, kind, payload, fut, should_stop, code))
         return fut
 
     def _features(self, stream: str, kind: str, payloads: list[Any]) -> torch.Tensor:
@@ -149,16 +153,16 @@ class EncodeBatcher:
                     break
                 batch.append(item)
                 rows += len(item[2])
-            groups: dict[tuple[str, str], list[tuple[Any, Future]]] = {}
-            for stream, kind, payload, fut, should_stop in batch:
+            groups: dict[tuple[str, str, str], list[tuple[Any, Future]]] = {}
+            for stream, kind, payload, fut, should_stop, code_kind in batch:
                 if should_stop is not None and should_stop():  # its caller is gone: no model time for it
                     fut.set_exception(SearchStopped("the deadline passed or the call was cancelled before encoding"))
                     continue
-                groups.setdefault((stream, kind), []).append((payload, fut))
-            for (stream, kind), items in groups.items():
+                groups.setdefault((stream, kind, code_kind), []).append((payload, fut))
+            for (stream, kind, code_kind), items in groups.items():
                 try:
                     x = self._features(stream, kind, [p for p, _ in items]).to(self.model.device)
-                    code = self.model.encode({stream: x}).to("cpu")
+                    code = self.model.encode({stream: x}, code=code_kind).to("cpu")
                     start = 0
                     for p, fut in items:
                         n = len(p)
@@ -173,7 +177,7 @@ class EncodeBatcher:
 
     @staticmethod
     def _run_call(job: tuple) -> None:
-        _, _, fn, fut, _ = job
+        _, _, fn, fut, _, _ = job
         try:
             fut.set_result(fn())
         except Exception as e:  # noqa: BLE001 - delivered to the caller
@@ -192,7 +196,7 @@ MAX_DELETE_IDS = 100_000  # ids per DeleteItems call
 
 
 class Engine:
-    """Loaded checkpoint, index searchers and (optional) query encoders."""
+    """Loaded checkpoint, index galleries and (optional) query encoders."""
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
@@ -202,8 +206,8 @@ class Engine:
         self.model = load_checkpoint(settings.checkpoint, device=pick_device(settings.device))
         self.checkpoint_sha256 = checkpoint_hash(settings.checkpoint)
         self.names = load_latent_names(settings.checkpoint)  # latent -> name ({} without latent_names.json)
-        self.searchers: dict[str, Gallery] = {}
-        self._swap = threading.Lock()  # searchers and infos change together (reload)
+        self.galleries: dict[str, Gallery] = {}
+        self._swap = threading.Lock()  # galleries and infos change together (reload)
         self._reloading = threading.Lock()  # one reload at a time
         try:
             self.faiss_gpus = parse_gpus(settings.faiss_gpus, settings.device)
@@ -211,10 +215,10 @@ class Engine:
             raise FailedPrecondition(str(e)) from None
         for name, bundles in settings.indexes.items():
             try:  # the bundles (or collection) must record this checkpoint: open_gallery checks it
-                self.searchers[name] = self._open(bundles)
+                self.galleries[name] = self._open(bundles)
             except BundleError as e:
                 raise FailedPrecondition(f"index {name!r}: {e}") from None
-        self.infos = {name: g.info() for name, g in self.searchers.items()}
+        self.infos = {name: g.info() for name, g in self.galleries.items()}
         self.encoders = load_encoders(settings.encoders) if settings.encoders is not None else {}
         for stream, enc in self.encoders.items():
             dim = self.model.cfg.streams.get(stream)
@@ -240,10 +244,16 @@ class Engine:
             checkpoint_sha256=self.checkpoint_sha256,
         )  # fmt: skip
 
+    @property
+    def searchers(self) -> dict[str, Gallery]:
+        """The earlier name of ``galleries`` (deprecated)."""
+        warnings.warn("Engine.searchers is now called Engine.galleries", DeprecationWarning, stacklevel=2)
+        return self.galleries
+
     def served(self) -> tuple[dict[str, Gallery], dict[str, Any]]:
         """The galleries and their infos as served now (one consistent snapshot: a call uses it throughout)."""
         with self._swap:
-            return dict(self.searchers), dict(self.infos)
+            return dict(self.galleries), dict(self.infos)
 
     def reload(self, names: list[str] | None = None) -> dict[str, str]:
         """Open the live version of each index whose bundles moved to a new one (their CURRENT changed) and
@@ -276,7 +286,7 @@ class Engine:
                     out[name] = f"refused: {e}"
                     continue
                 with self._swap:
-                    self.searchers[name], self.infos[name] = gallery, info
+                    self.galleries[name], self.infos[name] = gallery, info
                 out[name] = f"reloaded {old.version} -> {info.version}"
         return out
 
@@ -284,11 +294,11 @@ class Engine:
         """Delete items by id from an index and serve the result at once: (deleted, ids not found)."""
         from index.bundle import delete_items
 
-        if index not in self.searchers:
-            raise NotFound(f"unknown index {index!r}; this server has {sorted(self.searchers)}")
+        if index not in self.galleries:
+            raise NotFound(f"unknown index {index!r}; this server has {sorted(self.galleries)}")
         if len(ids) > MAX_DELETE_IDS:
             raise OverLimit(f"{len(ids)} ids in one call exceeds {MAX_DELETE_IDS}; split it")
-        gallery, info = self.searchers[index], self.infos[index]
+        gallery, info = self.galleries[index], self.infos[index]
         if info.backend != "bundle":
             n, unknown = gallery.delete(ids)  # type: ignore[attr-defined]
             with self._swap:
@@ -404,10 +414,10 @@ class Engine:
         max_top_k, filter latents in range, boosts within max_abs_boost (the parameters themselves were
         validated when its SearchParams was made)."""
         if not spec.indexes:
-            raise InvalidArgument("no index named: set indexes to one or more of " + str(sorted(self.searchers)))
+            raise InvalidArgument("no index named: set indexes to one or more of " + str(sorted(self.galleries)))
         for name in spec.indexes:
-            if name not in self.searchers:
-                raise NotFound(f"unknown index {name!r}; this server has {sorted(self.searchers)}")
+            if name not in self.galleries:
+                raise NotFound(f"unknown index {name!r}; this server has {sorted(self.galleries)}")
             info = self.infos[name]
             if spec.path == SearchPath.DENSE and not info.dense:
                 raise FailedPrecondition(f"index {name!r} was built without a dense index; use the sparse path")
@@ -452,19 +462,22 @@ class Engine:
             )
 
     # ---- work -------------------------------------------------------------------------------------
-    def encode(self, specs: list[QuerySpec], should_stop: Callable[[], bool] | None = None) -> list[SparseCode]:
-        """Codes of validated queries, through the micro-batcher. Queries of one call with the same stream
-        and kind go in payloads of at most ``batch_max_size`` rows, so a large batch neither jumps past the
+    def encode(
+        self, specs: list[QuerySpec], should_stop: Callable[[], bool] | None = None, kinds: list[CodeKind] | None = None
+    ) -> list[SparseCode]:
+        """Codes of validated queries (query i of kind ``kinds[i]``, the search code by default: the code its
+        indexes hold), through the micro-batcher. Queries of one call with the same stream, input and code
+        kind go in payloads of at most ``batch_max_size`` rows, so a large batch neither jumps past the
         batch size nor holds the model thread for the whole call: other calls' queries interleave with its
         chunks, and once ``should_stop()`` turns true its remaining chunks are dropped (SearchStopped)."""
         stop = should_stop or (lambda: False)
         chunk = self.settings.batch_max_size
         codes: list[SparseCode | None] = [None] * len(specs)
-        groups: dict[tuple[str, str], list[int]] = {}
+        groups: dict[tuple[str, str, CodeKind], list[int]] = {}
         for i, q in enumerate(specs):
-            groups.setdefault((q.stream, q.payload()[0]), []).append(i)
+            groups.setdefault((q.stream, q.payload()[0], kinds[i] if kinds else "search"), []).append(i)
         pending = []
-        for (stream, kind), members in groups.items():
+        for (stream, kind, code_kind), members in groups.items():
             for lo in range(0, len(members), chunk):
                 part = members[lo : lo + chunk]
                 parts = [specs[i].payload()[1] for i in part]
@@ -474,7 +487,7 @@ class Engine:
                     payload = torch.cat(parts)
                 else:
                     payload = np.concatenate(parts)
-                pending.append((part, self.batcher.submit(stream, kind, payload, stop)))
+                pending.append((part, self.batcher.submit(stream, kind, payload, stop, code_kind)))
         for members, fut in pending:
             while True:
                 try:
@@ -499,20 +512,20 @@ class Engine:
 
     def search(
         self, specs: list[SearchSpec], should_stop: Callable[[], bool] | None = None
-    ) -> list[tuple[SparseCode, list[Hit]]]:
+    ) -> list[tuple[SparseCode, list[ServedHit]]]:
         """Run validated searches; requests with equal settings share one batched index call. ``should_stop``
         is polled between chunks of work: once it is true the search raises SearchStopped."""
         for spec in specs:
             self.check_search(spec)
         self.check_budget(specs)
-        searchers, infos = self.served()  # this call's versions, whatever is swapped in meanwhile
+        galleries, infos = self.served()  # this call's versions, whatever is swapped in meanwhile
         stop = should_stop or (lambda: False)
         if stop():
             raise SearchStopped("stopped before encoding: the deadline passed or the call was cancelled")
-        codes = self.encode([s.query for s in specs], stop)
+        codes = self.encode([s.query for s in specs], stop, [self.code_kind(s.indexes, infos) for s in specs])
         if stop():
             raise SearchStopped("stopped after encoding: the deadline passed or the call was cancelled")
-        results: list[list[Hit]] = [[] for _ in specs]
+        results: list[list[ServedHit]] = [[] for _ in specs]
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(specs):  # equal parameters: one batched index call
             groups.setdefault((tuple(s.indexes), s.params), []).append(i)
@@ -525,7 +538,7 @@ class Engine:
             found: dict[str, SearchResult] = {}
             for name in indexes:
                 try:
-                    found[name] = searchers[name].search(batch, params, should_stop=should_stop)
+                    found[name] = galleries[name].search(batch, params, should_stop=should_stop)
                 except GalleryUnavailable:  # its store (a Milvus server) is down: health says so until it answers
                     self.index_health(name, False)
                     raise
@@ -535,15 +548,25 @@ class Engine:
                     raise SearchStopped("stopped while explaining hits")
                 hits = []
                 for rank, (score, name, item) in enumerate(best, start=1):
-                    expl = searchers[name].explain(codes[i], item, top=8, boost=params.boost_map) if specs[i].explain else []
-                    hits.append(Hit(item, score, rank, name, expl, infos[name].version))
+                    expl = galleries[name].explain(codes[i], item, top=8, boost=params.boost_map) if specs[i].explain else []
+                    hits.append(ServedHit(item, score, rank, name, expl, infos[name].version))
                 results[i] = hits
         return list(zip(codes, results))
 
+    @staticmethod
+    def code_kind(indexes: list[str] | tuple[str, ...], infos: dict[str, Any]) -> CodeKind:
+        """The code the indexes hold (their manifests say; queries are encoded the same way); indexes that
+        hold different codes cannot be searched by one query code."""
+        kinds = {infos[n].manifest.code for n in indexes}
+        if len(kinds) > 1:
+            held = ", ".join(f"{n}: {infos[n].manifest.code}" for n in indexes)
+            raise InvalidArgument(f"these indexes hold different codes ({held}): search them in separate calls")
+        return kinds.pop() if kinds else "search"
+
     def latent_top_items(self, latent: int, index: str, top_k: int) -> tuple[int, list[tuple[Any, float]]]:
         """The items of ``index`` with the largest activation of ``latent`` (and how many it fires on)."""
-        if index not in self.searchers:
-            raise NotFound(f"unknown index {index!r}; this server has {sorted(self.searchers)}")
+        if index not in self.galleries:
+            raise NotFound(f"unknown index {index!r}; this server has {sorted(self.galleries)}")
         if not 0 <= latent < self.model.n_latents:
             raise InvalidArgument(f"latent {latent} is out of range [0, {self.model.n_latents})")
         if not 1 <= top_k <= self.settings.max_top_k:

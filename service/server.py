@@ -148,10 +148,10 @@ class SparcServer:
             self.server.stop(0)
             raise
         self.servicer.engine = self.engine
-        for name, s in self.engine.searchers.items():
+        for name, s in self.engine.galleries.items():
             self.metrics.index_items.labels(name).set(s.n_items)
             self.health.set(f"index/{name}", health_pb2.HealthCheckResponse.SERVING)
-        self._index_ok = dict.fromkeys(self.engine.searchers, True)
+        self._index_ok = dict.fromkeys(self.engine.galleries, True)
         self.engine.index_health = self._index_health
         if self.settings.metrics_port:
             self._metrics_server, _ = start_http_server(
@@ -159,7 +159,7 @@ class SparcServer:
             )
         for name in ("", SERVICE_NAME, LEGACY_SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info(json.dumps({"event": "serving", "port": self.port, "indexes": sorted(self.engine.searchers)}))
+        log.info(json.dumps({"event": "serving", "port": self.port, "indexes": sorted(self.engine.galleries)}))
         if self.settings.reload_poll_seconds > 0:
             threading.Thread(target=self._poll, name="index-reload", daemon=True).start()
         return self
@@ -191,13 +191,13 @@ class SparcServer:
             self.engine = self.servicer.engine = engine  # the switch: every call from here on takes the new one
             self._deployed = now
             old.retire()
-            for name, g in engine.searchers.items():
+            for name, g in engine.galleries.items():
                 self.metrics.index_items.labels(name).set(g.n_items)
                 self.health.set(f"index/{name}", health_pb2.HealthCheckResponse.SERVING)
                 self._index_ok[name] = True
             log.info(
                 json.dumps(
-                    {"event": "deployed", "checkpoint": engine.checkpoint_sha256[:12], "indexes": sorted(engine.searchers)}
+                    {"event": "deployed", "checkpoint": engine.checkpoint_sha256[:12], "indexes": sorted(engine.galleries)}
                 )
             )
             self.metrics.index_reloads.labels("*", "reloaded").inc()
@@ -210,7 +210,7 @@ class SparcServer:
             return {}
         deployed = self.redeploy()
         if deployed != "unchanged":
-            return dict.fromkeys(self.engine.searchers, deployed)
+            return dict.fromkeys(self.engine.galleries, deployed)
         out = self.engine.reload(names)
         for name, outcome in out.items():
             if outcome == "unchanged":

@@ -334,15 +334,15 @@ class SparcServicer(pb_grpc.SparcServiceServicer):
 
     def ListIndexes(self, request, context):
         return self._call(
-            "ListIndexes", context, lambda: pb.ListIndexesResponse(indexes=[self._info(n) for n in sorted(self.engine.searchers)])
+            "ListIndexes", context, lambda: pb.ListIndexesResponse(indexes=[self._info(n) for n in sorted(self.engine.galleries)])
         )
 
     def LegacyGetIndex(self, request, context):
         """GetIndex under the service's first name: the bare IndexInfo."""
 
         def run():
-            if request.name not in self.engine.searchers:
-                raise NotFound(f"unknown index {request.name!r}; this server has {sorted(self.engine.searchers)}")
+            if request.name not in self.engine.galleries:
+                raise NotFound(f"unknown index {request.name!r}; this server has {sorted(self.engine.galleries)}")
             return self._info(request.name)
 
         return self._call("GetIndex", context, run)

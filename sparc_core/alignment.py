@@ -25,7 +25,7 @@ PAPER = {
     "min_rel_activation": 0.0,
     "private_latents": 0,
     "align_coef": 0.0,
-    "solo_select_prob": 0.0,
+    "alone_select_prob": 0.0,
     "prune_unused": False,
     "calibrate_rounds": 0,
     "revive_after": None,  # AuxK only, as in the paper: no re-initialisation

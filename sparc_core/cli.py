@@ -119,7 +119,7 @@ TRAIN_FLAGS = [
     "topk",
     "cross_coef",
     "align_coef",
-    "solo_select_prob",
+    "alone_select_prob",
     "auxk",
     "seed",
     "device",
@@ -145,7 +145,11 @@ def _add_train(sub: Any) -> None:
     renamed(p, "--topk", "topk", choices=["global", "local"])
     p.add_argument("--cross-coef", dest="cross_coef", type=float, help="lambda of the cross-reconstruction loss")
     p.add_argument("--align-coef", dest="align_coef", type=float, help="weight of the one-stream agreement loss")
-    p.add_argument("--solo-select-prob", dest="solo_select_prob", type=float)
+    p.add_argument(
+        "--alone-select-prob", dest="alone_select_prob", type=float,
+        help="share of samples whose shared indices come from one stream alone",
+    )  # fmt: skip
+    renamed(p, "--solo-select-prob", "alone_select_prob", type=float)
     p.add_argument("--auxk", type=int)
     p.add_argument("--input-norm", dest="input_norm", choices=["l2", "scale", "none"])
     p.add_argument(

@@ -13,6 +13,7 @@ import html
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +25,8 @@ SHARED_RATE = 1e-3  # a latent counts as firing in a stream above this rate
 
 
 @dataclass
-class Gallery:
-    """One gallery's stored codes (indices/values [n, k]) and what is known about its items."""
+class CodeSet:
+    """A set of stored codes (a gallery's, a split's) (indices/values [n, k]) and what is known about its items."""
 
     name: str
     stream: str
@@ -49,7 +50,7 @@ def shown_latents(rates: dict[str, np.ndarray], max_latents: int) -> list[int]:
     return [int(i) for i in np.argsort(-best, kind="stable")[:max_latents] if best[i] > 0]
 
 
-def top_items(g: Gallery, n_latents: int, top: int) -> dict[int, list[tuple[int, float]]]:
+def top_items(g: CodeSet, n_latents: int, top: int) -> dict[int, list[tuple[int, float]]]:
     """latent -> [(row, value)] best first."""
     idx, val = np.asarray(g.codes_idx), np.asarray(g.codes_val, dtype=np.float32)
     rows, cols = np.nonzero(val > 0)
@@ -111,7 +112,7 @@ def write_concept_report(
     out: str | Path,
     n_latents: int,
     rates: dict[str, np.ndarray],
-    galleries: list[Gallery],
+    galleries: list[CodeSet],
     names: dict[int, list[tuple[str, float]]] | None = None,
     title: str = "SPARC concepts",
     max_latents: int = 200,
@@ -190,4 +191,11 @@ def write_concept_report(
     return out / "index.html"
 
 
-__all__ = ["Gallery", "firing_rates", "shown_latents", "top_items", "write_concept_report"]
+__all__ = ["CodeSet", "firing_rates", "shown_latents", "top_items", "write_concept_report"]
+
+
+def __getattr__(name: str) -> object:
+    if name == "Gallery":  # the earlier name (index.Gallery is the search protocol)
+        warnings.warn("sparc_core.concept_report.Gallery is now called CodeSet", DeprecationWarning, stacklevel=2)
+        return CodeSet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -78,6 +79,20 @@ class SparcConfig(ModelSettings):
         return v
 
 
+RENAMED_TRAIN_KEYS = {"solo_select_prob": "alone_select_prob"}  # earlier spelling -> the name now
+
+
+def _renamed_keys(data: dict[str, Any], renamed: dict[str, str]) -> dict[str, Any]:
+    """Config files written with a setting's earlier name still load (with a DeprecationWarning)."""
+    for old, new in renamed.items():
+        if old in data:
+            warnings.warn(f"the setting {old!r} is now called {new!r}", DeprecationWarning, stacklevel=4)
+            if new in data and data[new] != data[old]:
+                raise ValueError(f"{old!r} (the earlier name of {new!r}) and {new!r} given with different values")
+            data = {(new if k == old else k): v for k, v in data.items() if not (k == old and new in data)}
+    return data
+
+
 class TrainConfig(_Strict):
     """One training run: data, the model settings (nested, as sparsify does), optimisation, logging.
 
@@ -95,13 +110,21 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(100, ge=0)  # linear LR warm-up
     cross_coef: float = Field(1.0, ge=0)  # lambda: weight of cross-reconstruction
     auxk_coef: float = Field(1 / 32, ge=0)
-    solo_select_prob: float = Field(0.5, ge=0, le=1)  # share of samples whose indices come from one stream
+    alone_select_prob: float = Field(0.5, ge=0, le=1)  # share of samples whose indices come from one stream alone
     align_coef: float = Field(1.0, ge=0)  # weight of the one-stream code agreement loss
     align_ramp: float = Field(0.3, ge=0, le=1)  # share of steps over which align_coef ramps up from 0
     dead_after: int = Field(10_000, ge=1)  # samples without firing before a latent counts as dead
-    # samples dead before the encoder row is re-initialised; None (the default): never, AuxK alone keeps dead
-    # latents learning, as in the paper (re-initialising churns the codes of features with few concepts)
-    revive_after: int | None = Field(None, ge=1)
+    # samples dead (in every stream) before the encoder row is re-initialised; None: never, AuxK alone keeps
+    # dead latents learning, as in the paper. Revival is gated (revive_min_survival) and ends at revive_until:
+    # ungated revival to the last step churns the codes of features with few concepts
+    revive_after: int | None = Field(20_000, ge=1)
+    # revival stops for the rest of the run once fewer than this share of a round of re-initialised latents
+    # is alive (fired within dead_after samples) revive_after samples after its revival: latents that die
+    # again only churn the codes. 0: revival never stops
+    revive_min_survival: float = Field(0.5, ge=0, le=1)
+    # revival only in this first share of the steps: a latent re-initialised later has no time to learn its
+    # concept in every stream before the end, and enters the final codes half-trained
+    revive_until: float = Field(0.8, gt=0, le=1)
     calibrate_rounds: int = Field(3, ge=0)  # at the end, per-stream latent thresholds from paired rows; 0: keep the floor
     prune_unused: bool = True  # at the end, drop latents that (almost) never fire on the training data (reported)
     prune_below: float = Field(0.05, ge=0, lt=1)  # ... firing in every stream less than this x the mean latent's rate
@@ -120,6 +143,7 @@ class TrainConfig(_Strict):
     def _nest_model_settings(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        data = _renamed_keys(data, RENAMED_TRAIN_KEYS)
         flat = {k: data[k] for k in ModelSettings.model_fields if k in data}
         if not flat:
             return data

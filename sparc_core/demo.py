@@ -95,7 +95,7 @@ def write_demo_concepts(paths: dict[str, Path], feats: dict[str, np.ndarray], la
     import torch
 
     from .checkpoint import load_checkpoint
-    from .concept_report import Gallery, firing_rates, write_concept_report
+    from .concept_report import CodeSet, firing_rates, write_concept_report
     from .naming import name_latents, naming_score, write_latent_names
     from .synthetic import PlantedConcepts
 
@@ -113,7 +113,7 @@ def write_demo_concepts(paths: dict[str, Path], feats: dict[str, np.ndarray], la
     rates = {s: firing_rates(c.indices.numpy(), c.values.numpy(), model.n_latents) for s, c in codes.items()}
     caption = {i: "concepts " + ", ".join(map(str, np.flatnonzero(row)[:8])) for i, row in enumerate(labels[:5000])}
     galleries = [
-        Gallery(f"held-out {s}", s, codes[s].indices.numpy(), codes[s].values.numpy(), list(range(len(labels))), caption)
+        CodeSet(f"held-out {s}", s, codes[s].indices.numpy(), codes[s].values.numpy(), list(range(len(labels))), caption)
         for s in ("dino", "clip_img")
     ]
     return write_concept_report(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal, NamedTuple
 
 import torch
@@ -88,7 +89,7 @@ class SparcOutput(NamedTuple):
     """Detached per-stream self-reconstruction nMSE."""
     fired: dict[str, Tensor]
     """[n_latents] bool per stream: latents active when that stream is encoded alone."""
-    solo_l0: Tensor
+    l0_alone: Tensor
     """Detached mean number of active latents when a stream is encoded alone."""
 
 
@@ -96,7 +97,7 @@ class _Selection(NamedTuple):
     """A training batch's selection: logits, each stream's own top-k, the indices each stream's code uses."""
 
     logits: dict[str, Tensor]
-    solo: dict[str, Tensor]
+    alone: dict[str, Tensor]
     codes: dict[str, Tensor]
     shared: Tensor | None  # Global TopK's shared indices; None under Local TopK
 
@@ -348,44 +349,48 @@ class SparcModel(nn.Module):
         self,
         inputs: dict[str, Tensor],
         dead: dict[str, Tensor] | None = None,
-        solo_select: Tensor | None = None,
+        alone_select: Tensor | None = None,
         cross: bool = True,
         align: bool = True,
+        solo_select: Tensor | None = None,
     ) -> SparcOutput:
         """One training pass over a paired batch: select, encode, decode, losses.
 
         dead: per stream, [n_latents] bool of latents counted dead (they feed AuxK).
-        solo_select: [B] long; row b takes its shared indices from stream ``streams[solo_select[b]]``
-            alone where >= 0, from the summed logits otherwise.
+        alone_select: [B] long; row b takes its shared indices from stream ``streams[alone_select[b]]``
+            alone where >= 0, from the summed logits otherwise (``solo_select``: its earlier name).
         """
+        if solo_select is not None:
+            warnings.warn("SparcModel.forward's solo_select is now called alone_select", DeprecationWarning, stacklevel=2)
+            alone_select = solo_select if alone_select is None else alone_select
         streams = self._check_inputs(inputs)
         xs = {s: self.normalize(s, inputs[s].to(self.codecs[s].W_enc.dtype)) for s in streams}
-        sel = self._select(xs, solo_select)
+        sel = self._select(xs, alone_select)
         aux = self._auxk_select(sel.logits, dead)
         do_align = align and self.cfg.topk == "global" and len(streams) > 1
         # Alignment reads every stream's raw logits at the same positions: the shared selection and
         # each stream's own one-stream selection (what it would pick if encoded alone).
-        align_pos = torch.cat([sel.shared] + [sel.solo[s] for s in streams], dim=1) if do_align else None
+        align_pos = torch.cat([sel.shared] + [sel.alone[s] for s in streams], dim=1) if do_align else None
         enc = self._encode_selected(xs, sel, aux, align_pos)
         recon, aux_hat = self._decode_all(xs, enc, aux, cross)
         return self._losses(xs, sel, enc, recon, aux_hat, cross)
 
-    def _select(self, xs: dict[str, Tensor], solo_select: Tensor | None) -> _Selection:
+    def _select(self, xs: dict[str, Tensor], alone_select: Tensor | None) -> _Selection:
         """Which latents each row uses: Global TopK over the summed logits (or one stream's, where
-        ``solo_select`` asks), or each stream's own top-k under Local TopK. No gradient flows here."""
+        ``alone_select`` asks), or each stream's own top-k under Local TopK. No gradient flows here."""
         with torch.no_grad():
             h = {s: F.linear(xs[s] - self.codecs[s].b_dec, self.codecs[s].W_enc, self.codecs[s].b_enc) for s in xs}
-            solo = {s: h[s].topk(self.k, dim=1, sorted=False).indices for s in xs}
+            alone = {s: h[s].topk(self.k, dim=1, sorted=False).indices for s in xs}
             if self.cfg.topk != "global":
-                return _Selection(h, solo, dict(solo), None)
+                return _Selection(h, alone, dict(alone), None)
             stacked = torch.stack(list(h.values()))
             total = stacked.sum(0)
-            if solo_select is not None and bool((solo_select >= 0).any()):
+            if alone_select is not None and bool((alone_select >= 0).any()):
                 rows = torch.arange(total.shape[0], device=total.device)
-                picked = stacked[solo_select.clamp_min(0), rows]
-                total = torch.where((solo_select >= 0).unsqueeze(1), picked, total)
+                picked = stacked[alone_select.clamp_min(0), rows]
+                total = torch.where((alone_select >= 0).unsqueeze(1), picked, total)
             shared = total.topk(self.k, dim=1, sorted=False).indices
-            return _Selection(h, solo, {s: shared for s in xs}, shared)
+            return _Selection(h, alone, {s: shared for s in xs}, shared)
 
     def _auxk_select(self, h: dict[str, Tensor], dead: dict[str, Tensor] | None) -> _AuxK:
         """Per stream, the top-auxk latents among its dead ones (the AuxK code's indices)."""
@@ -466,18 +471,18 @@ class SparcModel(nn.Module):
                 target = torch.stack([enc.align_logits[s] for s in streams]).mean(0)
                 align_energy = target.pow(2).sum().clamp_min(1e-6)
             align_err = torch.stack([(enc.align_logits[s] - target).pow(2).sum() for s in streams]).mean()
-        fired, solo_l0 = self._fired_alone(sel)
+        fired, l0_alone = self._fired_alone(sel)
         return SparcOutput(
             codes=enc.codes, self_loss=self_loss, cross_loss=cross_loss, auxk_loss=aux,
             align_loss=align_err / align_energy, align_err=align_err, align_energy=align_energy,
-            stream_nmse={s: v.detach() for s, v in self_terms.items()}, fired=fired, solo_l0=solo_l0,
+            stream_nmse={s: v.detach() for s, v in self_terms.items()}, fired=fired, l0_alone=l0_alone,
         )  # fmt: skip
 
     @torch.no_grad()
     def _fired_alone(self, sel: _Selection) -> tuple[dict[str, Tensor], Tensor]:
         """Per stream, [n_latents] bool of the latents active when it is encoded alone; the mean L0 then."""
         fired, l0 = {}, []
-        for s, idx in sel.solo.items():
+        for s, idx in sel.alone.items():
             vals = self.activate(sel.logits[s].gather(1, idx), s, idx)
             f = torch.zeros(self.n_latents, dtype=torch.bool, device=vals.device)
             f[idx[vals > 0]] = True

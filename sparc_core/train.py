@@ -127,14 +127,14 @@ def train_step(
     cfg: TrainConfig,
     step: int,
     dead: dict[str, torch.Tensor] | None = None,
-    solo_select: torch.Tensor | None = None,
+    alone_select: torch.Tensor | None = None,
     dist_ctx: _Dist | None = None,
 ) -> tuple[torch.Tensor, Any]:
     """One optimisation step: loss, backward, gradient all-reduce, decoder projection, update, renorm."""
     out = model(
         batch,
         dead=dead,
-        solo_select=solo_select,
+        alone_select=alone_select,
         cross=cfg.cross_coef > 0,
         align=cfg.align_coef > 0,
     )
@@ -154,6 +154,63 @@ def train_step(
     opt.step()
     model.set_decoder_norm_to_unit_norm()
     return loss.detach(), out
+
+
+class RevivalWatch:
+    """Whether re-initialising dead latents pays: each revived latent is judged once, ``after`` steps later,
+    alive (it fired within ``dead_after`` samples) or dead again. A round of at least ``ROUND`` judged latents
+    (or every revived latent judged, when fewer were revived) whose alive share is below ``min_survival``
+    stops revival for the rest of the run: where the features hold fewer concepts than the dictionary has
+    latents, re-initialised latents find nothing to carry, die again, and re-initialising them again only
+    churns every code; where concepts outnumber the live latents they catch one and stay."""
+
+    ROUND = 32
+
+    def __init__(self, n_latents: int, min_survival: float) -> None:
+        self.min_survival = min_survival
+        self.at = torch.full((n_latents,), -1, dtype=torch.long)  # step of the latent's pending revival, or -1
+        self.judged = self.survived = 0  # of the current round
+        self.stopped_at: int | None = None
+        self.history: list[dict[str, int]] = []  # every closed round: step, judged, survived
+
+    @classmethod
+    def restored(cls, n_latents: int, min_survival: float, tensors: dict, meta: dict) -> RevivalWatch:
+        w = cls(n_latents, min_survival)
+        if "revival.at" in tensors:
+            w.at = tensors["revival.at"].to(torch.long).cpu()
+        saved = meta.get("revival") or {}
+        w.judged, w.survived = int(saved.get("judged", 0)), int(saved.get("survived", 0))
+        w.stopped_at = saved.get("stopped_at")
+        w.history = list(saved.get("history", []))
+        return w
+
+    def meta(self) -> dict[str, Any]:
+        return {"judged": self.judged, "survived": self.survived, "stopped_at": self.stopped_at, "history": self.history}
+
+    def revived(self, rows: torch.Tensor, step: int) -> None:
+        self.at[rows.cpu()] = step
+
+    def keep(self, keep: torch.Tensor | np.ndarray) -> None:
+        self.at = self.at[torch.as_tensor(keep).cpu()]
+
+    def judge(self, step: int, alive: torch.Tensor, after: int) -> dict[str, Any] | None:
+        """Judge the latents revived ``after`` steps ago or more; returns the closed round, if one closed."""
+        due = (self.at >= 0) & (step - self.at >= after)
+        if due.any():
+            self.judged += int(due.sum())
+            self.survived += int((due & alive.cpu()).sum())
+            self.at[due] = -1
+        pending = bool((self.at >= 0).any())
+        if self.judged == 0 or (self.judged < self.ROUND and pending):
+            return None
+        share = self.survived / self.judged
+        stopped = self.min_survival > 0 and share < self.min_survival and self.stopped_at is None
+        if stopped:
+            self.stopped_at = step + 1
+        verdict = {"judged": self.judged, "survived": self.survived, "share": share, "stopped": stopped}
+        self.history.append({"step": step + 1, "judged": self.judged, "survived": self.survived})
+        self.judged = self.survived = 0
+        return verdict
 
 
 class Trainer:
@@ -188,6 +245,7 @@ class Trainer:
         self.start_step = 0
         self.pruned: dict[str, int] | None = None  # requested and kept latents, once pruned
         self.dead_counters: dict[str, torch.Tensor] = {}
+        self.revival = RevivalWatch(cfg.model.n_latents, cfg.revive_min_survival)
         if resume:
             self._resume()
         else:
@@ -226,6 +284,7 @@ class Trainer:
         tensors, meta = load_train_state(self.out)
         _load_optimizer_state(self.opt, self.model, tensors)
         self.dead_counters = {s: tensors[f"dead.{s}"].to(self.device) for s in self.model.streams}
+        self.revival = RevivalWatch.restored(self.model.n_latents, self.cfg.revive_min_survival, tensors, meta)
         self.start_step = int(meta["step"])
         log = self.out / METRICS_LOG
         if self.dist.is_main and log.is_file():  # drop log lines from after the checkpoint
@@ -233,8 +292,8 @@ class Trainer:
             log.write_text("".join(ln + "\n" for ln in keep))
 
     # ------------------------------------------------------------------------------------------------
-    def _solo_select(self, step: int, batch_rows: int) -> torch.Tensor | None:
-        p = self.cfg.solo_select_prob
+    def _alone_select(self, step: int, batch_rows: int) -> torch.Tensor | None:
+        p = self.cfg.alone_select_prob
         if p <= 0 or self.cfg.model.topk != "global":
             return None
         g = _step_generator(self.cfg.seed, step, torch.device("cpu"))
@@ -255,7 +314,9 @@ class Trainer:
         before the activation floor), so it competes for a slot without taking over: thousands of
         latents revived at once at full activation would swamp every reconstruction.
         """
-        if self.cfg.revive_after is None:
+        if self.cfg.revive_after is None or self.revival.stopped_at is not None:
+            return 0
+        if step >= self.cfg.revive_until * self.cfg.steps:
             return 0
         long_dead = torch.ones(self.model.n_latents, dtype=torch.bool, device=self.device)
         for s in self.model.streams:
@@ -290,7 +351,26 @@ class Trainer:
                     if key in self.opt.state.get(p, {}):
                         self.opt.state[p][key][rows] = 0.0
             self.dead_counters[s][rows] = 0
+        self.revival.revived(rows, step)
         return len(rows)
+
+    def _judge_revival(self, step: int, global_batch: int) -> None:
+        """Judge the latents revived ``revive_after`` samples ago (``RevivalWatch``); log a closed round."""
+        cfg = self.cfg
+        if cfg.revive_after is None:
+            return
+        alive = torch.zeros(self.model.n_latents, dtype=torch.bool, device=self.device)
+        for s in self.model.streams:
+            alive |= self.dead_counters[s] <= cfg.dead_after
+        verdict = self.revival.judge(step, alive, -(-cfg.revive_after // global_batch))
+        if verdict is None:
+            return
+        self._log({"kind": "revival", "step": step + 1, **verdict})
+        if verdict["stopped"] and self.dist.is_main and cfg.progress:
+            tqdm.write(
+                f"revival stopped at step {step + 1}: {verdict['survived']} of {verdict['judged']} re-initialised "
+                f"latents alive {cfg.revive_after} samples later (< {cfg.revive_min_survival:.0%})"
+            )
 
     def _calibration_rows(self, max_rows: int) -> np.ndarray:
         n = len(self.batcher.rows)
@@ -344,6 +424,7 @@ class Trainer:
             sliced = p.shape[0] == len(keep) and name.rsplit(".", 1)[-1] in ("W_enc", "b_enc", "W_dec")
             self.opt.state[p] = {key: (val[keep] if sliced and key != "step" else val) for key, val in old.items()}
         self.dead_counters = {s: c[keep] for s, c in self.dead_counters.items()}
+        self.revival.keep(keep)
         return {"requested": requested, "kept": int(len(keep))}
 
     def _validate(self) -> dict[str, Any]:
@@ -363,13 +444,14 @@ class Trainer:
         tensors, groups = _optimizer_state_tensors(self.opt, self.model)
         for s, cnt in self.dead_counters.items():
             tensors[f"dead.{s}"] = cnt
+        tensors["revival.at"] = self.revival.at
         save_checkpoint(
             self.model,
             self.out,
             step=step,
             train_config=self.cfg.model_dump(),
             metrics=metrics,
-            train_state={"tensors": tensors, "meta": {"step": step, "param_groups": groups}},
+            train_state={"tensors": tensors, "meta": {"step": step, "param_groups": groups, "revival": self.revival.meta()}},
         )
         from .plots import plot_training_curves
 
@@ -398,6 +480,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         last_val: dict[str, Any] = {}
+        revived = 0
         t0 = time.perf_counter()
         global_batch = self.batcher.batch_size
         try:
@@ -408,13 +491,14 @@ class Trainer:
                 for group in self.opt.param_groups:
                     group["lr"] = lr
                 dead = {s: self.dead_counters[s] > cfg.dead_after for s in streams}
-                solo = self._solo_select(step, len(raw[streams[0]]))
-                loss, out = train_step(self.model, self.opt, batch, cfg, step, dead, solo, self.dist)
+                alone = self._alone_select(step, len(raw[streams[0]]))
+                loss, out = train_step(self.model, self.opt, batch, cfg, step, dead, alone, self.dist)
                 for s in streams:
                     fired = self.dist.all_reduce_or(out.fired[s])
                     self.dead_counters[s] += global_batch
                     self.dead_counters[s][fired] = 0
-                revived = self._revive(step, batch, out)
+                revived += self._revive(step, batch, out)
+                self._judge_revival(step, global_batch)
 
                 done = step + 1
                 dead_pct = {s: 100.0 * float((self.dead_counters[s] > cfg.dead_after).float().mean()) for s in streams}
@@ -428,15 +512,16 @@ class Trainer:
                         "cross": out.cross_loss.item(),
                         "auxk": out.auxk_loss.item(),
                         "align": out.align_loss.item(),
-                        "l0_alone": float(out.solo_l0),
-                        "revived": revived,
+                        "l0_alone": float(out.l0_alone),
+                        "revived": revived,  # latents re-initialised since the previous record
                         "nmse": {s: float(v) for s, v in out.stream_nmse.items()},
                         "dead_pct": dead_pct,
                         "elapsed_s": time.perf_counter() - t0,
                     }
                     self._log(record)
+                    revived = 0
                     bar.set_postfix(
-                        loss=f"{float(loss):.4f}", L0=f"{float(out.solo_l0):.1f}", dead=f"{max(dead_pct.values()):.1f}%"
+                        loss=f"{float(loss):.4f}", L0=f"{float(out.l0_alone):.1f}", dead=f"{max(dead_pct.values()):.1f}%"
                     )
                 if done == cfg.steps and cfg.calibrate_rounds > 0 and self.model.cfg.topk == "global":
                     l0 = self._calibrate()

@@ -849,3 +849,69 @@ def test_a_model_that_encodes_otherwise_than_the_index_is_refused_everywhere(ran
     with pytest.raises(BundleError, match="is not checkpoint"):
         build_bundle(random_ckpt, "img", feats, tmp_path / "c", progress=False, model=fresh)
     assert Searcher(tmp_path / "b", model=fresh, checkpoint_sha256=checkpoint_hash(random_ckpt)).n_items == 60
+
+
+def test_the_code_an_index_holds_is_read_from_its_manifest_when_filling_and_querying(trained_checkpoint, medium_synth, tmp_path):
+    """A bundle built with code="agreed" stores agreed codes, says so in its manifest, and every query on it
+    (Searcher.encode, a raw-vector search, the service's batcher) is encoded as the same code."""
+    from service.engine import EncodeBatcher, Engine
+    from service.errors import InvalidArgument
+
+    feats = medium_synth / "eval" / "dino.npy"
+    build_bundle(trained_checkpoint, "dino", feats, tmp_path / "agreed", code="agreed", progress=False)
+    s = Searcher(tmp_path / "agreed")
+    assert s.manifest.code == "agreed"
+    x = torch.from_numpy(np.load(feats)[:40])
+    agreed, search = (s.model.encode({"dino": x}, code=c) for c in ("agreed", "search"))
+    assert not torch.equal(agreed.values, search.values)  # the two codes differ on this checkpoint
+    idx, _ = s.shards[0].codes(np.arange(40))
+    assert np.array_equal(np.sort(idx, 1), np.sort(agreed.indices.numpy(), 1))
+    xq = np.load(medium_synth / "eval" / "clip_txt.npy")[:30]
+    q = s.encode("clip_txt", xq)
+    expect = s.model.encode({"clip_txt": torch.from_numpy(xq)}, code="agreed")
+    assert torch.equal(q.indices, expect.indices) and torch.equal(q.values, expect.values)
+    by_vectors = s.search(("clip_txt", xq), top_k=5, path="sparse")
+    by_code = s.search(expect, top_k=5, path="sparse")
+    assert by_vectors.ids == by_code.ids
+    batcher = EncodeBatcher(s.model, {}, max_size=64, max_wait_ms=0)
+    try:
+        got = batcher.submit("clip_txt", "features", xq, None, "agreed").result(timeout=30)
+        assert torch.equal(got.values, expect.values)
+    finally:
+        batcher.close()
+    infos = {"a": s.info(), "b": Searcher(tmp_path / "agreed").info()}
+    assert Engine.code_kind(["a", "b"], infos) == "agreed"
+    build_bundle(trained_checkpoint, "dino", feats, tmp_path / "search", progress=False)
+    infos["c"] = Searcher(tmp_path / "search").info()
+    with pytest.raises(InvalidArgument, match="hold different codes"):
+        Engine.code_kind(["a", "c"], infos)
+
+
+def test_a_negative_boost_lowers_the_score_as_numpy_brute_force_says(random_ckpt, tmp_path):
+    """Boosted query weights (one negative) score every item as the dense dot product of the boosted query
+    with the stored codes: the kernel keeps negative weights (it used to drop them, so an item holding a
+    down-weighted latent scored higher than its explanation said)."""
+    from index.queries import _boosted, unit_code
+
+    feats = _feats(tmp_path, 400, 32)
+    build_bundle(random_ckpt, "img", feats, tmp_path / "b", progress=False)
+    s = Searcher(tmp_path / "b")
+    code = s.encode("txt", np.random.default_rng(9).standard_normal((12, 24)).astype(np.float32))
+    first = int(code.indices[0, 0])
+    boost = {first: -0.6, int(code.indices[1, 2]): -0.3, 127: 0.4}
+    q_idx, q_val = _boosted(*unit_code(code), boost)
+    Q = np.zeros((12, 128), np.float64)
+    for r in range(12):
+        np.add.at(Q[r], q_idx[r], q_val[r])
+    gal = s.model.encode({"img": torch.from_numpy(np.load(feats))})
+    g = torch.nn.functional.normalize(gal.values, dim=1).half().float().numpy()
+    G = np.zeros((400, 128))
+    np.put_along_axis(G, gal.indices.numpy(), g, 1)
+    expected = Q @ G.T
+    res = s.search(code, top_k=8, path="sparse", boost=boost)
+    for r in range(12):
+        want = np.sort(expected[r][expected[r] > 0])[::-1][:8]
+        np.testing.assert_allclose(res.scores[r], want, rtol=1e-3, atol=1e-4)
+        for item, score in zip(res.ids[r], res.scores[r]):
+            parts = s.explain(code, item, top=128, row=r, boost=boost)
+            assert sum(e.contribution for e in parts) == pytest.approx(score, rel=1e-3, abs=1e-4)

@@ -193,3 +193,18 @@ def test_attribution_is_split_by_job_and_drawing_returns_bytes():
     for f in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.endswith("_png")):
         ret = ast.unparse(f.returns) if f.returns else ""
         assert ret == ("Path" if f.name.startswith("save_") else "bytes"), (f.name, ret)
+
+
+def test_one_word_for_a_stream_encoded_by_itself():
+    """ "alone" names the idea (alone_select_prob, l0_alone, encode_alone); the earlier "solo" survives only
+    where old config files, flags and calls are still accepted."""
+    allowed = {
+        "sparc_core/config.py": 1,  # RENAMED_TRAIN_KEYS
+        "sparc_core/cli.py": 1,  # renamed(p, "--solo-select-prob", ...)
+        "sparc_core/model.py": 5,  # forward's deprecated solo_select parameter
+    }
+    for pkg in ("sparc_core", "index", "service", "bench"):
+        for p in (ROOT / pkg).rglob("*.py"):
+            rel = str(p.relative_to(ROOT))
+            n = sum("solo" in line for line in p.read_text().splitlines())
+            assert n == allowed.get(rel, 0), f"{rel}: 'solo' on {n} lines"

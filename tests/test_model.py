@@ -111,7 +111,7 @@ def test_decoder_initialised_as_encoder_transpose(small_model):
 
 
 def _grads(model: SparcModel, batch, dead):
-    out = model(batch, dead=dead, solo_select=torch.tensor([0, 1, 2, -1] * 5))
+    out = model(batch, dead=dead, alone_select=torch.tensor([0, 1, 2, -1] * 5))
     loss = out.self_loss + 0.7 * out.cross_loss + 0.3 * out.auxk_loss + 0.5 * out.align_loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -15,6 +16,7 @@ from torch.testing import assert_close
 from sparc_core import TrainConfig, load_checkpoint, train
 from sparc_core.checkpoint import read_checkpoint_config
 from sparc_core.cli import main
+from sparc_core.train import METRICS_LOG
 
 from .conftest import feature_paths
 
@@ -307,3 +309,87 @@ def test_the_package_train_is_callable_after_its_module_is_imported(tmp_path, sy
     run = subprocess.run([sys.executable, "-c", code, cfg.model_dump_json()], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == str(tmp_path / "ck") and load_checkpoint(tmp_path / "ck").k == TINY["k"]
+
+
+def test_revival_watch_stops_after_a_round_that_dies_again_and_only_then():
+    from sparc_core.train import RevivalWatch
+
+    alive = torch.zeros(100, dtype=torch.bool)
+    alive[:40] = True  # latents 0-39 fire, 40-99 are dead again
+    w = RevivalWatch(100, min_survival=0.5)
+    w.revived(torch.arange(0, 20), step=10)  # 20 revived, all of which survive
+    assert w.judge(14, alive, after=5) is None  # not due yet
+    assert w.judge(15, alive, after=5) == {"judged": 20, "survived": 20, "share": 1.0, "stopped": False}
+    assert w.stopped_at is None
+    w.revived(torch.arange(30, 70), step=20)  # 40 revived: 10 alive, 30 dead again
+    assert w.judge(24, alive, after=5) is None
+    verdict = w.judge(25, alive, after=5)
+    assert verdict == {"judged": 40, "survived": 10, "share": 0.25, "stopped": True} and w.stopped_at == 26
+    # the round closes only with ROUND latents judged while others are pending
+    w2 = RevivalWatch(100, min_survival=0.5)
+    w2.revived(torch.arange(50, 60), step=0)
+    w2.revived(torch.arange(60, 100), step=3)
+    assert w2.judge(5, alive, after=5) is None  # 10 judged (all dead), 40 pending: below a round
+    assert w2.judge(8, alive, after=5)["judged"] == 50
+    # 0 never stops; the state survives a save (meta + tensor) and pruning slices it
+    w3 = RevivalWatch(100, min_survival=0.0)
+    w3.revived(torch.arange(50, 100), step=0)
+    assert w3.judge(5, alive, after=5)["stopped"] is False and w3.stopped_at is None
+    w.revived(torch.tensor([99]), step=30)
+    back = RevivalWatch.restored(100, 0.5, {"revival.at": w.at.clone()}, {"revival": w.meta()})
+    assert back.stopped_at == 26 and int(back.at[99]) == 30 and back.history == w.history
+    back.keep(np.array([0, 99]))
+    assert back.at.tolist() == [-1, 30]
+
+
+def test_revival_stops_when_a_round_dies_again_ends_at_revive_until_and_the_stop_survives_resume(synth_dir, tmp_path):
+    """A dictionary far larger than the world's concepts, and a gate that asks every re-initialised latent
+    to live: revival stops at its first judged round and a resumed run keeps it stopped; without the gate
+    it goes on, and never past revive_until of the steps."""
+    from sparc_core.train import Trainer
+
+    out = tmp_path / "wide"
+    over = {"n_latents": 1024, "auxk": 64, "steps": 60, "save_every": 60, "eval_every": 1000, "prune_unused": False}
+    gate = {"revive_min_survival": 0.99, "revive_until": 1.0, "log_every": 1}  # only the gate stops revival
+    train(_cfg(synth_dir, out, **over, **gate))
+    log = [json.loads(ln) for ln in (out / METRICS_LOG).read_text().splitlines()]
+    rounds = [r for r in log if r.get("kind") == "revival"]
+    assert rounds and rounds[0]["share"] < 0.99 and rounds[0]["stopped"], rounds
+    stop = rounds[0]["step"]
+    revived_after = [r["revived"] for r in log if r.get("kind") == "train" and r["step"] > stop]
+    assert revived_after and not any(revived_after)  # no latent re-initialised after the stop
+    trainer = Trainer(_cfg(synth_dir, out, **(over | {"steps": 70}), **gate), resume=True)
+    assert trainer.revival.stopped_at == stop
+    for s in trainer.model.streams:
+        trainer.dead_counters[s][:] = 10**9  # every latent long dead: a running revival would take them all
+    rows = trainer.batcher.batch(60)
+    batch = {s: torch.from_numpy(x) for s, x in trainer.data.read(rows).items()}
+    assert trainer._revive(60, batch, trainer.model(batch)) == 0
+    # without the gate (min survival 0) the same run keeps re-initialising, up to 80% of the steps (48)
+    out2 = tmp_path / "wide-always"
+    train(_cfg(synth_dir, out2, **over, revive_min_survival=0.0))
+    log2 = {r["step"]: r for r in map(json.loads, (out2 / METRICS_LOG).read_text().splitlines()) if r.get("kind") == "train"}
+    assert log2[50]["revived"] > 0 and log2[60]["revived"] == 0
+    assert not any(json.loads(ln).get("stopped") for ln in (out2 / METRICS_LOG).read_text().splitlines())
+
+
+def test_earlier_setting_names_still_load_with_a_deprecation_warning(synth_dir, tmp_path):
+    """One word for one idea ("alone": a stream encoded by itself); config files, flags and calls written
+    with the earlier "solo" keep working and say what the name is now."""
+    from sparc_core.cli import build_parser
+    from sparc_core.model import SparcModel
+
+    with pytest.warns(DeprecationWarning, match="'solo_select_prob' is now called 'alone_select_prob'"):
+        cfg = TrainConfig(features=feature_paths(synth_dir), solo_select_prob=0.25)
+    assert cfg.alone_select_prob == 0.25
+    with pytest.raises(ValueError, match="different values"), pytest.warns(DeprecationWarning):
+        TrainConfig(features=feature_paths(synth_dir), solo_select_prob=0.25, alone_select_prob=0.5)
+    args = build_parser().parse_args(["train", "--solo-select-prob", "0.3"])
+    assert args.alone_select_prob == 0.3
+    model = SparcModel(TrainConfig(**TINY).model_config_for({"a": 8, "b": 6}), seed=0)
+    batch = {"a": torch.randn(4, 8), "b": torch.randn(4, 6)}
+    pick = torch.tensor([0, 1, -1, 0])
+    with pytest.warns(DeprecationWarning, match="alone_select"):
+        old = model(batch, solo_select=pick)
+    new = model(batch, alone_select=pick)
+    assert torch.equal(old.codes["a"].indices, new.codes["a"].indices) and float(old.l0_alone) == float(new.l0_alone)
