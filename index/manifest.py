@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sparc_core.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from sparc_core.atomic import POINTER, VersionedDir, atomic_write_json
 
 from .errors import BundleError
 from .seismic_backend import SeismicSettings
@@ -27,7 +26,8 @@ from .validate import check_file_name, checksum
 
 FORMAT = "sparc-index"
 VERSION = 2
-CURRENT = "CURRENT"
+CURRENT = POINTER
+BUILDING = ".building-"  # prefix of a version being written: .building-<pid>-<version>
 MANIFEST = "manifest.json"
 LEGACY_ARRAYS = ("ids", "codes_idx", "codes_val")  # format version 1: one set of arrays per version
 
@@ -98,28 +98,15 @@ def relative_checkpoint(checkpoint: str | Path, bundle: str | Path) -> str:
     return os.path.relpath(Path(checkpoint).resolve(), Path(bundle).resolve())
 
 
+def bundle_versions(path: str | Path) -> VersionedDir:
+    """A bundle's versions (``v-<time>-<hex>``): only the current one is kept."""
+    return VersionedDir(path, prefix="v-", temp=BUILDING, keep=0)
+
+
 def clean_stale_builds(path: str | Path) -> list[str]:
-    """Remove the temp folders of builds whose process is gone (killed); returns their names."""
-    removed = []
-    for stale in Path(path).glob(".building-*"):
-        pid = stale.name.split("-")[1]
-        alive = False
-        if pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-                alive = True
-            except ProcessLookupError:
-                alive = False
-            except PermissionError:
-                alive = True  # another user's live process
-        if not alive:
-            shutil.rmtree(stale, ignore_errors=True)
-            removed.append(stale.name)
-    return removed
-
-
-def _versions(path: Path) -> list[Path]:
-    return sorted(p for p in path.glob("v-*") if p.is_dir())
+    """Remove the temp folders of builds whose process is gone (killed), and versions no CURRENT names;
+    returns their names."""
+    return bundle_versions(path).prune()
 
 
 def current_version(path: str | Path) -> Path:
@@ -132,7 +119,7 @@ def current_version(path: str | Path) -> Path:
         raise BundleError(f"{cur}: missing (not a sparc index bundle, or its first build never finished)")
     name = cur.read_text().strip()
     vdir = path / name
-    if not name.startswith("v-") or "/" in name or not vdir.is_dir():
+    if not bundle_versions(path).valid_name(name) or not vdir.is_dir():
         raise BundleError(f"{cur}: names version {name!r}, which does not exist")
     return vdir
 
@@ -194,12 +181,9 @@ def require_model(manifest: Manifest, model: Any, where: str | Path, checkpoint_
 
 def new_version_dir(path: Path) -> tuple[Path, Path]:
     """(temp dir to write into, final version dir)."""
-    path.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     vdir = path / f"v-{stamp}-{secrets.token_hex(3)}"
-    tmp = path / f".building-{os.getpid()}-{vdir.name}"
-    tmp.mkdir()
-    return tmp, vdir
+    return bundle_versions(path).begin(vdir.name), vdir
 
 
 def commit_version(
@@ -214,12 +198,6 @@ def commit_version(
     manifest = {k: v for k, v in manifest.items() if k not in ("files", "checksums")} | {"files": files, "checksums": sums}
     Manifest.model_validate(manifest)
     atomic_write_json(tmp / MANIFEST, manifest)
-    fsync_dir(tmp)
-    os.rename(tmp, vdir)
-    fsync_dir(path)
-    atomic_write_bytes(path / CURRENT, (vdir.name + "\n").encode())
-    for old in _versions(path):
-        if old != vdir and old not in _versions(path)[-keep:]:
-            shutil.rmtree(old, ignore_errors=True)
-    clean_stale_builds(path)
-    return vdir
+    versions = bundle_versions(path)
+    versions.keep = keep - 1
+    return versions.commit(tmp, vdir.name)

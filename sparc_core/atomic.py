@@ -84,3 +84,93 @@ def fsync_dir(d: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+POINTER = "CURRENT"  # the file naming a versioned directory's live version
+
+
+def _writer_alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return False  # a temp folder of an older layout (no pid): its save is long over
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+class VersionedDir:
+    """A directory of complete versions and the file ``CURRENT`` naming the live one: checkpoints
+    (``sparc_core.checkpoint``) and index bundles (``index.manifest``) both live in one.
+
+    A version is written into ``<temp><pid>-<name>`` inside the directory, fsynced, renamed to ``<name>``,
+    and only then does ``CURRENT`` move to it (an atomic rename), so a kill at any moment leaves the
+    previous version live. ``prune`` keeps the current version, the ``keep`` versions before it and any after
+    it (names sort by creation; a later one may be another writer's commit in flight) and removes the older
+    ones, and the temp folders whose writer process is gone.
+    """
+
+    def __init__(self, path: str | Path, prefix: str, temp: str, keep: int = 0, marker: str | None = None) -> None:
+        self.path = Path(path)
+        self.prefix = prefix  # every version's name starts with it
+        self.temp = temp  # a version being written: <temp><pid>-<name>
+        self.keep = keep  # versions kept before the current one
+        self.marker = marker  # a file every complete version holds (folders without it are not versions)
+
+    def current_name(self) -> str | None:
+        """The name ``CURRENT`` holds (unchecked), or None without a ``CURRENT``."""
+        pointer = self.path / POINTER
+        return pointer.read_text().strip() if pointer.is_file() else None
+
+    def valid_name(self, name: str | None) -> bool:
+        """Whether ``name`` can name one of this directory's versions (no path, no hidden name)."""
+        return bool(name) and name.startswith(self.prefix) and "/" not in name and not name.startswith(".")
+
+    def versions(self) -> list[Path]:
+        """The complete versions, oldest first."""
+        if not self.path.is_dir():
+            return []
+        found = [p for p in self.path.iterdir() if p.is_dir() and self.valid_name(p.name)]
+        return sorted(p for p in found if self.marker is None or (p / self.marker).exists())
+
+    def begin(self, name: str) -> Path:
+        """A new empty temp folder to write version ``name`` into."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / f"{self.temp}{os.getpid()}-{name}"
+        tmp.mkdir()
+        return tmp
+
+    def commit(self, tmp: Path, name: str) -> Path:
+        """Make the complete folder ``tmp`` version ``name`` and the live one; prune; returns the version."""
+        version = self.path / name
+        fsync_dir(tmp)
+        os.replace(tmp, version)
+        fsync_dir(self.path)
+        atomic_write_bytes(self.path / POINTER, (name + "\n").encode())  # the switch
+        fsync_dir(self.path)
+        self.prune()
+        return version
+
+    def prune(self) -> list[str]:
+        """Remove every version but the current one and the ``keep`` before it, and the temp folders (and
+        temp files) of writers that are gone; returns the names removed. Safe while other writers run."""
+        if not self.path.is_dir():
+            return []
+        current = self.current_name()
+        versions = [p.name for p in self.versions()]
+        # Versions after the current one are kept: another writer may have renamed its version into place
+        # and not yet switched CURRENT to it. Without a current version nothing is known to be stale.
+        at = versions.index(current) if current in versions else 0
+        kept = set(versions[max(0, at - self.keep) :])
+        removed = []
+        for p in self.path.iterdir():
+            if p.name.startswith(self.temp):
+                drop = not _writer_alive(p.name[len(self.temp) :].split("-")[0])
+            else:
+                drop = p.is_dir() and p.name in versions and p.name not in kept
+            if drop:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p.name)
+        return removed

@@ -29,7 +29,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import (  # noqa: F401 - the atomic writes were first imported from here
+    POINTER,
     UMASK,
+    VersionedDir,
     atomic_path,
     atomic_save_npy,
     atomic_write_bytes,
@@ -47,7 +49,6 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 METRICS = "metrics.json"
 TRAIN_STATE = "train_state.safetensors"
-POINTER = "CURRENT"
 PARTIAL = ".partial-"  # prefix of a version being written (removed if a save was killed)
 
 
@@ -98,7 +99,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     pointer = d / POINTER
     if pointer.is_file():
         name = pointer.read_text().strip()
-        if not name or "/" in name or name.startswith("."):
+        if not _versions_of(d).valid_name(name):
             raise CheckpointError(f"{pointer}: does not name a version directory ({name!r})")
         version = d / name
         if not (version / CONFIG).is_file():
@@ -109,24 +110,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{d}: not a sparc checkpoint directory (no {POINTER} and no {CONFIG})")
 
 
+def _versions_of(path: str | Path) -> VersionedDir:
+    """A checkpoint directory's versions: current + the one saved before it kept (``keep=1``)."""
+    return VersionedDir(path, prefix="v", temp=PARTIAL, keep=1, marker=CONFIG)
+
+
 def clean_checkpoint_dir(path: str | Path) -> list[str]:
     """Remove what killed saves left (partial versions, temp files) and every version but the current one and
     the one before it; returns the names removed. Called by every save; safe to call any time no save runs."""
     d = Path(path)
-    if not d.is_dir():
-        return []
-    current = (d / POINTER).read_text().strip() if (d / POINTER).is_file() else None
-    versions = sorted(p.name for p in d.iterdir() if p.is_dir() and p.name.startswith("v") and (p / CONFIG).exists())
-    keep = {current}
-    if current in versions:  # the version saved just before the current one stays loadable
-        earlier = versions[: versions.index(current)]
-        keep.update(earlier[-1:])
-    removed = []
-    for p in d.iterdir():
-        stale = p.name.startswith(PARTIAL) or (p.name.startswith(".") and p.name.endswith(".tmp"))
-        if stale or (p.is_dir() and p.name in versions and p.name not in keep):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            removed.append(p.name)
+    removed = _versions_of(d).prune()
+    for p in d.glob(".*.tmp") if d.is_dir() else []:  # atomic_path's temp files of killed writes
+        p.unlink(missing_ok=True)
+        removed.append(p.name)
     return removed
 
 
@@ -146,9 +142,9 @@ def save_checkpoint(
     if (d / CONFIG).is_file() and not (d / POINTER).is_file():
         raise CheckpointError(f"{d}: holds a single-version checkpoint; save into a new directory")
     clean_checkpoint_dir(d)
+    versions = _versions_of(d)
     name = f"v{step:08d}-{time.time_ns():x}"  # sorts by step, then by save time
-    tmp = d / f"{PARTIAL}{name}"
-    tmp.mkdir()
+    tmp = versions.begin(name)
     try:
         weights = tmp / WEIGHTS
         _write_tensors(weights, dict(model.state_dict()), {"format": FORMAT, "version": str(VERSION)})
@@ -165,14 +161,10 @@ def save_checkpoint(
             "weights_sha256": file_sha256(weights),
         }
         _write_json(tmp / CONFIG, config)
-        fsync_dir(tmp)
-        os.replace(tmp, d / name)
-        fsync_dir(d)
+        versions.commit(tmp, name)  # renamed into place, then CURRENT switched to it; older ones pruned
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_bytes(d / POINTER, (name + "\n").encode())  # the switch
-    fsync_dir(d)
     if metrics is not None:
         atomic_write_json(d / METRICS, metrics)  # a copy beside the logs, for people and dashboards
     clean_checkpoint_dir(d)

@@ -173,3 +173,24 @@ def test_a_single_version_directory_loads(tmp_path, small_model, batch):
 
 
 # SIGKILL at random moments of a save: tests/test_chaos.py (and bench/chaos.py for many kills).
+
+
+def test_versioned_dir_switches_atomically_and_prunes_only_what_is_stale(tmp_path):
+    """The one helper under checkpoints and bundles: CURRENT moves last; prune keeps the current version,
+    ``keep`` before it and any after it (another writer's commit in flight), and removes temp folders of
+    writers that are gone but not of live ones."""
+    from sparc_core.atomic import VersionedDir
+
+    d = VersionedDir(tmp_path / "x", prefix="v-", temp=".building-", keep=1)
+    for name in ("v-1", "v-2", "v-3"):
+        tmp = d.begin(name)
+        (tmp / "f").write_text(name)
+        assert d.commit(tmp, name) == tmp_path / "x" / name
+    assert d.current_name() == "v-3" and [p.name for p in d.versions()] == ["v-2", "v-3"]  # v-1 pruned
+    (tmp_path / "x" / "v-4").mkdir()  # renamed into place by another writer, CURRENT not switched yet
+    dead = tmp_path / "x" / ".building-999999999-v-5"  # a killed writer's temp folder
+    dead.mkdir()
+    live = d.begin("v-6")  # this process: alive
+    assert sorted(d.prune()) == [dead.name]
+    assert live.is_dir() and (tmp_path / "x" / "v-4").is_dir() and (tmp_path / "x" / "v-2").is_dir()
+    assert not d.valid_name("../v-1") and not d.valid_name(".v-1") and not d.valid_name("w-1")

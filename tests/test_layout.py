@@ -208,3 +208,19 @@ def test_one_word_for_a_stream_encoded_by_itself():
             rel = str(p.relative_to(ROOT))
             n = sum("solo" in line for line in p.read_text().splitlines())
             assert n == allowed.get(rel, 0), f"{rel}: 'solo' on {n} lines"
+
+
+def test_one_versioned_directory_helper_for_checkpoints_and_bundles():
+    """Checkpoints and bundles switch versions through sparc_core.atomic.VersionedDir: neither module renames
+    a version into place or writes CURRENT itself (a second mechanism fails here)."""
+    for rel in ("sparc_core/checkpoint.py", "index/manifest.py"):
+        src = (ROOT / rel).read_text()
+        assert "VersionedDir(" in src, rel
+        tree = ast.parse(src)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                call = ast.unparse(node)
+                assert node.func.attr not in ("rename", "replace") or not call.startswith("os."), f"{rel}: {call}"
+                assert not (node.func.attr == "atomic_write_bytes" or call.startswith("atomic_write_bytes")), rel
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "atomic_write_bytes":
+                assert "POINTER" not in ast.unparse(node) and "CURRENT" not in ast.unparse(node), f"{rel}: {ast.unparse(node)}"
