@@ -81,8 +81,12 @@ def _serve(tree: Path, checkpoint: str, bundle: Path) -> tuple[subprocess.Popen,
            "--index", f"bench={bundle}", "--port", str(port), "--metrics-port", "0", "--log-level", "WARNING"]  # fmt: skip
     server = subprocess.Popen(cmd, env=env, cwd=tree, stdout=subprocess.PIPE, text=True)
     target = f"127.0.0.1:{port}"
-    with SparcClient(target) as c:
-        c.wait_ready(120)
+    try:
+        with SparcClient(target) as c:
+            c.wait_ready(120)
+    except BaseException:
+        server.terminate()
+        raise
     return server, target
 
 
@@ -176,36 +180,8 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
         return
     searcher = Searcher(work / "bundle")
-    port = _free_port()
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sparc_core.cli",
-            "serve",
-            "--checkpoint",
-            args.checkpoint,
-            "--index",
-            f"bench={work / 'bundle'}",
-            "--port",
-            str(port),
-            "--metrics-port",
-            "0",
-            "--log-level",
-            "WARNING",
-        ],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    target = f"127.0.0.1:{port}"
+    server, target = _serve(ROOT, args.checkpoint, work / "bundle")
     try:
-        from service.client import SparcClient
-
-        with SparcClient(target) as c:
-            c.wait_ready(120)
         code = searcher.encode("clip_txt", xq[: args.batch])
         print(
             f"{args.items} items, {args.clients} client processes, {args.batch} queries per call, "
@@ -221,22 +197,9 @@ def main() -> None:
             inproc = (time.perf_counter() - t0) / reps * 1e3
             for mode in args.modes.split(","):
                 rss0 = _rss_mb(server.pid)
-                q: mp.Queue = mp.Queue()
-                procs = [
-                    mp.Process(target=_client, args=(target, xq, mode, path, args.batch, args.seconds, q))
-                    for _ in range(args.clients)
-                ]
-                t_start = time.perf_counter()
-                for pr in procs:
-                    pr.start()
-                results = [q.get() for _ in procs]
-                for pr in procs:
-                    pr.join()
-                wall = time.perf_counter() - t_start
-                n = sum(r[0] for r in results)
-                lat = np.concatenate([r[1] for r in results]) * 1e3
+                qps, lat = _load_row(target, xq, mode, path, args)
                 print(
-                    f"{mode} | {path} | {n / wall:.0f} | {np.percentile(lat, 50):.1f} | {np.percentile(lat, 99):.1f} | "
+                    f"{mode} | {path} | {qps:.0f} | {np.percentile(lat, 50):.1f} | {np.percentile(lat, 99):.1f} | "
                     f"{inproc:.1f} | {rss0:.0f}->{_rss_mb(server.pid):.0f}",
                     flush=True,
                 )
