@@ -35,6 +35,7 @@ _WHERE = {
     "Explanation": "queries",
     "SearchResult": "queries",
     "merge_galleries": "queries",
+    "merge_results": "queries",
     "Searcher": "searcher",
 }
 __all__ = sorted(_WHERE)
@@ -51,6 +52,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .manifest import Manifest, read_manifest  # noqa: F401
     from .opener import open_gallery  # noqa: F401
     from .params import DEFAULT_PATH, ApproxParams, DenseParams, ExactParams, SearchParams, SearchPath, SeismicParams  # noqa: F401
-    from .queries import Explanation, SearchResult, merge_galleries  # noqa: F401
+    from .queries import Explanation, SearchResult, merge_galleries, merge_results  # noqa: F401
     from .reader import Bundle  # noqa: F401
     from .searcher import Searcher  # noqa: F401

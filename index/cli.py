@@ -263,13 +263,13 @@ def _search(args: argparse.Namespace) -> int:
         raise BundleError(f"index search: {e}") from None
     res = searcher.search(code, params)
     for q, (ids, scores) in enumerate(zip(res.ids, res.scores)):
+        explained = searcher.explain_hits(code, res, q, range(len(ids)), row=q) if args.explain else []
         hits = []
-        for item, score in zip(ids, scores):
+        for j, (item, score) in enumerate(zip(ids, scores)):
             hit: dict[str, Any] = {"id": item, "score": round(score, 6)}
             if args.explain:
                 hit["shared_latents"] = [
-                    e.__dict__ | ({"name": names[e.latent]} if e.latent in names else {})
-                    for e in searcher.explain(code, item, row=q)
+                    e.__dict__ | ({"name": names[e.latent]} if e.latent in names else {}) for e in explained[j]
                 ]
             hits.append(hit)
         json.dump({"query": q, "path": res.path, "hits": hits}, sys.stdout)

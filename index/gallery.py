@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -59,10 +59,24 @@ class Gallery(Protocol):
         (raises SearchStopped once true)."""
         ...
 
-    def item_code(self, item_id: Any) -> tuple[np.ndarray, np.ndarray]: ...
+    def item_code(self, item_id: Any) -> tuple[np.ndarray, np.ndarray]:
+        """An item's stored code (latent ids, unit values), looked up by id."""
+        ...
+
+    def hit_codes(self, result: SearchResult, q: int, hits: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The stored codes (latent ids [n, w], unit values [n, w]) of hits ``hits`` (positions in query
+        ``q``'s list) of this gallery's ``result``, from where the hits say they are stored (no id lookup)."""
+        ...
 
     def explain(
         self, query: SparseCode, item_id: Any, top: int = 5, row: int = 0, boost: dict[int, float] | None = None
     ) -> list[Explanation]: ...
+
+    def explain_hits(
+        self, query: SparseCode, result: SearchResult, q: int, hits: Sequence[int], top: int = 5, row: int = 0,
+        boost: dict[int, float] | None = None,
+    ) -> list[list[Explanation]]:  # fmt: skip
+        """``explain`` of several hits of ``result`` at once, from ``hit_codes``."""
+        ...
 
     def latent_top_items(self, latent: int, top_k: int) -> tuple[int, list[tuple[Any, float]]]: ...

@@ -16,9 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +30,16 @@ from .errors import BundleError, GalleryUnavailable, SearchStopped
 from .gallery import GalleryInfo
 from .manifest import Manifest, require_checkpoint, require_model
 from .params import ApproxParams, DenseParams, SearchParams, SearchPath
-from .queries import Explanation, SearchResult, as_code, dense_arrays, encode_queries, explain_code, params_arrays
+from .queries import (
+    Explanation,
+    SearchResult,
+    as_code,
+    dense_arrays,
+    encode_queries,
+    explain_code,
+    explain_codes,
+    params_arrays,
+)
 from .reader import Bundle
 
 __all__ = ["GalleryUnavailable", "MilvusSearcher", "MilvusTarget", "check_index_type", "export_bundle", "is_milvus"]
@@ -42,7 +49,6 @@ SCHEME, LITE_SCHEME = "milvus://", "milvus-lite:"
 LITE_REFUSED = ("GPU_", "DISKANN", "SCANN")  # accepted by milvus-lite but not built by it
 MAX_STR_ID = 1024  # VARCHAR length of string ids
 QUERY_CHUNK = 64  # queries per Milvus search call (between checks of should_stop)
-CODE_CACHE = 100_000  # item codes kept from search replies, for explanations without another round trip
 CALL_TIMEOUT = float(os.environ.get("SPARC_MILVUS_TIMEOUT", "10"))  # seconds per Milvus call (at most)
 
 
@@ -334,8 +340,6 @@ class MilvusSearcher:
         self.dense_type = props.get("sparc.dense", "")
         self.model = model
         self.stream = self.manifest.stream
-        self._codes: OrderedDict[Any, dict[int, float]] = OrderedDict()
-        self._lock = threading.Lock()
         self._count: int | None = None
         if model.n_latents != self.manifest.n_latents or self.stream not in model.streams:
             raise BundleError(
@@ -363,10 +367,7 @@ class MilvusSearcher:
 
     def delete(self, ids: Any) -> tuple[int, list[Any]]:
         """Delete items by primary key; (how many were deleted, the ids not found)."""
-        n, unknown, found = self._call(lambda: _delete_keys(self.client, self.target.collection, self.manifest.id_kind, ids))
-        with self._lock:
-            for k in found:
-                self._codes.pop(k, None)
+        n, unknown, _ = self._call(lambda: _delete_keys(self.client, self.target.collection, self.manifest.id_kind, ids))
         self._count = None
         return n, unknown
 
@@ -397,7 +398,7 @@ class MilvusSearcher:
             raise BundleError(f"{self.location}: exported without dense vectors; use the sparse path")
         q_idx, q_val, require_l, exclude_l = params_arrays(code, self.model.n_latents, params)
         expr = _filter_expr(require_l, exclude_l)
-        ids, scores = [], []
+        ids, scores, codes = [], [], []
         for a in range(0, len(q_idx), QUERY_CHUNK):
             if should_stop is not None and should_stop():
                 raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
@@ -416,43 +417,40 @@ class MilvusSearcher:
                 self.target.collection, data=data, anns_field=field, limit=top_k, filter=expr, output_fields=["code"],
                 search_params=params, timeout=CALL_TIMEOUT))  # fmt: skip
             for hits in found:
-                row_ids, row_scores = [], []
-                for h in hits:
-                    item = h["id"]
-                    if field == "code" and h["distance"] <= 0:
-                        continue  # no shared active latent: not a hit (as in the local search)
-                    row_ids.append(item)
-                    row_scores.append(float(h["distance"]))
-                    self._remember(item, h["entity"]["code"])
-                ids.append(row_ids)
-                scores.append(row_scores)
-        return SearchResult(ids=ids, scores=scores, path=path, shards=[[0] * len(r) for r in ids])
-
-    def _remember(self, item: Any, code: dict[int, float]) -> None:
-        with self._lock:
-            self._codes[item] = code
-            self._codes.move_to_end(item)
-            while len(self._codes) > CODE_CACHE:
-                self._codes.popitem(last=False)
+                kept = [h for h in hits if field != "code" or h["distance"] > 0]  # no shared latent: not a hit
+                ids.append([h["id"] for h in kept])
+                scores.append([float(h["distance"]) for h in kept])
+                codes.append(_code_arrays([h["entity"]["code"] for h in kept], self.manifest.k))
+        return SearchResult(ids=ids, scores=scores, path=path, shards=[[0] * len(r) for r in ids], codes=codes)
 
     def item_code(self, item_id: Any) -> tuple[np.ndarray, np.ndarray]:
         """An item's stored code (latent ids, unit values)."""
-        with self._lock:
-            code = self._codes.get(item_id)
-        if code is None:
-            key = int(item_id) if self.manifest.id_kind == "int" else str(item_id)
-            coll = self.target.collection
-            got = self._call(lambda: self.client.get(coll, ids=[key], output_fields=["code"], timeout=CALL_TIMEOUT))
-            if not got:
-                raise KeyError(f"item {item_id!r} is not in this index")
-            code = got[0]["code"]
-        lat = np.array(sorted(code), dtype=np.int64)
-        return lat, np.array([code[j] for j in lat.tolist()], dtype=np.float32)
+        key = int(item_id) if self.manifest.id_kind == "int" else str(item_id)
+        coll = self.target.collection
+        got = self._call(lambda: self.client.get(coll, ids=[key], output_fields=["code"], timeout=CALL_TIMEOUT))
+        if not got:
+            raise KeyError(f"item {item_id!r} is not in this index")
+        idx, val = _code_arrays([got[0]["code"]], self.manifest.k)
+        return idx[0], val[0]
+
+    def hit_codes(self, result: SearchResult, q: int, hits: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The stored codes of hits ``hits`` (positions in query ``q``'s list), as the search returned them."""
+        at = np.asarray(hits, dtype=np.int64)
+        idx, val = result.codes[q]
+        return idx[at], val[at]
 
     def explain(
         self, query: SparseCode, item_id: Any, top: int = 5, row: int = 0, boost: dict[int, float] | None = None
     ) -> list[Explanation]:
         return explain_code(query, self.item_code(item_id), top, row, boost)
+
+    def explain_hits(
+        self, query: SparseCode, result: SearchResult, q: int, hits: Sequence[int], top: int = 5, row: int = 0,
+        boost: dict[int, float] | None = None,
+    ) -> list[list[Explanation]]:  # fmt: skip
+        """``explain`` of hits ``hits`` (positions in query ``q``'s list of ``result``), from the codes the
+        search returned with them."""
+        return explain_codes(query, self.hit_codes(result, q, hits), top, row, boost)
 
     def latent_top_items(self, latent: int, top_k: int) -> tuple[int, list[tuple[Any, float]]]:
         """Items with the largest value of ``latent`` (a one-hot query) and how many items have it active."""
@@ -464,6 +462,18 @@ class MilvusSearcher:
         count = self._call(lambda: self.client.query(self.target.collection, filter=f"array_contains(latents, {int(latent)})",
                                                      output_fields=["count(*)"], timeout=CALL_TIMEOUT))  # fmt: skip
         return int(count[0]["count(*)"]), top
+
+
+def _code_arrays(codes: list[dict[int, float]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Milvus sparse vectors ({latent: value}) as stored-code arrays: latent ids int64 [n, w], unit values
+    float32 [n, w] (w = max(k, the longest), padded with value 0), latents ascending."""
+    w = max([k, *(len(c) for c in codes)])
+    idx, val = np.zeros((len(codes), w), dtype=np.int64), np.zeros((len(codes), w), dtype=np.float32)
+    for r, code in enumerate(codes):
+        lat = sorted(int(j) for j in code)
+        idx[r, : len(lat)] = lat
+        val[r, : len(lat)] = [code[j] for j in lat]
+    return idx, val
 
 
 def _filter_expr(require: list[int], exclude: list[int]) -> str:

@@ -4,7 +4,7 @@ the merge of several galleries' results into one ranking."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -29,12 +29,25 @@ class Explanation:
 
 @dataclass
 class SearchResult:
-    """Top-k hits of a batch of queries: ids[q] and scores[q] are best first (shorter when fewer hits)."""
+    """Top-k hits of a batch of queries: ids[q] and scores[q] are best first (shorter when fewer hits).
+
+    Each hit also carries where it is stored, so that its explanation is read from there and not looked up
+    by id: ``locs[q]`` [n, 3] int64 (shard, part, row in the shard) for local bundles; ``codes[q]`` (latent
+    ids [n, w], unit values [n, w]) for a store that returns the hits' codes with them (Milvus)."""
 
     ids: list[list[Any]]
     scores: list[list[float]]
     path: SearchPath
     shards: list[list[int]] = field(default_factory=list)  # which shard each hit came from
+    locs: list[np.ndarray] = field(default_factory=list)
+    codes: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+
+class Merged(NamedTuple):
+    """One hit of a ranking over several galleries: its gallery and its position in that gallery's list."""
+
+    gallery: str
+    at: int
 
 
 def unit_code(code: SparseCode) -> tuple[np.ndarray, np.ndarray]:
@@ -133,9 +146,17 @@ def explain_code(
     return shared[:top]
 
 
-def merge_galleries(results: dict[str, SearchResult], top_k: int) -> list[list[tuple[float, str, Any]]]:
-    """Per query, the best ``top_k`` hits over several galleries' results (by name): (score, gallery, id),
-    best first; equal scores keep the galleries' order, then each gallery's own order."""
+def explain_codes(
+    query: SparseCode, codes: tuple[np.ndarray, np.ndarray], top: int = 5, row: int = 0, boost: dict[int, float] | None = None
+) -> list[list[Explanation]]:
+    """``explain_code`` of several items at once (their stored codes: latent ids [n, w], unit values [n, w])."""
+    return [explain_code(query, (i, v), top, row, boost) for i, v in zip(*codes)]
+
+
+def merge_results(results: dict[str, SearchResult], top_k: int) -> list[list[Merged]]:
+    """The merge over galleries: per query, the best ``top_k`` hits of several galleries' results (by name) as
+    (gallery, position in its list), best first; equal scores keep the galleries' order, then each gallery's
+    own order."""
     names = list(results)
     n = max((len(r.ids) for r in results.values()), default=0)
     if not names or n == 0:
@@ -150,11 +171,12 @@ def merge_galleries(results: dict[str, SearchResult], top_k: int) -> list[list[t
     D, at = merge_order(scores, top_k)  # the one merge: galleries in order, each in the tie order
     src = gather([np.full(s.shape, g) for g, s in enumerate(scores)], at)
     pos = gather([np.broadcast_to(np.arange(s.shape[1]), s.shape) for s in scores], at)
+    return [[Merged(names[s], int(p)) for d, s, p in zip(D[q], src[q], pos[q]) if np.isfinite(d)] for q in range(n)]
+
+
+def merge_galleries(results: dict[str, SearchResult], top_k: int) -> list[list[tuple[float, str, Any]]]:
+    """``merge_results`` as (score, gallery, id), best first."""
     return [
-        [
-            (results[names[s]].scores[q][p], names[s], results[names[s]].ids[q][p])
-            for d, s, p in zip(D[q], src[q], pos[q])
-            if np.isfinite(d)
-        ]
-        for q in range(n)
+        [(results[g].scores[q][p], g, results[g].ids[q][p]) for g, p in best]
+        for q, best in enumerate(merge_results(results, top_k))
     ]

@@ -152,11 +152,15 @@ class Bundle:
     # ---- rows and ids -----------------------------------------------------------------------------
     def _split(self, rows: np.ndarray) -> Iterator[tuple[Part, np.ndarray, np.ndarray]]:
         """(part, positions in ``rows``, local rows) for each part that holds some of ``rows``."""
-        which = np.searchsorted(self._row0, rows, side="right") - 1
+        which = self.part_at(rows)
         for pi in np.unique(which):
             sel = np.flatnonzero(which == pi)
             part = self.parts[int(pi)]
             yield part, sel, rows[sel] - part.row0
+
+    def part_at(self, rows: Any) -> np.ndarray:
+        """The part (its position in ``parts``) that holds each row."""
+        return np.searchsorted(self._row0, np.asarray(rows, dtype=np.int64), side="right") - 1
 
     def ids_at(self, rows: Any) -> list[Any]:
         """Ids of rows (Python ints or strs)."""

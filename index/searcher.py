@@ -13,7 +13,7 @@ Paths:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,16 @@ from .manifest import MANIFEST, checkpoint_of, require_checkpoint, require_model
 from .merge import gather, merge_order
 from .params import DEFAULT_PATH, PATHS, DenseParams, ExactParams, PathParams, SearchParams, SearchPath
 from .postings import warm_up
-from .queries import Explanation, SearchResult, as_code, dense_arrays, encode_queries, explain_code, params_arrays
+from .queries import (
+    Explanation,
+    SearchResult,
+    as_code,
+    dense_arrays,
+    encode_queries,
+    explain_code,
+    explain_codes,
+    params_arrays,
+)
 from .reader import Bundle, drop_deleted, shards_share_ids
 
 MAX_FILTER_CANDIDATES = 65_536  # dense path with latent filters: the most candidates fetched per query
@@ -149,7 +158,7 @@ class Searcher:
             raise BundleError(f"{self.shards[0].path}: built without a dense index; use the sparse path")
         q_idx, q_val, require, exclude = params_arrays(code, self.model.n_latents, params)
         top_k = params.top_k
-        ids, scores, shards = [], [], []
+        ids, scores, shards, locs = [], [], [], []
         for a in range(0, len(q_idx), QUERY_CHUNK):  # chunks: a stopped call stops within one chunk
             if should_stop is not None and should_stop():
                 raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
@@ -169,7 +178,18 @@ class Searcher:
                 ids.append(row_ids)
                 scores.append([float(x) for x in d])
                 shards.append([int(s) for s, _ in r])
-        return SearchResult(ids=ids, scores=scores, path=path, shards=shards)
+                locs.append(self._locs(r))
+        return SearchResult(ids=ids, scores=scores, path=path, shards=shards, locs=locs)
+
+    def _locs(self, refs: np.ndarray) -> np.ndarray:
+        """(shard, part, row in the shard) [n, 3] of (shard, row) refs."""
+        out = np.zeros((len(refs), 3), dtype=np.int64)
+        if len(refs):
+            out[:, 0], out[:, 2] = refs[:, 0], refs[:, 1]
+            for s in np.unique(refs[:, 0]).tolist():
+                sel = refs[:, 0] == s
+                out[sel, 1] = self.shards[s].part_at(refs[sel, 1])
+        return out
 
     def _dense_filtered(
         self, q_idx: np.ndarray, q_val: np.ndarray, top_k: int, settings: DenseParams, require: list[int], exclude: list[int]
@@ -266,12 +286,30 @@ class Searcher:
             return idx[0], val[0]
         raise KeyError(f"item {item_id!r} is not in this index")
 
+    def hit_codes(self, result: SearchResult, q: int, hits: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The stored codes (latent ids [n, k], unit values [n, k]) of hits ``hits`` (positions in query
+        ``q``'s list) of a search of this gallery, read from their rows."""
+        loc = result.locs[q][np.asarray(hits, dtype=np.int64)]
+        idx = np.zeros((len(loc), self.manifest.k), dtype=np.int64)
+        val = np.zeros((len(loc), self.manifest.k), dtype=np.float32)
+        for s in np.unique(loc[:, 0]).tolist():
+            sel = loc[:, 0] == s
+            idx[sel], val[sel] = self.shards[s].codes(loc[sel, 2])
+        return idx, val
+
     def explain(
         self, query: SparseCode, item_id: Any, top: int = 5, row: int = 0, boost: dict[int, float] | None = None
     ) -> list[Explanation]:
         """The shared latents that contribute most to the sparse score of ``item_id`` for query ``row`` (with
         the search's ``boost``, so they add up to the boosted score)."""
         return explain_code(query, self.item_code(item_id), top, row, boost)
+
+    def explain_hits(
+        self, query: SparseCode, result: SearchResult, q: int, hits: Sequence[int], top: int = 5, row: int = 0,
+        boost: dict[int, float] | None = None,
+    ) -> list[list[Explanation]]:  # fmt: skip
+        """``explain`` of hits ``hits`` (positions in query ``q``'s list of ``result``), from their rows."""
+        return explain_codes(query, self.hit_codes(result, q, hits), top, row, boost)
 
 
 def warm_kernel_cache(n_items: int = (1 << 16) + 4096) -> None:

@@ -1,6 +1,6 @@
 """The retrieval engine behind the gRPC surface: validates requests, batches encodes, calls sparc_core and
 index, and raises the typed refusals of service/errors.py (server.py maps them to status codes). It holds
-no model maths and no search maths (the merge over indexes is index.merge_galleries).
+no model maths and no search maths (the merge over indexes is index.merge_results).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from index import Gallery, SearchParams, SearchResult, SearchStopped, merge_galleries, open_gallery
+from index import Gallery, SearchParams, SearchResult, SearchStopped, merge_results, open_gallery
 from index.errors import BundleError, GalleryUnavailable
 from index.faiss_backend import DenseIndexError, parse_gpus
 from index.manifest import current_version
@@ -88,6 +88,13 @@ class ServedHit:
     index: str
     explanation: list[Any]
     version: str = ""  # the version of its index that answered
+    loc: tuple[int, int, int] | None = None  # (shard, part, row in the shard) in a local bundle; None elsewhere
+
+
+def _served(result: SearchResult, q: int, at: int, rank: int, index: str, explanation: list[Any], version: str) -> ServedHit:
+    """Hit ``at`` of query ``q`` of one index's result, with where it is stored (local bundles say)."""
+    loc = tuple(result.locs[q][at].tolist()) if result.locs else None
+    return ServedHit(result.ids[q][at], result.scores[q][at], rank, index, explanation, version, loc)  # type: ignore[arg-type]
 
 
 class EncodeBatcher:
@@ -543,14 +550,18 @@ class Engine:
                     self.index_health(name, False)
                     raise
                 self.index_health(name, True)
-            for j, (i, best) in enumerate(zip(members, merge_galleries(found, params.top_k))):
+            for j, (i, best) in enumerate(zip(members, merge_results(found, params.top_k))):
                 if should_stop is not None and j % 64 == 0 and should_stop():
                     raise SearchStopped("stopped while explaining hits")
-                hits = []
-                for rank, (score, name, item) in enumerate(best, start=1):
-                    expl = galleries[name].explain(codes[i], item, top=8, boost=params.boost_map) if specs[i].explain else []
-                    hits.append(ServedHit(item, score, rank, name, expl, infos[name].version))
-                results[i] = hits
+                expl: dict[tuple[str, int], list[Any]] = {}
+                for name in dict.fromkeys(g for g, _ in best) if specs[i].explain else ():  # one read per index
+                    at = [p for g, p in best if g == name]
+                    got = galleries[name].explain_hits(codes[i], found[name], j, at, top=8, boost=params.boost_map)
+                    expl.update({(name, p): e for p, e in zip(at, got)})
+                results[i] = [
+                    _served(found[g], j, p, rank, g, expl.get((g, p), []), infos[g].version)
+                    for rank, (g, p) in enumerate(best, start=1)
+                ]
         return list(zip(codes, results))
 
     @staticmethod

@@ -915,3 +915,65 @@ def test_a_negative_boost_lowers_the_score_as_numpy_brute_force_says(random_ckpt
         for item, score in zip(res.ids[r], res.scores[r]):
             parts = s.explain(code, item, top=128, row=r, boost=boost)
             assert sum(e.contribution for e in parts) == pytest.approx(score, rel=1e-3, abs=1e-4)
+
+
+def test_hits_carry_where_they_are_stored_and_explanations_are_read_from_there(random_ckpt, tmp_path, monkeypatch):
+    """Two shards, the second of two parts with deletions: every hit's (shard, part, row) is its item's, and
+    explaining hits reads their codes from those rows (no id -> row lookup), equal to explaining by id."""
+    from index import Bundle, append_to_bundle, delete_items
+    from service.engine import Engine
+    from service.settings import load_settings
+
+    feats = np.random.default_rng(5).standard_normal((900, 32)).astype(np.float32)
+    ids = np.array([f"it-{i:04d}" for i in range(900)])
+    for name, sl in (("a", slice(0, 400)), ("b", slice(400, 650)), ("more", slice(650, 900))):
+        np.save(tmp_path / f"{name}.npy", feats[sl])
+        np.save(tmp_path / f"{name}_ids.npy", ids[sl])
+    build_bundle(random_ckpt, "img", tmp_path / "a.npy", tmp_path / "A", ids=tmp_path / "a_ids.npy", progress=False)
+    build_bundle(random_ckpt, "img", tmp_path / "b.npy", tmp_path / "B", ids=tmp_path / "b_ids.npy", progress=False)
+    append_to_bundle(tmp_path / "B", tmp_path / "more.npy", ids=tmp_path / "more_ids.npy", progress=False)
+    delete_items(tmp_path / "B", ids[400:900:9].tolist())
+    s = Searcher([tmp_path / "A", tmp_path / "B"])
+    assert len(s.shards[1].parts) == 2
+    code = s.encode("txt", np.random.default_rng(6).standard_normal((16, 24)).astype(np.float32))
+    seen_parts = set()
+    for path in ("sparse", "dense", "approx"):
+        res = s.search(code, top_k=30, path=path)
+        for q in range(16):
+            assert len(res.locs[q]) == len(res.ids[q]) > 0
+            for (shard, part, row), item, sh in zip(res.locs[q].tolist(), res.ids[q], res.shards[q]):
+                b = s.shards[shard]
+                assert shard == sh and b.row_of(item) == row and row - b.parts[part].row0 in range(b.parts[part].n_items)
+                seen_parts.add((shard, part))
+            want = [s.explain(code, item, top=64, row=q) for item in res.ids[q]]
+            with monkeypatch.context() as m:  # no id -> row lookup while explaining hits
+                m.setattr(Bundle, "row_of", lambda *a: pytest.fail("an explanation looked an id up"))
+                got = s.explain_hits(code, res, q, range(len(res.ids[q])), top=64, row=q)
+            assert [[(e.latent, e.contribution) for e in x] for x in got] == [
+                [(e.latent, e.contribution) for e in x] for x in want
+            ]
+            if path == "sparse":
+                assert all(abs(sum(e.contribution for e in x) - sc) < 1e-4 for x, sc in zip(got, res.scores[q]))
+    assert seen_parts == {(0, 0), (1, 0), (1, 1)}
+
+    base = {"checkpoint": str(random_ckpt), "indexes": {"g": [str(tmp_path / "A"), str(tmp_path / "B")]}, "port": 0,
+            "metrics_port": 0, "device": "cpu"}  # fmt: skip
+    engine = Engine(load_settings(overrides=base, environ={}))
+    try:
+        from index import SearchParams
+        from service.engine import QuerySpec, SearchSpec
+
+        vec = np.random.default_rng(7).standard_normal(24).astype(np.float32)
+        spec = SearchSpec(QuerySpec(stream="txt", vector=vec), ["g"], SearchParams.create(top_k=10, path="sparse"), explain=True)
+        with monkeypatch.context() as m:
+            m.setattr(Bundle, "row_of", lambda *a: pytest.fail("the service looked an id up to explain a hit"))
+            ((qcode, hits),) = engine.search([spec])
+        assert len(hits) == 10
+        for h in hits:
+            shard, part, row = h.loc
+            assert s.shards[shard].row_of(h.id) == row and s.shards[shard].part_at([row])[0] == part
+            want = s.explain(qcode, h.id, top=8)
+            assert [(e.latent, e.contribution) for e in h.explanation] == [(e.latent, e.contribution) for e in want]
+            assert abs(sum(e.contribution for e in s.explain(qcode, h.id, top=64)) - h.score) < 1e-4
+    finally:
+        engine.close()

@@ -159,6 +159,18 @@ def test_one_top_k_merge():
                     raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno}: a second top-k merge; use index.merge")
 
 
+def test_served_hits_are_explained_from_where_they_are_stored():
+    """The service explains hits from the rows (or codes) their search returned: no call that looks an item
+    up by id (``explain``, ``item_code``, ``row_of``) anywhere in service/."""
+    for path in (ROOT / "service").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                if node.func.attr in ("explain", "item_code", "row_of"):
+                    raise AssertionError(
+                        f"{path.relative_to(ROOT)}:{node.lineno}: {node.func.attr}() looks an id up; use explain_hits"
+                    )
+
+
 def test_the_search_page_reaches_the_service_only_through_the_client():
     """service/ui.py imports no engine (nor the models' stack through it): the client, the image decoder, the
     path names (and, to read captions, the caption reader)."""

@@ -59,6 +59,18 @@ def test_milvus_search_equals_local_exact_search(world, trained_checkpoint):
     code = local.encode("clip_txt", xq[:1])
     item = a.ids[0][0]
     assert [e.latent for e in remote.explain(code, item)] == [e.latent for e in local.explain(code, item)]
+    found = remote.search(code, top_k=10)
+    get = remote.client.get
+    remote.client.get = lambda *a, **k: pytest.fail("explaining a hit asked Milvus for its code again")
+    try:  # the hits' codes came with the search reply
+        got = remote.explain_hits(code, found, 0, range(len(found.ids[0])), top=64)
+    finally:
+        remote.client.get = get
+    want = [local.explain(code, i, top=64) for i in found.ids[0]]
+    assert [[e.latent for e in x] for x in got] == [[e.latent for e in x] for x in want] and len(got) == 10
+    for x, y, score in zip(got, want, found.scores[0]):
+        np.testing.assert_allclose([e.contribution for e in x], [e.contribution for e in y], rtol=1e-4, atol=1e-6)
+        assert abs(sum(e.contribution for e in x) - score) < 1e-3
     dense_l = local.search(("clip_txt", xq), top_k=5, path="dense")
     dense_r = remote.search(("clip_txt", xq), top_k=5, path="dense")
     for q in range(len(xq)):
