@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from sparc_core.alignment import LOCAL, PAPER, WORLDS, run, world_data
-from sparc_core.synthetic import preset
+from sparc_core.worlds.alignment import LOCAL, PAPER, WORLDS, run, world_data
+from sparc_core.worlds.synthetic import preset
 
 CONFIGS = {"defaults": {}, "paper": PAPER, "local": LOCAL}
 ABLATION_WORLD = "groups-6x"

@@ -25,8 +25,8 @@ import numpy as np
 
 from index import Searcher, read_manifest
 from sparc_core import SparcConfig, SparcModel, save_checkpoint
-from sparc_core.scenes import write_scenes
-from sparc_core.towers import extract_flags, read_towers
+from sparc_core.worlds.scenes import write_scenes
+from sparc_core.worlds.towers import extract_flags, read_towers
 
 ROOT = Path(__file__).resolve().parents[1]
 TOWERS = ROOT / "bench" / "towers" / "shapes"

@@ -36,7 +36,7 @@ from index.manifest import current_version
 from index.validate import checksum
 from sparc_core import TrainConfig, load_checkpoint, train
 from sparc_core.config import SynthConfig
-from sparc_core.synthetic import write_synthetic
+from sparc_core.worlds.synthetic import write_synthetic
 
 SPARC = [sys.executable, "-m", "sparc_core.cli"]
 TOKEN = "hostile-test-token"

@@ -31,9 +31,9 @@ import scipy.sparse as sp
 
 from index import Searcher, build_bundle
 from sparc_core import SparseCode, load_checkpoint
-from sparc_core.synthetic import INDEX_WORLD as WORLD
-from sparc_core.synthetic import PlantedConcepts
-from sparc_core.synthetic import index_gallery as synth_gallery
+from sparc_core.worlds.synthetic import INDEX_WORLD as WORLD
+from sparc_core.worlds.synthetic import PlantedConcepts
+from sparc_core.worlds.synthetic import index_gallery as synth_gallery
 
 GALLERY, QUERY, RAW_GALLERY, N_QUERIES = "dino", "clip_txt", "clip_img", 1024
 

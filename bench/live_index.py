@@ -40,7 +40,7 @@ from index import build_bundle
 from index.manifest import current_version, read_manifest
 from sparc_core import TrainConfig, train
 from sparc_core.config import SynthConfig
-from sparc_core.synthetic import write_synthetic
+from sparc_core.worlds.synthetic import write_synthetic
 
 SPARC = [sys.executable, "-m", "sparc_core.cli"]
 STREAMS = {"dino": 64, "clip_img": 48, "clip_txt": 48}

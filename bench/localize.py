@@ -33,9 +33,9 @@ def main() -> None:
     from service.server import SparcServer
     from service.settings import load_settings
     from sparc_core import SparcConfig, SparcModel, save_checkpoint
-    from sparc_core.attribution import attribute_text, localize, text_target
     from sparc_core.config import ClipConfig, DinoConfig, EncodersConfig
     from sparc_core.encoders import load_encoders
+    from sparc_core.explain.attribution import attribute_text, localize, text_target
 
     with tempfile.TemporaryDirectory(prefix="sparc-loc-") as d:
         d = Path(d)

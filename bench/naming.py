@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from sparc_core.alignment import PAPER, WORLDS, run, world_data
 from sparc_core.checkpoint import load_checkpoint
-from sparc_core.naming import name_latents, naming_score
-from sparc_core.synthetic import PlantedConcepts, preset
+from sparc_core.explain.naming import name_latents, naming_score
+from sparc_core.worlds.alignment import PAPER, WORLDS, run, world_data
+from sparc_core.worlds.synthetic import PlantedConcepts, preset
 
 
 def main() -> None:

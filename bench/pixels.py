@@ -2,7 +2,7 @@
 
     python bench/pixels.py [--families shapes,glyphs] [--work runs/pixels] [--steps 2000] [--json out.json]
 
-Per scene family (``sparc_core.scenes.FAMILIES``: other shapes, colours, textures, background and caption
+Per scene family (``sparc_core.worlds.scenes.FAMILIES``: other shapes, colours, textures, background and caption
 grammar), on held-out scenes no tower and no SPARC model saw:
 
 1. `sparc scenes`: --n scenes of the family (the last 1,000 held out);
@@ -37,12 +37,13 @@ import numpy as np
 import torch
 
 from sparc_core import load_checkpoint
-from sparc_core.alignment import PAPER, run, world_data
 from sparc_core.config import TrainConfig
 from sparc_core.encoders import load_encoders
 from sparc_core.metrics import dead_fraction, empty_share, per_sample_jaccard
-from sparc_core.scenes import family_of, read_scene_records, write_scenes
-from sparc_core.scenes_eval import (
+from sparc_core.train import train
+from sparc_core.worlds.alignment import PAPER, run, world_data
+from sparc_core.worlds.scenes import family_of, read_scene_records, write_scenes
+from sparc_core.worlds.scenes_eval import (
     STREAMS,
     clip_heatmaps,
     code_scores,
@@ -54,9 +55,8 @@ from sparc_core.scenes_eval import (
     scene_features,
     sparc_heatmaps,
 )
-from sparc_core.synthetic import preset
-from sparc_core.towers import encoders_config, read_towers, train_towers
-from sparc_core.train import train
+from sparc_core.worlds.synthetic import preset
+from sparc_core.worlds.towers import encoders_config, read_towers, train_towers
 
 HELD_OUT = 1000
 TOWERS = Path(__file__).resolve().parent / "towers"

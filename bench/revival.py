@@ -22,10 +22,10 @@ import torch
 
 from sparc_core.checkpoint import load_checkpoint, load_train_state
 from sparc_core.config import TrainConfig
-from sparc_core.demo import DEMO_MODEL, DEMO_SYNTH
 from sparc_core.metrics import dead_fraction, per_sample_jaccard
-from sparc_core.synthetic import write_synthetic
 from sparc_core.train import METRICS_LOG, train
+from sparc_core.worlds.demo import DEMO_MODEL, DEMO_SYNTH
+from sparc_core.worlds.synthetic import write_synthetic
 
 CONFIGS = {
     "no revival (AuxK alone)": {"revive_after": None},

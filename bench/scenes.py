@@ -8,7 +8,7 @@
 4. `sparc train` on the training scenes: the shipped defaults, the paper's recipe, Local TopK (same budget);
 5. `sparc index build` for DINO and CLIP-image over the held-out scenes, `sparc serve` in this process, and
    every single-concept text query ("a red triangle") sent over gRPC against the DINO index;
-6. measured against the ground truth (sparc_core.scenes_eval): text -> DINO retrieval (P@10, mAP) beside
+6. measured against the ground truth (sparc_core.worlds.scenes_eval): text -> DINO retrieval (P@10, mAP) beside
    raw CLIP text -> CLIP image; localisation (pointing game, mIoU, mask AP at IoU 0.2 as the SPARC authors
    score COCO) of SPARC latents on DINO and on CLIP-image beside CLIP's own image-text relevance; caption
    attribution; naming. A picture of one scene's heatmap with the object's mask outlined is written to
@@ -29,11 +29,12 @@ import numpy as np
 import torch
 
 from sparc_core import load_checkpoint
-from sparc_core.alignment import LOCAL, PAPER
 from sparc_core.config import EncodersConfig, TrainConfig
 from sparc_core.encoders import load_encoders
-from sparc_core.scenes import family_of, read_scene_records, write_scenes
-from sparc_core.scenes_eval import (
+from sparc_core.train import train
+from sparc_core.worlds.alignment import LOCAL, PAPER
+from sparc_core.worlds.scenes import family_of, read_scene_records, write_scenes
+from sparc_core.worlds.scenes_eval import (
     attribution_table,
     clip_heatmaps,
     code_scores,
@@ -47,8 +48,7 @@ from sparc_core.scenes_eval import (
     scene_features,
     sparc_heatmaps,
 )
-from sparc_core.towers import encoders_config, read_towers, train_towers
-from sparc_core.train import train
+from sparc_core.worlds.towers import encoders_config, read_towers, train_towers
 
 HELD_OUT = 1000
 CONFIGS = {"SPARC defaults": {}, "paper recipe": PAPER, "Local TopK": LOCAL}
@@ -62,7 +62,7 @@ def stage(name: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20_000, help="scenes (the last 1,000 held out)")
-    ap.add_argument("--family", default="shapes", help="scene family (sparc_core.scenes.FAMILIES)")
+    ap.add_argument("--family", default="shapes", help="scene family (sparc_core.worlds.scenes.FAMILIES)")
     ap.add_argument("--work", default="runs/scenes")
     ap.add_argument("--dino-steps", type=int, default=1000)
     ap.add_argument("--clip-steps", type=int, default=2400)
@@ -173,7 +173,7 @@ def main() -> None:
 
     t = stage("8. named latents and the concept report (sparc name-latents, sparc report)")
     from sparc_core.cli import main as sparc
-    from sparc_core.towers import extract_flags
+    from sparc_core.worlds.towers import extract_flags
 
     flags = extract_flags(towers)
     ckpt = work / "models" / "SPARC-defaults"
@@ -234,8 +234,8 @@ def _picture(model, encoders, clip_txt, scenes: Path, records: list, family, pat
     from matplotlib.figure import Figure
     from PIL import Image
 
-    from sparc_core.attribution import localize, text_target
-    from sparc_core.scenes import instance_mask
+    from sparc_core.explain.attribution import localize, text_target
+    from sparc_core.worlds.scenes import instance_mask
 
     r = next(r for r in records if len(r["objects"]) >= 2)
     with Image.open(scenes / "images" / f"{r['id']}.png") as im:

@@ -168,7 +168,7 @@ def main() -> None:
     args = p.parse_args()
 
     from index import Searcher, build_bundle
-    from sparc_core.synthetic import index_gallery as synth_gallery
+    from sparc_core.worlds.synthetic import index_gallery as synth_gallery
 
     work = Path(tempfile.mkdtemp(prefix="sparc-load-"))
     gal, _, xq = synth_gallery(args.items, work)

@@ -239,7 +239,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from sparc_core.naming import load_latent_names
+    from sparc_core.explain.naming import load_latent_names
 
     from .bundle import BundleError, checkpoint_of
     from .params import SearchParams
@@ -281,9 +281,9 @@ def _report(args: argparse.Namespace) -> int:
     import json as _json
 
     from sparc_core.checkpoint import checkpoint_hash
-    from sparc_core.concept_report import CodeSet, firing_rates, write_concept_report
     from sparc_core.config import ConfigError
-    from sparc_core.naming import NAMES_FILE
+    from sparc_core.explain.concept_report import CodeSet, firing_rates, write_concept_report
+    from sparc_core.explain.naming import NAMES_FILE
 
     from .bundle import Bundle, BundleError
 
@@ -335,11 +335,11 @@ def _report_heatmaps(args, galleries, rates, names, tmp):
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from sparc_core.attribution import latent_target, localize, save_heatmap_png
     from sparc_core.checkpoint import load_checkpoint, pick_device
-    from sparc_core.concept_report import shown_latents, top_items
     from sparc_core.config import ConfigError, EncodersConfig, build_config
     from sparc_core.encoders import load_encoders
+    from sparc_core.explain.attribution import latent_target, localize, save_heatmap_png
+    from sparc_core.explain.concept_report import shown_latents, top_items
 
     streams = {g.stream for g in galleries}
     enc_cfg = encoder_overrides(args, {}, always=False)

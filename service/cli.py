@@ -70,7 +70,7 @@ def demo_artefacts(root: Path = DEMO_ROOT) -> dict[str, list[str]]:
     from index.bundle import BundleError, read_manifest
     from sparc_core import checkpoint_hash
     from sparc_core.checkpoint import is_checkpoint
-    from sparc_core.demo import demo_paths, run_demo
+    from sparc_core.worlds.demo import demo_paths, run_demo
 
     paths = demo_paths(root)
     if not is_checkpoint(paths["sparc"]):

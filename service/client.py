@@ -503,7 +503,7 @@ class AsyncSparcClient(_Connection):
 
 
 _RENAMED = {"SearchResult": "SearchReply", "Heatmap": "HeatmapReply"}  # earlier names (the library's own
-# index.SearchResult and sparc_core.attribution.Heatmap are other things)
+# index.SearchResult and sparc_core.explain.attribution.Heatmap are other things)
 
 
 def __getattr__(name: str) -> object:

@@ -26,8 +26,8 @@ from index.params import SearchPath
 from sparc_core import SparseCode, checkpoint_hash, load_checkpoint
 from sparc_core.checkpoint import pick_device
 from sparc_core.encoders import FeatureEncoder, load_encoders
+from sparc_core.explain.naming import load_latent_names
 from sparc_core.model import CodeKind
-from sparc_core.naming import load_latent_names
 
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OverLimit, ServiceError
 from .images import decode_image
@@ -607,7 +607,7 @@ class Engine:
     def _target(
         self, text: str, latents: list[int], weights: list[float], top: int, model: Any = None, encoders: dict | None = None
     ) -> Any:
-        from sparc_core.attribution import latent_target, text_target
+        from sparc_core.explain.attribution import latent_target, text_target
 
         model = model if model is not None else self.model
         encoders = encoders if encoders is not None else self.encoders
@@ -628,8 +628,8 @@ class Engine:
         concepts: list[str] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> Any:
-        """A heatmap (sparc_core.attribution.Heatmap) of a caption's or latents' concepts on an image."""
-        from sparc_core.attribution import CLIP_METHODS, METHOD_ALIASES, METHODS, localize
+        """A heatmap (sparc_core.explain.attribution.Heatmap) of a caption's or latents' concepts on an image."""
+        from sparc_core.explain.attribution import CLIP_METHODS, METHOD_ALIASES, METHODS, localize
 
         method = METHOD_ALIASES.get(method, method) or "relevance"
         if method not in METHODS:
@@ -645,7 +645,7 @@ class Engine:
         if concepts:
             if text or latents:
                 raise InvalidArgument("give text, latents or concepts, not several")
-            from sparc_core.naming import NamingError, latents_named
+            from sparc_core.explain.naming import NamingError, latents_named
 
             try:
                 latents = sorted({i for c in concepts for i in latents_named(self.names, c)})
@@ -673,8 +673,8 @@ class Engine:
         should_stop: Callable[[], bool] | None = None,
     ) -> Any:
         """The latents an image and its caption share, each with its heatmap and word scores
-        (sparc_core.attribution.PairExplanation)."""
-        from sparc_core.attribution import CLIP_METHODS, MAX_PAIR_LATENTS, METHOD_ALIASES, METHODS, explain_pair
+        (sparc_core.explain.attribution.PairExplanation)."""
+        from sparc_core.explain.attribution import CLIP_METHODS, MAX_PAIR_LATENTS, METHOD_ALIASES, METHODS, explain_pair
 
         method = METHOD_ALIASES.get(method, method) or "relevance"
         if method not in METHODS or method in CLIP_METHODS:
@@ -702,8 +702,8 @@ class Engine:
         return self.lane.run(work, should_stop)
 
     def attribute(self, text: str, latents: list[int], method: str, should_stop: Callable[[], bool] | None = None) -> Any:
-        """Per-word scores (sparc_core.attribution.WordScores) of a caption."""
-        from sparc_core.attribution import TEXT_METHODS, attribute_text
+        """Per-word scores (sparc_core.explain.attribution.WordScores) of a caption."""
+        from sparc_core.explain.attribution import TEXT_METHODS, attribute_text
 
         method = method or "grad"
         if method not in TEXT_METHODS:

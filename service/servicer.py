@@ -16,7 +16,7 @@ from index import SearchParams
 from index.errors import GalleryUnavailable
 from index.params import SearchPath
 from sparc_core import SparcError
-from sparc_core.attribution import heatmap_png, pair_png, words_png
+from sparc_core.explain.attribution import heatmap_png, pair_png, words_png
 
 from .engine import Engine, SearchSpec, SearchStopped
 from .errors import DeadlineExceeded, InvalidArgument, NotFound, OverLimit, ServiceError, Unavailable

@@ -79,7 +79,7 @@ def _add_synth(sub: Any) -> None:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from .synthetic import PRESETS, write_synthetic
+    from .worlds.synthetic import PRESETS, write_synthetic
 
     data = dict(PRESETS[args.preset]) if args.preset else {}
     data |= load_config_file(args.config) if args.config else {}
@@ -349,7 +349,7 @@ def _add_demo(sub: Any) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .worlds.demo import run_demo
 
     run_demo(args.out, steps=args.steps, progress=not args.quiet)
     return 0
@@ -373,7 +373,7 @@ def _explain_setup(args: argparse.Namespace, need_dino: bool) -> tuple[Any, dict
 
 
 def _latent_names(checkpoint: str) -> dict[int, str]:
-    from .naming import load_latent_names
+    from .explain.naming import load_latent_names
 
     return load_latent_names(checkpoint)
 
@@ -391,7 +391,7 @@ def _add_name_latents(sub: Any) -> None:
 def _cmd_name_latents(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .naming import NamingError, _read_vocab, name_latents, write_latent_names
+    from .explain.naming import NamingError, _read_vocab, name_latents, write_latent_names
 
     model, encoders, _ = _explain_setup(args, need_dino=False)
     text_enc = next((e for e in encoders.values() if e.modality == "text"), None)
@@ -428,7 +428,7 @@ def _add_scenes(sub: Any) -> None:
 
 
 def _cmd_scenes(args: argparse.Namespace) -> int:
-    from .scenes import write_scenes
+    from .worlds.scenes import write_scenes
 
     out = write_scenes(
         args.out, args.n, seed=args.seed, size=args.size, overwrite=args.overwrite, progress=not args.quiet, family=args.family
@@ -451,7 +451,7 @@ def _add_towers(sub: Any) -> None:
 
 
 def _cmd_towers(args: argparse.Namespace) -> int:
-    from .towers import extract_flags, train_towers
+    from .worlds.towers import extract_flags, train_towers
 
     r = train_towers(
         args.scenes,
@@ -496,7 +496,7 @@ def _add_localize(sub: Any) -> None:
 
 
 def _cmd_localize(args: argparse.Namespace) -> int:
-    from .attribution import AttributionError, latent_target, localize, save_heatmap_png, text_target
+    from .explain.attribution import AttributionError, latent_target, localize, save_heatmap_png, text_target
 
     model, encoders, names = _explain_setup(args, need_dino=args.stream == "dino")
     if args.stream not in encoders or encoders[args.stream].modality != "image":
@@ -526,7 +526,7 @@ def _cmd_localize(args: argparse.Namespace) -> int:
 
 
 def _named_latents(names: dict[int, str], concepts: list[str]) -> list[int]:
-    from .naming import latents_named
+    from .explain.naming import latents_named
 
     return sorted({i for c in concepts for i in latents_named(names, c)})
 
@@ -546,7 +546,7 @@ def _add_explain_pair(sub: Any) -> None:
 
 
 def _cmd_explain_pair(args: argparse.Namespace) -> int:
-    from .attribution import AttributionError, explain_pair, save_pair_png
+    from .explain.attribution import AttributionError, explain_pair, save_pair_png
 
     model, encoders, names = _explain_setup(args, need_dino=args.stream == "dino")
     image_enc, text_enc = encoders.get(args.stream), next((e for e in encoders.values() if e.modality == "text"), None)
@@ -576,7 +576,7 @@ def _cmd_explain_pair(args: argparse.Namespace) -> int:
 def _read_image(path: str) -> Any:
     from PIL import Image, UnidentifiedImageError
 
-    from .attribution import AttributionError
+    from .explain.attribution import AttributionError
 
     try:
         with Image.open(path) as im:
@@ -599,7 +599,7 @@ def _add_attribute(sub: Any) -> None:
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
-    from .attribution import AttributionError, attribute_text, latent_target, save_words_png
+    from .explain.attribution import AttributionError, attribute_text, latent_target, save_words_png
 
     model, encoders, names = _explain_setup(args, need_dino=False)
     text_enc = next((e for e in encoders.values() if e.modality == "text"), None)

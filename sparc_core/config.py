@@ -314,7 +314,7 @@ def build_config(cls: type[C], data: dict[str, Any], source: str = "config") -> 
         raise ConfigError(f"{source}: invalid {cls.__name__}:\n" + "\n".join(lines)) from None
 
 
-# Named planted-concept worlds (sparc synth --preset NAME); sparc_core.synthetic.PRESETS is this dict.
+# Named planted-concept worlds (sparc synth --preset NAME); sparc_core.worlds.synthetic.PRESETS is this dict.
 SYNTH_PRESETS: dict[str, dict] = {
     "demo": {},
     "groups": {  # concepts seen by stream subsets, a CLIP modality gap and nuisance: the hard case

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sparc_core import SparcConfig, SparcModel, SynthConfig
-from sparc_core.synthetic import write_synthetic
+from sparc_core.worlds.synthetic import write_synthetic
 
 STREAMS = {"dino": 24, "clip_img": 16, "clip_txt": 16}
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from sparc_core.alignment import PAPER, run, world_data
-from sparc_core.synthetic import preset
+from sparc_core.worlds.alignment import PAPER, run, world_data
+from sparc_core.worlds.synthetic import preset
 
 DIMS = {"dino": 128, "clip_img": 96, "clip_txt": 96}
 STEPS = 300

@@ -16,7 +16,11 @@ import torch
 from PIL import Image
 
 from sparc_core import SparcConfig, SparcModel, save_checkpoint
-from sparc_core.attribution import (
+from sparc_core.cli import main
+from sparc_core.config import ClipConfig, DinoConfig, EncodersConfig
+from sparc_core.encoders import load_encoders
+from sparc_core.encoders import tiny as tm
+from sparc_core.explain.attribution import (
     HEATMAP_PNG_SIZE,
     AttributionError,
     Target,
@@ -27,10 +31,6 @@ from sparc_core.attribution import (
     save_words_png,
     text_target,
 )
-from sparc_core.cli import main
-from sparc_core.config import ClipConfig, DinoConfig, EncodersConfig
-from sparc_core.encoders import load_encoders
-from sparc_core.encoders import tiny as tm
 
 CLIP_64 = {**tm.CLIP_CFG, "vision_cfg": {**tm.CLIP_CFG["vision_cfg"], "image_size": 64, "layers": 2}}
 DINO_SIZE = 56  # a 4 x 4 patch grid at patch 14
@@ -352,14 +352,14 @@ def test_clip_relevance_baseline_and_the_cosine_one_under_its_names(world):
 
 
 def test_concepts_are_chosen_by_name(world, tmp_path, capsys):
-    from sparc_core.naming import NamingError, latents_named, write_latent_names
+    from sparc_core.explain.naming import NamingError, latents_named, write_latent_names
 
     model = world["model"]
     ckpt = tmp_path / "ckpt"
     save_checkpoint(model, ckpt)
     named = {3: [("bus", 0.9)], 8: [("Bus ", 0.5)], 12: [("cat", 0.7)]}
     write_latent_names(ckpt, named, "words", "clip_txt", model.n_latents)
-    from sparc_core.naming import load_latent_names
+    from sparc_core.explain.naming import load_latent_names
 
     names = load_latent_names(ckpt)
     assert latents_named(names, "bus") == [3, 8] and latents_named(names, "cat") == [12]
@@ -377,7 +377,7 @@ def test_concepts_are_chosen_by_name(world, tmp_path, capsys):
 
 def test_an_image_and_its_caption_explain_their_shared_latents(world, tmp_path, capsys):
     # The paper's Figure 5: per latent both codes agree on, where it is in the image and which words drive it.
-    from sparc_core.attribution import explain_pair, save_pair_png
+    from sparc_core.explain.attribution import explain_pair, save_pair_png
 
     model, enc = world["model"], world["encoders"]
     image, caption = _patches("clip_img", {5: 1, 10: 2}), "a zebra next to the violin"

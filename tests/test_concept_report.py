@@ -14,7 +14,7 @@ from PIL import Image
 
 from index import build_bundle
 from sparc_core.cli import main
-from sparc_core.naming import write_latent_names
+from sparc_core.explain.naming import write_latent_names
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     out = Path(sys.argv[1])
     from sparc_core import TrainConfig, train
-    from sparc_core.synthetic import write_synthetic
+    from sparc_core.worlds.synthetic import write_synthetic
     from sparc_core.config import SynthConfig, ClipConfig, EncodersConfig
     paths = write_synthetic(SynthConfig(n_train=600, n_eval=100, n_concepts=40,
                                          streams={{"dino": 24, "clip_img": 16, "clip_txt": 16}}), out / "data")
@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent(
         load_encoders(EncodersConfig(clip=ClipConfig(weights=str(out)), device="cpu"))
     except MissingExtra as e:
         print("ENCODERS:", e)
-    from sparc_core.attribution.drawing import _figure
+    from sparc_core.explain.attribution.drawing import _figure
     try:
         _figure(1, 1)
     except MissingExtra as e:

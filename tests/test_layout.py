@@ -196,7 +196,7 @@ def test_the_training_pass_is_composed_of_short_named_steps():
 def test_attribution_is_split_by_job_and_drawing_returns_bytes():
     """One module per job (targets, tower hooks, heatmap methods, caption words, pairs, drawing), none
     over 200 lines; every picture function returns PNG bytes, writing a file is a ``save_*`` helper's job."""
-    pkg = ROOT / "sparc_core" / "attribution"
+    pkg = ROOT / "sparc_core" / "explain" / "attribution"
     jobs = {"__init__", "targets", "hooks", "heatmaps", "text", "pairs", "drawing"}
     assert {p.stem for p in pkg.glob("*.py")} == jobs
     for p in pkg.glob("*.py"):
@@ -236,3 +236,64 @@ def test_one_versioned_directory_helper_for_checkpoints_and_bundles():
                 assert not (node.func.attr == "atomic_write_bytes" or call.startswith("atomic_write_bytes")), rel
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "atomic_write_bytes":
                 assert "POINTER" not in ast.unparse(node) and "CURRENT" not in ast.unparse(node), f"{rel}: {ast.unparse(node)}"
+
+
+PRODUCT = {
+    "__init__", "atomic", "calibrate", "checkpoint", "cli", "cluster", "config", "data", "extract", "extras", "kernels",
+    "lazy", "losses", "metrics", "model", "plots", "report", "train",
+}  # fmt: skip
+GROUPS = {"explain": {"attribution", "concept_report", "naming"},
+          "worlds": {"alignment", "demo", "scenes", "scenes_eval", "synthetic", "towers"}}  # fmt: skip
+
+
+def _sparc_imports(path: Path) -> set[str]:
+    """The sparc_core sub-packages (explain, worlds) a file imports, lazy imports included."""
+    pkg = path.relative_to(ROOT).parent.parts  # ("sparc_core", ...)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = list(pkg[: len(pkg) - node.level + 1]) + (node.module.split(".") if node.module else [])
+                names = [base + [a.name] for a in node.names] if not node.module else [base]
+            else:
+                names = [(node.module or "").split(".")]
+        elif isinstance(node, ast.Import):
+            names = [a.name.split(".") for a in node.names]
+        else:
+            continue
+        found |= {n[1] for n in names if len(n) > 1 and n[0] == "sparc_core" and n[1] in GROUPS}
+    return found
+
+
+def test_sparc_core_shows_the_product_apart_from_explanation_and_the_measuring_worlds():
+    """The folder holds the product; explain/ and worlds/ hold theirs (a new module is placed on purpose).
+    The product imports neither (the ``sparc`` command, its front, reaches all three); explanation never
+    imports a world; every old module path still imports, as the same module."""
+    import warnings
+
+    pkg = ROOT / "sparc_core"
+    top = {p.stem for p in pkg.glob("*.py")} | {p.name for p in pkg.iterdir() if (p / "__init__.py").exists()}
+    assert top == PRODUCT | {"encoders"} | set(GROUPS)
+    for group, members in GROUPS.items():
+        here = {p.stem for p in (pkg / group).glob("*.py")} | {
+            p.name for p in (pkg / group).iterdir() if (p / "__init__.py").exists()
+        }
+        assert here == members | {"__init__"}, group
+    for path in pkg.rglob("*.py"):
+        rel = path.relative_to(pkg)
+        used = _sparc_imports(path)
+        if rel.parts[0] == "explain":
+            assert "worlds" not in used, f"{rel}: explanation imports a measuring world"
+        elif rel.parts[0] != "worlds" and rel.name not in ("cli.py", "__init__.py") or rel.parts[0] == "encoders":
+            assert not used, f"{rel}: the product imports {sorted(used)}"
+    import importlib
+    import sys
+
+    for group, members in GROUPS.items():
+        for m in members:
+            sys.modules.pop(f"sparc_core.{m}", None)  # the alias only: the module stays at its new path
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                old = importlib.import_module(f"sparc_core.{m}")
+            assert old is importlib.import_module(f"sparc_core.{group}.{m}")
+            assert any(w.category is DeprecationWarning and f"sparc_core.{group}.{m}" in str(w.message) for w in caught), m

@@ -9,8 +9,8 @@ import numpy as np
 
 from sparc_core import SparcConfig, load_checkpoint
 from sparc_core.checkpoint import checkpoint_hash
-from sparc_core.naming import load_latent_names, name_latents, naming_score, write_latent_names
-from sparc_core.synthetic import PlantedConcepts
+from sparc_core.explain.naming import load_latent_names, name_latents, naming_score, write_latent_names
+from sparc_core.worlds.synthetic import PlantedConcepts
 
 from .conftest import MEDIUM
 

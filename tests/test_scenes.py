@@ -11,7 +11,7 @@ from PIL import Image
 
 from sparc_core.cli import main
 from sparc_core.extract import read_captions
-from sparc_core.scenes import (
+from sparc_core.worlds.scenes import (
     COLOUR_WORDS,
     COLOURS,
     CONCEPTS,
@@ -112,7 +112,7 @@ def test_written_as_extract_reads_it_and_never_half_written(scenes, tmp_path):
 
 # ---- the localisation scores (the SPARC authors' COCO protocol) -------------------------------------------
 def test_otsu_threshold_maximises_between_class_variance():
-    from sparc_core.scenes_eval import otsu_threshold
+    from sparc_core.worlds.scenes_eval import otsu_threshold
 
     rng = np.random.default_rng(0)
     for _ in range(5):
@@ -129,7 +129,7 @@ def test_otsu_threshold_maximises_between_class_variance():
 
 
 def test_predicted_mask_cuts_a_blob_and_falls_back_on_a_flat_map():
-    from sparc_core.scenes_eval import localisation_scores, predicted_mask
+    from sparc_core.worlds.scenes_eval import localisation_scores, predicted_mask
 
     heat = np.zeros((40, 40))
     heat[10:20, 10:20] = 1.0
@@ -145,7 +145,7 @@ def test_predicted_mask_cuts_a_blob_and_falls_back_on_a_flat_map():
 
 
 def test_mask_ap_matches_coco_interpolation_by_hand():
-    from sparc_core.scenes_eval import mask_ap
+    from sparc_core.worlds.scenes_eval import mask_ap
 
     # one class, 4 ground truths, predictions in order: hit, miss, hit, none.
     # precision 1, 1/2, 2/3 at recall 1/4, 1/4, 2/4; made monotone: 1, 2/3, 2/3.
@@ -159,7 +159,7 @@ def test_mask_ap_matches_coco_interpolation_by_hand():
 
 
 def test_the_retrieval_ceiling_is_what_a_perfect_ranking_scores():
-    from sparc_core.scenes_eval import precision_and_ap, retrieval_ceiling
+    from sparc_core.worlds.scenes_eval import precision_and_ap, retrieval_ceiling
 
     g = np.random.default_rng(0)
     queries = [(f"q{i}", g.random(200) < p) for i, p in enumerate((0.01, 0.03, 0.2))]

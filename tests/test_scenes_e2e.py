@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from sparc_core.cli import main
-from sparc_core.scenes import CONCEPTS, read_scene_records
-from sparc_core.towers import TowerSizes, encoders_config, extract_flags, train_towers
+from sparc_core.worlds.scenes import CONCEPTS, read_scene_records
+from sparc_core.worlds.towers import TowerSizes, encoders_config, extract_flags, train_towers
 
 TINY = TowerSizes(image_size=56, patch=14, width=32, depth=2, heads=2, text_width=32, text_depth=1, text_heads=2, embed_dim=16)
 

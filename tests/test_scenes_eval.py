@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from sparc_core import SparcConfig, SparcModel
-from sparc_core import scenes_eval as se
-from sparc_core.attribution import AttributionError, Heatmap, Target
 from sparc_core.config import ClipConfig, DinoConfig, EncodersConfig
 from sparc_core.encoders import load_encoders
 from sparc_core.encoders import tiny as tm
-from sparc_core.scenes import family_of, read_scene_records, write_scenes
+from sparc_core.explain.attribution import AttributionError, Heatmap, Target
+from sparc_core.worlds import scenes_eval as se
+from sparc_core.worlds.scenes import family_of, read_scene_records, write_scenes
 
 CLIP_64 = {**tm.CLIP_CFG, "vision_cfg": {**tm.CLIP_CFG["vision_cfg"], "image_size": 64, "layers": 2}}
 

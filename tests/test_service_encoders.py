@@ -224,8 +224,8 @@ def test_serve_flags_configure_the_encoders(world):
 
 def test_localize_and_attribute_text_over_grpc(world, server, client, tmp_path):
     """Localize / AttributeText equal the library's answer, return PNGs when asked, and refuse bad input."""
-    from sparc_core.attribution import attribute_text, localize, text_target
-    from sparc_core.naming import write_latent_names
+    from sparc_core.explain.attribution import attribute_text, localize, text_target
+    from sparc_core.explain.naming import write_latent_names
 
     model, enc = load_checkpoint(world["ckpt"]), load_encoders(world["encoders"])
     data = _encoded(world["dir"] / "images" / "img_0011.jpg", "PNG")
@@ -247,7 +247,7 @@ def test_localize_and_attribute_text_over_grpc(world, server, client, tmp_path):
     assert float(logits[silent]) < 0 and not quiet.target_fires and "fires on this image" in quiet.note
     assert float(quiet.grid.max()) == 0.0 and client.localize(data, text=caption).target_fires
     # ExplainPair equals the library's answer
-    from sparc_core.attribution import explain_pair
+    from sparc_core.explain.attribution import explain_pair
 
     reply = client.explain_pair(data, caption, encoder_stream="dino", max_latents=2, return_png=True)
     ref_pair = explain_pair(model, enc["dino"], enc["clip_txt"], Image.open(io.BytesIO(data)), caption, max_latents=2)
@@ -355,7 +355,7 @@ def test_gradient_work_has_its_own_bounded_lane_and_honours_deadlines(world, mon
     import threading
     import time
 
-    import sparc_core.attribution as attribution
+    import sparc_core.explain.attribution as attribution
     from service.client import SparcClient
 
     started, release = [], threading.Event()

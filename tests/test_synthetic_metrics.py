@@ -9,7 +9,7 @@ import torch
 from sparc_core import ConfigError, SparseCode, SynthConfig, TrainConfig
 from sparc_core.config import build_config, load_config_file
 from sparc_core.metrics import dead_fraction, empty_share, label_weighted_jaccard, per_sample_jaccard, retrieval_scores
-from sparc_core.synthetic import PlantedConcepts
+from sparc_core.worlds.synthetic import PlantedConcepts
 
 
 def test_synthetic_streams_are_paired_scaled_and_labelled():

@@ -12,8 +12,8 @@ from PIL import Image
 
 from sparc_core.config import ClipConfig, DinoConfig, EncodersConfig
 from sparc_core.encoders import load_encoders
-from sparc_core.scenes import read_scene_records, scene_family, write_scenes
-from sparc_core.towers import (
+from sparc_core.worlds.scenes import read_scene_records, scene_family, write_scenes
+from sparc_core.worlds.towers import (
     CLIP_MEAN,
     CLIP_STD,
     DINO_ARCH,
@@ -48,7 +48,7 @@ def test_towers_train_save_in_the_real_layouts_and_load_unchanged(tmp_path):
     # the loaded CLIP computes what the trained one computed, through its own preprocessing and tokenizer
     import open_clip
 
-    from sparc_core.towers import clip_model
+    from sparc_core.worlds.towers import clip_model
 
     trained = clip_model(TINY)
     from safetensors.torch import load_file
@@ -105,7 +105,7 @@ def test_the_shipped_towers_load_through_the_real_loaders_and_see_their_scenes(t
     feats = enc["dino"].encode_images(images)
     torch.manual_seed(0)
     learned = linear_probe(feats[:160], labels[:160], feats[160:], labels[160:])
-    from sparc_core.towers import dino_model
+    from sparc_core.worlds.towers import dino_model
 
     random_vit = dino_model(TowerSizes())
     enc["dino"].model.load_state_dict(random_vit.state_dict())

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_write_json
-from .checkpoint import checkpoint_hash
-from .config import SparcError
-from .model import SparcModel
+from ..atomic import atomic_write_json
+from ..checkpoint import checkpoint_hash
+from ..config import SparcError
+from ..model import SparcModel
 
 NAMES_FILE = "latent_names.json"
 
@@ -140,7 +140,7 @@ def _read_vocab(path: str | Path) -> list[str]:
     if not p.is_file():
         raise NamingError(f"{p}: vocabulary file not found")
     if p.suffix.lower() in (".csv", ".tsv", ".jsonl", ".json"):
-        from .extract import read_captions
+        from ..extract import read_captions
 
         entries = sorted({item.caption for item in read_captions(p, all_captions=True)})
     else:

@@ -50,7 +50,7 @@ def _title(target: Target, names: dict[int, str], activations: dict[int, float] 
 
 def _figure(width: float, height: float) -> Any:
     """A matplotlib Figure with its own Agg canvas: no pyplot state, safe in the server's worker threads."""
-    from ..extras import require
+    from ...extras import require
 
     require("matplotlib", "plots", "pictures (heatmaps, word scores)")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -70,7 +70,7 @@ def _png(fig: Any, **savefig: Any) -> bytes:
 
 
 def _write(path: str | Path, png: bytes) -> Path:
-    from ..atomic import atomic_write_bytes
+    from ...atomic import atomic_write_bytes
 
     atomic_write_bytes(Path(path), png)
     return Path(path)

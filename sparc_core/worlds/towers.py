@@ -2,7 +2,7 @@
 
 Real DINOv2 and CLIP weights cannot be downloaded everywhere; these towers let the whole product (extraction
 through the real loaders, training, indexes, localisation) run on features that TRAINED transformers compute
-from pixels, where the truth is known (``sparc_core.scenes``):
+from pixels, where the truth is known (``sparc_core.worlds.scenes``):
 
 - a vision-only ViT in the DINOv2-with-registers layout (timm ``vit_small_patch14_reg4_dinov2`` scaled
   down), trained as DINO trains, by self-distillation on the images alone (a student matches an EMA
@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_bytes, atomic_write_json
-from .extras import require
+from ..atomic import atomic_write_bytes, atomic_write_json
+from ..extras import require
 from .scenes import SHAPES_FAMILY, SceneFamily, family_of, read_scene_records
 
 DINO_ARCH = "vit_small_patch14_reg4_dinov2"
@@ -463,7 +463,7 @@ def read_towers(directory: str | Path) -> dict[str, Any]:
 
 def encoders_config(report: dict[str, Any], device: str = "cpu") -> Any:
     """The EncodersConfig that loads a towers folder's weights through the real loaders."""
-    from .config import ClipConfig, DinoConfig, EncodersConfig
+    from ..config import ClipConfig, DinoConfig, EncodersConfig
 
     dino = DinoConfig(
         model=report["dino_model"], weights=report["dino_weights"], model_args=report["dino_model_args"],

@@ -35,8 +35,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .atomic import fsync_dir, replace_dir
-from .config import SparcError
+from ..atomic import fsync_dir, replace_dir
+from ..config import SparcError
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "diamond", "pentagon")
 COLOURS = {

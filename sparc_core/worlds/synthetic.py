@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_save_npy, atomic_write_json
-from .config import SYNTH_PRESETS, ConfigError, SynthConfig
+from ..atomic import atomic_save_npy, atomic_write_json
+from ..config import SYNTH_PRESETS, ConfigError, SynthConfig
 
 # Named worlds for `sparc synth --preset` and the alignment benchmark: each differs from the demo's
 # world in one or two ways a real pair of models differs (more concepts than latents, concepts only

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..encoders import FeatureEncoder
-from ..model import SparcModel
+from ...encoders import FeatureEncoder
+from ...model import SparcModel
 from .hooks import _clip_attention, _grid, _input_grads, _last_tokens, _Recorder, _timm_attention, _vision
 from .targets import CLIP_METHODS, METHOD_ALIASES, METHODS, SCORES, AttributionError, Heatmap, Target
 

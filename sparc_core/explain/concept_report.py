@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import replace_dir
+from ..atomic import replace_dir
 
 SHARED_RATE = 1e-3  # a latent counts as firing in a stream above this rate
 
@@ -66,7 +66,7 @@ def top_items(g: CodeSet, n_latents: int, top: int) -> dict[int, list[tuple[int,
 
 
 def _overview_png(rates: dict[str, np.ndarray], shown: list[int], path: Path) -> dict[str, int]:
-    from .extras import require
+    from ..extras import require
 
     matplotlib = require("matplotlib", "plots", "concept reports")
 
@@ -196,6 +196,6 @@ __all__ = ["CodeSet", "firing_rates", "shown_latents", "top_items", "write_conce
 
 def __getattr__(name: str) -> object:
     if name == "Gallery":  # the earlier name (index.Gallery is the search protocol)
-        warnings.warn("sparc_core.concept_report.Gallery is now called CodeSet", DeprecationWarning, stacklevel=2)
+        warnings.warn("sparc_core.explain.concept_report.Gallery is now called CodeSet", DeprecationWarning, stacklevel=2)
         return CodeSet
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

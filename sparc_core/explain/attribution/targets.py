@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import SparcError
-from ..encoders import FeatureEncoder
-from ..model import SparcModel
+from ...config import SparcError
+from ...encoders import FeatureEncoder
+from ...model import SparcModel
 
 METHODS = ("relevance", "gradcam", "grad-x-input", "clip-relevance", "clip-cosine")
 CLIP_METHODS = ("clip-relevance", "clip-cosine")  # CLIP's own image-text baselines: the CLIP image tower and a caption

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..encoders import ClipImageEncoder, DinoEncoder, FeatureEncoder
+from ...encoders import ClipImageEncoder, DinoEncoder, FeatureEncoder
 from .targets import AttributionError
 
 

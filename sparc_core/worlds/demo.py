@@ -7,12 +7,12 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_write_json
+from ..checkpoint import CheckpointError, read_checkpoint_config
+from ..config import SynthConfig, TrainConfig
+from ..metrics import evaluate
+from ..report import format_report
 from .alignment import LOCAL, PAPER
-from .atomic import atomic_write_json
-from .checkpoint import CheckpointError, read_checkpoint_config
-from .config import SynthConfig, TrainConfig
-from .metrics import evaluate
-from .report import format_report
 
 DEMO_SYNTH = SynthConfig(n_train=30_000, n_eval=5_000)
 DEMO_MODEL = {"n_latents": 384, "k": 32, "steps": 2000, "batch_size": 256}
@@ -46,9 +46,9 @@ def demo_paths(out: str | Path) -> dict[str, Path]:
 
 def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Synthesise, train both models (reusing finished checkpoints), evaluate, print and save the report."""
-    from .checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
+    from ..train import train
     from .synthetic import write_synthetic
-    from .train import train
 
     paths = demo_paths(out)
     streams = list(DEMO_SYNTH.streams)
@@ -94,9 +94,9 @@ def write_demo_concepts(paths: dict[str, Path], feats: dict[str, np.ndarray], la
     write the concept report over the held-out DINO and CLIP-image codes."""
     import torch
 
-    from .checkpoint import load_checkpoint
-    from .concept_report import CodeSet, firing_rates, write_concept_report
-    from .naming import name_latents, naming_score, write_latent_names
+    from ..checkpoint import load_checkpoint
+    from ..explain.concept_report import CodeSet, firing_rates, write_concept_report
+    from ..explain.naming import name_latents, naming_score, write_latent_names
     from .synthetic import PlantedConcepts
 
     model = load_checkpoint(paths["sparc"])

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..encoders import ClipTextEncoder, FeatureEncoder
-from ..encoders.clip import budget_text
-from ..model import SparcModel
+from ...encoders import ClipTextEncoder, FeatureEncoder
+from ...encoders.clip import budget_text
+from ...model import SparcModel
 from .hooks import _clip_attention, _input_grads, _Recorder
 from .targets import TEXT_METHODS, AttributionError, Target, text_target
 

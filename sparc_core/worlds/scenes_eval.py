@@ -1,7 +1,7 @@
 """The product measured on rendered scenes, where every object, attribute and mask is known.
 
 Used by ``bench/scenes.py`` (the table) and its CI-sized test. Every figure is computed on held-out scenes
-with each stream encoded alone, against the ground truth of ``sparc_core.scenes``:
+with each stream encoded alone, against the ground truth of ``sparc_core.worlds.scenes``:
 
 - text -> image retrieval per single-concept query ("a red triangle": one colour and one shape): precision@10
   and average precision over the gallery images that hold such an object;
@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .attribution import AttributionError, Heatmap, Target, attribute_text, localize, text_target
-from .extras import require
-from .model import SparcModel
-from .naming import name_latents, naming_score
+from ..explain.attribution import AttributionError, Heatmap, Target, attribute_text, localize, text_target
+from ..explain.naming import name_latents, naming_score
+from ..extras import require
+from ..model import SparcModel
 from .scenes import SceneFamily, family_of, instance_mask
 
 STREAMS = ("dino", "clip_img", "clip_txt")
@@ -46,8 +46,8 @@ def scene_features(scenes: Path, encoders: Any, work: Path, n_train: int) -> dic
     """Every stream's features of a scenes folder, extracted once through the real loaders into WORK/features,
     split into WORK/train and WORK/test (the first ``n_train`` scenes train; labels beside them); returns
     {"train": {stream: rows}, "test": {...}}."""
-    from .config import ExtractConfig
-    from .extract import extract
+    from ..config import ExtractConfig
+    from ..extract import extract
 
     out = work / "features"
     if not (out / "ids.txt").is_file():

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..encoders import ClipTextEncoder, FeatureEncoder
-from ..model import SparcModel
+from ...encoders import ClipTextEncoder, FeatureEncoder
+from ...model import SparcModel
 from .heatmaps import localize
 from .hooks import _vision
 from .targets import CLIP_METHODS, METHOD_ALIASES, AttributionError, Heatmap, latent_target

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import SynthConfig, TrainConfig
-from .metrics import evaluate, retrieval_scores
+from ..config import SynthConfig, TrainConfig
+from ..metrics import evaluate, retrieval_scores
 from .synthetic import PlantedConcepts, ceiling, write_synthetic
 
 # The paper's recipe: Global TopK + cross-reconstruction, none of this project's additions.
@@ -140,8 +140,8 @@ def run(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Train ``train_overrides`` (over the shipped defaults) on ``world`` under ``work``, then measure."""
-    from .checkpoint import load_checkpoint
-    from .train import train
+    from ..checkpoint import load_checkpoint
+    from ..train import train
 
     data = data or world_data(world, work / "data")
     cfg = TrainConfig(
