@@ -14,7 +14,9 @@ and this checkout's serve the same bundle in turn, round after round (``--rounds
 and the table gives each tree's median queries/s and per-call p50 / p99 with the ratios; both servers answer
 the same distinct queries first and their hit lists (ids and scores) are compared.
 
-    python bench/service_load.py --base 9e01049 --seconds 10 --rounds 3
+    python bench/service_load.py --base 9e01049 --seconds 10 --rounds 3 [--explain]
+
+``--explain``: every query asks for its hits' explanations (compared too in the A/B).
 """
 
 from __future__ import annotations
@@ -49,10 +51,20 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _client(target: str, queries: np.ndarray, mode: str, path: str, batch: int, seconds: float, out: mp.Queue) -> None:
-    from service.client import SparcClient, make_query, search_request
+def _requests(queries: np.ndarray, path: str, explain: bool) -> list:
+    from service.client import make_query, search_request
 
-    reqs = [search_request(make_query(stream="clip_txt", vector=q), ["bench"], top_k=10, path=path) for q in queries]
+    return [
+        search_request(make_query(stream="clip_txt", vector=q), ["bench"], top_k=10, path=path, explain=explain) for q in queries
+    ]
+
+
+def _client(
+    target: str, queries: np.ndarray, mode: str, path: str, batch: int, seconds: float, explain: bool, out: mp.Queue
+) -> None:
+    from service.client import SparcClient
+
+    reqs = _requests(queries, path, explain)
     lat, n = [], 0
     with SparcClient(target) as c:
         end = time.monotonic() + seconds
@@ -93,7 +105,10 @@ def _serve(tree: Path, checkpoint: str, bundle: Path) -> tuple[subprocess.Popen,
 def _load_row(target: str, xq: np.ndarray, mode: str, path: str, args: argparse.Namespace) -> tuple[float, np.ndarray]:
     """(queries/s, per-call latencies in ms) of ``args.clients`` client processes for ``args.seconds``."""
     q: mp.Queue = mp.Queue()
-    procs = [mp.Process(target=_client, args=(target, xq, mode, path, args.batch, args.seconds, q)) for _ in range(args.clients)]
+    procs = [
+        mp.Process(target=_client, args=(target, xq, mode, path, args.batch, args.seconds, args.explain, q))
+        for _ in range(args.clients)
+    ]
     t_start = time.perf_counter()
     for pr in procs:
         pr.start()
@@ -104,12 +119,20 @@ def _load_row(target: str, xq: np.ndarray, mode: str, path: str, args: argparse.
     return sum(r[0] for r in results) / wall, np.concatenate([r[1] for r in results]) * 1e3
 
 
-def _answers(target: str, xq: np.ndarray, path: str) -> list[tuple[list, list]]:
-    from service.client import SparcClient, make_query, search_request
+def _answers(target: str, xq: np.ndarray, path: str, explain: bool) -> list[tuple[list, list, list]]:
+    """Each query's hits: ids, scores and (with ``explain``) each hit's shared latents and contributions."""
+    from service.client import SparcClient
 
     with SparcClient(target) as c:
-        reqs = [search_request(make_query(stream="clip_txt", vector=v), ["bench"], top_k=10, path=path) for v in xq]
-        return [([h.id for h in r.hits], [round(h.score, 5) for h in r.hits]) for r in c.search_batch(reqs, timeout=60)]
+        replies = c.search_batch(_requests(xq, path, explain), timeout=60)
+        return [
+            (
+                [h.id for h in r.hits],
+                [round(h.score, 5) for h in r.hits],
+                [[(e.latent, round(e.contribution, 5)) for e in h.explanation] for h in r.hits],
+            )  # fmt: skip
+            for r in replies
+        ]
 
 
 def ab(args: argparse.Namespace, work: Path, xq: np.ndarray) -> None:
@@ -128,7 +151,7 @@ def ab(args: argparse.Namespace, work: Path, xq: np.ndarray) -> None:
                 try:
                     if r == 0:
                         for p in args.paths.split(","):
-                            same.setdefault(p, []).append(_answers(target, xq[: args.check_queries], p))
+                            same.setdefault(p, []).append(_answers(target, xq[: args.check_queries], p, args.explain))
                     for mode, path in rows:
                         qps, lat = _load_row(target, xq, mode, path, args)
                         got.setdefault((name, mode, path), []).append((qps, np.percentile(lat, 50), np.percentile(lat, 99)))
@@ -138,7 +161,8 @@ def ab(args: argparse.Namespace, work: Path, xq: np.ndarray) -> None:
             print(f"round {r + 1}/{args.rounds} done", flush=True)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=ROOT, capture_output=True)
-    print(f"\n{args.items} items, {args.clients} client processes, {args.batch} queries per call, {args.seconds:.0f} s "
+    print(f"\n{args.items} items, {args.clients} client processes, {args.batch} queries per call"
+          f"{', explained hits' if args.explain else ''}, {args.seconds:.0f} s "
           f"per row, {args.rounds} rounds alternating (medians), {os.cpu_count()} CPUs\n")  # fmt: skip
     print("| mode | path | tree | queries/s | p50 ms/call | p99 ms/call | identical hits |")
     print("|---|---|---|---|---|---|---|")
@@ -164,6 +188,7 @@ def main() -> None:
     p.add_argument("--soak", type=float, default=0.0, help="extra seconds of SearchBatch load to watch memory")
     p.add_argument("--base", help="a commit to compare with, same run (see above)")
     p.add_argument("--rounds", type=int, default=3, help="with --base: rounds, the trees alternating")
+    p.add_argument("--explain", action="store_true", help="every query asks for its hits' explanations")
     p.add_argument("--check-queries", type=int, default=64, help="with --base: distinct queries whose hits are compared")
     args = p.parse_args()
 
@@ -184,8 +209,8 @@ def main() -> None:
     try:
         code = searcher.encode("clip_txt", xq[: args.batch])
         print(
-            f"{args.items} items, {args.clients} client processes, {args.batch} queries per call, "
-            f"{args.seconds:.0f} s per row, server pid {server.pid}"
+            f"{args.items} items, {args.clients} client processes, {args.batch} queries per call"
+            f"{', explained hits' if args.explain else ''}, {args.seconds:.0f} s per row, server pid {server.pid}"
         )
         print("mode | path | qps | p50_ms/call | p99_ms/call | in-process_ms/call | server_rss_MB start->end")
         print("--- | --- | --- | --- | --- | --- | ---")
@@ -207,7 +232,7 @@ def main() -> None:
             rss = [_rss_mb(server.pid)]
             q = mp.Queue()
             procs = [
-                mp.Process(target=_client, args=(target, xq, "batch", "sparse", args.batch, args.soak, q))
+                mp.Process(target=_client, args=(target, xq, "batch", "sparse", args.batch, args.soak, args.explain, q))
                 for _ in range(args.clients)
             ]
             for pr in procs:
