@@ -1,24 +1,23 @@
 """The retrieval engine behind the gRPC surface: validates requests, batches encodes, calls sparc_core and
 index, and raises the typed refusals of service/errors.py (server.py maps them to status codes). It holds
 no model maths and no search maths (the merge over indexes is index.merge_results).
+
+Its parts: ``specs`` (what it takes and gives), ``batcher`` (the encode micro-batcher on the model thread),
+``concepts`` (Localize, AttributeText, ExplainPair on the gradient lane, mixed into ``Engine``).
 """
 
 from __future__ import annotations
 
-import queue
 import threading
-import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin TimeoutError before Python 3.11
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from index import Gallery, SearchParams, SearchResult, SearchStopped, merge_results, open_gallery
+from index import Gallery, SearchResult, SearchStopped, merge_results, open_gallery
 from index.errors import BundleError, GalleryUnavailable
 from index.faiss_backend import DenseIndexError, parse_gpus
 from index.manifest import current_version
@@ -29,180 +28,23 @@ from sparc_core.encoders import FeatureEncoder, load_encoders
 from sparc_core.explain.naming import load_latent_names
 from sparc_core.model import CodeKind
 
+from .batcher import EncodeBatcher
+from .concepts import MAX_TARGET_LATENTS, ConceptCalls
 from .errors import FailedPrecondition, InvalidArgument, NotFound, OverLimit, ServiceError
 from .images import decode_image
 from .lanes import GradientLane
 from .settings import ServiceSettings
+from .specs import EXPLANATION_BYTES, HIT_BYTES, QuerySpec, SearchSpec, ServedHit, served_hit
 
-__all__ = ["Engine", "EncodeBatcher", "SearchSpec", "QuerySpec", "ServiceError", "SearchStopped", "ServedHit"]
-
-
-MAX_TARGET_LATENTS = 64  # latents one Localize / AttributeText call may name
-HIT_BYTES = 64  # a hit in the reply: id, score, rank, index name, framing (ids of up to ~40 characters)
-EXPLANATION_BYTES = 8 * 24  # the 8 shared latents of an explained hit
-
-
-@dataclass
-class QuerySpec:
-    """A validated query: its stream and exactly one payload (features, a text, or preprocessed pixels)."""
-
-    stream: str
-    vector: np.ndarray | None = None  # [d] raw features of ``stream``
-    text: str | None = None  # for the stream's text encoder
-    pixels: torch.Tensor | None = None  # [3, H, W] preprocessed for the stream's image encoder
-
-    def payload(self) -> tuple[str, Any]:
-        """(kind, one-row payload) for the encode batcher."""
-        if self.text is not None:
-            return "text", [self.text]
-        if self.pixels is not None:
-            return "pixels", self.pixels[None]
-        return "vector", self.vector[None, :]
-
-
-@dataclass
-class SearchSpec:
-    """A validated search request: the query, the indexes, how to search them (one SearchParams, passed
-    unchanged to every gallery) and what to attach to the reply."""
-
-    query: QuerySpec
-    indexes: list[str]
-    params: SearchParams = field(default_factory=SearchParams)
-    explain: bool = False
-    return_code: bool = False
-
-    @property
-    def top_k(self) -> int:
-        return self.params.top_k
-
-    @property
-    def path(self) -> str:
-        return self.params.path
-
-
-@dataclass
-class ServedHit:
-    id: Any
-    score: float
-    rank: int
-    index: str
-    explanation: list[Any]
-    version: str = ""  # the version of its index that answered
-    loc: tuple[int, int, int] | None = None  # (shard, part, row in the shard) in a local bundle; None elsewhere
-
-
-def _served(result: SearchResult, q: int, at: int, rank: int, index: str, explanation: list[Any], version: str) -> ServedHit:
-    """Hit ``at`` of query ``q`` of one index's result, with where it is stored (local bundles say)."""
-    loc = tuple(result.locs[q][at].tolist()) if result.locs else None
-    return ServedHit(result.ids[q][at], result.scores[q][at], rank, index, explanation, version, loc)  # type: ignore[arg-type]
-
-
-class EncodeBatcher:
-    """Micro-batching: concurrent queries of one stream and kind share one encoder call and one model call.
-
-    Everything already queued joins the batch at once; a query then waits at most ``max_wait_ms`` for more
-    company (0: never wait, batch only what piles up while the models are busy); a batch holds at most
-    ``max_size`` queries. Texts and images go through the stream's feature encoder first; one thread owns
-    the models (GPU-safe).
-    """
-
-    def __init__(self, model: Any, encoders: dict[str, FeatureEncoder], max_size: int, max_wait_ms: float) -> None:
-        self.model, self.encoders, self.max_size, self.max_wait = model, encoders, max_size, max_wait_ms / 1000.0
-        self._q: queue.Queue[tuple | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="encode-batcher", daemon=True)
-        self._thread.start()
-
-    def call(self, fn: Callable[[], Any]) -> Future:
-        """Run ``fn`` on the thread that owns the models, between batches (work that must not overlap an
-        encode: gradients through the encoders, hooks on them)."""
-        fut: Future = Future()
-        self._q.put(("", "call", fn, fut, None, ""))
-        return fut
-
-    def submit(
-        self, stream: str, kind: str, payload: Any, should_stop: Callable[[], bool] | None = None, code: CodeKind = "search"
-    ) -> Future:
-        """Future of the SparseCode (of kind ``code``) of ``payload``: features [n, d], texts (list), or pixels
-        [n, 3, H, W]. A payload whose ``should_stop()`` is true when its batch forms is dropped (SearchStopped)."""
-        fut: Future = Future()
-        self._q.put((stream, kind, payload, fut, should_stop, code))
-        return fut
-
-    def _features(self, stream: str, kind: str, payloads: list[Any]) -> torch.Tensor:
-        if kind == "text":
-            return self.encoders[stream].encode_texts([t for p in payloads for t in p])
-        if kind == "pixels":
-            return self.encoders[stream].encode_pixels(torch.cat(payloads))
-        return torch.from_numpy(np.concatenate(payloads))
-
-    def _run(self) -> None:
-        while True:
-            first = self._q.get()
-            if first is None:
-                return
-            if first[1] == "call":
-                self._run_call(first)
-                continue
-            batch = [first]
-            deadline = time.monotonic() + self.max_wait
-            rows = len(first[2])
-            while rows < self.max_size:
-                timeout = deadline - time.monotonic()
-                try:  # whatever is queued already joins at once; then wait for company until the deadline
-                    item = self._q.get_nowait() if timeout <= 0 else self._q.get(timeout=timeout)
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._q.put(None)
-                    break
-                if item[1] == "call":  # after this batch, in order
-                    self._q.put(item)
-                    break
-                batch.append(item)
-                rows += len(item[2])
-            groups: dict[tuple[str, str, str], list[tuple[Any, Future]]] = {}
-            for stream, kind, payload, fut, should_stop, code_kind in batch:
-                if should_stop is not None and should_stop():  # its caller is gone: no model time for it
-                    fut.set_exception(SearchStopped("the deadline passed or the call was cancelled before encoding"))
-                    continue
-                groups.setdefault((stream, kind, code_kind), []).append((payload, fut))
-            for (stream, kind, code_kind), items in groups.items():
-                try:
-                    x = self._features(stream, kind, [p for p, _ in items]).to(self.model.device)
-                    code = self.model.encode({stream: x}, code=code_kind).to("cpu")
-                    start = 0
-                    for p, fut in items:
-                        n = len(p)
-                        fut.set_result(
-                            SparseCode(code.indices[start : start + n], code.values[start : start + n], code.n_latents)
-                        )
-                        start += n
-                except Exception as e:  # noqa: BLE001 - delivered to every waiting caller
-                    for _, fut in items:
-                        if not fut.done():
-                            fut.set_exception(e)
-
-    @staticmethod
-    def _run_call(job: tuple) -> None:
-        _, _, fn, fut, _, _ = job
-        try:
-            fut.set_result(fn())
-        except Exception as e:  # noqa: BLE001 - delivered to the caller
-            fut.set_exception(e)
-
-    def close(self) -> None:
-        """Stop the model thread once the batches queued before this have run, and wait for it (up to 30 s):
-        a thread still releasing its last batch's tensors while the interpreter finalizes aborts the
-        process (torch's deleters take the GIL, which finalization refuses by ending the thread)."""
-        self._q.put(None)
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
+__all__ = [
+    "Engine", "EncodeBatcher", "SearchSpec", "QuerySpec", "ServiceError", "SearchStopped", "ServedHit", "MAX_TARGET_LATENTS",
+]  # fmt: skip
 
 
 MAX_DELETE_IDS = 100_000  # ids per DeleteItems call
 
 
-class Engine:
+class Engine(ConceptCalls):
     """Loaded checkpoint, index galleries and (optional) query encoders."""
 
     def __init__(self, settings: ServiceSettings) -> None:
@@ -344,6 +186,11 @@ class Engine:
         if stream not in streams:
             raise InvalidArgument(f"no {kind} encoder feeds stream {stream!r}; {kind} encoders: {streams}")
         return self.encoders[stream]
+
+    def _decode(self, image: bytes) -> Any:
+        """A client's image decoded (a bounded number at once, under the pixel cap)."""
+        with self._decoders:
+            return decode_image(image, self.settings.max_image_pixels)
 
     def close(self) -> None:
         self.batcher.close()
@@ -559,7 +406,7 @@ class Engine:
                     got = galleries[name].explain_hits(codes[i], found[name], j, at, top=8, boost=params.boost_map)
                     expl.update({(name, p): e for p, e in zip(at, got)})
                 results[i] = [
-                    _served(found[g], j, p, rank, g, expl.get((g, p), []), infos[g].version)
+                    served_hit(found[g], j, p, rank, g, expl.get((g, p), []), infos[g].version)
                     for rank, (g, p) in enumerate(best, start=1)
                 ]
         return list(zip(codes, results))
@@ -583,142 +430,3 @@ class Engine:
         if not 1 <= top_k <= self.settings.max_top_k:
             raise InvalidArgument(f"top_k must be in [1, {self.settings.max_top_k}], got {top_k}")
         return self.served()[0][index].latent_top_items(latent, top_k)
-
-    # ---- see the concepts -------------------------------------------------------------------------
-    def _check_target(self, text: str, latents: list[int], weights: list[float]) -> None:
-        """Validate a Localize / AttributeText target before it is queued on the gradient lane."""
-        if bool(text) == bool(latents):
-            raise InvalidArgument("give exactly one of text or latents")
-        if latents:
-            if len(latents) > MAX_TARGET_LATENTS:
-                raise InvalidArgument(f"at most {MAX_TARGET_LATENTS} latents, got {len(latents)}")
-            for lat in latents:
-                if not 0 <= lat < self.model.n_latents:
-                    raise InvalidArgument(f"latent {lat} is out of range [0, {self.model.n_latents})")
-            if weights and (len(weights) != len(latents) or not all(np.isfinite(w) and w >= 0 for w in weights)):
-                raise InvalidArgument("weights: one finite, non-negative weight per latent")
-            return
-        if len(text) > self.settings.max_text_chars:
-            raise InvalidArgument(f"text of {len(text)} characters exceeds {self.settings.max_text_chars}")
-        if not text.strip():
-            raise InvalidArgument("empty text")
-        self._encoder_for("text", "")
-
-    def _target(
-        self, text: str, latents: list[int], weights: list[float], top: int, model: Any = None, encoders: dict | None = None
-    ) -> Any:
-        from sparc_core.explain.attribution import latent_target, text_target
-
-        model = model if model is not None else self.model
-        encoders = encoders if encoders is not None else self.encoders
-        self._check_target(text, latents, weights)
-        if latents:
-            return latent_target(model, latents, weights or None)
-        return text_target(model, encoders[self._encoder_for("text", "").stream], text, top=top or None)
-
-    def localize(
-        self,
-        image: bytes,
-        text: str,
-        latents: list[int],
-        weights: list[float],
-        encoder_stream: str,
-        method: str,
-        top: int,
-        concepts: list[str] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> Any:
-        """A heatmap (sparc_core.explain.attribution.Heatmap) of a caption's or latents' concepts on an image."""
-        from sparc_core.explain.attribution import CLIP_METHODS, METHOD_ALIASES, METHODS, localize
-
-        method = METHOD_ALIASES.get(method, method) or "relevance"
-        if method not in METHODS:
-            raise InvalidArgument(f"unknown method {method!r}; methods: {list(METHODS)}")
-        if not image:
-            raise InvalidArgument("empty image")
-        if len(image) > self.settings.max_image_bytes:
-            raise InvalidArgument(f"image of {len(image)} bytes exceeds {self.settings.max_image_bytes}")
-        enc = self._encoder_for("image", encoder_stream)
-        text_enc = self.encoders.get(self.default_stream["text"] or "")
-        if method in CLIP_METHODS and not text:
-            raise InvalidArgument(f"{method} compares CLIP's image with a caption: give text")
-        if concepts:
-            if text or latents:
-                raise InvalidArgument("give text, latents or concepts, not several")
-            from sparc_core.explain.naming import NamingError, latents_named
-
-            try:
-                latents = sorted({i for c in concepts for i in latents_named(self.names, c)})
-            except NamingError as e:
-                raise InvalidArgument(str(e)) from None
-        self._check_target(text, latents, weights)
-        self.lane.check_room()  # before the image is decoded
-        with self._decoders:
-            pil = decode_image(image, self.settings.max_image_pixels)
-
-        def work(model, encoders):
-            target = self._target(text, latents, weights, top, model, encoders)
-            te = encoders.get(text_enc.stream) if text_enc is not None else None
-            return localize(model, encoders[enc.stream], pil, target, method=method, text_encoder=te, names=self.names)
-
-        return self.lane.run(work, should_stop)
-
-    def explain_pair(
-        self,
-        image: bytes,
-        text: str,
-        encoder_stream: str,
-        method: str,
-        max_latents: int,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> Any:
-        """The latents an image and its caption share, each with its heatmap and word scores
-        (sparc_core.explain.attribution.PairExplanation)."""
-        from sparc_core.explain.attribution import CLIP_METHODS, MAX_PAIR_LATENTS, METHOD_ALIASES, METHODS, explain_pair
-
-        method = METHOD_ALIASES.get(method, method) or "relevance"
-        if method not in METHODS or method in CLIP_METHODS:
-            allowed = [m for m in METHODS if m not in CLIP_METHODS]
-            raise InvalidArgument(f"unknown pair method {method!r}; methods: {allowed}")
-        if max_latents > MAX_PAIR_LATENTS:
-            raise InvalidArgument(f"max_latents is at most {MAX_PAIR_LATENTS}, got {max_latents}")
-        if not text.strip():
-            raise InvalidArgument("empty text")
-        if len(text) > self.settings.max_text_chars:
-            raise InvalidArgument(f"text of {len(text)} characters exceeds {self.settings.max_text_chars}")
-        if not image:
-            raise InvalidArgument("empty image")
-        if len(image) > self.settings.max_image_bytes:
-            raise InvalidArgument(f"image of {len(image)} bytes exceeds {self.settings.max_image_bytes}")
-        image_enc, text_enc = self._encoder_for("image", encoder_stream), self._encoder_for("text", "")
-        self.lane.check_room()  # before the image is decoded
-        with self._decoders:
-            pil = decode_image(image, self.settings.max_image_pixels)
-
-        def work(model, encoders):
-            ie, te = encoders[image_enc.stream], encoders[text_enc.stream]
-            return explain_pair(model, ie, te, pil, text, method, max_latents=max_latents or MAX_PAIR_LATENTS, names=self.names)
-
-        return self.lane.run(work, should_stop)
-
-    def attribute(self, text: str, latents: list[int], method: str, should_stop: Callable[[], bool] | None = None) -> Any:
-        """Per-word scores (sparc_core.explain.attribution.WordScores) of a caption."""
-        from sparc_core.explain.attribution import TEXT_METHODS, attribute_text
-
-        method = method or "grad"
-        if method not in TEXT_METHODS:
-            raise InvalidArgument(f"unknown method {method!r}; methods: {list(TEXT_METHODS)}")
-        if not text.strip():
-            raise InvalidArgument("empty text")
-        if len(text) > self.settings.max_text_chars:
-            raise InvalidArgument(f"text of {len(text)} characters exceeds {self.settings.max_text_chars}")
-        enc = self._encoder_for("text", "")
-
-        if latents:
-            self._check_target("", latents, [])
-
-        def work(model, encoders):
-            target = self._target("", latents, [], 0, model, encoders) if latents else None
-            return attribute_text(model, encoders[enc.stream], text, target, method=method)
-
-        return self.lane.run(work, should_stop)

@@ -41,6 +41,7 @@ from collections import OrderedDict
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, unquote
@@ -52,117 +53,11 @@ from index.params import PATHS, SearchPath
 
 from .client import SparcClient, make_query, search_request
 
+PAGE = files("service").joinpath("ui_search.html").read_text(encoding="utf-8")  # its HTML, CSS and script
+PAGE = PAGE.replace("{path_options}", "".join(f"<option>{p}</option>" for p in PATHS))
+LOGIN_PAGE = files("service").joinpath("ui_login.html").read_text(encoding="utf-8")
 MAX_BODY = 12 * 1024 * 1024  # an image query of up to ~9 MB after base64
 THUMB_PX = 160
-
-PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>sparc search</title>
-<style>
-body { font-family: system-ui, sans-serif; margin: 1.5em; background: #fafafa; color: #222; }
-header { display: flex; gap: .6em; align-items: center; flex-wrap: wrap; }
-#q { flex: 1; min-width: 18em; font-size: 1.1em; padding: .4em; }
-#drop { border: 2px dashed #999; padding: .5em 1em; border-radius: 6px; color: #555; }
-#drop.on { border-color: #06c; color: #06c; }
-#hits { display: grid; grid-template-columns: repeat(auto-fill, minmax(190px, 1fr)); gap: 1em; margin-top: 1em; }
-.hit { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .5em; cursor: pointer; }
-.hit img.thumb { width: 100%; height: 160px; object-fit: contain; background: #eee; }
-.hit .meta { font-size: .85em; color: #555; }
-.latent { display: inline-block; background: #eef3ff; border-radius: 4px; padding: 0 .3em; margin: .1em; font-size: .8em; }
-#panel { margin-top: 1em; }
-#panel img.heatmap { max-width: 640px; border: 1px solid #ccc; }
-#status { color: #a00; margin-top: .5em; }
-</style></head>
-<body>
-<header>
-  <input id="q" placeholder="a caption, e.g. a red triangle left of a blue star" autofocus>
-  <span id="drop">or drop an image here</span>
-  <select id="index"></select>
-  <select id="path">{path_options}</select>
-  <button id="go">Search</button>
-</header>
-<div id="status"></div>
-<div id="panel"></div>
-<div id="hits"></div>
-<script>
-const $ = (id) => document.getElementById(id);
-let image = null;
-async function api(path, body) {
-  const r = await fetch(path, body ? {method: "POST", headers: {"Content-Type": "application/json"},
-                                      body: JSON.stringify(body)} : {});
-  const data = await r.json();
-  if (!r.ok) throw new Error(data.error || r.statusText);
-  return data;
-}
-function esc(s) { return String(s).replace(/[&<>"']/g, (c) => "&#" + c.charCodeAt(0) + ";"); }
-async function loadIndexes() {
-  const data = await api("/api/indexes");
-  $("index").innerHTML = data.indexes.map((i) =>
-    `<option value="${esc(i.name)}">${esc(i.name)} (${esc(i.stream)}, ${i.items} items)</option>`).join("");
-}
-async function search() {
-  $("status").textContent = ""; $("panel").innerHTML = "";
-  const body = {index: $("index").value, path: $("path").value, top_k: 12};
-  if (image) body.image = image; else body.text = $("q").value;
-  try {
-    const data = await api("/api/search", body);
-    $("hits").innerHTML = data.hits.map((h, i) => `
-      <div class="hit" data-i="${i}">
-        <img class="thumb" src="/thumb/${encodeURIComponent(h.id)}" alt="${esc(h.id)}">
-        <div class="meta">#${h.rank} ${esc(h.id)} · ${h.score.toFixed(3)}</div>
-        <div>${h.shared.map((s) => `<span class="latent" title="contribution ${s.contribution.toFixed(3)}">`
-          + `${esc(s.name || "latent " + s.latent)}</span>`).join("")}</div>
-      </div>`).join("") || "<p>no hits</p>";
-    document.querySelectorAll(".hit").forEach((el) => el.onclick = () => openHit(data.hits[+el.dataset.i]));
-    window.lastHits = data.hits;
-    return data.hits;
-  } catch (e) { $("status").textContent = e.message; return []; }
-}
-async function openHit(h) {
-  $("panel").innerHTML = "<p>drawing the shared latents on " + esc(h.id) + "…</p>";
-  try {
-    const data = await api("/api/heatmap", {index: $("index").value, id: h.id,
-      latents: h.shared.map((s) => s.latent), weights: h.shared.map((s) => Math.max(s.contribution, 1e-6))});
-    $("panel").innerHTML = `<img class="heatmap" alt="heatmap of ${esc(h.id)}" src="data:image/png;base64,${data.png}">`
-      + (data.note ? `<p>${esc(data.note)}</p>` : "");
-  } catch (e) { $("panel").innerHTML = ""; $("status").textContent = e.message; }
-}
-$("go").onclick = search;
-$("q").onkeydown = (e) => { if (e.key === "Enter") { image = null; $("drop").textContent = "or drop an image here"; search(); } };
-const drop = $("drop");
-document.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("on"); });
-document.addEventListener("drop", (e) => {
-  e.preventDefault(); drop.classList.remove("on");
-  const f = e.dataTransfer.files[0]; if (!f) return;
-  const rd = new FileReader();
-  rd.onload = () => { image = rd.result.split(",")[1]; drop.textContent = "image: " + f.name; search(); };
-  rd.readAsDataURL(f);
-});
-(async () => {
-  await loadIndexes();
-  const p = new URLSearchParams(location.search);  // ?q=...&index=...&path=...: a shareable search
-  if (p.get("index")) $("index").value = p.get("index");
-  if (p.get("path")) $("path").value = p.get("path");
-  if (p.get("q")) { $("q").value = p.get("q"); await search(); }  // a heatmap (gradient work) only on a click
-})();
-</script>
-</body></html>
-"""
-
-
-PAGE = PAGE.replace("{path_options}", "".join(f"<option>{p}</option>" for p in PATHS))
-LOGIN_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>sparc search: sign in</title>
-<style>
-body { font-family: system-ui, sans-serif; margin: 3em auto; max-width: 26em; color: #222; }
-input { font-size: 1.1em; padding: .4em; width: 100%; box-sizing: border-box; margin: .5em 0; }
-.err { color: #a00; }
-</style></head>
-<body><h1>sparc search</h1>
-<form method="post" action="/login"><label>Access token <input type="password" name="token" autofocus></label>
-<button>Sign in</button></form>
-{error}
-</body></html>
-"""
 
 
 def _inline_hashes(html: str, tag: str) -> str:

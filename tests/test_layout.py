@@ -53,6 +53,13 @@ def test_the_server_is_split_by_job_and_no_part_grows_past_500_lines():
         assert n <= 500, f"service/{name}.py has {n} lines: split it by job"
 
 
+def test_no_service_module_grows_past_500_lines():
+    """Every module of service/ (the engine, the client and the search page too) stays under 500 lines."""
+    for path in (ROOT / "service").glob("*.py"):
+        n = len(path.read_text().splitlines())
+        assert n <= 500, f"service/{path.name} has {n} lines: split it by job"
+
+
 PATH_NAMES = {"sparse", "dense", "approx", "seismic"}
 
 
