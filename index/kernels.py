@@ -235,8 +235,9 @@ def _budget_taus(q_lat, q_w, q_len, suffix, hist, vmax, prio, budget, out):  # p
         hi = 0.0
         for t in range(q_len[q]):
             j = q_lat[q, t]
-            total += suffix[j, 0]
-            hi = max(hi, q_w[q, t] * prio[j] * vmax[j])
+            if q_w[q, t] > 0.0:  # negative weights read no postings (see _approx_kernel)
+                total += suffix[j, 0]
+                hi = max(hi, q_w[q, t] * prio[j] * vmax[j])
         if budget >= 1.0 or total == 0.0:
             out[q] = 0.0
             continue
@@ -247,7 +248,8 @@ def _budget_taus(q_lat, q_w, q_len, suffix, hist, vmax, prio, budget, out):  # p
             c = 0.0
             for t in range(q_len[q]):
                 j = q_lat[q, t]
-                c += _count_at_least(suffix, hist, j, mid / (q_w[q, t] * prio[j]))
+                if q_w[q, t] > 0.0:
+                    c += _count_at_least(suffix, hist, j, mid / (q_w[q, t] * prio[j]))
             if c > target:
                 lo = mid
             else:
@@ -317,6 +319,9 @@ def _approx_kernel(
         h = 0
         thr = np.float32(0.0)
         for t in range(q_len[q]):  # value >= cut  <=>  bits >= cb (positive halves order as their bits)
+            if q_w[q, t] <= 0.0:  # a negative weight (a boost) picks no candidate: the rescoring applies it
+                cb[t] = 0xFFFF
+                continue
             cut = tau[q] / (q_w[q, t] * prio[q_lat[q, t]])
             bits = _f16_bits(cut)
             cb[t] = bits + 1 if bits < 0x7C00 and f16[bits] < cut else bits

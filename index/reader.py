@@ -299,7 +299,7 @@ class Bundle:
         def one(q: int) -> bool:
             if should_stop is not None and should_stop():
                 return False
-            on = q_val[q] > 0
+            on = q_val[q] != 0  # a negative weight (a boost) is rescored; zeros are padding
             found = []
             for part in self.parts:
                 d, r = search_one(part.seismic_index, part.codes_idx, part.codes_val, np.asarray(q_idx[q])[on],

@@ -112,16 +112,20 @@ def search_one(
     index: Any, codes_idx: np.ndarray, codes_val: np.ndarray, lat: np.ndarray, w: np.ndarray, k: int, query_cut: int,
     heap_factor: float,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """One query (active latents, weights) -> (exact scores, local rows) of Seismic's candidates, best first."""
+    """One query (active latents, weights) -> (exact scores, local rows) of Seismic's candidates, best first.
+    Seismic picks candidates with the positive weights; a negative weight (a boost) enters the exact
+    rescoring only (and twice the candidates are asked for, since it may push some out)."""
     inside = lat < index.dim  # latents no item has active: Seismic refuses them, they match nothing
     lat, w = lat[inside], w[inside]
-    if not len(lat):
+    up = w > 0
+    if not up.any():
         return np.zeros(0, np.float32), np.zeros(0, np.int64)
     order = np.argsort(lat)  # Seismic requires ascending components
-    lat, w = lat[order].astype(np.int32), w[order].astype(np.float32)
-    cut = len(lat) if query_cut <= 0 else min(query_cut, len(lat))
+    lat, w, up = lat[order].astype(np.int32), w[order].astype(np.float32), up[order]
+    cut = int(up.sum()) if query_cut <= 0 else min(query_cut, int(up.sum()))
+    want = k if up.all() else 2 * k
     try:
-        found = index.search(lat, w, k, cut, float(heap_factor), 0, True)
+        found = index.search(lat[up], w[up], want, cut, float(heap_factor), 0, True)
     except BaseException as e:  # a Rust panic arrives as a BaseException subclass
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
@@ -135,5 +139,5 @@ def search_one(
     scores = (weight * cv).sum(1)  # exact, from the stored codes (Seismic scores in float16)
     keep = scores > 0
     rows, scores = rows[keep], scores[keep]
-    best = np.lexsort((rows, -scores))
+    best = np.lexsort((rows, -scores))[:k]
     return scores[best].astype(np.float32), rows[best]
