@@ -50,6 +50,7 @@ LITE_REFUSED = ("GPU_", "DISKANN", "SCANN")  # accepted by milvus-lite but not b
 MAX_STR_ID = 1024  # VARCHAR length of string ids
 QUERY_CHUNK = 64  # queries per Milvus search call (between checks of should_stop)
 CALL_TIMEOUT = float(os.environ.get("SPARC_MILVUS_TIMEOUT", "10"))  # seconds per Milvus call (at most)
+MAX_LIMIT = 16_384  # the most hits Milvus returns per query
 
 
 def is_milvus(location: str) -> bool:
@@ -403,7 +404,9 @@ class MilvusSearcher:
             if should_stop is not None and should_stop():
                 raise SearchStopped("search stopped: the caller's deadline passed or it was cancelled")
             qi, qv = q_idx[a : a + QUERY_CHUNK], q_val[a : a + QUERY_CHUNK]
+            rescore = path in (SearchPath.SPARSE, SearchPath.APPROX) and bool((qv < 0).any())
             if path in (SearchPath.SPARSE, SearchPath.APPROX):
+                # Milvus takes positive weights; a negative one (a boost) enters the rescoring (_negatives_rescored)
                 data = [{int(j): float(v) for j, v in zip(i, w) if v > 0} for i, w in zip(qi, qv)]
                 params: dict[str, Any] = {"metric_type": "IP", "params": {"drop_ratio_search": drop}}
                 field = "code"
@@ -413,9 +416,13 @@ class MilvusSearcher:
                 extra = {"nprobe": settings.nprobe} if settings.nprobe else {}
                 extra |= {"ef": max(settings.ef_search, top_k)} if settings.ef_search else {}
                 params, field = {"metric_type": "IP", "params": extra}, "dense"
-            found = self._call(lambda data=data, field=field, params=params: self.client.search(
-                self.target.collection, data=data, anns_field=field, limit=top_k, filter=expr, output_fields=["code"],
-                search_params=params, timeout=CALL_TIMEOUT))  # fmt: skip
+
+            def search(limit: int, data: list = data, field: str = field, params: dict = params) -> list:
+                return self._call(lambda: self.client.search(
+                    self.target.collection, data=data, anns_field=field, limit=limit, filter=expr, output_fields=["code"],
+                    search_params=params, timeout=CALL_TIMEOUT))  # fmt: skip
+
+            found = _negatives_rescored(search, qi, qv, top_k) if rescore else search(top_k)
             for hits in found:
                 kept = [h for h in hits if field != "code" or h["distance"] > 0]  # no shared latent: not a hit
                 ids.append([h["id"] for h in kept])
@@ -462,6 +469,40 @@ class MilvusSearcher:
         count = self._call(lambda: self.client.query(self.target.collection, filter=f"array_contains(latents, {int(latent)})",
                                                      output_fields=["count(*)"], timeout=CALL_TIMEOUT))  # fmt: skip
         return int(count[0]["count(*)"]), top
+
+
+def _negatives_rescored(search: Callable[[int], list], q_idx: np.ndarray, q_val: np.ndarray, top_k: int) -> list[list[dict]]:
+    """Exact top-k of queries with negative weights, which Milvus refuses: candidates by the positive weights
+    (``search(limit)``), rescored with the whole query. An item not returned scores at most the last
+    candidate's positive score, so once the k-th rescored hit reaches it the answer is exact; until then
+    (or until every candidate or Milvus's limit is reached) the limit grows fourfold."""
+    limit = min(4 * top_k, MAX_LIMIT)
+    while True:
+        found = search(limit)
+        out, settled = [], True
+        for r, hits in enumerate(found):
+            best = [h for h in _rescored(hits, q_idx[r], q_val[r], top_k) if h["distance"] > 0]
+            if len(hits) == limit and (len(best) < top_k or best[-1]["distance"] < hits[-1]["distance"]):
+                settled = False  # a candidate not returned might still beat the k-th
+            out.append(best)
+        if settled or limit >= MAX_LIMIT:
+            return out
+        limit = min(4 * limit, MAX_LIMIT)
+
+
+def _rescored(hits: list[dict], q_idx: np.ndarray, q_val: np.ndarray, top_k: int) -> list[dict]:
+    """Hits rescored with the whole query (negative weights too) from the codes that came with them: the
+    ``top_k`` best, score descending (ties in Milvus's order)."""
+    weight: dict[int, float] = {}
+    for j, v in zip(q_idx.tolist(), q_val.tolist()):
+        if v != 0:
+            weight[int(j)] = weight.get(int(j), 0.0) + float(v)
+    out = []
+    for h in hits:
+        code = h["entity"]["code"]
+        score = float(np.float32(sum(weight.get(int(j), 0.0) * float(v) for j, v in code.items())))
+        out.append({**h, "distance": score})
+    return sorted(out, key=lambda h: -h["distance"])[:top_k]
 
 
 def _code_arrays(codes: list[dict[int, float]], k: int) -> tuple[np.ndarray, np.ndarray]:

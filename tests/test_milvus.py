@@ -42,6 +42,27 @@ def _same_ranking(a_ids, a_scores, b_ids, b_scores, top_k):
         assert set(a_ids) == set(b_ids)
 
 
+def test_a_negative_boost_scores_in_milvus_as_in_the_local_exact_search(world, trained_checkpoint):
+    """Milvus's sparse search takes positive weights only: it finds candidates with them, and the hits are
+    rescored with the whole boosted query from the codes that came with them, so the ranking equals the local
+    exact search's (the negative weight used to be dropped)."""
+    bundle, location, xq = world
+    model = load_checkpoint(trained_checkpoint)
+    local = Searcher(bundle, model=model)
+    remote = MilvusSearcher(location, model)
+    code = local.encode("clip_txt", xq)
+    common = np.bincount(code.indices.numpy().ravel(), minlength=model.n_latents).argsort()[::-1][:3]
+    boost = {int(j): -0.5 for j in common}
+    a = local.search(code, top_k=10, boost=boost)
+    b = remote.search(code, top_k=10, boost=boost)
+    plain = local.search(code, top_k=10)
+    assert a.ids != plain.ids  # the boost matters here
+    for q in range(len(xq)):
+        _same_ranking(a.ids[q], a.scores[q], b.ids[q], b.scores[q], 10)
+        for x, score in zip(remote.explain_hits(code, b, q, range(len(b.ids[q])), top=64, row=q, boost=boost), b.scores[q]):
+            assert sum(e.contribution for e in x) == pytest.approx(score, abs=1e-4)
+
+
 def test_milvus_search_equals_local_exact_search(world, trained_checkpoint):
     bundle, location, xq = world
     model = load_checkpoint(trained_checkpoint)
