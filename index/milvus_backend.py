@@ -29,6 +29,7 @@ from sparc_core.extras import require
 from .errors import BundleError, GalleryUnavailable, SearchStopped
 from .gallery import GalleryInfo
 from .manifest import Manifest, require_checkpoint, require_model
+from .merge import merge_order
 from .params import ApproxParams, DenseParams, SearchParams, SearchPath
 from .queries import (
     Explanation,
@@ -497,12 +498,12 @@ def _rescored(hits: list[dict], q_idx: np.ndarray, q_val: np.ndarray, top_k: int
     for j, v in zip(q_idx.tolist(), q_val.tolist()):
         if v != 0:
             weight[int(j)] = weight.get(int(j), 0.0) + float(v)
-    out = []
-    for h in hits:
-        code = h["entity"]["code"]
-        score = float(np.float32(sum(weight.get(int(j), 0.0) * float(v) for j, v in code.items())))
-        out.append({**h, "distance": score})
-    return sorted(out, key=lambda h: -h["distance"])[:top_k]
+    scores = np.array(
+        [np.float32(sum(weight.get(int(j), 0.0) * float(v) for j, v in h["entity"]["code"].items())) for h in hits],
+        dtype=np.float64,
+    ).reshape(1, -1)
+    D, at = merge_order([scores], top_k, keys=[np.arange(len(hits))[None, :]])  # the one merge; ties: Milvus's order
+    return [{**hits[int(a)], "distance": float(d)} for d, a in zip(D[0], at[0]) if a >= 0]
 
 
 def _code_arrays(codes: list[dict[int, float]], k: int) -> tuple[np.ndarray, np.ndarray]:
