@@ -13,7 +13,7 @@ from sparc_core import SparcModel, SparseCode
 
 from .manifest import Manifest
 from .params import PATHS, SearchParams, SearchPath
-from .queries import Explanation, SearchResult
+from .queries import Explanation, SearchResult, explain_code, explain_codes
 
 
 @dataclass(frozen=True)
@@ -80,3 +80,28 @@ class Gallery(Protocol):
         ...
 
     def latent_top_items(self, latent: int, top_k: int) -> tuple[int, list[tuple[Any, float]]]: ...
+
+
+class ExplainsFromCodes:
+    """``explain`` and ``explain_hits`` of the Gallery contract, for a gallery that gives ``item_code`` (by id)
+    and ``hit_codes`` (from where a search's hits are stored)."""
+
+    def item_code(self, item_id: Any) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def hit_codes(self, result: SearchResult, q: int, hits: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def explain(
+        self, query: SparseCode, item_id: Any, top: int = 5, row: int = 0, boost: dict[int, float] | None = None
+    ) -> list[Explanation]:
+        """The shared latents that contribute most to the sparse score of ``item_id`` for query ``row`` (with
+        the search's ``boost``, so they add up to the boosted score)."""
+        return explain_code(query, self.item_code(item_id), top, row, boost)
+
+    def explain_hits(
+        self, query: SparseCode, result: SearchResult, q: int, hits: Sequence[int], top: int = 5, row: int = 0,
+        boost: dict[int, float] | None = None,
+    ) -> list[list[Explanation]]:  # fmt: skip
+        """``explain`` of hits ``hits`` (positions in query ``q``'s list of ``result``), from ``hit_codes``."""
+        return explain_codes(query, self.hit_codes(result, q, hits), top, row, boost)

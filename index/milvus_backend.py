@@ -27,20 +27,11 @@ from sparc_core import SparcModel, SparseCode
 from sparc_core.extras import require
 
 from .errors import BundleError, GalleryUnavailable, SearchStopped
-from .gallery import GalleryInfo
+from .gallery import ExplainsFromCodes, GalleryInfo
 from .manifest import Manifest, require_checkpoint, require_model
 from .merge import merge_order
 from .params import ApproxParams, DenseParams, SearchParams, SearchPath
-from .queries import (
-    Explanation,
-    SearchResult,
-    as_code,
-    dense_arrays,
-    encode_queries,
-    explain_code,
-    explain_codes,
-    params_arrays,
-)
+from .queries import SearchResult, as_code, dense_arrays, encode_queries, params_arrays
 from .reader import Bundle
 
 __all__ = ["GalleryUnavailable", "MilvusSearcher", "MilvusTarget", "check_index_type", "export_bundle", "is_milvus"]
@@ -314,7 +305,7 @@ def delete_from_collection(location: str, ids: Any) -> tuple[int, list[Any]]:
     return n, unknown
 
 
-class MilvusSearcher:
+class MilvusSearcher(ExplainsFromCodes):
     """Search a Milvus collection with the Searcher API: encode the query, let Milvus rank by inner product
     over the sparse code (or the dense vector), filters inside Milvus, explanations from the returned codes."""
 
@@ -446,19 +437,6 @@ class MilvusSearcher:
         at = np.asarray(hits, dtype=np.int64)
         idx, val = result.codes[q]
         return idx[at], val[at]
-
-    def explain(
-        self, query: SparseCode, item_id: Any, top: int = 5, row: int = 0, boost: dict[int, float] | None = None
-    ) -> list[Explanation]:
-        return explain_code(query, self.item_code(item_id), top, row, boost)
-
-    def explain_hits(
-        self, query: SparseCode, result: SearchResult, q: int, hits: Sequence[int], top: int = 5, row: int = 0,
-        boost: dict[int, float] | None = None,
-    ) -> list[list[Explanation]]:  # fmt: skip
-        """``explain`` of hits ``hits`` (positions in query ``q``'s list of ``result``), from the codes the
-        search returned with them."""
-        return explain_codes(query, self.hit_codes(result, q, hits), top, row, boost)
 
     def latent_top_items(self, latent: int, top_k: int) -> tuple[int, list[tuple[Any, float]]]:
         """Items with the largest value of ``latent`` (a one-hot query) and how many items have it active."""

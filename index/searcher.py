@@ -23,22 +23,13 @@ from sparc_core import SparcModel, SparseCode, checkpoint_hash, load_checkpoint
 
 from .errors import BundleError, SearchStopped
 from .faiss_backend import DenseSearcher
-from .gallery import GalleryInfo
+from .gallery import ExplainsFromCodes, GalleryInfo
 from .kernels import merge_topk
 from .manifest import MANIFEST, checkpoint_of, require_checkpoint, require_model
 from .merge import gather, merge_order
 from .params import DEFAULT_PATH, PATHS, DenseParams, ExactParams, PathParams, SearchParams, SearchPath
 from .postings import warm_up
-from .queries import (
-    Explanation,
-    SearchResult,
-    as_code,
-    dense_arrays,
-    encode_queries,
-    explain_code,
-    explain_codes,
-    params_arrays,
-)
+from .queries import Explanation, SearchResult, as_code, dense_arrays, encode_queries, params_arrays
 from .reader import Bundle, drop_deleted, shards_share_ids
 
 MAX_FILTER_CANDIDATES = 65_536  # dense path with latent filters: the most candidates fetched per query
@@ -49,7 +40,7 @@ __all__ = [
 ]  # fmt: skip
 
 
-class Searcher:
+class Searcher(ExplainsFromCodes):
     """Search one gallery (all shards of one bundle family) with queries from any stream."""
 
     def __init__(
@@ -296,20 +287,6 @@ class Searcher:
             sel = loc[:, 0] == s
             idx[sel], val[sel] = self.shards[s].codes(loc[sel, 2])
         return idx, val
-
-    def explain(
-        self, query: SparseCode, item_id: Any, top: int = 5, row: int = 0, boost: dict[int, float] | None = None
-    ) -> list[Explanation]:
-        """The shared latents that contribute most to the sparse score of ``item_id`` for query ``row`` (with
-        the search's ``boost``, so they add up to the boosted score)."""
-        return explain_code(query, self.item_code(item_id), top, row, boost)
-
-    def explain_hits(
-        self, query: SparseCode, result: SearchResult, q: int, hits: Sequence[int], top: int = 5, row: int = 0,
-        boost: dict[int, float] | None = None,
-    ) -> list[list[Explanation]]:  # fmt: skip
-        """``explain`` of hits ``hits`` (positions in query ``q``'s list of ``result``), from their rows."""
-        return explain_codes(query, self.hit_codes(result, q, hits), top, row, boost)
 
 
 def warm_kernel_cache(n_items: int = (1 << 16) + 4096) -> None:
