@@ -71,6 +71,20 @@ def dead_fraction(code: SparseCode) -> float:
     return 1.0 - float(fired_latents(code).float().mean())
 
 
+def latent_rates(code: SparseCode) -> Tensor:
+    """[n_latents] float64: the share of ``code``'s rows on which each latent is active."""
+    counts = torch.zeros(code.n_latents, dtype=torch.float64)
+    counts.index_add_(0, code.indices[code.active].cpu(), torch.ones(int(code.active.sum()), dtype=torch.float64))
+    return counts / max(1, len(code))
+
+
+def dead_expected(rates: Tensor, n_rows: int) -> float:
+    """The share of latents expected to be absent from ``n_rows`` fresh rows if each latent fired there at
+    its ``rates`` (independent rows): the dead fraction that sampling alone gives a dictionary whose
+    latents are all alive but rare, to report beside a measured ``dead_fraction`` of ``n_rows`` rows."""
+    return float((1.0 - rates.double().clamp(0, 1)).pow(n_rows).mean())
+
+
 def label_weighted_jaccard(a: SparseCode, b: SparseCode, labels: np.ndarray) -> float:
     """Mean over latents of the weighted Jaccard between the latent's concept profiles in two streams.
 

@@ -8,7 +8,15 @@ import torch
 
 from sparc_core import ConfigError, SparseCode, SynthConfig, TrainConfig
 from sparc_core.config import build_config, load_config_file
-from sparc_core.metrics import dead_fraction, empty_share, label_weighted_jaccard, per_sample_jaccard, retrieval_scores
+from sparc_core.metrics import (
+    dead_expected,
+    dead_fraction,
+    empty_share,
+    label_weighted_jaccard,
+    latent_rates,
+    per_sample_jaccard,
+    retrieval_scores,
+)
 from sparc_core.worlds.synthetic import PlantedConcepts
 
 
@@ -74,6 +82,28 @@ def test_dead_fraction_and_label_weighted_jaccard():
     assert same == pytest.approx(1.0)
     swapped = _code([[0, 2], [0, 1]])  # latents 1 and 2 mean the other concept in the second stream
     assert label_weighted_jaccard(a, swapped, labels) == pytest.approx((1.0 + 0 + 0) / 3)
+
+
+def test_rare_latents_are_absent_from_a_small_sample_as_often_as_their_rates_say():
+    # rates on "training rows" of a code whose latent j fires with probability p[j]; a fresh sample of n rows
+    # misses latent j with probability (1 - p[j])^n, and the measured dead fraction of fresh samples follows
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.05, 0.01, 0.002, 0.0005, 0.0] + [0.02] * 4)
+
+    def sample(n):
+        on = torch.rand(n, len(p), generator=g) < p
+        return SparseCode(torch.arange(len(p)).expand(n, -1), on.float(), len(p))
+
+    rates = latent_rates(sample(200_000))
+    torch.testing.assert_close(rates, p.double(), atol=2e-3, rtol=0.1)
+    assert latent_rates(_code([[0, 1], [0, 2]], [[1, 0], [1, 1]])).tolist() == [1.0, 0.0, 0.5] + [0.0] * 7
+    n = 300
+    want = float(((1 - p.double()) ** n).mean())
+    assert dead_expected(rates, n) == pytest.approx(want, abs=0.005)
+    measured = np.mean([dead_fraction(sample(n)) for _ in range(200)])
+    assert measured == pytest.approx(dead_expected(rates, n), abs=0.01)
+    # a latent that never fired is expected dead in any sample; one that always fires never is
+    assert dead_expected(torch.tensor([0.0, 1.0]), 5) == pytest.approx(0.5)
 
 
 def test_retrieval_scores_are_tie_pessimistic():

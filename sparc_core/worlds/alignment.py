@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import SynthConfig, TrainConfig
-from ..metrics import evaluate, retrieval_scores
+from ..metrics import dead_expected, encode_alone, evaluate, latent_rates, retrieval_scores
 from .synthetic import PlantedConcepts, ceiling, write_synthetic
 
 # The paper's recipe: Global TopK + cross-reconstruction, none of this project's additions.
@@ -95,10 +95,23 @@ def oracle_recall_at_1(query_sets: np.ndarray, gallery_sets: np.ndarray) -> floa
     return float(torch.where(above == 0, 1.0 / tied, torch.zeros_like(tied, dtype=torch.float64)).mean())
 
 
+def agreed_rates(model: Any, train: dict[str, str], rows: int = 20_000) -> dict[str, torch.Tensor]:
+    """Per stream, each latent's share of the first ``rows`` training rows on which its agreed code fires."""
+    streams = [s for s in model.streams if s in train]
+    feats = {s: np.asarray(np.load(train[s], mmap_mode="r")[:rows], dtype=np.float32) for s in streams}
+    return {s: latent_rates(c) for s, c in encode_alone(model, feats, code="agreed").items()}
+
+
 def measure(model: Any, data: dict[str, Any], gallery: int = 2000) -> dict[str, Any]:
-    """One row of the alignment table for a trained model on a world's held-out samples."""
+    """One row of the alignment table for a trained model on a world's held-out samples.
+
+    Dead latents are reported three ways: never agreed on the held-out rows (``dead``), never agreed on
+    20,000 training rows (``dead_train``: latents no explanation or name can ever use), and the share a
+    dictionary whose latents all fire at their training rates would still miss on that many held-out rows
+    (``dead_sampling``: rare latents are absent from a small sample without being dead)."""
     feats, labels = data["eval"], data["eval_labels"]
     report = evaluate(model, feats, labels=labels, gallery=gallery)
+    rates = agreed_rates(model, data["train"])
     pairs = report["pairs"]
     ratios = [pairs[p]["jaccard"] / max(data["ceiling"][p], 1e-9) for p in pairs]
     row: dict[str, Any] = {
@@ -108,6 +121,8 @@ def measure(model: Any, data: dict[str, Any], gallery: int = 2000) -> dict[str, 
         "worst_pair_vs_ceiling": float(min(ratios)),
         "label_jaccard": report["summary"].get("mean_label_jaccard"),
         "dead": {s: v["dead_fraction"] for s, v in report["streams"].items()},
+        "dead_train": {s: float((r == 0).double().mean()) for s, r in rates.items()},
+        "dead_sampling": {s: dead_expected(r, len(labels)) for s, r in rates.items()},
         "dead_search": {s: v["dead_fraction_search"] for s, v in report["streams"].items()},
         "l0": report["summary"]["mean_l0"],
         "l0_search": report["summary"]["mean_l0_search"],
