@@ -104,8 +104,8 @@ def load_pixels(directory: Path, ids: list[str], size: int, resize: int | None =
 def _normalised(x: torch.Tensor, mean: tuple, std: tuple, flip: bool = False) -> torch.Tensor:
     x = x.float().div_(255)
     if flip:
-        x = torch.where(torch.rand(len(x), 1, 1, 1) < 0.5, x.flip(-1), x)
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+        x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(-1), x)
+    return (x - torch.tensor(mean, device=x.device)[:, None, None]) / torch.tensor(std, device=x.device)[:, None, None]
 
 
 def _lr(step: int, steps: int, lr: float) -> float:
@@ -175,27 +175,32 @@ def _random_crops(x: torch.Tensor, n: int, size: int, scale: tuple[float, float]
         theta[:, 1, 1] = ch / h
         theta[:, 0, 2] = (2 * x0 + cw) / w - 1
         theta[:, 1, 2] = (2 * y0 + ch) / h - 1
-        grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
+        grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False).to(x.device)
         crop = F.grid_sample(x.float() / 255, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        bright = torch.empty(b, 1, 1, 1).uniform_(0.8, 1.2, generator=g)
-        contrast = torch.empty(b, 1, 1, 1).uniform_(0.8, 1.2, generator=g)
+        bright = torch.empty(b, 1, 1, 1).uniform_(0.8, 1.2, generator=g).to(x.device)
+        contrast = torch.empty(b, 1, 1, 1).uniform_(0.8, 1.2, generator=g).to(x.device)
         mean = crop.mean(dim=(1, 2, 3), keepdim=True)
         crop = ((crop - mean) * contrast + mean * bright).clamp(0, 1)
-        out.append((crop - torch.tensor(DINO_MEAN)[:, None, None]) / torch.tensor(DINO_STD)[:, None, None])
+        norm = torch.tensor(DINO_MEAN, device=x.device)[:, None, None], torch.tensor(DINO_STD, device=x.device)[:, None, None]
+        out.append((crop - norm[0]) / norm[1])
     return out
 
 
 def train_dino(
     pixels: torch.Tensor, sizes: TowerSizes, steps: int = 3000, batch: int = 64, lr: float = 1e-3, seed: int = 0,
-    progress: bool = True, settings: DistillSettings | None = None, on_step: Any = None,
+    progress: bool = True, settings: DistillSettings | None = None, on_step: Any = None, device: str = "cpu",
 ) -> torch.nn.Module:  # fmt: skip
     """The DINO-layout ViT trained by self-distillation on the images alone; returns the EMA teacher's
-    backbone (as DINO releases it). ``on_step(step, loss)`` is called every 50 steps."""
+    backbone (as DINO releases it, on the CPU). ``on_step(step, loss)`` is called every 50 steps; ``device``
+    is where it trains (the batches are drawn from the same seed wherever it runs)."""
     st = settings or DistillSettings()
     torch.manual_seed(seed)
     student = dino_model(sizes, dynamic=True)
     teacher = dino_model(sizes, dynamic=True)
     s_head, t_head = _DinoHead(student.num_features, st), _DinoHead(student.num_features, st)
+    for m in (student, teacher, s_head, t_head):
+        m.to(device)
+    pixels = pixels.to(device)
     teacher.load_state_dict(student.state_dict())
     t_head.load_state_dict(s_head.state_dict())
     for p in (*teacher.parameters(), *t_head.parameters()):
@@ -204,7 +209,7 @@ def train_dino(
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=lr)
-    center = torch.zeros(st.out_dim)
+    center = torch.zeros(st.out_dim, device=device)
     g = torch.Generator().manual_seed(seed)
     student.train()
     bar = tqdm(range(steps), desc="training the DINO-layout tower (self-distillation)", unit="step", disable=not progress)
@@ -214,7 +219,7 @@ def train_dino(
         opt.param_groups[0]["weight_decay"] = (
             st.weight_decay[1] - (st.weight_decay[1] - st.weight_decay[0]) * (1 + math.cos(math.pi * frac)) / 2
         )
-        rows = torch.randint(0, len(pixels), (batch,), generator=g)
+        rows = torch.randint(0, len(pixels), (batch,), generator=g).to(device)
         x = pixels[rows]
         globals_ = _random_crops(x, 2, sizes.image_size, st.global_scale, g)
         locals_ = _random_crops(x, st.local_crops, st.local_size, st.local_scale, g)
@@ -251,7 +256,7 @@ def train_dino(
             if on_step is not None:
                 on_step(step, float(loss.detach()))
     plain = dino_model(sizes)  # the saved tower is built as the loaders build it (no dynamic size)
-    plain.load_state_dict(teacher.state_dict())
+    plain.load_state_dict({k: v.cpu() for k, v in teacher.state_dict().items()})
     return plain.eval()
 
 
@@ -262,24 +267,31 @@ def clip_model(sizes: TowerSizes) -> torch.nn.Module:
 
 def train_clip(
     pixels: torch.Tensor, captions: list[str], sizes: TowerSizes, steps: int = 2400, batch: int = 128, lr: float = 1e-3,
-    seed: int = 0, progress: bool = True, on_step: Any = None,
+    seed: int = 0, progress: bool = True, on_step: Any = None, device: str = "cpu",
+    alike: list[np.ndarray] | None = None, draw: int = 16,
 ) -> torch.nn.Module:  # fmt: skip
-    """The open_clip-layout CLIP trained contrastively on (scene, caption) pairs; ``on_step(step, loss)`` is
-    called every 50 steps."""
+    """The open_clip-layout CLIP trained contrastively on (scene, caption) pairs, returned on the CPU;
+    ``on_step(step, loss)`` is called every 50 steps; ``device`` is where it trains.
+
+    ``alike``: sets of rows that share what is easiest to see (``scene_alike``: the scenes holding one
+    colour). With them each batch is ``batch // draw`` draws of ``draw`` rows from one set, so that
+    within a draw the easy cue tells no pair from another and the loss asks for the rest (shape, texture);
+    without them a batch is drawn uniformly, where the colours alone tell most pairs apart."""
     open_clip = require("open_clip", "encoders", "the scene towers")
     torch.manual_seed(seed)
-    model = clip_model(sizes)
-    tokens = open_clip.tokenize(captions, context_length=sizes.context_length)
+    model = clip_model(sizes).to(device)
+    pixels = pixels.to(device)
+    tokens = open_clip.tokenize(captions, context_length=sizes.context_length).to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr)
     g = torch.Generator().manual_seed(seed)
     model.train()
-    labels = torch.arange(batch)
+    labels = torch.arange(batch, device=device)
     for step in tqdm(range(steps), desc="training the CLIP-layout towers", unit="step", disable=not progress):
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, lr)
-        rows = torch.randperm(len(pixels), generator=g)[:batch]
+        rows = _batch_rows(len(pixels), batch, g, alike, draw).to(device)
         img = F.normalize(model.encode_image(_normalised(pixels[rows], CLIP_MEAN, CLIP_STD)), dim=-1)
         txt = F.normalize(model.encode_text(tokens[rows]), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
@@ -290,7 +302,29 @@ def train_clip(
         opt.step()
         if on_step is not None and step % 50 == 0:
             on_step(step, float(loss.detach()))
-    return model.eval()
+    return model.cpu().eval()
+
+
+def _batch_rows(n: int, batch: int, g: torch.Generator, alike: list[np.ndarray] | None, draw: int) -> torch.Tensor:
+    if not alike:
+        return torch.randperm(n, generator=g)[:batch]
+    sets = [a for a in alike if len(a) >= draw]
+    if not sets:
+        raise ValueError(f"no set of alike rows holds {draw} rows")
+    out: list[int] = []
+    for k in torch.randint(0, len(sets), (max(1, batch // draw),), generator=g).tolist():
+        free = np.setdiff1d(sets[k], out)  # a row drawn already is not drawn twice (it would be its own negative)
+        out.extend(int(free[j]) for j in torch.randperm(len(free), generator=g)[:draw])
+    return torch.tensor(out)
+
+
+def scene_alike(records: list[dict], rows: list[int]) -> list[np.ndarray]:
+    """Per colour, the positions (in ``rows``) of the scenes holding an object of that colour."""
+    by: dict[str, list[int]] = {}
+    for j, i in enumerate(rows):
+        for colour in {o["colour"] for o in records[i]["objects"]}:
+            by.setdefault(colour, []).append(j)
+    return [np.asarray(v) for _, v in sorted(by.items())]
 
 
 def save_dino_official(vit: torch.nn.Module, path: Path) -> Path:
@@ -384,9 +418,14 @@ def train_towers(
     dino_steps: int = 1000,
     clip_steps: int = 2400,
     progress: bool = True,
+    device: str = "cpu",
+    dino_batch: int = 64,
+    clip_batch: int = 128,
+    alike_batches: bool = False,
 ) -> dict[str, Any]:
-    """Train both towers on a scenes folder (the last ``n_test`` scenes held out) and save them under ``out``;
-    returns where they are, the flags ``sparc extract`` needs, and each tower's quality."""
+    """Train both towers on a scenes folder (the last ``n_test`` scenes held out) on ``device`` and save them
+    under ``out``; returns where they are, the flags ``sparc extract`` needs, and each tower's quality.
+    ``alike_batches``: CLIP's batches drawn in groups of scenes sharing a colour (``train_clip``'s ``alike``)."""
     scenes, out = Path(scenes), Path(out)
     sizes = sizes or TowerSizes()
     records = read_scene_records(scenes)
@@ -403,8 +442,9 @@ def train_towers(
     px_test = load_pixels(scenes, [ids[i] for i in test_rows], sizes.image_size, dino_resize)
     curves: dict[str, list[tuple[int, float]]] = {"dino": [], "clip": []}
     vit = train_dino(  # images only: no label, no caption
-        px, sizes, steps=dino_steps, progress=progress, on_step=lambda i, v: curves["dino"].append((i, v))
-    )
+        px, sizes, steps=dino_steps, batch=dino_batch, progress=progress, device=device,
+        on_step=lambda i, v: curves["dino"].append((i, v)),
+    )  # fmt: skip
     with torch.no_grad():
         probe_rows = train_rows[: min(len(train_rows), 4000)]
         train_x, test_x = (
@@ -416,8 +456,9 @@ def train_towers(
     px = load_pixels(scenes, [ids[i] for i in train_rows], sizes.image_size)  # CLIP: resize to the side, no crop
     px_test = load_pixels(scenes, [ids[i] for i in test_rows], sizes.image_size)
     clip = train_clip(
-        px, [records[i]["caption"] for i in train_rows], sizes, steps=clip_steps, progress=progress,
-        on_step=lambda i, v: curves["clip"].append((i, v)),
+        px, [records[i]["caption"] for i in train_rows], sizes, steps=clip_steps, batch=clip_batch, progress=progress,
+        on_step=lambda i, v: curves["clip"].append((i, v)), device=device,
+        alike=scene_alike(records, train_rows) if alike_batches else None,
     )  # fmt: skip
     clip_s = time.perf_counter() - t0 - dino_s
     single = [j for j, i in enumerate(test_rows) if len(records[i]["objects"]) == 1]
@@ -442,6 +483,10 @@ def train_towers(
         "clip_train_s": clip_s,
         "dino_steps": dino_steps,
         "clip_steps": clip_steps,
+        "device": device,
+        "dino_batch": dino_batch,
+        "clip_batch": clip_batch,
+        "clip_alike_batches": alike_batches,
         "loss_curves": curves,
     }
     atomic_write_json(out / "towers.json", report)
