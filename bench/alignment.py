@@ -11,6 +11,7 @@ served search code is set against the same model's plain top-k code. Ablation ro
 addition of the defaults at a time on one world.
 
     python bench/alignment.py [--steps 800] [--worlds few-vitl,open-vitl] [--configs defaults,paper] [--json out.json]
+    python bench/alignment.py --work DIR --remeasure ...   # measure the models an earlier run left in DIR
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sparc_core.worlds.alignment import LOCAL, PAPER, WORLDS, run, world_data
+from sparc_core.worlds.alignment import LOCAL, PAPER, WORLDS, measure, run, world_data
 from sparc_core.worlds.synthetic import preset
 
 CONFIGS = {"defaults": {}, "paper": PAPER, "local": LOCAL}
@@ -120,6 +121,14 @@ def targets(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def remeasure(model_dir: Path, data: dict, n_latents: int) -> dict:
+    """The row of a model trained by an earlier run (its training time is in its metrics.jsonl only)."""
+    from sparc_core.checkpoint import load_checkpoint
+
+    model = load_checkpoint(model_dir)
+    return measure(model, data) | {"train_s": float("nan"), "n_latents": {"requested": n_latents, "kept": model.n_latents}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=800, help="steps of the worlds that do not fix their own")
@@ -129,7 +138,13 @@ def main() -> None:
     ap.add_argument("--json", help="write every row here")
     ap.add_argument("--work", help="keep data and models here (default: a temp dir, removed)")
     ap.add_argument("--from-json", help="print the tables of an earlier run's --json file instead of training")
+    ap.add_argument(
+        "--remeasure", action="store_true",
+        help="measure the models an earlier run left under --work (trained there, on the same data) instead of training",
+    )  # fmt: skip
     args = ap.parse_args()
+    if args.remeasure and not args.work:
+        ap.error("--remeasure needs the --work folder of the run that trained the models")
     if args.from_json:
         rows = json.loads(Path(args.from_json).read_text())
         print(HEADER)
@@ -151,7 +166,11 @@ def main() -> None:
             data = world_data(world, work / name / "data")
             n_latents = latents if isinstance(latents, int) else int(latents * world.n_concepts)
             train_over = {"n_latents": n_latents, "k": 32, "steps": steps or args.steps} | overrides
-            r = run(world, train_over, work / name / config.replace(" ", "_"), data=data)
+            model_dir = work / name / config.replace(" ", "_")
+            if args.remeasure:
+                r = remeasure(model_dir / "model", data, n_latents)
+            else:
+                r = run(world, train_over, model_dir, data=data)
             rows.append({"world": name, "config": config, **r})
             print(fmt_row(name, config, r), flush=True)
     finally:

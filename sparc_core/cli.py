@@ -448,10 +448,6 @@ def _add_towers(sub: Any) -> None:
     p.add_argument("--clip-steps", type=int, default=2400, help="contrastive steps of the CLIP-layout towers")
     p.add_argument("--dino-batch", type=int, default=64, help="images per self-distillation step")
     p.add_argument("--clip-batch", type=int, default=128, help="(image, caption) pairs per contrastive step")
-    p.add_argument(
-        "--alike-batches", action="store_true",
-        help="draw CLIP's batches in groups of scenes sharing a colour, so that colour alone tells no pair apart",
-    )  # fmt: skip
     p.add_argument("--device", default="auto", help="where both towers train: cpu, cuda, cuda:1, or auto (cuda when present)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_towers)
@@ -471,7 +467,6 @@ def _cmd_towers(args: argparse.Namespace) -> int:
         device=str(pick_device(args.device)),
         dino_batch=args.dino_batch,
         clip_batch=args.clip_batch,
-        alike_batches=args.alike_batches,
     )
     print(
         f"DINO-layout tower (self-distillation, no labels): linear probe of the {len(r['concepts'])} concepts on its "

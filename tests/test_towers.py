@@ -79,27 +79,6 @@ def test_towers_trained_on_the_gpu_save_as_on_the_cpu_and_load_there(tmp_path):
     assert enc["dino"].dim == 32 and enc["clip_txt"].encode_texts(["a red star"]).shape == (1, 16)
 
 
-def test_alike_batches_are_drawn_in_groups_that_colour_alone_cannot_tell_apart(tmp_path):
-    from sparc_core.worlds.towers import _batch_rows, scene_alike
-
-    scenes = write_scenes(tmp_path / "scenes", 200, seed=3, size=56, progress=False)
-    records = read_scene_records(scenes)
-    rows = list(range(20, 200))  # positions in a training subset, not record numbers
-    alike = scene_alike(records, rows)
-    colours = [{o["colour"] for o in records[i]["objects"]} for i in rows]
-    assert sorted(j for a in alike for j in a) == sorted(j for j, c in enumerate(colours) for _ in c)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        batch = _batch_rows(len(rows), 32, g, alike, 8).tolist()
-        assert len(batch) == len(set(batch)) == 32  # no row twice: it would be its own negative
-        # every draw of 8 shares a colour
-        assert all(set.intersection(*(colours[j] for j in batch[a : a + 8])) for a in range(0, 32, 8))
-    uniform = _batch_rows(len(rows), 32, g, None, 8).tolist()
-    assert len(set(uniform)) == 32 and max(uniform) < len(rows)
-    with pytest.raises(ValueError, match="holds 500 rows"):
-        _batch_rows(len(rows), 32, g, alike, 500)
-
-
 def test_linear_probe_separates_what_features_hold():
     g = np.random.default_rng(0)
     y = (g.random((600, 3)) < 0.4).astype(np.uint8)

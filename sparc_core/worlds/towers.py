@@ -268,15 +268,9 @@ def clip_model(sizes: TowerSizes) -> torch.nn.Module:
 def train_clip(
     pixels: torch.Tensor, captions: list[str], sizes: TowerSizes, steps: int = 2400, batch: int = 128, lr: float = 1e-3,
     seed: int = 0, progress: bool = True, on_step: Any = None, device: str = "cpu",
-    alike: list[np.ndarray] | None = None, draw: int = 16,
 ) -> torch.nn.Module:  # fmt: skip
     """The open_clip-layout CLIP trained contrastively on (scene, caption) pairs, returned on the CPU;
-    ``on_step(step, loss)`` is called every 50 steps; ``device`` is where it trains.
-
-    ``alike``: sets of rows that share what is easiest to see (``scene_alike``: the scenes holding one
-    colour). With them each batch is ``batch // draw`` draws of ``draw`` rows from one set, so that
-    within a draw the easy cue tells no pair from another and the loss asks for the rest (shape, texture);
-    without them a batch is drawn uniformly, where the colours alone tell most pairs apart."""
+    ``on_step(step, loss)`` is called every 50 steps; ``device`` is where it trains."""
     open_clip = require("open_clip", "encoders", "the scene towers")
     torch.manual_seed(seed)
     model = clip_model(sizes).to(device)
@@ -291,7 +285,7 @@ def train_clip(
     for step in tqdm(range(steps), desc="training the CLIP-layout towers", unit="step", disable=not progress):
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, lr)
-        rows = _batch_rows(len(pixels), batch, g, alike, draw).to(device)
+        rows = torch.randperm(len(pixels), generator=g)[:batch].to(device)
         img = F.normalize(model.encode_image(_normalised(pixels[rows], CLIP_MEAN, CLIP_STD)), dim=-1)
         txt = F.normalize(model.encode_text(tokens[rows]), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
@@ -303,28 +297,6 @@ def train_clip(
         if on_step is not None and step % 50 == 0:
             on_step(step, float(loss.detach()))
     return model.cpu().eval()
-
-
-def _batch_rows(n: int, batch: int, g: torch.Generator, alike: list[np.ndarray] | None, draw: int) -> torch.Tensor:
-    if not alike:
-        return torch.randperm(n, generator=g)[:batch]
-    sets = [a for a in alike if len(a) >= draw]
-    if not sets:
-        raise ValueError(f"no set of alike rows holds {draw} rows")
-    out: list[int] = []
-    for k in torch.randint(0, len(sets), (max(1, batch // draw),), generator=g).tolist():
-        free = np.setdiff1d(sets[k], out)  # a row drawn already is not drawn twice (it would be its own negative)
-        out.extend(int(free[j]) for j in torch.randperm(len(free), generator=g)[:draw])
-    return torch.tensor(out)
-
-
-def scene_alike(records: list[dict], rows: list[int]) -> list[np.ndarray]:
-    """Per colour, the positions (in ``rows``) of the scenes holding an object of that colour."""
-    by: dict[str, list[int]] = {}
-    for j, i in enumerate(rows):
-        for colour in {o["colour"] for o in records[i]["objects"]}:
-            by.setdefault(colour, []).append(j)
-    return [np.asarray(v) for _, v in sorted(by.items())]
 
 
 def save_dino_official(vit: torch.nn.Module, path: Path) -> Path:
@@ -421,11 +393,9 @@ def train_towers(
     device: str = "cpu",
     dino_batch: int = 64,
     clip_batch: int = 128,
-    alike_batches: bool = False,
 ) -> dict[str, Any]:
     """Train both towers on a scenes folder (the last ``n_test`` scenes held out) on ``device`` and save them
-    under ``out``; returns where they are, the flags ``sparc extract`` needs, and each tower's quality.
-    ``alike_batches``: CLIP's batches drawn in groups of scenes sharing a colour (``train_clip``'s ``alike``)."""
+    under ``out``; returns where they are, the flags ``sparc extract`` needs, and each tower's quality."""
     scenes, out = Path(scenes), Path(out)
     sizes = sizes or TowerSizes()
     records = read_scene_records(scenes)
@@ -458,7 +428,6 @@ def train_towers(
     clip = train_clip(
         px, [records[i]["caption"] for i in train_rows], sizes, steps=clip_steps, batch=clip_batch, progress=progress,
         on_step=lambda i, v: curves["clip"].append((i, v)), device=device,
-        alike=scene_alike(records, train_rows) if alike_batches else None,
     )  # fmt: skip
     clip_s = time.perf_counter() - t0 - dino_s
     single = [j for j, i in enumerate(test_rows) if len(records[i]["objects"]) == 1]
@@ -486,7 +455,6 @@ def train_towers(
         "device": device,
         "dino_batch": dino_batch,
         "clip_batch": clip_batch,
-        "clip_alike_batches": alike_batches,
         "loss_curves": curves,
     }
     atomic_write_json(out / "towers.json", report)
