@@ -107,7 +107,7 @@ def scene_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
     t = stage(f"{family}: scenes, towers, features")
     scenes = work / "scenes"
     if not (scenes / "scenes.jsonl").is_file():
-        write_scenes(scenes, args.n, seed=0, family=family)
+        write_scenes(scenes, args.n, seed=0, family=family, workers=0)
     fam = family_of(scenes)
     records = read_scene_records(scenes)
     n_train = len(records) - HELD_OUT

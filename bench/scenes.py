@@ -77,7 +77,7 @@ def main() -> None:
     t = stage("1. scenes")
     scenes = work / "scenes"
     if not (scenes / "scenes.jsonl").is_file():
-        write_scenes(scenes, args.n, seed=0, family=args.family)
+        write_scenes(scenes, args.n, seed=0, family=args.family, workers=0)
     family = family_of(scenes)
     records = read_scene_records(scenes)
     labels = np.load(scenes / "labels.npy")

@@ -423,6 +423,7 @@ def _add_scenes(sub: Any) -> None:
     p.add_argument("--size", type=int, default=112, help="image side in pixels (default 112)")
     p.add_argument("--family", default="shapes", help="vocabulary, look and caption grammar: shapes (default) or glyphs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new set is complete)")
+    p.add_argument("--workers", type=int, default=0, help="rendering processes (default 0: one per CPU); same files either way")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_scenes)
 
@@ -431,8 +432,9 @@ def _cmd_scenes(args: argparse.Namespace) -> int:
     from .worlds.scenes import write_scenes
 
     out = write_scenes(
-        args.out, args.n, seed=args.seed, size=args.size, overwrite=args.overwrite, progress=not args.quiet, family=args.family
-    )
+        args.out, args.n, seed=args.seed, size=args.size, overwrite=args.overwrite, progress=not args.quiet, family=args.family,
+        workers=args.workers,
+    )  # fmt: skip
     print(
         f"{args.n} scenes: {out / 'images'}, captions {out / 'captions.csv'}, masks {out / 'masks'}, truth {out / 'scenes.jsonl'}"
     )

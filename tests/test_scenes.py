@@ -49,6 +49,19 @@ def test_scenes_are_deterministic_by_seed(tmp_path):
     assert (a / "captions.csv").read_text() != (c / "captions.csv").read_text()
 
 
+def test_scenes_rendered_by_several_processes_are_the_same_files(tmp_path):
+    one = write_scenes(tmp_path / "one", 600, seed=5, size=48, progress=False, workers=1)
+    two = write_scenes(tmp_path / "two", 600, seed=5, size=48, progress=False, workers=2)  # 3 chunks over 2 processes
+    for name in ("captions.csv", "scenes.jsonl", "labels.npy", "concepts.json"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    for sub in ("images", "masks"):
+        files = sorted(p.name for p in (one / sub).iterdir())
+        assert files == sorted(p.name for p in (two / sub).iterdir()) and len(files) == 600
+        assert all((one / sub / f).read_bytes() == (two / sub / f).read_bytes() for f in files)
+    with pytest.raises(ScenesError, match="--workers must be >= 0"):
+        write_scenes(tmp_path / "bad", 5, progress=False, workers=-1)
+
+
 def test_masks_labels_and_boxes_match_the_objects(scenes):
     records = read_scene_records(scenes)
     labels = np.load(scenes / "labels.npy")

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -403,15 +404,62 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _render_range(tmp: Path, seed: int, size: int, family: str, width: int, start: int, stop: int) -> list[tuple]:
+    """Render scenes ``start..stop-1`` into ``tmp``'s images/ and masks/; their rows for the metadata files."""
+    fam = scene_family(family)
+    rows = []
+    for i in range(start, stop):
+        image, owner, objects, caption, named, relation = render_scene(seed, i, size, fam)
+        name = f"{i:0{width}d}"
+        (tmp / "images" / f"{name}.png").write_bytes(_png(image))
+        (tmp / "masks" / f"{name}.png").write_bytes(_png(Image.fromarray(owner)))
+        record = {"id": name, "caption": caption, "named": named, "relation": relation}
+        record["objects"] = [asdict(o) for o in objects]
+        rows.append((name, caption, record, concept_labels(objects, fam)))
+    return rows
+
+
+def _rendered(tmp: Path, n: int, seed: int, size: int, family: str, width: int, workers: int, progress: bool):
+    """Each scene's metadata row in scene order, rendered by ``workers`` processes (every scene is a function
+    of (seed, index) alone, so the files do not depend on how many render them)."""
+    chunk = 256
+    ranges = [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
+    bar = tqdm(total=n, desc="rendering scenes", unit="scene", disable=not progress)
+    if workers <= 1:
+        for a, b in ranges:
+            rows = _render_range(tmp, seed, size, family, width, a, b)
+            bar.update(len(rows))
+            yield from rows
+        bar.close()
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = [pool.submit(_render_range, tmp, seed, size, family, width, a, b) for a, b in ranges]
+        for f in futures:  # in scene order; the pool renders ahead
+            rows = f.result()
+            bar.update(len(rows))
+            yield from rows
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # nothing still writes once the caller cleans up
+        bar.close()
+
+
 def write_scenes(
     out: str | Path, n: int, seed: int = 0, size: int = 112, overwrite: bool = False, progress: bool = True,
-    family: str = "shapes",
+    family: str = "shapes", workers: int = 1,
 ) -> Path:  # fmt: skip
-    """Render ``n`` scenes of a family into ``out`` (see the module doc); returns ``out``."""
+    """Render ``n`` scenes of a family into ``out`` (see the module doc) with ``workers`` processes (0: one per
+    CPU); returns ``out``. The files are the same whatever the number of workers."""
     out = Path(out)
     fam = scene_family(family)
     if n < 1:
         raise ScenesError(f"--n must be >= 1, got {n}")
+    if workers < 0:
+        raise ScenesError(f"--workers must be >= 0, got {workers}")
+    workers = workers or os.cpu_count() or 1
     if not 32 <= size <= 1024:
         raise ScenesError(f"--size must be in [32, 1024], got {size}")
     if out.exists() and not overwrite:
@@ -426,16 +474,12 @@ def write_scenes(
         with open(tmp / "captions.csv", "w", newline="", encoding="utf-8") as cap, open(tmp / "scenes.jsonl", "w") as meta:
             writer = csv.writer(cap)
             writer.writerow(["image_path", "caption", "id"])
-            for i in tqdm(range(n), desc="rendering scenes", unit="scene", disable=not progress):
-                image, owner, objects, caption, named, relation = render_scene(seed, i, size, fam)
-                name = f"{i:0{width}d}"
-                (tmp / "images" / f"{name}.png").write_bytes(_png(image))
-                (tmp / "masks" / f"{name}.png").write_bytes(_png(Image.fromarray(owner)))
-                writer.writerow([f"{name}.png", caption, name])
-                record = {"id": name, "caption": caption, "named": named, "relation": relation}
-                record["objects"] = [asdict(o) for o in objects]
-                meta.write(json.dumps(record) + "\n")
-                labels[i] = concept_labels(objects, fam)
+            # closed before anything is cleaned up: a failure or Ctrl-C stops the pool, then removes the partial folder
+            with closing(_rendered(tmp, n, seed, size, fam.name, width, workers, progress)) as rendered:
+                for i, (name, caption, record, row_labels) in enumerate(rendered):
+                    writer.writerow([f"{name}.png", caption, name])
+                    meta.write(json.dumps(record) + "\n")
+                    labels[i] = row_labels
         np.save(tmp / "labels.npy", labels, allow_pickle=False)
         vocabulary = {"shapes": fam.shape_words, "colours": fam.colour_words, "textures": fam.texture_words}
         (tmp / "concepts.json").write_text(
