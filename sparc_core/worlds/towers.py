@@ -232,7 +232,7 @@ def train_dino(
             s_head(student.forward_features(torch.cat(locals_))[:, 0]),
         ]).div(st.student_temp)  # fmt: skip
         s_logp = F.log_softmax(s_out, dim=-1).chunk(2 + st.local_crops)
-        loss, terms = torch.zeros(()), 0
+        loss, terms = torch.zeros((), device=device), 0
         for i, tp in enumerate(t_prob):
             for j, sl in enumerate(s_logp):
                 if i != j:  # never the same view
