@@ -108,3 +108,24 @@ def test_no_map_a_flat_map_or_a_silent_target_detects_nothing(world):
     finally:
         with torch.no_grad():
             model.codecs["dino"].b_enc.zero_()
+
+
+def test_one_attribute_floor_ranks_by_that_attribute_alone_with_ties_in_random_order():
+    from sparc_core.worlds.scenes import scene_family
+
+    obj = lambda colour, shape: {"colour": colour, "shape": shape}  # noqa: E731
+    records = [
+        {"objects": [obj("red", "circle")]},
+        {"objects": [obj("red", "square")]},
+        {"objects": [obj("blue", "circle")]},
+        {"objects": [obj("red", "circle"), obj("red", "square")]},
+    ]
+    fam = scene_family("shapes")
+    # colour: each query's top scene (most objects of its colour) holds it -> P@1 1.0
+    assert se.one_attribute_floor(records, fam, "colour", k=1)["P@1"] == 1.0
+    # shape: "red circle" ties 3 circle scenes (2 relevant), "blue circle" the same 3 (1 relevant), "red
+    # square" ties 2 (both relevant): (2/3 + 1/3 + 1) / 3 in expectation over random orders
+    floor = se.one_attribute_floor(records, fam, "shape", k=1, orders=3000)
+    assert floor["P@1"] == pytest.approx(2 / 3, abs=0.02) and floor["queries"] == 3
+    with pytest.raises(ValueError, match="'colour' or 'shape'"):
+        se.one_attribute_floor(records, fam, "texture")
