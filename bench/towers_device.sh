@@ -10,12 +10,12 @@
 # On a machine without this project's packages, carry them as wheels (see bench/towers/README.md):
 # with .whl/ present the script installs them into /tmp/site first.
 #
-#   FAMILY=shapes N=60000 DINO_STEPS=8000 CLIP_STEPS=8000 bash bench/towers_device.sh
+#   FAMILY=shapes bash bench/towers_device.sh      # N=40000 scenes, 6,000 steps of each tower by default
 set -euo pipefail
 FAMILY=${FAMILY:-shapes}
-N=${N:-60000}
-DINO_STEPS=${DINO_STEPS:-8000}
-CLIP_STEPS=${CLIP_STEPS:-8000}
+N=${N:-40000}
+DINO_STEPS=${DINO_STEPS:-6000}
+CLIP_STEPS=${CLIP_STEPS:-6000}
 DINO_BATCH=${DINO_BATCH:-256}
 CLIP_BATCH=${CLIP_BATCH:-512}
 DEVICE=${DEVICE:-cuda}
