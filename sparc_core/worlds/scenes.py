@@ -425,6 +425,7 @@ def _rendered(tmp: Path, n: int, seed: int, size: int, family: str, width: int, 
     chunk = 256
     ranges = [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
     bar = tqdm(total=n, desc="rendering scenes", unit="scene", disable=not progress)
+    workers = min(workers, len(ranges))  # one chunk renders here: no process to start
     if workers <= 1:
         for a, b in ranges:
             rows = _render_range(tmp, seed, size, family, width, a, b)
