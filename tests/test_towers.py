@@ -79,6 +79,17 @@ def test_towers_trained_on_the_gpu_save_as_on_the_cpu_and_load_there(tmp_path):
     assert enc["dino"].dim == 32 and enc["clip_txt"].encode_texts(["a red star"]).shape == (1, 16)
 
 
+def test_pixels_decoded_by_threads_are_the_ones_decoded_in_order(tmp_path):
+    scenes = write_scenes(tmp_path / "scenes", 40, seed=4, size=64, progress=False)
+    ids = [f"{i:06d}" for i in range(40)][::-1]  # any order of ids comes back in that order
+    serial = load_pixels(scenes, ids, 56, 64, threads=1)
+    assert torch.equal(load_pixels(scenes, ids, 56, 64, threads=3), serial)
+    one = np.array(Image.open(scenes / "images" / f"{ids[5]}.png").convert("RGB"))[4:60, 4:60]
+    assert torch.equal(serial[5], torch.from_numpy(one).permute(2, 0, 1))
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        load_pixels(scenes, [*ids[:3], "nope"], 56, 64, threads=2)
+
+
 def test_linear_probe_separates_what_features_hold():
     g = np.random.default_rng(0)
     y = (g.random((600, 3)) < 0.4).astype(np.uint8)
