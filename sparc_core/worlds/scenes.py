@@ -425,26 +425,23 @@ def _rendered(tmp: Path, n: int, seed: int, size: int, family: str, width: int, 
     chunk = 256
     ranges = [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
     bar = tqdm(total=n, desc="rendering scenes", unit="scene", disable=not progress)
-    workers = min(workers, len(ranges))  # one chunk renders here: no process to start
-    if workers <= 1:
-        for a, b in ranges:
-            rows = _render_range(tmp, seed, size, family, width, a, b)
-            bar.update(len(rows))
-            yield from rows
-        bar.close()
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    pool = None
+    if min(workers, len(ranges)) <= 1:  # one chunk, or one worker: rendered here, no process to start
+        chunks = (_render_range(tmp, seed, size, family, width, a, b) for a, b in ranges)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    try:
+        pool = ProcessPoolExecutor(min(workers, len(ranges)), mp_context=multiprocessing.get_context("spawn"))
         futures = [pool.submit(_render_range, tmp, seed, size, family, width, a, b) for a, b in ranges]
-        for f in futures:  # in scene order; the pool renders ahead
-            rows = f.result()
+        chunks = (f.result() for f in futures)  # in scene order; the pool renders ahead
+    try:
+        for rows in chunks:
             bar.update(len(rows))
             yield from rows
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # nothing still writes once the caller cleans up
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # nothing still writes once the caller cleans up
         bar.close()
 
 
