@@ -156,6 +156,13 @@ def train_step(
     return loss.detach(), out
 
 
+def kept_by_rate(fires: torch.Tensor, below: float) -> torch.Tensor:
+    """[..., streams, latents] firing counts -> [..., latents] bool: the latents that, in their best stream,
+    fire at least ``below`` x as often as the mean latent does there (pruning's rule)."""
+    rate = fires.float() / fires.sum(-1, keepdim=True).clamp_min(1) * fires.shape[-1]  # 1 = the mean latent
+    return ((rate >= below) & (fires > 0)).any(-2)
+
+
 class RevivalWatch:
     """Whether re-initialising dead latents pays: each revived latent is judged once, ``after`` steps later,
     alive (it fired within ``dead_after`` samples) or dead again. A round of at least ``ROUND`` judged latents
@@ -393,23 +400,29 @@ class Trainer:
         A dictionary larger than the data's concepts leaves latents that never win a slot, or win one
         on a handful of rows: they cost memory and index width and say nothing. A latent is kept when,
         in its best stream, it fires at least ``prune_below`` x as often as the mean latent does there (a
-        concept only one stream sees keeps its latent). The model keeps the rest, in their order, and
+        concept only one stream sees keeps its latent). A calibrated model applies the same rule to its
+        agreed code too: a latent that wins top-k slots but (almost) never reaches its threshold is in no
+        agreed code, so no name or explanation can use it. The model keeps the rest, in their order, and
         the optimizer state and dead counters follow, so a resumed run continues on the kept dictionary.
         """
         rows = self._calibration_rows(max_rows)
-        fires = torch.zeros(len(self.model.streams), self.model.n_latents, dtype=torch.long, device=self.device)
+        calibrated = all(bool(c.calibrated) for c in self.model.codecs.values())
+        kinds = ("search", "agreed") if calibrated else ("search",)
+        fires = torch.zeros(len(kinds), len(self.model.streams), self.model.n_latents, dtype=torch.long, device=self.device)
         self.model.eval()
         for start in range(0, len(rows), 4096):
             feats = self.data.read(rows[start : start + 4096])
             for i, s in enumerate(self.model.streams):
-                code = self.model.encode({s: torch.from_numpy(feats[s]).to(self.device)})
-                fires[i] += torch.bincount(code.indices[code.active], minlength=self.model.n_latents)
+                x = torch.from_numpy(feats[s]).to(self.device)
+                for j, kind in enumerate(kinds):
+                    code = self.model.encode({s: x}, code=kind)
+                    fires[j, i] += torch.bincount(code.indices[code.active], minlength=self.model.n_latents)
         self.model.train()
         if self.dist.enabled:
             dist.all_reduce(fires)
-        rate = fires.float() / fires.sum(1, keepdim=True).clamp_min(1) * self.model.n_latents  # 1 = the mean latent
         requested = self.model.n_latents
-        keep = ((rate >= self.cfg.prune_below) & (fires > 0)).any(0).nonzero().flatten()
+        kept_by = kept_by_rate(fires, self.cfg.prune_below)  # [kind, latent]
+        keep = kept_by.all(0).nonzero().flatten()
         if len(keep) in (0, requested) or len(keep) < self.model.k:
             return {"requested": requested, "kept": requested}
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -425,7 +438,10 @@ class Trainer:
             self.opt.state[p] = {key: (val[keep] if sliced and key != "step" else val) for key, val in old.items()}
         self.dead_counters = {s: c[keep] for s, c in self.dead_counters.items()}
         self.revival.keep(keep)
-        return {"requested": requested, "kept": int(len(keep))}
+        out = {"requested": requested, "kept": int(len(keep))}
+        if calibrated:  # latents kept for the top-k code, dropped because they (almost) never agree
+            out["rarely_agreed"] = int((kept_by[0] & ~kept_by[1]).sum())
+        return out
 
     def _validate(self) -> dict[str, Any]:
         if self.val_rows == 0:
@@ -529,11 +545,17 @@ class Trainer:
                 if done == cfg.steps and cfg.prune_unused and self.model.n_latents > self.model.k:
                     self.pruned = self._prune()
                     self._log({"kind": "prune", "step": done, **self.pruned})
-                    if self.dist.is_main and self.pruned["kept"] < self.pruned["requested"]:
-                        kept, req = self.pruned["kept"], self.pruned["requested"]
+                    kept, req = self.pruned["kept"], self.pruned["requested"]
+                    if kept < req and "rarely_agreed" in self.pruned:
+                        # the kept latents now win the slots of the dropped ones: fit their thresholds again
+                        l0 = self._calibrate()
+                        self._log({"kind": "calibrate", "step": done, "l0": l0, "soft_weight": self.model.soft_weight})
+                    if self.dist.is_main and kept < req:
+                        rare = self.pruned.get("rarely_agreed", 0)
                         tqdm.write(
                             f"dictionary: {kept} of {req} latents fire on the training data; "
                             f"{req - kept} (almost) unused latents dropped"
+                            + (f", {rare} of them (almost) never in an agreed code" if rare else "")
                         )
                 if self.dist.is_main and (done % cfg.eval_every == 0 or done == cfg.steps):
                     report = self._validate()

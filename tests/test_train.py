@@ -282,6 +282,33 @@ def test_unused_latents_are_pruned_at_the_end_and_the_run_resumes_on_the_kept_di
     assert load_checkpoint(out).n_latents <= model.n_latents
 
 
+def test_latents_that_win_slots_but_never_agree_are_pruned_from_a_calibrated_model(synth_dir, tmp_path):
+    """A latent that wins top-k slots in every stream but never reaches its threshold is in no agreed code:
+    no name or explanation can use it, so pruning drops it like a latent that never fires."""
+    from sparc_core.calibrate import NEVER
+    from sparc_core.train import Trainer
+
+    trainer = Trainer(_cfg(synth_dir, tmp_path / "pr", steps=20, prune_unused=False, calibrate_rounds=0))
+    trainer.run()
+    model = trainer.model
+    feats = {s: torch.from_numpy(x) for s, x in trainer.data.read(trainer._calibration_rows(2048)).items()}
+    fires = sum(torch.bincount(model.encode({s: x}, code="full").indices.flatten(), minlength=model.n_latents)
+                for s, x in feats.items())  # fmt: skip
+    busiest, second = fires.topk(2).indices.tolist()  # win the most top-k slots: the search-code rule keeps both
+    thresholds = torch.zeros(model.n_latents)
+    thresholds[busiest] = NEVER
+    model.set_thresholds({s: thresholds for s in model.streams})
+    model.set_soft_weight(1.0)  # the search code holds every top-k latent, agreed or not
+    enc = model.codecs[model.streams[0]]
+    rows = {i: enc.W_enc[i].detach().clone() for i in (busiest, second)}
+    pruned = trainer._prune()
+    assert pruned["rarely_agreed"] == 1 and pruned["kept"] < pruned["requested"]
+    kept = model.codecs[model.streams[0]].W_enc.detach()
+    assert len(kept) == pruned["kept"]
+    assert not any(torch.equal(rows[busiest], r) for r in kept)  # never agreed: dropped
+    assert any(torch.equal(rows[second], r) for r in kept)  # agreed as often: kept
+
+
 def test_cli_errors_are_one_clear_line(synth_dir, trained_checkpoint, medium_synth, tmp_path, capsys):
     paths = feature_paths(synth_dir)
     one = next(iter(paths.items()))
