@@ -98,7 +98,7 @@ class Bundle:
                 raise BundleError(f"{d}: array shapes do not match the manifest's {n} items x k={m.k}")
             if self.verify:
                 check_codes(d, codes_idx, codes_val, m.n_latents)
-                check_postings(d, postings, n)
+                check_postings(d, postings, n, codes_val)
                 check_ids(d, ids, n)
             dense = read_dense_index(d / "dense.faiss") if m.dense else None
             if dense is not None and dense.ntotal != n:

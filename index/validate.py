@@ -83,12 +83,15 @@ def check_codes(where: Path, codes_idx: np.ndarray, codes_val: np.ndarray, n_lat
             raise BundleError(f"{where / 'codes_val.npy'}: values must be finite and >= 0")
 
 
-def check_postings(where: Path, postings: Any, n_items: int) -> None:
-    """Each block's posting rows below the block's row count; values positive finite float16 bits."""
+def check_postings(where: Path, postings: Any, n_items: int, codes_val: np.ndarray | None = None) -> None:
+    """Each block's posting rows below the block's row count; values positive finite float16 bits. With the
+    part's ``codes_val``, each row is in as many posting lists as its code has active latents (the postings
+    are built from those codes): a row id replaced by another valid one is caught too."""
     offsets, items, values, L = postings.offsets, postings.items, postings.values, postings.n_latents
     for b in range(postings.n_blocks):
         a, e = int(offsets[b * L]), int(offsets[(b + 1) * L])
         rows_in_block = min(BLOCK, n_items - b * BLOCK)
+        seen = np.zeros(rows_in_block, dtype=np.int64)
         for s in range(a, e, 1 << 22):
             t = min(e, s + (1 << 22))
             it = np.asarray(items[s:t])
@@ -99,6 +102,19 @@ def check_postings(where: Path, postings: Any, n_items: int) -> None:
             v = np.asarray(values[s:t])
             if v.size and (int(v.min()) == 0 or int(v.max()) >= 0x7C00):  # float16 bits of (0, inf)
                 raise BundleError(f"{where / 'post_values.bin'}: a value that is not a positive finite float16")
+            if codes_val is not None:
+                seen += np.bincount(it, minlength=rows_in_block)
+        if codes_val is not None:
+            cv = np.asarray(codes_val[b * BLOCK : b * BLOCK + rows_in_block])
+            # values are checked finite and >= 0, so a float16 is active unless its bits are +0 or -0 (a 4x
+            # faster count than comparing float16s)
+            want = np.count_nonzero(cv.view(np.uint16) & 0x7FFF, axis=1) if cv.dtype == np.float16 else (cv > 0).sum(1)
+            if not np.array_equal(seen, want):
+                row = b * BLOCK + int(np.flatnonzero(seen != want)[0])
+                raise BundleError(
+                    f"{where / 'post_items.bin'}: row {row} is in {int(seen[row - b * BLOCK])} posting lists, "
+                    f"its code has {int(want[row - b * BLOCK])} active latents"
+                )
 
 
 def check_ids(where: Path, ids: Any, n: int) -> None:

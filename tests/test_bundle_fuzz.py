@@ -295,6 +295,20 @@ def test_each_reported_damage_is_a_bundle_error_naming_the_file(intact, tmp_path
         Bundle(work)
 
 
+def test_a_posting_row_replaced_by_another_valid_row_is_refused(intact, tmp_path):
+    """A wrong writer that puts a real row id in the wrong place passes every range check; the rows' counts
+    of posting lists against their codes' active latents catch it (the search would return a row twice)."""
+    work = _damaged_copy(intact[0], tmp_path / "b")
+    f = current_version(work) / "part-00000" / "post_items.bin"
+    items = np.fromfile(f, dtype=np.uint16)
+    j = int(np.flatnonzero(items != items[0])[0])  # the first posting of another row
+    items[j] = items[0]
+    items.tofile(f)
+    _rewrite_manifest(work, "part-00000/post_items.bin")
+    with pytest.raises(BundleError, match=r"post_items\.bin: row \d+ is in \d+ posting lists"):
+        Bundle(work)
+
+
 def test_a_manifest_naming_a_file_outside_the_version_is_refused(intact, tmp_path):
     path = _damaged_copy(intact[0], tmp_path / "b")
     vdir = current_version(path)
