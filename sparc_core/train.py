@@ -383,15 +383,15 @@ class Trainer:
         n = len(self.batcher.rows)
         return self.batcher.rows[np.linspace(0, n - 1, min(n, max_rows)).astype(np.int64)]
 
-    def _calibrate(self, max_rows: int = 32_768) -> dict[str, float]:
-        """Per-stream latent thresholds from paired training rows (see ``calibrate``); returns L0 per stream."""
+    def _calibrate(self, step: int, max_rows: int = 32_768) -> None:
+        """Per-stream latent thresholds from paired training rows (see ``calibrate``), logged with L0 per stream."""
         from .calibrate import calibrate
 
         feats = self.data.read(self._calibration_rows(max_rows))
         self.model.eval()
         l0 = calibrate(self.model, feats, rounds=self.cfg.calibrate_rounds)
         self.model.train()
-        return l0
+        self._log({"kind": "calibrate", "step": step, "l0": l0, "soft_weight": self.model.soft_weight})
 
     @torch.no_grad()
     def _prune(self, max_rows: int = 32_768) -> dict[str, int]:
@@ -540,16 +540,13 @@ class Trainer:
                         loss=f"{float(loss):.4f}", L0=f"{float(out.l0_alone):.1f}", dead=f"{max(dead_pct.values()):.1f}%"
                     )
                 if done == cfg.steps and cfg.calibrate_rounds > 0 and self.model.cfg.topk == "global":
-                    l0 = self._calibrate()
-                    self._log({"kind": "calibrate", "step": done, "l0": l0, "soft_weight": self.model.soft_weight})
+                    self._calibrate(done)
                 if done == cfg.steps and cfg.prune_unused and self.model.n_latents > self.model.k:
                     self.pruned = self._prune()
                     self._log({"kind": "prune", "step": done, **self.pruned})
                     kept, req = self.pruned["kept"], self.pruned["requested"]
                     if kept < req and "rarely_agreed" in self.pruned:
-                        # the kept latents now win the slots of the dropped ones: fit their thresholds again
-                        l0 = self._calibrate()
-                        self._log({"kind": "calibrate", "step": done, "l0": l0, "soft_weight": self.model.soft_weight})
+                        self._calibrate(done)  # the kept latents now win the dropped ones' slots: fit them again
                     if self.dist.is_main and kept < req:
                         rare = self.pruned.get("rarely_agreed", 0)
                         tqdm.write(
