@@ -485,3 +485,94 @@ def test_clip_baselines_never_read_the_sae(world):
         with_latents = localize(model, enc["clip_img"], image, target, method=method, text_encoder=enc["clip_txt"])
         assert hm.target_fires and float(hm.grid.max()) == pytest.approx(1.0)
         np.testing.assert_allclose(hm.grid, with_latents.grid, atol=1e-6)
+
+
+# A CLIP image tower of the ResNet layout (open_clip's ModifiedResNet, as OpenAI's RN50): 128 px -> a 4 x 4
+# layer4 grid of 32 px cells, read by the attention pool
+CLIP_RN = {**tm.CLIP_CFG, "vision_cfg": {"image_size": 128, "layers": [1, 1, 1, 1], "width": 8, "head_width": 64}}
+
+
+@pytest.fixture(scope="module")
+def rn_world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("attr_rn")
+    clip = tm.write_clip_dir(d / "clip", cfg=CLIP_RN, positions=False)
+    encoders = load_encoders(EncodersConfig(clip=ClipConfig(weights=str(clip)), device="cpu"))
+    assert type(encoders["clip_img"].clip.model.visual).__name__ == "ModifiedResNet"
+    model = SparcModel(SparcConfig(streams={s: e.dim for s, e in encoders.items()}, n_latents=256, k=16, auxk=16), seed=0)
+    placed = tm.write_clip_dir(d / "placed", seed=1, cfg=CLIP_RN)  # with its position embeddings: attention not uniform
+    placed_enc = load_encoders(EncodersConfig(clip=ClipConfig(weights=str(placed)), device="cpu"))["clip_img"]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a fresh ResNet's last norm of every block is zero: spread the weights as training would
+        for p in placed_enc.clip.model.visual.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return {"encoders": encoders, "model": model, "placed": placed_enc}
+
+
+def _rn_image(textures: dict[int, int]) -> Image.Image:
+    a = np.full((128, 128, 3), 120, np.uint8)
+    for cell, seed in textures.items():
+        r, c = divmod(cell, 4)
+        a[r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32] = (np.random.default_rng(seed).random((32, 32, 3)) * 255).astype(np.uint8)
+    return Image.fromarray(a)
+
+
+def test_a_resnet_clip_tower_maps_find_the_only_region_that_drives_the_latent(rn_world):
+    model, enc = rn_world["model"], rn_world["encoders"]["clip_img"]
+    blank = _rn_image({})
+    hits = {"relevance": 0, "gradcam": 0, "grad-x-input": 0}
+    for cell in range(16):
+        image = _rn_image({cell: cell})
+        target = latent_target(model, [_driven_latent(model, enc, image, blank)])
+        for method in hits:
+            hm = localize(model, enc, image, target, method=method)
+            assert hm.grid.shape == (4, 4) and hm.target_fires
+            hits[method] += int(hm.grid.argmax()) == cell
+    # convolutions spread a cell into its neighbours' layer4 tokens a little: still far above chance (1 of 16)
+    assert min(hits.values()) >= 12, hits
+
+
+def test_a_resnet_clip_towers_gradcam_is_layer4s_and_its_pool_is_unchanged(rn_world):
+    # Grad-CAM computed by hand with a hook on layer4 (the classic ResNet layer), and the pool that the
+    # heatmaps compute step by step gives the embedding the class's own forward gives, and is restored after
+    model, enc = rn_world["model"], rn_world["placed"]
+    image = _rn_image({5: 1, 10: 2})
+    with torch.no_grad():
+        strongest = int(model.logits("clip_img", enc.encode_images([image]))[0].argmax())
+    target = latent_target(model, [strongest])
+    visual = enc.clip.model.visual
+    with torch.no_grad():
+        before = enc.encode_images([image])
+    hm = localize(model, enc, image, target, method="gradcam")
+    assert "forward" not in vars(visual.attnpool)
+    store = {}
+    h = visual.layer4.register_forward_hook(lambda m, i, o: store.update(a=o))
+    try:
+        with torch.enable_grad():
+            feats = enc.clip.model.encode_image(enc.preprocess(image)[None], normalize=True)
+            score = (torch.relu(model.logits("clip_img", feats)) * target.tensor(model.n_latents, model.device)).sum()
+            (g,) = torch.autograd.grad(score, [store["a"]])
+    finally:
+        h.remove()
+    act, grad = store["a"][0].detach(), g[0]  # [C, 4, 4]
+    cam = (act * grad.mean((1, 2), keepdim=True)).sum(0).clamp_min(0)
+    cam = (cam - cam.min()) / (cam.max() - cam.min())
+    assert float(cam.max()) == 1.0 and float(cam.min()) == 0.0  # not a flat map
+    torch.testing.assert_close(torch.from_numpy(hm.grid), cam, atol=1e-4, rtol=1e-4)
+    from sparc_core.explain.attribution.hooks import _Recorder, _resnet_attention
+
+    with torch.no_grad(), _resnet_attention(visual, _Recorder(), {}):
+        inside = enc.encode_images([image])
+    torch.testing.assert_close(inside, before, atol=1e-5, rtol=1e-4)
+
+
+def test_a_resnet_clip_towers_own_baselines_follow_the_caption(rn_world):
+    model, enc = rn_world["model"], rn_world["encoders"]
+    image = _rn_image({6: 3, 9: 4})
+    for method in ("clip-relevance", "clip-cosine"):
+        bare = localize(model, enc["clip_img"], image, Target([], [], source="a red bus"), method, enc["clip_txt"])
+        other = localize(model, enc["clip_img"], image, Target([], [], source="a green cat"), method, enc["clip_txt"])
+        assert bare.target_fires and bare.grid.shape == (4, 4) and float(bare.grid.max()) == pytest.approx(1.0)
+        assert not np.allclose(bare.grid, other.grid, atol=1e-3), method  # the caption moves the map
+    sae = localize(model, enc["clip_img"], image, text_target(model, enc["clip_txt"], "a red bus"), "relevance")
+    rel = localize(model, enc["clip_img"], image, Target([], [], source="a red bus"), "clip-relevance", enc["clip_txt"])
+    assert not np.allclose(sae.grid, rel.grid, atol=1e-3)

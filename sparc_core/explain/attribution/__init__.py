@@ -22,6 +22,12 @@ Image heatmaps (``localize``), each a [h, w] map over the vision transformer's p
 - ``clip-cosine``: cosine between each CLIP patch token (after ``ln_post`` and the projection) and the
   caption's CLIP text embedding. CLIP image tower only.
 
+On a CLIP image tower of the ResNet layout (open_clip's ModifiedResNet, as OpenAI's RN50), the grid is
+layer4's and the one attention is the attention pool's (the grid's mean token as the query, reading the
+grid): ``relevance`` and ``clip-relevance`` are the same propagation through that one map (the mean token's
+row), ``gradcam`` is Grad-CAM on layer4 (the classic form for ResNets), ``grad-x-input`` uses layer4's tokens,
+and ``clip-cosine`` sends each grid token through the pool's value and output projections (as MaskCLIP does).
+
 Every map is computed from the gradients of the input tokens and attention maps only (``torch.autograd.grad``):
 no weight of the towers or of the SAE gets a ``.grad``. A target none of whose latents fires on the image
 (all its activations are 0) has no gradient to follow: its map is flat, and ``Heatmap.target_fires`` says so.

@@ -9,7 +9,16 @@ from PIL import Image
 
 from ...encoders import FeatureEncoder
 from ...model import SparcModel
-from .hooks import _clip_attention, _grid, _input_grads, _last_tokens, _Recorder, _timm_attention, _vision
+from .hooks import (
+    _clip_attention,
+    _grid,
+    _input_grads,
+    _last_tokens,
+    _Recorder,
+    _resnet_attention,
+    _timm_attention,
+    _vision,
+)
 from .targets import CLIP_METHODS, METHOD_ALIASES, METHODS, SCORES, AttributionError, Heatmap, Target
 
 
@@ -57,7 +66,7 @@ def localize(
         raise AttributionError(f"the checkpoint has no stream {encoder.stream!r} (it has {model.streams})")
     kind, vit = _vision(encoder)
     if method in CLIP_METHODS:
-        if kind != "clip":
+        if not kind.startswith("clip"):
             raise AttributionError(f"{method} compares CLIP's image with the caption: it needs the CLIP image tower")
         if text_encoder is None or target.source == "latents":
             raise AttributionError(f"{method} needs a caption (--text) and the CLIP text tower")
@@ -74,6 +83,10 @@ def localize(
             last = vit.blocks[-1]
             with _timm_attention(vit, rec), _last_tokens(last, last.norm1, store):
                 feats = vit.forward_features(pixels)[:, 0]
+        elif kind == "clip-resnet":
+            prefix = 1  # the attention pool's query: the mean of the grid
+            with _resnet_attention(vit, rec, store):
+                feats = encoder.clip.model.encode_image(pixels, normalize=True)
         else:
             prefix = 1
             last = vit.transformer.resblocks[-1]
@@ -110,7 +123,12 @@ def localize(
             m = zero
         else:
             a = normed[0, prefix:].detach().float()
-            m = (a * g[0, prefix:].float().mean(0, keepdim=True)).sum(-1).clamp_min(0)
+            g = g[0].float()
+            if kind == "clip-resnet":  # layer4's grid also reaches the output through the mean token
+                g = g[prefix:] + g[:prefix] / (len(g) - prefix)
+            else:
+                g = g[prefix:]
+            m = (a * g.mean(0, keepdim=True)).sum(-1).clamp_min(0)
     elif method == "grad-x-input":
         g = grads[0]
         t = tokens[0, prefix:].detach().float()
@@ -127,9 +145,13 @@ def localize(
         m = r[0, prefix:]  # no gradient at all leaves R = I: a zero map
     else:  # clip-cosine
         with torch.no_grad():
-            patch = vit.ln_post(store["out"][0, prefix:].detach())
-            if vit.proj is not None:
-                patch = patch @ vit.proj
+            if kind == "clip-resnet":  # each grid token through the pool's value and output projections (MaskCLIP)
+                pool = vit.attnpool
+                patch = pool.c_proj(pool.v_proj(tokens[0, prefix:].detach()))
+            else:
+                patch = vit.ln_post(store["out"][0, prefix:].detach())
+                if vit.proj is not None:
+                    patch = patch @ vit.proj
             txt = text_encoder.encode_texts([target.source]).to(patch.device)
             m = F.cosine_similarity(patch.float(), txt.float(), dim=-1)
     grid = _normalised(m.detach().cpu().float().reshape(gh, gw))

@@ -1,5 +1,6 @@
-"""Hooks into the vision and text transformers (timm ViTs, open_clip's CLIP): attention maps kept with their
-gradients, the last block's tokens, and the input gradients every method starts from."""
+"""Hooks into the vision and text towers (timm ViTs, open_clip's CLIP with a ViT or a ModifiedResNet image
+tower): attention maps kept with their gradients, the tokens the last attention reads, and the input gradients
+every method starts from."""
 
 from __future__ import annotations
 
@@ -86,6 +87,33 @@ def _clip_attention(transformer: Any, rec: _Recorder) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _resnet_attention(visual: Any, rec: _Recorder, store: dict) -> Iterator[None]:
+    """A ModifiedResNet's attention pool (its one attention: the mean of layer4's grid, as a query, reads the
+    grid) computed step by step: its probabilities go to ``rec``; ``store`` keeps layer4's grid with the mean
+    token first ("normed", Grad-CAM's activations) and the same plus the positional embedding ("tokens", what
+    the attention reads). The output is the pool's, unchanged."""
+    pool = visual.attnpool
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        grid = x.flatten(2).transpose(1, 2)  # [B, HW, C]
+        a = store["normed"] = torch.cat([grid.mean(1, keepdim=True), grid], 1)
+        t = store["tokens"] = a + pool.positional_embedding[None].to(a.dtype)
+        b, n, d = t.shape
+        h = pool.num_heads
+        q = pool.q_proj(t).view(b, n, h, d // h).transpose(1, 2)
+        k = pool.k_proj(t).view(b, n, h, d // h).transpose(1, 2)
+        v = pool.v_proj(t).view(b, n, h, d // h).transpose(1, 2)
+        attn = rec.keep(((q @ k.transpose(-2, -1)) / (d // h) ** 0.5).softmax(-1))
+        return pool.c_proj((attn @ v).transpose(1, 2).reshape(b, n, d)[:, 0])
+
+    pool.forward = forward
+    try:
+        yield
+    finally:
+        del pool.forward  # back to the class's method
+
+
+@contextlib.contextmanager
 def _last_tokens(block: torch.nn.Module, norm: torch.nn.Module, store: dict) -> Iterator[None]:
     """Keep the tokens entering the last block (the class token reads the patches through that block's
     attention, so the patch tokens after it no longer reach the output), its first norm's output (Grad-CAM's
@@ -122,9 +150,14 @@ def _vision(encoder: FeatureEncoder) -> tuple[str, Any]:
         return "dino", encoder.model
     if isinstance(encoder, ClipImageEncoder):
         visual = encoder.clip.model.visual
-        if not hasattr(visual, "transformer"):
-            raise AttributionError(f"{encoder.name}: heatmaps need a vision transformer (this CLIP image tower is not one)")
-        return "clip", visual
+        if hasattr(visual, "transformer"):
+            return "clip", visual
+        if hasattr(getattr(visual, "attnpool", None), "positional_embedding"):
+            return "clip-resnet", visual  # open_clip's ModifiedResNet (the RN50 layout)
+        raise AttributionError(
+            f"{encoder.name}: heatmaps need a vision transformer or a ModifiedResNet with an attention pool "
+            f"(this CLIP image tower, {type(visual).__name__}, is neither)"
+        )
     raise AttributionError(f"stream {encoder.stream!r} ({encoder.name}) is not an image encoder")
 
 
