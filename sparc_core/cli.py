@@ -448,6 +448,10 @@ def _add_towers(sub: Any) -> None:
     p.add_argument("--n-train", type=int, help="train on at most this many scenes (the last 1000 are held out)")
     p.add_argument("--dino-steps", type=int, default=1000, help="self-distillation steps of the DINO-layout tower")
     p.add_argument("--clip-steps", type=int, default=2400, help="contrastive steps of the CLIP-layout towers")
+    p.add_argument(
+        "--clip-layout", choices=("vit", "resnet"), default="vit",
+        help="the CLIP image tower: a ViT (as ViT-B/16) or open_clip's ModifiedResNet (as RN50; learns shape in fewer steps)",
+    )  # fmt: skip
     p.add_argument("--dino-batch", type=int, default=64, help="images per self-distillation step")
     p.add_argument("--clip-batch", type=int, default=128, help="(image, caption) pairs per contrastive step")
     p.add_argument("--device", default="auto", help="where both towers train: cpu, cuda, cuda:1, or auto (cuda when present)")
@@ -457,11 +461,12 @@ def _add_towers(sub: Any) -> None:
 
 def _cmd_towers(args: argparse.Namespace) -> int:
     from .checkpoint import pick_device
-    from .worlds.towers import extract_flags, train_towers
+    from .worlds.towers import TowerSizes, extract_flags, train_towers
 
     r = train_towers(
         args.scenes,
         args.out,
+        sizes=TowerSizes(clip_layout=args.clip_layout),
         n_train=args.n_train,
         dino_steps=args.dino_steps,
         clip_steps=args.clip_steps,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -29,11 +30,14 @@ from sparc_core.worlds.towers import (
 TINY = TowerSizes(image_size=56, patch=14, width=32, depth=1, heads=2, text_width=32, text_depth=1, text_heads=2, embed_dim=16)
 
 
-def test_towers_train_save_in_the_real_layouts_and_load_unchanged(tmp_path):
+@pytest.mark.parametrize("layout", ["vit", "resnet"])
+def test_towers_train_save_in_the_real_layouts_and_load_unchanged(tmp_path, layout):
+    sizes = dataclasses.replace(TINY, clip_layout=layout)
     scenes = write_scenes(tmp_path / "scenes", 90, seed=1, size=56, progress=False)
-    report = train_towers(scenes, tmp_path / "towers", sizes=TINY, n_test=30, dino_steps=3, clip_steps=3, progress=False)
+    report = train_towers(scenes, tmp_path / "towers", sizes=sizes, n_test=30, dino_steps=3, clip_steps=3, progress=False)
     saved = json.loads((tmp_path / "towers" / "towers.json").read_text())
     assert saved["dino_model"] == DINO_ARCH and 0 <= saved["clip_zero_shot_top1"] <= 1 and saved["test_scenes"] == 30
+    assert saved["clip_layout"] == layout
     state = torch.load(report["dino_weights"], weights_only=True)  # the official layout, no pickled code
     assert {"register_tokens", "mask_token", "cls_token"} <= set(state) and "reg_token" not in state
     assert state["pos_embed"].shape[1] == (56 // 14) ** 2 + 1  # the CLS position is inside, as officially
@@ -45,12 +49,14 @@ def test_towers_train_save_in_the_real_layouts_and_load_unchanged(tmp_path):
         )
     )
     assert enc["dino"].dim == 32 and enc["clip_img"].dim == enc["clip_txt"].dim == 16
+    visual = type(enc["clip_img"].clip.model.visual).__name__
+    assert visual == {"vit": "VisionTransformer", "resnet": "ModifiedResNet"}[layout]
     # the loaded CLIP computes what the trained one computed, through its own preprocessing and tokenizer
     import open_clip
 
     from sparc_core.worlds.towers import clip_model
 
-    trained = clip_model(TINY)
+    trained = clip_model(sizes)
     from safetensors.torch import load_file
 
     trained.load_state_dict(load_file(f"{report['clip_weights']}/open_clip_model.safetensors"))

@@ -58,6 +58,13 @@ class TowerSizes:
     text_heads: int = 4
     context_length: int = 32  # caption tokens (open_clip's BPE)
     embed_dim: int = 64  # CLIP's joint space
+    clip_layout: str = "vit"  # the CLIP image tower: "vit" (as ViT-B/16) or "resnet" (open_clip's ModifiedResNet, as RN50)
+    resnet_width: int = 8  # ModifiedResNet stem width (RN50: 64); layer4 has 32x as many channels
+    resnet_layers: tuple[int, int, int, int] = (1, 1, 1, 1)  # bottleneck blocks per stage (RN50: 3, 4, 6, 3)
+
+    def __post_init__(self) -> None:
+        if self.clip_layout not in ("vit", "resnet"):
+            raise ValueError(f"clip_layout {self.clip_layout!r}: use 'vit' or 'resnet'")
 
     def dino_args(self) -> dict[str, int]:
         """timm constructor arguments (what ``sparc extract --dino-model-args`` takes)."""
@@ -65,15 +72,19 @@ class TowerSizes:
 
     def clip_cfg(self) -> dict[str, Any]:
         """open_clip's model_cfg."""
+        vision: dict[str, Any] = {
+            "image_size": self.image_size,
+            "layers": self.depth,
+            "width": self.width,
+            "patch_size": self.patch,
+            "head_width": self.width // self.heads,
+        }
+        if self.clip_layout == "resnet":  # a list of stage depths is what makes open_clip build a ModifiedResNet
+            vision = {"image_size": self.image_size, "layers": list(self.resnet_layers), "width": self.resnet_width}
+            vision["head_width"] = self.resnet_width * 16  # 2 heads in the attention pool
         return {
             "embed_dim": self.embed_dim,
-            "vision_cfg": {
-                "image_size": self.image_size,
-                "layers": self.depth,
-                "width": self.width,
-                "patch_size": self.patch,
-                "head_width": self.width // self.heads,
-            },
+            "vision_cfg": vision,
             "text_cfg": {
                 "context_length": self.context_length,
                 "vocab_size": 49408,
@@ -452,6 +463,7 @@ def train_towers(
         "dino_model_args": sizes.dino_args(),
         "image_size": sizes.image_size,
         "clip_weights": str(clip_dir.relative_to(out)),
+        "clip_layout": sizes.clip_layout,
         "dino_linear_probe_auroc": probe,
         "clip_zero_shot_top1": zero_shot,
         "clip_zero_shot_classes": len(family.colours) * len(family.shapes),
