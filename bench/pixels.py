@@ -22,12 +22,13 @@ grammar), on held-out scenes no tower and no SPARC model saw:
 
 Then the same configurations on one planted-concept world with more concepts than latents (served text ->
 DINO R@1 against the oracle, one-stream Jaccard against the ceiling, dead latents of the agreed code).
-Every stage reuses what WORK already holds.
+Every stage reuses what WORK already holds for the same towers (features) and configuration (models).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -83,6 +84,21 @@ def stage(name: str) -> float:
     return time.perf_counter()
 
 
+def fingerprint(what: Any) -> str:
+    """A short digest of what decides a cached artefact: a towers report (the bytes of its weights, wherever
+    they lie) or a configuration."""
+    h = hashlib.sha256()
+    if isinstance(what, dict) and "dino_weights" in what:
+        for key in ("dino_weights", "clip_weights"):
+            w = Path(what[key])
+            for f in sorted(w.rglob("*")) if w.is_dir() else [w]:
+                if f.is_file():
+                    h.update(f.read_bytes())
+    else:
+        h.update(json.dumps(what, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:10]
+
+
 def towers_for(family: str, scenes: Path, work: Path, towers: Path) -> dict[str, Any]:
     """The family's towers under ``towers`` (the committed ones by default), else trained into WORK."""
     if (towers / family / "towers.json").is_file():
@@ -118,6 +134,8 @@ def scene_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
           f"CLIP-layout zero-shot top-1 {towers['clip_zero_shot_top1']:.3f} over {towers['clip_zero_shot_classes']} "
           f"classes (chance {1 / towers['clip_zero_shot_classes']:.3f}) {towers.get('note', '')}", flush=True)  # fmt: skip
     enc_cfg = encoders_config(towers)
+    work = work / f"towers-{fingerprint(towers)}"  # features and models of other towers are never reused
+    work.mkdir(exist_ok=True)
     split = scene_features(scenes, enc_cfg, work, n_train)
     test, test_records = split["test"], records[n_train:]
     encoders = load_encoders(enc_cfg)
@@ -136,7 +154,8 @@ def scene_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     for name, over in CONFIGS.items():
         t = stage(f"{family}: train and measure '{name}'")
-        ckpt = work / "models" / name.replace(" ", "-").replace("(", "").replace(")", "").replace(",", "")
+        slug = name.replace(" ", "-").replace("(", "").replace(")", "").replace(",", "")
+        ckpt = work / "models" / f"{slug}-{fingerprint({'over': over, 'steps': args.steps})}"  # a changed config retrains
         if not (ckpt / "CURRENT").is_file():
             cfg = TrainConfig(
                 features={s: str(work / "train" / f"{s}.npy") for s in STREAMS}, out=str(ckpt), steps=args.steps,
