@@ -452,6 +452,7 @@ def _add_towers(sub: Any) -> None:
         "--clip-layout", choices=("vit", "resnet"), default="vit",
         help="the CLIP image tower: a ViT (as ViT-B/16) or open_clip's ModifiedResNet (as RN50; learns shape in fewer steps)",
     )  # fmt: skip
+    p.add_argument("--only", choices=("dino", "clip"), help="train this tower again and keep the other one OUT holds")
     p.add_argument("--dino-batch", type=int, default=64, help="images per self-distillation step")
     p.add_argument("--clip-batch", type=int, default=128, help="(image, caption) pairs per contrastive step")
     p.add_argument("--device", default="auto", help="where both towers train: cpu, cuda, cuda:1, or auto (cuda when present)")
@@ -474,6 +475,7 @@ def _cmd_towers(args: argparse.Namespace) -> int:
         device=str(pick_device(args.device)),
         dino_batch=args.dino_batch,
         clip_batch=args.clip_batch,
+        only=args.only,
     )
     print(
         f"DINO-layout tower (self-distillation, no labels): linear probe of the {len(r['concepts'])} concepts on its "

@@ -24,6 +24,7 @@ from sparc_core.worlds.towers import (
     linear_probe,
     load_pixels,
     read_towers,
+    train_clip,
     train_towers,
 )
 
@@ -144,3 +145,34 @@ def test_the_shipped_towers_load_through_the_real_loaders_and_see_their_scenes(t
     chance = linear_probe(feats[:160], labels[:160], feats[160:], labels[160:])
     # measured 0.593 against 0.553 (shapes): little, but learned; weights that did not load score as random
     assert learned >= chance + 0.02, (learned, chance)
+
+
+def test_one_tower_trains_again_and_the_other_is_kept(tmp_path):
+    scenes = write_scenes(tmp_path / "scenes", 90, seed=1, size=56, progress=False)
+    out = tmp_path / "towers"
+    with pytest.raises(FileNotFoundError, match="keeps the other"):
+        train_towers(scenes, out, sizes=TINY, n_test=30, dino_steps=2, clip_steps=2, progress=False, only="clip")
+    first = train_towers(scenes, out, sizes=TINY, n_test=30, dino_steps=2, clip_steps=2, progress=False)
+    dino_bytes = Path(first["dino_weights"]).read_bytes()
+    clip_bytes = (Path(first["clip_weights"]) / "open_clip_model.safetensors").read_bytes()
+    again = train_towers(
+        scenes, out, sizes=dataclasses.replace(TINY, clip_layout="resnet"), n_test=30, clip_steps=4, progress=False,
+        only="clip",
+    )  # fmt: skip
+    assert Path(again["dino_weights"]).read_bytes() == dino_bytes  # the DINO tower is the one trained first
+    assert (Path(again["clip_weights"]) / "open_clip_model.safetensors").read_bytes() != clip_bytes
+    for key in ("dino_linear_probe_auroc", "dino_steps", "dino_model_args"):
+        assert again[key] == first[key], key
+    assert again["clip_layout"] == "resnet" and again["clip_steps"] == 4
+    assert again["loss_curves"]["clip_zero_shot"][-1] == [4, again["clip_zero_shot_top1"]]
+    enc = load_encoders(encoders_config(again))
+    assert type(enc["clip_img"].clip.model.visual).__name__ == "ModifiedResNet"
+
+
+def test_clip_training_reports_held_out_zero_shot_along_the_way():
+    sizes = TINY
+    px = torch.randint(0, 255, (16, 3, 56, 56), dtype=torch.uint8)
+    seen = []
+    train_clip(px, ["a red star"] * 16, sizes, steps=5, batch=4, progress=False, eval_every=2,
+               on_eval=lambda i, m: seen.append((i, m.training)))  # fmt: skip
+    assert seen == [(2, False), (4, False)]  # in eval mode, never after the last step (the caller scores that one)

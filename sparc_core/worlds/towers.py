@@ -290,10 +290,12 @@ def clip_model(sizes: TowerSizes) -> torch.nn.Module:
 
 def train_clip(
     pixels: torch.Tensor, captions: list[str], sizes: TowerSizes, steps: int = 2400, batch: int = 128, lr: float = 1e-3,
-    seed: int = 0, progress: bool = True, on_step: Any = None, device: str = "cpu",
+    seed: int = 0, progress: bool = True, on_step: Any = None, device: str = "cpu", on_eval: Any = None,
+    eval_every: int = 500,
 ) -> torch.nn.Module:  # fmt: skip
     """The open_clip-layout CLIP trained contrastively on (scene, caption) pairs, returned on the CPU;
-    ``on_step(step, loss)`` is called every 50 steps; ``device`` is where it trains."""
+    ``on_step(step, loss)`` is called every 50 steps, ``on_eval(steps_done, model)`` every ``eval_every``
+    steps with the model in eval mode; ``device`` is where it trains."""
     open_clip = require("open_clip", "encoders", "the scene towers")
     torch.manual_seed(seed)
     model = clip_model(sizes).to(device)
@@ -319,6 +321,11 @@ def train_clip(
         opt.step()
         if on_step is not None and step % 50 == 0:
             on_step(step, float(loss.detach()))
+        if on_eval is not None and (step + 1) % eval_every == 0 and step + 1 < steps:
+            model.eval()
+            with torch.no_grad():
+                on_eval(step + 1, model)
+            model.train()
     return model.cpu().eval()
 
 
@@ -372,10 +379,13 @@ def clip_zero_shot(
     open_clip = require("open_clip", "encoders", "the scene towers")
     classes = [(c, s) for c in family.colours for s in family.shapes]
     prompts = open_clip.tokenize([family.phrase(c, s) for c, s in classes], context_length=sizes.context_length)
-    txt = F.normalize(model.encode_text(prompts), dim=-1)
+    dev = next(model.parameters()).device
+    txt = F.normalize(model.encode_text(prompts.to(dev)), dim=-1)
     truth = torch.tensor([classes.index((o["colour"], o["shape"])) for o in objects])
-    img = torch.cat([F.normalize(model.encode_image(_normalised(p, CLIP_MEAN, CLIP_STD)), dim=-1) for p in pixels.split(256)])
-    return float(((img @ txt.T).argmax(1) == truth).float().mean())
+    img = torch.cat(
+        [F.normalize(model.encode_image(_normalised(p.to(dev), CLIP_MEAN, CLIP_STD)), dim=-1) for p in pixels.split(256)]
+    )
+    return float(((img @ txt.T).argmax(1).cpu() == truth).float().mean())
 
 
 def _auroc(score: np.ndarray, y: np.ndarray) -> float:
@@ -416,11 +426,20 @@ def train_towers(
     device: str = "cpu",
     dino_batch: int = 64,
     clip_batch: int = 128,
+    only: str | None = None,
 ) -> dict[str, Any]:
     """Train both towers on a scenes folder (the last ``n_test`` scenes held out) on ``device`` and save them
-    under ``out``; returns where they are, the flags ``sparc extract`` needs, and each tower's quality."""
+    under ``out``; returns where they are, the flags ``sparc extract`` needs, and each tower's quality.
+    ``only`` ("dino" or "clip") trains that tower again and keeps the other one ``out`` already holds."""
     scenes, out = Path(scenes), Path(out)
     sizes = sizes or TowerSizes()
+    if only not in (None, "dino", "clip"):
+        raise ValueError(f"only={only!r}: use 'dino' or 'clip'")
+    kept: dict[str, Any] = {}
+    if only is not None:
+        if not (out / "towers.json").is_file():
+            raise FileNotFoundError(f"{out / 'towers.json'}: not found; training one tower keeps the other from there")
+        kept = json.loads((out / "towers.json").read_text())
     records = read_scene_records(scenes)
     family = family_of(scenes)
     labels = np.load(scenes / "labels.npy")
@@ -431,56 +450,76 @@ def train_towers(
     ids = [r["id"] for r in records]
     t0 = time.perf_counter()
     dino_resize = sizes.image_size * 256 // 224  # DINOv2's preprocessing: resize, then the centre crop
-    px = load_pixels(scenes, [ids[i] for i in train_rows], sizes.image_size, dino_resize)
-    px_test = load_pixels(scenes, [ids[i] for i in test_rows], sizes.image_size, dino_resize)
-    curves: dict[str, list[tuple[int, float]]] = {"dino": [], "clip": []}
-    vit = train_dino(  # images only: no label, no caption
-        px, sizes, steps=dino_steps, batch=dino_batch, progress=progress, device=device,
-        on_step=lambda i, v: curves["dino"].append((i, v)),
-    )  # fmt: skip
-    with torch.no_grad():
-        probe_rows = train_rows[: min(len(train_rows), 4000)]
-        train_x, test_x = (
-            torch.cat([vit.forward_features(_normalised(b, DINO_MEAN, DINO_STD))[:, 0] for b in p.split(256)])
-            for p in (px[: len(probe_rows)], px_test)
-        )
-    probe = linear_probe(train_x, labels[probe_rows], test_x, labels[test_rows])
-    dino_s = time.perf_counter() - t0
-    px = load_pixels(scenes, [ids[i] for i in train_rows], sizes.image_size)  # CLIP: resize to the side, no crop
-    px_test = load_pixels(scenes, [ids[i] for i in test_rows], sizes.image_size)
-    clip = train_clip(
-        px, [records[i]["caption"] for i in train_rows], sizes, steps=clip_steps, batch=clip_batch, progress=progress,
-        on_step=lambda i, v: curves["clip"].append((i, v)), device=device,
-    )  # fmt: skip
-    clip_s = time.perf_counter() - t0 - dino_s
-    single = [j for j, i in enumerate(test_rows) if len(records[i]["objects"]) == 1]
-    zero_shot = clip_zero_shot(clip, px_test[single], [records[test_rows[j]]["objects"][0] for j in single], sizes, family)
-    dino_path = save_dino_official(vit, out / "dino" / DINO_FILE)
-    clip_dir = save_clip_dir(clip, sizes, out / "clip", seen_texts=[records[i]["caption"] for i in train_rows])
-    report = {
-        "dino_weights": str(dino_path.relative_to(out)),  # relative to the towers folder: it can move
-        "dino_model": DINO_ARCH,
-        "dino_model_args": sizes.dino_args(),
-        "image_size": sizes.image_size,
-        "clip_weights": str(clip_dir.relative_to(out)),
-        "clip_layout": sizes.clip_layout,
-        "dino_linear_probe_auroc": probe,
-        "clip_zero_shot_top1": zero_shot,
-        "clip_zero_shot_classes": len(family.colours) * len(family.shapes),
-        "clip_zero_shot_images": len(single),
-        "family": family.name,
-        "concepts": family.concepts,
-        "train_scenes": len(train_rows),
-        "test_scenes": len(test_rows),
-        "dino_train_s": dino_s,
-        "clip_train_s": clip_s,
-        "dino_steps": dino_steps,
-        "clip_steps": clip_steps,
-        "device": device,
-        "dino_batch": dino_batch,
-        "clip_batch": clip_batch,
-        "loss_curves": curves,
+    old_curves = kept.get("loss_curves", {})
+    curves: dict[str, list[tuple[int, float]]] = {
+        "dino": [] if only != "clip" else old_curves.get("dino", []),
+        "clip": [] if only != "dino" else old_curves.get("clip", []),
+        "clip_zero_shot": [] if only != "dino" else old_curves.get("clip_zero_shot", []),
     }
+    report: dict[str, Any] = dict(kept)
+    common = {"family": family.name, "concepts": family.concepts, "train_scenes": len(train_rows),
+              "test_scenes": len(test_rows), "image_size": sizes.image_size, "device": device}  # fmt: skip
+    if kept and (kept.get("image_size"), kept.get("test_scenes")) != (sizes.image_size, len(test_rows)):
+        raise ValueError(f"{out}: its towers saw {kept.get('image_size')} px and held out {kept.get('test_scenes')} "
+                         f"scenes; train both again to change that")  # fmt: skip
+    if only != "clip":
+        px = load_pixels(scenes, [ids[i] for i in train_rows], sizes.image_size, dino_resize)
+        px_test = load_pixels(scenes, [ids[i] for i in test_rows], sizes.image_size, dino_resize)
+        vit = train_dino(  # images only: no label, no caption
+            px, sizes, steps=dino_steps, batch=dino_batch, progress=progress, device=device,
+            on_step=lambda i, v: curves["dino"].append((i, v)),
+        )  # fmt: skip
+        with torch.no_grad():
+            probe_rows = train_rows[: min(len(train_rows), 4000)]
+            train_x, test_x = (
+                torch.cat([vit.forward_features(_normalised(b, DINO_MEAN, DINO_STD))[:, 0] for b in p.split(256)])
+                for p in (px[: len(probe_rows)], px_test)
+            )
+        probe = linear_probe(train_x, labels[probe_rows], test_x, labels[test_rows])
+        dino_path = save_dino_official(vit, out / "dino" / DINO_FILE)
+        report |= {
+            "dino_weights": str(dino_path.relative_to(out)),  # relative to the towers folder: it can move
+            "dino_model": DINO_ARCH,
+            "dino_model_args": sizes.dino_args(),
+            "dino_linear_probe_auroc": probe,
+            "dino_train_s": time.perf_counter() - t0,
+            "dino_steps": dino_steps,
+            "dino_batch": dino_batch,
+        }
+    if only != "dino":
+        t1 = time.perf_counter()
+        px = load_pixels(scenes, [ids[i] for i in train_rows], sizes.image_size)  # CLIP: resize to the side, no crop
+        px_test = load_pixels(scenes, [ids[i] for i in test_rows], sizes.image_size)
+        single = [j for j, i in enumerate(test_rows) if len(records[i]["objects"]) == 1]
+        objects = [records[test_rows[j]]["objects"][0] for j in single]
+
+        def zero_shot_of(model: torch.nn.Module) -> float:
+            return clip_zero_shot(model, px_test[single], objects, sizes, family)
+
+        def report_zero_shot(step: int, top1: float) -> None:
+            curves["clip_zero_shot"].append((step, top1))
+            if progress:
+                tqdm.write(f"CLIP-layout towers: held-out zero-shot top-1 {top1:.3f} after {step} steps")
+
+        clip = train_clip(
+            px, [records[i]["caption"] for i in train_rows], sizes, steps=clip_steps, batch=clip_batch,
+            progress=progress, on_step=lambda i, v: curves["clip"].append((i, v)), device=device,
+            on_eval=lambda i, m: report_zero_shot(i, zero_shot_of(m)),
+        )  # fmt: skip
+        zero_shot = zero_shot_of(clip)
+        curves["clip_zero_shot"].append((clip_steps, zero_shot))
+        clip_dir = save_clip_dir(clip, sizes, out / "clip", seen_texts=[records[i]["caption"] for i in train_rows])
+        report |= {
+            "clip_weights": str(clip_dir.relative_to(out)),
+            "clip_layout": sizes.clip_layout,
+            "clip_zero_shot_top1": zero_shot,
+            "clip_zero_shot_classes": len(family.colours) * len(family.shapes),
+            "clip_zero_shot_images": len(single),
+            "clip_train_s": time.perf_counter() - t1,
+            "clip_steps": clip_steps,
+            "clip_batch": clip_batch,
+        }
+    report |= common | {"loss_curves": curves}
     atomic_write_json(out / "towers.json", report)
     atomic_write_bytes(out / "training_curves.png", curves_png(curves))
     return read_towers(out)
@@ -516,7 +555,11 @@ def curves_png(curves: dict[str, list[tuple[int, float]]]) -> bytes:
 
     fig = Figure(figsize=(9, 3.5), dpi=100)
     FigureCanvasAgg(fig)
-    titles = {"dino": "DINO-layout tower: self-distillation loss", "clip": "CLIP-layout towers: contrastive loss"}
+    titles = {
+        "dino": "DINO-layout tower: self-distillation loss",
+        "clip": "CLIP-layout towers: contrastive loss",
+        "clip_zero_shot": "CLIP-layout towers: held-out zero-shot top-1",
+    }
     for k, (name, points) in enumerate(curves.items()):
         ax = fig.add_subplot(1, len(curves), k + 1)
         if points:
