@@ -18,6 +18,7 @@ DINO_STEPS=${DINO_STEPS:-6000}
 CLIP_STEPS=${CLIP_STEPS:-6000}
 DINO_BATCH=${DINO_BATCH:-256}
 CLIP_BATCH=${CLIP_BATCH:-512}
+CLIP_LAYOUT=${CLIP_LAYOUT:-vit}   # vit or resnet (see bench/towers/README.md)
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
 OUT=${OUT:-runs/towers-device}
@@ -38,7 +39,7 @@ sparc() { "$PY" -c 'import sys; from sparc_core.cli import main; sys.exit(main(s
   sparc scenes --family "$FAMILY" --n "$N" --out "$WORK/scenes-$FAMILY" --workers 0 --overwrite --quiet
   echo "rendered $N scenes in $(( $(date +%s) - start )) s"
   sparc towers --scenes "$WORK/scenes-$FAMILY" --out "$WORK/towers/$FAMILY" --device "$DEVICE" \
-    --dino-steps "$DINO_STEPS" --clip-steps "$CLIP_STEPS" --dino-batch "$DINO_BATCH" --clip-batch "$CLIP_BATCH" --quiet
+    --dino-steps "$DINO_STEPS" --clip-steps "$CLIP_STEPS" --dino-batch "$DINO_BATCH" --clip-batch "$CLIP_BATCH" --clip-layout "$CLIP_LAYOUT" --quiet
   echo "done in $(( $(date +%s) - start )) s"
 } 2>&1 | tee "$OUT/towers-$FAMILY.log"
 tar -C "$WORK/towers" -czf "$OUT/towers-$FAMILY.tar.gz" "$FAMILY"

@@ -131,7 +131,9 @@ def test_the_shipped_towers_load_through_the_real_loaders_and_see_their_scenes(t
     img = enc["clip_img"].encode_images([images[i] for i in single])
     truth = torch.tensor([classes.index((records[i]["objects"][0]["colour"], records[i]["objects"][0]["shape"])) for i in single])
     top1 = float(((img @ txt.T).argmax(1) == truth).float().mean())
-    assert top1 >= 4 / len(classes), (top1, len(single))  # measured 0.129 on the held-out scenes: colour, not yet shape
+    # measured 0.227 on these 66 scenes (0.323 on the towers' 248 held-out ones): colour and some shape; the
+    # ViT tower it replaced (0.121 here, 0.129 held out: colour, chance shape) fails this
+    assert top1 >= 0.15, (top1, len(single))
     # DINO: what a linear probe reads from its CLS features is learned, not what any ViT gives at random
     feats = enc["dino"].encode_images(images)
     torch.manual_seed(0)

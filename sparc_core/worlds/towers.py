@@ -549,21 +549,24 @@ def encoders_config(report: dict[str, Any], device: str = "cpu") -> Any:
 
 
 def curves_png(curves: dict[str, list[tuple[int, float]]]) -> bytes:
-    """The towers' training losses as a PNG (self-distillation cross-entropy; CLIP's contrastive loss)."""
+    """The towers' training losses (self-distillation cross-entropy; CLIP's contrastive loss) and the CLIP
+    towers' held-out zero-shot top-1 along the way, as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9, 3.5), dpi=100)
     FigureCanvasAgg(fig)
     titles = {
-        "dino": "DINO-layout tower: self-distillation loss",
-        "clip": "CLIP-layout towers: contrastive loss",
-        "clip_zero_shot": "CLIP-layout towers: held-out zero-shot top-1",
+        "dino": "DINO-layout tower:\nself-distillation loss",
+        "clip": "CLIP-layout towers:\ncontrastive loss",
+        "clip_zero_shot": "CLIP-layout towers:\nheld-out zero-shot top-1",
     }
     for k, (name, points) in enumerate(curves.items()):
         ax = fig.add_subplot(1, len(curves), k + 1)
         if points:
-            ax.plot(*zip(*points))
+            ax.plot(*zip(*points), marker="o" if len(points) < 20 else None)
+        else:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
         ax.set_title(titles.get(name, name), fontsize=9)
         ax.set_xlabel("step")
     fig.tight_layout()
