@@ -32,6 +32,7 @@ from index.searcher import Searcher
 from index.validate import checksum
 
 PER_FILE = 50
+WIDTH = 2  # children at a time
 PATHS = ("sparse", "approx", "dense", "seismic")
 
 
@@ -98,12 +99,16 @@ def _faiss_threads(n: int) -> None:
     faiss.omp_set_num_threads(n)
 
 
-def _run(path: Path, model, sha: str, queries: np.ndarray) -> tuple[str, str]:
-    ctx = mp.get_context("fork")
-    a, b = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_child, args=(b, path, model, sha, queries))
+def _start(path: Path, model, sha: str, queries: np.ndarray):
+    """A forked child opening and searching ``path``; collect its answer with ``_collect``."""
+    a, b = mp.get_context("fork").Pipe(duplex=False)
+    p = mp.get_context("fork").Process(target=_child, args=(b, path, model, sha, queries))
     p.start()
     b.close()
+    return p, a
+
+
+def _collect(p, a) -> tuple[str, str]:
     got = a.recv() if a.poll(60) else ("timeout", "")
     p.join(10)
     if p.exitcode and p.exitcode < 0:
@@ -205,10 +210,27 @@ def fuzz(mode: str, path: Path, ckpt: Path, queries_file: Path, work: Path) -> d
     model, sha, queries = load_checkpoint(ckpt), checkpoint_hash(ckpt), np.load(queries_file)
     answers = _answers(path, model, sha, queries)
     rng = np.random.default_rng(0)
-    scratch = _Scratch(path, work)
+    # Two children at a time, each on its own copy of the bundle; the damage is drawn in a fixed order.
+    slots = [_Scratch(path, work / f"copy-{j}") for j in range(WIDTH)]
     failures, outcomes, files = [], {"refused": 0, "identical": 0, "files": 0}, _files(path)
+    running: dict[int, tuple] = {}  # slot -> (child, pipe, file name, kind, attempt)
+
+    def finish(slot: int) -> None:
+        child, pipe, name, kind, i = running.pop(slot)
+        status, detail = _collect(child, pipe)
+        scratch = slots[slot]
+        scratch.restore()
+        named = name.split("/")[-1] in detail or (name == MANIFEST and str(scratch.path) in detail)
+        if status == "BundleError" and (named or mode == "wrong-writer"):
+            outcomes["refused"] += 1
+        elif status == "ok" and detail == answers:
+            outcomes["identical"] += 1
+        else:
+            failures.append(f"{name} / {kind} #{i}: {status}: {detail[:300]}")
+
     if mode == "wrong-writer":
         files = [f"part-00000/{n}" for n in STRUCTURAL]
+    turn = 0
     for name in files:
         outcomes["files"] += 1
         for i in range(PER_FILE if mode == "every-file" else 12):
@@ -217,19 +239,17 @@ def fuzz(mode: str, path: Path, ckpt: Path, queries_file: Path, work: Path) -> d
                 kind = KINDS[i % 3]  # not arrays: cut, extend, flip
             if mode == "wrong-writer":
                 kind = ("range", "dtype")[i % 2] if name.endswith(".npy") else "range"
+            slot, turn = turn, (turn + 1) % WIDTH
+            if slot in running:
+                finish(slot)
+            scratch = slots[slot]
             scratch.damage(name, rng, kind)
             if mode == "wrong-writer":
                 scratch.saved.setdefault(MANIFEST, (scratch.vdir / MANIFEST).read_bytes())
                 _rewrite_manifest(scratch.path, name)
-            status, detail = _run(scratch.path, model, sha, queries)
-            scratch.restore()
-            named = name.split("/")[-1] in detail or (name == MANIFEST and str(scratch.path) in detail)
-            if status == "BundleError" and (named or mode == "wrong-writer"):
-                outcomes["refused"] += 1
-            elif status == "ok" and detail == answers:
-                outcomes["identical"] += 1
-            else:
-                failures.append(f"{name} / {kind} #{i}: {status}: {detail[:300]}")
+            running[slot] = (*_start(scratch.path, model, sha, queries), name, kind, i)
+    for slot in list(running):
+        finish(slot)
     return {"failures": failures, "outcomes": outcomes}
 
 

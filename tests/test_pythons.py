@@ -1,6 +1,6 @@
 """What differs between the Pythons ``requires-python`` declares, checked on each of them.
 
-`.ci/run` runs the tests marked ``pythons`` (this file, and the index and service tests marked so) on the
+`.ci/run` runs this file and the index, hardening and service tests (``PYTHONS_TESTS``) on the
 lowest and the newest declared CPython as well as the full suite on the machine's own. Before 3.11,
 ``concurrent.futures.TimeoutError`` is not the builtin ``TimeoutError``: a wait with a timeout that caught
 the builtin let every gradient call (and every encode batch over 50 ms) escape as INTERNAL there.
