@@ -75,7 +75,8 @@ def main() -> None:
         total = {"images": 0, "top1": 0.0, "colour": 0.0, "shape": 0.0}
         for scenes in args.scenes:
             r = score(model, size, context, scenes, args.held_out)
-            print(f"| {towers} | {report.get('train_scenes')} | {report.get('clip_steps')} | {scenes} | {r['images']} "
+            seen = report.get("clip_train_scenes", report.get("train_scenes"))
+            print(f"| {towers} | {seen} | {report.get('clip_steps')} | {scenes} | {r['images']} "
                   f"| {r['top1']:.3f} | {r['colour']:.3f} | {r['shape']:.3f} |")  # fmt: skip
             total["images"] += r["images"]
             for k in ("top1", "colour", "shape"):

@@ -155,6 +155,7 @@ def test_one_tower_trains_again_and_the_other_is_kept(tmp_path):
     with pytest.raises(FileNotFoundError, match="keeps the other"):
         train_towers(scenes, out, sizes=TINY, n_test=30, dino_steps=2, clip_steps=2, progress=False, only="clip")
     first = train_towers(scenes, out, sizes=TINY, n_test=30, dino_steps=2, clip_steps=2, progress=False)
+    assert first["dino_train_scenes"] == first["clip_train_scenes"] == first["train_scenes"] == 60
     dino_bytes = Path(first["dino_weights"]).read_bytes()
     clip_bytes = (Path(first["clip_weights"]) / "open_clip_model.safetensors").read_bytes()
     again = train_towers(
@@ -169,6 +170,13 @@ def test_one_tower_trains_again_and_the_other_is_kept(tmp_path):
     assert again["loss_curves"]["clip_zero_shot"][-1] == [4, again["clip_zero_shot_top1"]]
     enc = load_encoders(encoders_config(again))
     assert type(enc["clip_img"].clip.model.visual).__name__ == "ModifiedResNet"
+    # each tower says what it saw: the DINO tower's 60 scenes are kept when the CLIP tower sees fewer
+    fewer = train_towers(scenes, out, sizes=TINY, n_test=30, n_train=40, clip_steps=2, progress=False, only="clip")
+    assert (fewer["dino_train_scenes"], fewer["clip_train_scenes"], fewer.get("train_scenes")) == (60, 40, None)
+    assert fewer["clip_scenes"] == fewer["dino_scenes"] == str(scenes)
+    glyphs = write_scenes(tmp_path / "glyphs", 90, seed=1, size=56, family="glyphs", progress=False)
+    with pytest.raises(ValueError, match="learnt the 'shapes' family.*'glyphs'"):
+        train_towers(glyphs, out, sizes=TINY, n_test=30, clip_steps=2, progress=False, only="clip")
 
 
 def test_clip_training_reports_held_out_zero_shot_along_the_way():

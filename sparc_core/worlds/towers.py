@@ -440,6 +440,9 @@ def train_towers(
         if not (out / "towers.json").is_file():
             raise FileNotFoundError(f"{out / 'towers.json'}: not found; training one tower keeps the other from there")
         kept = json.loads((out / "towers.json").read_text())
+        for tower in ("dino", "clip"):  # a towers.json from before each tower said what it saw: both saw train_scenes
+            if kept and f"{tower}_train_scenes" not in kept and "train_scenes" in kept:
+                kept[f"{tower}_train_scenes"] = kept["train_scenes"]
     records = read_scene_records(scenes)
     family = family_of(scenes)
     labels = np.load(scenes / "labels.npy")
@@ -457,8 +460,12 @@ def train_towers(
         "clip_zero_shot": [] if only != "dino" else old_curves.get("clip_zero_shot", []),
     }
     report: dict[str, Any] = dict(kept)
-    common = {"family": family.name, "concepts": family.concepts, "train_scenes": len(train_rows),
-              "test_scenes": len(test_rows), "image_size": sizes.image_size, "device": device}  # fmt: skip
+    common = {"family": family.name, "concepts": family.concepts, "test_scenes": len(test_rows),
+              "image_size": sizes.image_size, "device": device}  # fmt: skip
+    trained_on = {"train_scenes": len(train_rows), "scenes": str(scenes)}
+    if kept and kept.get("family", family.name) != family.name:
+        raise ValueError(f"{out}: its towers learnt the {kept['family']!r} family, {scenes} holds {family.name!r} "
+                         f"scenes; train both again (another --out) for another family")  # fmt: skip
     if kept and (kept.get("image_size"), kept.get("test_scenes")) != (sizes.image_size, len(test_rows)):
         raise ValueError(f"{out}: its towers saw {kept.get('image_size')} px and held out {kept.get('test_scenes')} "
                          f"scenes; train both again to change that")  # fmt: skip
@@ -485,6 +492,7 @@ def train_towers(
             "dino_train_s": time.perf_counter() - t0,
             "dino_steps": dino_steps,
             "dino_batch": dino_batch,
+            **{f"dino_{k}": v for k, v in trained_on.items()},
         }
     if only != "dino":
         t1 = time.perf_counter()
@@ -518,8 +526,14 @@ def train_towers(
             "clip_train_s": time.perf_counter() - t1,
             "clip_steps": clip_steps,
             "clip_batch": clip_batch,
+            **{f"clip_{k}": v for k, v in trained_on.items()},
         }
     report |= common | {"loss_curves": curves}
+    seen = {report.get("dino_train_scenes"), report.get("clip_train_scenes")}
+    if len(seen) == 1:
+        report["train_scenes"] = seen.pop()  # both towers saw as many scenes
+    else:
+        report.pop("train_scenes", None)  # each tower's own count says it
     atomic_write_json(out / "towers.json", report)
     atomic_write_bytes(out / "training_curves.png", curves_png(curves))
     return read_towers(out)
