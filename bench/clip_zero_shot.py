@@ -15,7 +15,6 @@ ones, or only their held-out tail may be used).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -23,20 +22,16 @@ import torch.nn.functional as F
 
 from sparc_core.extras import require
 from sparc_core.worlds.scenes import family_of, read_scene_records
-from sparc_core.worlds.towers import CLIP_MEAN, CLIP_STD, _normalised, load_pixels, read_towers
+from sparc_core.worlds.towers import CLIP_MEAN, CLIP_STD, _normalised, encoders_config, load_pixels, read_towers
 
 
 def load_clip_tower(towers: Path) -> tuple[torch.nn.Module, int, int]:
-    """(model, image size, context length) of a towers folder's CLIP tower."""
-    open_clip = require("open_clip", "encoders", "the scene towers")
-    from safetensors.torch import load_file
+    """(model, image size, context length) of a towers folder's CLIP tower, loaded by the real loaders."""
+    from sparc_core.encoders import load_encoders
 
     report = read_towers(towers)
-    clip_dir = Path(report["clip_weights"])
-    cfg = json.loads((clip_dir / "open_clip_config.json").read_text())["model_cfg"]
-    model = open_clip.CLIP(**cfg)
-    model.load_state_dict(load_file(clip_dir / "open_clip_model.safetensors"))
-    return model.eval(), cfg["vision_cfg"]["image_size"], cfg["text_cfg"]["context_length"]
+    model = load_encoders(encoders_config(report))["clip_img"].clip.model.eval()
+    return model, report["image_size"], model.context_length
 
 
 @torch.no_grad()

@@ -441,7 +441,7 @@ def train_towers(
             raise FileNotFoundError(f"{out / 'towers.json'}: not found; training one tower keeps the other from there")
         kept = json.loads((out / "towers.json").read_text())
         for tower in ("dino", "clip"):  # a towers.json from before each tower said what it saw: both saw train_scenes
-            if kept and f"{tower}_train_scenes" not in kept and "train_scenes" in kept:
+            if f"{tower}_train_scenes" not in kept and "train_scenes" in kept:
                 kept[f"{tower}_train_scenes"] = kept["train_scenes"]
     records = read_scene_records(scenes)
     family = family_of(scenes)
