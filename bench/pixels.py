@@ -7,7 +7,7 @@ grammar), on held-out scenes no tower and no SPARC model saw:
 
 1. `sparc scenes`: --n scenes of the family (the last 1,000 held out);
 2. towers: the committed ones under bench/towers/FAMILY (see its README: the command and commit that made
-   them), trained again only where missing: a DINOv2-layout ViT by self-distillation (no label, no caption)
+   them), trained again only where missing: a DINOv2-layout ViT by masked image modelling (no label, no caption)
    and an open_clip-layout CLIP on the captions; their own quality is printed (linear probe, zero-shot);
 3. `sparc extract` through the real loaders;
 4. SPARC trained with the same budget in every configuration: the paper's recipe, the paper plus each

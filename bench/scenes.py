@@ -3,7 +3,7 @@
     python bench/scenes.py [--n 20000] [--work runs/scenes] [--json out.json]
 
 1. `sparc scenes`: --n rendered image-caption pairs with masks and labels (the last 1,000 held out);
-2. `sparc towers`: a DINOv2-layout ViT by self-distillation on the images, an open_clip-layout CLIP on the captions;
+2. `sparc towers`: a DINOv2-layout ViT by masked image modelling on the images, an open_clip-layout CLIP on the captions;
 3. `sparc extract` through the real loaders (official DINOv2 .pth, open_clip directory);
 4. `sparc train` on the training scenes: the shipped defaults, the paper's recipe, Local TopK (same budget);
 5. `sparc index build` for DINO and CLIP-image over the held-out scenes, `sparc serve` in this process, and

@@ -446,14 +446,18 @@ def _add_towers(sub: Any) -> None:
     p.add_argument("--scenes", required=True, help="a folder written by `sparc scenes`")
     p.add_argument("--out", required=True, help="writes dino/*.pth (official DINOv2 layout), clip/ (open_clip dir), towers.json")
     p.add_argument("--n-train", type=int, help="train on at most this many scenes (the last 1000 are held out)")
-    p.add_argument("--dino-steps", type=int, default=1000, help="self-distillation steps of the DINO-layout tower")
+    p.add_argument(
+        "--dino-method", choices=("mae", "distill"), default="mae",
+        help="how the DINO-layout tower learns from the images alone: masked image modelling (MAE) or self-distillation (DINO)",
+    )  # fmt: skip
+    p.add_argument("--dino-steps", type=int, help="DINO-layout training steps (default: 2000 for mae, 1000 for distill)")
     p.add_argument("--clip-steps", type=int, default=2400, help="contrastive steps of the CLIP-layout towers")
     p.add_argument(
         "--clip-layout", choices=("vit", "resnet"), default="vit",
         help="the CLIP image tower: a ViT (as ViT-B/16) or open_clip's ModifiedResNet (as RN50; learns shape in fewer steps)",
     )  # fmt: skip
     p.add_argument("--only", choices=("dino", "clip"), help="train this tower again and keep the other one OUT holds")
-    p.add_argument("--dino-batch", type=int, default=64, help="images per self-distillation step")
+    p.add_argument("--dino-batch", type=int, help="images per DINO-layout training step (default: 128 for mae, 64 for distill)")
     p.add_argument("--clip-batch", type=int, default=128, help="(image, caption) pairs per contrastive step")
     p.add_argument("--device", default="auto", help="where both towers train: cpu, cuda, cuda:1, or auto (cuda when present)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -476,9 +480,11 @@ def _cmd_towers(args: argparse.Namespace) -> int:
         dino_batch=args.dino_batch,
         clip_batch=args.clip_batch,
         only=args.only,
+        dino_method=args.dino_method,
     )
+    how = {"mae": "masked image modelling", "distill": "self-distillation"}.get(r.get("dino_method", "distill"))
     print(
-        f"DINO-layout tower (self-distillation, no labels): linear probe of the {len(r['concepts'])} concepts on its "
+        f"DINO-layout tower ({how}, no labels): linear probe of the {len(r['concepts'])} concepts on its "
         f"features, mean AUROC {r['dino_linear_probe_auroc']:.3f}"
     )
     print(

@@ -5,11 +5,14 @@ through the real loaders, training, indexes, localisation) run on features that 
 from pixels, where the truth is known (``sparc_core.worlds.scenes``):
 
 - a vision-only ViT in the DINOv2-with-registers layout (timm ``vit_small_patch14_reg4_dinov2`` scaled
-  down), trained as DINO trains, by self-distillation on the images alone (a student matches an EMA
-  teacher's centred, sharpened output across multi-crop views; no label and no caption reaches it; the
-  teacher's backbone is kept and the projection head dropped), saved as the official DINOv2 checkpoint is
-  (``register_tokens``, the CLS position inside ``pos_embed``, ``mask_token``), so ``sparc extract
-  --dino-weights`` loads it unchanged;
+  down), trained on the images alone (no label and no caption reaches it), by default as MAE trains
+  (masked image modelling: the ViT sees a quarter of the patches with its CLS and register tokens, a light
+  decoder paints the rest; the decoder is dropped), or as DINO trains (``method="distill"``: a student
+  matches an EMA teacher's centred, sharpened output across multi-crop views; the teacher's backbone is
+  kept). On the rendered scenes the masked recipe learns in CPU-minutes what self-distillation does not:
+  its CLS features tell the objects' colours at AUROC 0.86 where a self-distilled tower's give 0.72 and
+  a random ViT's 0.60 (bench/towers/README.md). Either is saved as the official DINOv2 checkpoint is (``register_tokens``, the
+  CLS position inside ``pos_embed``, ``mask_token``), so ``sparc extract --dino-weights`` loads it unchanged;
 - a CLIP model in the open_clip layout (ViT image tower, text transformer with open_clip's real BPE
   tokenizer), trained contrastively on the scene captions, saved as an open_clip model directory
   (``open_clip_config.json`` + ``open_clip_model.safetensors``).
@@ -283,6 +286,97 @@ def train_dino(
     return plain.eval()
 
 
+DINO_METHODS = ("mae", "distill")
+
+
+@dataclass
+class MaskedSettings:
+    """Masked image modelling as MAE trains (He et al. 2022): no label, no caption ever reaches the tower."""
+
+    mask_ratio: float = 0.75  # share of the patches the ViT never sees
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # share of the image a training crop keeps
+    decoder_width: int = 64
+    decoder_depth: int = 2
+    decoder_heads: int = 2
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+
+
+class _MaskedDecoder(torch.nn.Module):
+    """MAE's decoder: the ViT's tokens projected down, a learned token at every hidden patch, position
+    embeddings, a few transformer blocks, and a linear map to the patches' pixels."""
+
+    def __init__(self, width: int, patches: int, patch: int, st: MaskedSettings) -> None:
+        super().__init__()
+        from timm.models.vision_transformer import Block
+
+        d = st.decoder_width
+        self.embed = torch.nn.Linear(width, d)
+        self.mask_token = torch.nn.Parameter(torch.zeros(1, 1, d))
+        self.pos = torch.nn.Parameter(torch.randn(1, patches, d) * 0.02)
+        blocks = [Block(d, st.decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(st.decoder_depth)]
+        self.blocks = torch.nn.Sequential(*blocks)
+        self.norm = torch.nn.LayerNorm(d)
+        self.out = torch.nn.Linear(d, 3 * patch * patch)
+
+    def forward(self, tokens: torch.Tensor, visible: torch.Tensor, prefix: int) -> torch.Tensor:
+        b, n = len(tokens), self.pos.shape[1]
+        t = self.embed(tokens)
+        grid = self.mask_token.expand(b, n, -1).scatter(1, visible[..., None].expand(-1, -1, t.shape[-1]), t[:, prefix:])
+        x = self.blocks(torch.cat([t[:, :prefix], grid + self.pos], 1))
+        return self.out(self.norm(x))[:, prefix:]
+
+
+def train_dino_masked(
+    pixels: torch.Tensor, sizes: TowerSizes, steps: int = 2000, batch: int = 128, lr: float = 1.5e-3, seed: int = 0,
+    progress: bool = True, settings: MaskedSettings | None = None, on_step: Any = None, device: str = "cpu",
+) -> torch.nn.Module:  # fmt: skip
+    """The DINO-layout ViT trained by masked image modelling on the images alone: each step the ViT sees a
+    random ``1 - mask_ratio`` of a crop's patches (with its CLS and register tokens) and a light decoder
+    reconstructs the hidden patches' pixels (mean squared error on them only, colour kept: the targets are
+    not normalised per patch, as colour is part of what a scene shows). Returns the ViT (on the CPU, the
+    decoder dropped); ``on_step(step, loss)`` every 50 steps."""
+    st = settings or MaskedSettings()
+    torch.manual_seed(seed)
+    vit = dino_model(sizes).to(device)
+    side = sizes.image_size // sizes.patch
+    n, prefix = side * side, vit.num_prefix_tokens
+    keep = max(1, round(n * (1 - st.mask_ratio)))
+    decoder = _MaskedDecoder(vit.num_features, n, sizes.patch, st).to(device)
+    params = [*vit.parameters(), *decoder.parameters()]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": st.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=st.betas
+    )  # fmt: skip
+    pixels = pixels.to(device)
+    g = torch.Generator().manual_seed(seed)
+    vit.train()
+    bar = tqdm(range(steps), desc="training the DINO-layout tower (masked image modelling)", unit="step", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr)
+        rows = torch.randint(0, len(pixels), (batch,), generator=g).to(device)
+        x = _random_crops(pixels[rows], 1, sizes.image_size, st.crop_scale, g)[0]
+        b = len(x)
+        visible = torch.rand(b, n, generator=g).argsort(1)[:, :keep].to(device)
+        tokens = torch.gather(vit.patch_embed(x) + vit.pos_embed, 1, visible[..., None].expand(-1, -1, vit.num_features))
+        prefix_tokens = [vit.cls_token.expand(b, -1, -1), vit.reg_token.expand(b, -1, -1)]
+        encoded = vit.norm(vit.blocks(vit.norm_pre(torch.cat([*prefix_tokens, tokens], 1))))
+        predicted = decoder(encoded, visible, prefix)
+        target = F.unfold(x, sizes.patch, stride=sizes.patch).transpose(1, 2)  # [b, n, 3 * patch * patch]
+        hidden = torch.ones(b, n, dtype=torch.bool, device=device).scatter(1, visible, False)
+        loss = ((predicted - target) ** 2).mean(-1)[hidden].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            if on_step is not None:
+                on_step(step, float(loss.detach()))
+    return vit.cpu().eval()
+
+
 def clip_model(sizes: TowerSizes) -> torch.nn.Module:
     open_clip = require("open_clip", "encoders", "the scene towers")
     return open_clip.CLIP(**sizes.clip_cfg())
@@ -420,21 +514,28 @@ def train_towers(
     sizes: TowerSizes | None = None,
     n_train: int | None = None,
     n_test: int = 1000,
-    dino_steps: int = 1000,
+    dino_steps: int | None = None,
     clip_steps: int = 2400,
     progress: bool = True,
     device: str = "cpu",
-    dino_batch: int = 64,
+    dino_batch: int | None = None,
     clip_batch: int = 128,
     only: str | None = None,
+    dino_method: str = "mae",
 ) -> dict[str, Any]:
     """Train both towers on a scenes folder (the last ``n_test`` scenes held out) on ``device`` and save them
     under ``out``; returns where they are, the flags ``sparc extract`` needs, and each tower's quality.
-    ``only`` ("dino" or "clip") trains that tower again and keeps the other one ``out`` already holds."""
+    ``only`` ("dino" or "clip") trains that tower again and keeps the other one ``out`` already holds.
+    ``dino_method``: "mae" (masked image modelling; 2,000 steps of 128 unless told) or "distill"
+    (self-distillation; 1,000 steps of 64 unless told)."""
     scenes, out = Path(scenes), Path(out)
     sizes = sizes or TowerSizes()
     if only not in (None, "dino", "clip"):
         raise ValueError(f"only={only!r}: use 'dino' or 'clip'")
+    if dino_method not in DINO_METHODS:
+        raise ValueError(f"dino_method={dino_method!r}: use one of {', '.join(DINO_METHODS)}")
+    dino_steps = dino_steps or (2000 if dino_method == "mae" else 1000)
+    dino_batch = dino_batch or (128 if dino_method == "mae" else 64)
     kept: dict[str, Any] = {}
     if only is not None:
         if not (out / "towers.json").is_file():
@@ -472,7 +573,8 @@ def train_towers(
     if only != "clip":
         px = load_pixels(scenes, [ids[i] for i in train_rows], sizes.image_size, dino_resize)
         px_test = load_pixels(scenes, [ids[i] for i in test_rows], sizes.image_size, dino_resize)
-        vit = train_dino(  # images only: no label, no caption
+        trainer = train_dino_masked if dino_method == "mae" else train_dino
+        vit = trainer(  # images only: no label, no caption
             px, sizes, steps=dino_steps, batch=dino_batch, progress=progress, device=device,
             on_step=lambda i, v: curves["dino"].append((i, v)),
         )  # fmt: skip
@@ -489,6 +591,7 @@ def train_towers(
             "dino_model": DINO_ARCH,
             "dino_model_args": sizes.dino_args(),
             "dino_linear_probe_auroc": probe,
+            "dino_method": dino_method,
             "dino_train_s": time.perf_counter() - t0,
             "dino_steps": dino_steps,
             "dino_batch": dino_batch,
@@ -563,7 +666,7 @@ def encoders_config(report: dict[str, Any], device: str = "cpu") -> Any:
 
 
 def curves_png(curves: dict[str, list[tuple[int, float]]]) -> bytes:
-    """The towers' training losses (self-distillation cross-entropy; CLIP's contrastive loss) and the CLIP
+    """The towers' training losses (masked-patch reconstruction or self-distillation; CLIP's contrastive loss) and the CLIP
     towers' held-out zero-shot top-1 along the way, as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -571,7 +674,7 @@ def curves_png(curves: dict[str, list[tuple[int, float]]]) -> bytes:
     fig = Figure(figsize=(9, 3.5), dpi=100)
     FigureCanvasAgg(fig)
     titles = {
-        "dino": "DINO-layout tower:\nself-distillation loss",
+        "dino": "DINO-layout tower:\ntraining loss",
         "clip": "CLIP-layout towers:\ncontrastive loss",
         "clip_zero_shot": "CLIP-layout towers:\nheld-out zero-shot top-1",
     }
