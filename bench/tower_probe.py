@@ -19,31 +19,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from sparc_core.config import DinoConfig
 from sparc_core.encoders.dino import DinoEncoder
 from sparc_core.worlds.scenes import family_of, read_scene_records
-from sparc_core.worlds.towers import DINO_ARCH, DINO_MEAN, DINO_STD, TowerSizes, _auroc, _normalised, dino_model, load_pixels
-
-
-def probe(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray) -> np.ndarray:
-    """Per-concept held-out AUROC of a logistic-regression probe (as ``towers.linear_probe``)."""
-    mu, sd = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    a, b = (train_x - mu) / sd, (test_x - mu) / sd
-    lin = torch.nn.Linear(a.shape[1], train_y.shape[1])
-    opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=1e-4)
-    y = torch.from_numpy(train_y.astype(np.float32))
-    torch.manual_seed(0)
-    for _ in range(300):
-        loss = F.binary_cross_entropy_with_logits(lin(a), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        scores = lin(b).numpy()
-    return np.array([_auroc(scores[:, j], test_y[:, j]) for j in range(test_y.shape[1])])
+from sparc_core.worlds.towers import (
+    DINO_ARCH,
+    DINO_MEAN,
+    DINO_STD,
+    TowerSizes,
+    _normalised,
+    dino_model,
+    load_pixels,
+    probe_aurocs,
+)
 
 
 def patch_labels(scenes: Path, records: list[dict], concepts: list[str], size: int, resize: int, patch: int) -> np.ndarray:
@@ -104,12 +94,14 @@ def main() -> None:
                 torch.cat([vit.forward_features(_normalised(b, DINO_MEAN, DINO_STD)) for b in p.split(256)])
                 for p in (px_train, px_test)
             )
-        cls = probe(f_train[:, 0], labels[train], f_test[:, 0], labels[test])
+        torch.manual_seed(0)
+        cls = probe_aurocs(f_train[:, 0], labels[train], f_test[:, 0], labels[test])
         pre, width = vit.num_prefix_tokens, vit.num_features
         a_x, a_y = f_train[:1500, pre:].reshape(-1, width), dense_train.reshape(-1, len(concepts))
         b_x, b_y = f_test[:500, pre:].reshape(-1, width), dense_test.reshape(-1, len(concepts))
         ka, kb = a_y.any(1), b_y.any(1)
-        dense = probe(a_x[torch.from_numpy(ka)], a_y[ka], b_x[torch.from_numpy(kb)], b_y[kb])
+        torch.manual_seed(0)
+        dense = probe_aurocs(a_x[torch.from_numpy(ka)], a_y[ka], b_x[torch.from_numpy(kb)], b_y[kb])
         row = {}
         for kind, scores in (("CLS", cls), ("patch", dense)):
             for group, members in groups.items():

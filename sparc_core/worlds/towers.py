@@ -493,6 +493,13 @@ def _auroc(score: np.ndarray, y: np.ndarray) -> float:
 
 def linear_probe(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray, steps: int = 300) -> float:
     """Mean AUROC over concepts of a logistic-regression probe on frozen features."""
+    return float(np.nanmean(probe_aurocs(train_x, train_y, test_x, test_y, steps)))
+
+
+def probe_aurocs(
+    train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray, steps: int = 300
+) -> np.ndarray:
+    """Each concept's held-out AUROC of a logistic-regression probe on frozen features (nan: one class only)."""
     mu, sd = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     a, b = (train_x - mu) / sd, (test_x - mu) / sd
     probe = torch.nn.Linear(a.shape[1], train_y.shape[1])
@@ -505,7 +512,7 @@ def linear_probe(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tenso
         opt.step()
     with torch.no_grad():
         scores = probe(b).numpy()
-    return float(np.nanmean([_auroc(scores[:, j], test_y[:, j]) for j in range(test_y.shape[1])]))
+    return np.array([_auroc(scores[:, j], test_y[:, j]) for j in range(test_y.shape[1])])
 
 
 def train_towers(
