@@ -18,7 +18,9 @@ grammar), on held-out scenes no tower and no SPARC model saw:
    DINO code), and localisation of the class phrase on the SAME (image, class) pairs for every row
    (pointing game, mIoU, mask AP@0.2); beside them what a user would pick instead: raw CLIP text -> CLIP
    image, and CLIP's own image-text relevance (every block, and from the last block as the SPARC authors'
-   code starts) and patch-text cosine, which never depend on the SAE.
+   code starts) and patch-text cosine, which never depend on the SAE; and what each tower's features allow:
+   a linear classifier per query read from the DINO (or CLIP image) features with the labels, which no SPARC
+   model sees (``scenes_eval.readout_scores``).
 
 Then the same configurations on one planted-concept world with more concepts than latents (served text ->
 DINO R@1 against the oracle, one-stream Jaccard against the ceiling, dead latents of the agreed code).
@@ -52,6 +54,7 @@ from sparc_core.worlds.scenes_eval import (
     localisation_pairs,
     localisation_table,
     one_attribute_floor,
+    readout_scores,
     retrieval_ceiling,
     retrieval_table,
     scene_features,
@@ -150,6 +153,9 @@ def scene_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
     out["raw CLIP"] = retrieval_table(raw, queries)
     out["ceiling"] = retrieval_ceiling(queries)
     out["floors"] = floors(test_records, fam)
+    for stream in ("dino", "clip_img"):  # what each tower's features allow, read with the labels
+        scores = readout_scores(split["train"][stream], records[:n_train], test[stream], test_records)
+        out[f"{stream} read-out"] = retrieval_table(lambda texts, s=scores: s, queries)
     any_model = None
     rows: dict[str, dict[str, Any]] = {}
     for name, over in CONFIGS.items():
@@ -186,6 +192,10 @@ def scene_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
         print(f"   {label:<44} pointing {v['pointing']:.3f}  mIoU {v['iou']:.3f}  mask AP@0.2 {v['mask_AP@0.2']:.3f}")
     r = out["raw CLIP"]
     print(f"   raw CLIP text -> CLIP image: P@10 {r['P@10']:.3f}  mAP {r['mAP']:.3f}  ({r['queries']} queries)")
+    for stream, tower in (("dino", "DINO"), ("clip_img", "CLIP image")):
+        r = out[f"{stream} read-out"]
+        print(f"   {tower} features read by a linear classifier per query trained with the labels (what the tower "
+              f"allows, no SPARC): P@10 {r['P@10']:.3f}  mAP {r['mAP']:.3f}")  # fmt: skip
     print(f"   ceiling (every relevant image first): P@10 {out['ceiling']['P@10']:.3f}  mAP 1.000; pointing 1.000")
     print_floors(out["floors"])
     return out

@@ -129,3 +129,43 @@ def test_one_attribute_floor_ranks_by_that_attribute_alone_with_ties_in_random_o
     assert floor["P@1"] == pytest.approx(2 / 3, abs=0.02) and floor["queries"] == 3
     with pytest.raises(ValueError, match="'colour' or 'shape'"):
         se.one_attribute_floor(records, fam, "texture")
+
+
+def test_the_readout_oracle_reaches_the_ceiling_only_on_features_that_hold_the_pairs():
+    from sparc_core.worlds.scenes import scene_family
+
+    fam = scene_family("shapes")
+    colours, shapes = list(fam.colours)[:4], list(fam.shapes)[:4]
+    g = np.random.default_rng(0)
+    records = [
+        {"objects": [{"colour": str(g.choice(colours)), "shape": str(g.choice(shapes))} for _ in range(g.integers(1, 4))]}
+        for _ in range(1500)
+    ]
+
+    def features(recs: list[dict], kind: str) -> np.ndarray:
+        x = np.zeros((len(recs), 16), np.float32)
+        for i, r in enumerate(recs):
+            for o in r["objects"]:
+                c, s = colours.index(o["colour"]), shapes.index(o["shape"])
+                if kind == "pairs":
+                    x[i, 4 * c + s] += 1
+                else:  # the colour alone: no linear read-out can tell which shape has it
+                    x[i, c] += 1
+        return x + 0.05 * g.standard_normal(x.shape).astype(np.float32)
+
+    train, test = records[:1000], records[1000:]
+    queries = se.concept_queries(test, fam)
+    ceiling = se.retrieval_ceiling(queries)["P@10"]
+    result = {}
+    for kind in ("pairs", "colour"):
+        scores = se.readout_scores(features(train, kind), train, features(test, kind), test)
+        result[kind] = se.retrieval_table(lambda texts, s=scores: s, queries)
+    assert result["pairs"]["mAP"] > 0.97 and result["pairs"]["P@10"] == pytest.approx(ceiling, abs=0.01)
+    colour_floor = se.one_attribute_floor(test, fam, "colour")["mAP"]
+    assert result["colour"]["mAP"] < colour_floor + 0.1 < result["pairs"]["mAP"]
+    # labels that do not belong to the rows teach nothing
+    shuffled = [train[i] for i in g.permutation(len(train))]
+    scores = se.readout_scores(features(train, "pairs"), shuffled, features(test, "pairs"), test)
+    assert se.retrieval_table(lambda texts: scores, queries)["mAP"] < 0.5
+    with pytest.raises(ValueError, match="training records"):
+        se.readout_scores(features(train, "pairs"), train[:10], features(test, "pairs"), test)

@@ -4,7 +4,8 @@ Used by ``bench/scenes.py`` (the table) and its CI-sized test. Every figure is c
 with each stream encoded alone, against the ground truth of ``sparc_core.worlds.scenes``:
 
 - text -> image retrieval per single-concept query ("a red triangle": one colour and one shape): precision@10
-  and average precision over the gallery images that hold such an object;
+  and average precision over the gallery images that hold such an object; beside it what a stream's
+  features allow (a linear classifier per query trained with the labels, ``readout_scores``);
 - localisation per (image, class), as the SPARC authors score COCO: the class phrase as the query, the
   ground truth the union of that class's visible masks in the image (carried through the encoder's own
   resize and crop); pointing game (the map's peak inside the mask), the map cut at its Otsu threshold
@@ -124,6 +125,41 @@ def one_attribute_floor(
             prec.append(p)
             ap.append(a)
     return {f"P@{k}": float(np.mean(prec)), "mAP": float(np.mean(ap)), "queries": len(prec) // orders}
+
+
+def readout_scores(
+    train_x: np.ndarray,
+    train_records: list[dict],
+    test_x: np.ndarray,
+    test_records: list[dict],
+    steps: int = 300,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> np.ndarray:
+    """What one stream's features allow for the concept queries: a linear classifier per colour x shape pair,
+    trained with the labels (which no SPARC model and no tower sees) on ``train_x``, scoring ``test_x``.
+    Returns [queries, n_test] logits in the order of ``concept_queries(test_records, ...)``: the ceiling of
+    any text -> image search that reads these features linearly, however it was trained."""
+    pairs = _query_pairs(test_records)
+    y = np.array([[any(o["colour"] == c and o["shape"] == s for o in r["objects"]) for c, s in pairs]
+                  for r in train_records], dtype=np.float32)  # fmt: skip
+    if len(y) != len(train_x):
+        raise ValueError(f"{len(train_x)} training rows but {len(train_records)} training records")
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    x = torch.from_numpy(((train_x - mean) / std).astype(np.float32))
+    target = torch.from_numpy(y)
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(x.shape[1], len(pairs))
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.01)
+        lin.bias.copy_(torch.logit(target.mean(0).clamp(1e-3, 1 - 1e-3)))
+    opt = torch.optim.Adam(lin.parameters(), lr=0.05, weight_decay=weight_decay)
+    for _ in range(steps):  # full batch: the rows are few and the features small
+        opt.zero_grad()
+        F.binary_cross_entropy_with_logits(lin(x), target).backward()
+        opt.step()
+    with torch.no_grad():
+        return lin(torch.from_numpy(((test_x - mean) / std).astype(np.float32))).T.numpy()
 
 
 def code_scores(query: torch.Tensor, gallery: torch.Tensor) -> np.ndarray:
