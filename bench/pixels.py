@@ -15,12 +15,13 @@ grammar), on held-out scenes no tower and no SPARC model saw:
 5. every configuration measured on the same items with the same scorers: text -> DINO retrieval (P@10 and
    mAP of the colour x shape queries, latent cosine of the search codes), one-stream Jaccard of caption and
    DINO codes (agreed; empty codes count 0, their share beside), dead latents (never in a held-out agreed
-   DINO code), and localisation of the class phrase on the SAME (image, class) pairs for every row
-   (pointing game, mIoU, mask AP@0.2); beside them what a user would pick instead: raw CLIP text -> CLIP
-   image, and CLIP's own image-text relevance (every block, and from the last block as the SPARC authors'
-   code starts) and patch-text cosine, which never depend on the SAE; and what each tower's features allow:
-   a linear classifier per query read from the DINO (or CLIP image) features with the labels, which no SPARC
-   model sees (``scenes_eval.readout_scores``).
+   DINO code), paired text -> DINO R@10 (each held-out caption's own image among the 1,000: what a
+   validation split of the user's pairs sees, with no label), and localisation of the class phrase on the
+   SAME (image, class) pairs for every row (pointing game, mIoU, mask AP@0.2); beside them what a user
+   would pick instead: raw CLIP text -> CLIP image, and CLIP's own image-text relevance (every block, and
+   from the last block as the SPARC authors' code starts) and patch-text cosine, which never depend on the
+   SAE; and what each tower's features allow: a linear classifier per query read from the DINO (or CLIP
+   image) features with the labels, which no SPARC model sees (``scenes_eval.readout_scores``).
 
 Then the same configurations on one planted-concept world with more concepts than latents (served text ->
 DINO R@1 against the oracle, one-stream Jaccard against the ceiling, dead latents of the agreed code).
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from sparc_core import load_checkpoint
+from sparc_core.checkpoint import is_checkpoint
 from sparc_core.config import TrainConfig
 from sparc_core.encoders import load_encoders
 from sparc_core.metrics import dead_fraction, empty_share, per_sample_jaccard
@@ -114,7 +116,11 @@ def towers_for(family: str, scenes: Path, work: Path, towers: Path) -> dict[str,
 def code_row(model: Any, test: dict[str, np.ndarray]) -> dict[str, float]:
     """One-stream agreement of caption and DINO codes, and the dictionary's dead share on held-out DINO."""
     agreed = {s: model.encode({s: torch.from_numpy(test[s])}, code="agreed") for s in ("clip_txt", "dino")}
+    served = {s: model.encode({s: torch.from_numpy(test[s])}).to_dense() for s in ("clip_txt", "dino")}
+    scores = code_scores(served["clip_txt"], served["dino"])
+    rank = (scores > np.diag(scores)[:, None]).sum(1)  # images scored above the caption's own image
     return {
+        "pair R@10": float(np.mean(rank < 10)),  # what a validation split of paired rows sees, no label
         "jaccard": per_sample_jaccard(agreed["clip_txt"], agreed["dino"]),
         "empty": max(empty_share(c) for c in agreed.values()),
         "dead": dead_fraction(agreed["dino"]),
@@ -162,7 +168,7 @@ def scene_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
         t = stage(f"{family}: train and measure '{name}'")
         slug = name.replace(" ", "-").replace("(", "").replace(")", "").replace(",", "")
         ckpt = work / "models" / f"{slug}-{fingerprint({'over': over, 'steps': args.steps})}"  # a changed config retrains
-        if not (ckpt / "CURRENT").is_file():
+        if not is_checkpoint(ckpt):
             cfg = TrainConfig(
                 features={s: str(work / "train" / f"{s}.npy") for s in STREAMS}, out=str(ckpt), steps=args.steps,
                 eval_every=10**9, val_rows=0, save_every=args.steps, progress=False, **over,
@@ -233,7 +239,8 @@ def _print_row(name: str, row: dict[str, Any]) -> None:
     r, loc = row["retrieval"], row["localisation"]
     print(
         f"   {name:<44} P@10 {r['P@10']:.3f}  mAP {r['mAP']:.3f} | pointing {loc['pointing']:.3f}  mIoU {loc['iou']:.3f}"
-        f"  mask AP@0.2 {loc['mask_AP@0.2']:.3f}  detected {loc['detected']:.2f} | Jaccard {row['jaccard']:.3f}"
+        f"  mask AP@0.2 {loc['mask_AP@0.2']:.3f}  detected {loc['detected']:.2f} | paired R@10 {row['pair R@10']:.3f}"
+        f"  Jaccard {row['jaccard']:.3f}"
         f" (empty {row['empty']:.2f})  dead {row['dead']:.2f}",
         flush=True,
     )
@@ -249,7 +256,9 @@ def planted(args: argparse.Namespace) -> dict[str, Any]:
     for name, over in CONFIGS.items():
         stage(f"planted: '{name}'")
         base = {"n_latents": 512, "k": 32, "steps": args.planted_steps, "batch_size": 256}
-        row = run(world, base | over, work / name.replace(" ", "-"), data=data)
+        slug = name.replace(" ", "-").replace("(", "").replace(")", "").replace(",", "")
+        # a changed configuration trains again; an unchanged one is measured from its checkpoint
+        row = run(world, base | over, work / f"{slug}-{fingerprint(base | over)}", data=data, reuse=True)
         out[name] = row
         print(
             f"   {name:<44} text->DINO R@1 served {row['clip_txt->dino latent']['R@1']:.3f} "

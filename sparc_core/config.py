@@ -113,6 +113,9 @@ class TrainConfig(_Strict):
     alone_select_prob: float = Field(0.5, ge=0, le=1)  # share of samples whose indices come from one stream alone
     align_coef: float = Field(1.0, ge=0)  # weight of the one-stream code agreement loss
     align_ramp: float = Field(0.3, ge=0, le=1)  # share of steps over which align_coef ramps up from 0
+    # streams the alignment pulls the others towards and never moves (e.g. the image streams, so that what a
+    # vision tower's latents read stays grounded in its pixels); empty: every stream towards their mean
+    align_anchor: list[str] = []
     dead_after: int = Field(10_000, ge=1)  # samples without firing before a latent counts as dead
     # samples dead (in every stream) before the encoder row is re-initialised; None: never, AuxK alone keeps
     # dead latents learning, as in the paper. Revival is gated (revive_min_survival) and ends at revive_until:

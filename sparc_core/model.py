@@ -353,12 +353,15 @@ class SparcModel(nn.Module):
         cross: bool = True,
         align: bool = True,
         solo_select: Tensor | None = None,
+        align_anchor: tuple[str, ...] = (),
     ) -> SparcOutput:
         """One training pass over a paired batch: select, encode, decode, losses.
 
         dead: per stream, [n_latents] bool of latents counted dead (they feed AuxK).
         alone_select: [B] long; row b takes its shared indices from stream ``streams[alone_select[b]]``
             alone where >= 0, from the summed logits otherwise (``solo_select``: its earlier name).
+        align_anchor: streams the alignment pulls the others towards and never moves (their mean logits are
+            the target); empty: every stream is pulled towards the mean of all.
         """
         if solo_select is not None:
             warnings.warn("SparcModel.forward's solo_select is now called alone_select", DeprecationWarning, stacklevel=2)
@@ -373,7 +376,7 @@ class SparcModel(nn.Module):
         align_pos = torch.cat([sel.shared] + [sel.alone[s] for s in streams], dim=1) if do_align else None
         enc = self._encode_selected(xs, sel, aux, align_pos)
         recon, aux_hat = self._decode_all(xs, enc, aux, cross)
-        return self._losses(xs, sel, enc, recon, aux_hat, cross)
+        return self._losses(xs, sel, enc, recon, aux_hat, cross, align_anchor)
 
     def _select(self, xs: dict[str, Tensor], alone_select: Tensor | None) -> _Selection:
         """Which latents each row uses: Global TopK over the summed logits (or one stream's, where
@@ -451,7 +454,7 @@ class SparcModel(nn.Module):
 
     def _losses(
         self, xs: dict[str, Tensor], sel: _Selection, enc: _Encoded, recon: dict[tuple[str, str], Tensor],
-        aux_hat: dict[str, Tensor], cross: bool,
+        aux_hat: dict[str, Tensor], cross: bool, align_anchor: tuple[str, ...] = (),
     ) -> SparcOutput:  # fmt: skip
         """Self- and cross-reconstruction, AuxK and alignment losses, and what each stream fires alone."""
         streams = list(xs)
@@ -467,10 +470,13 @@ class SparcModel(nn.Module):
             # logits give equal one-stream top-k sets. The loss is err / energy with the batch's
             # target energy (not per row, which blows up on rows with tiny targets); both are sums
             # over rows, so data-parallel ranks can add them up exactly.
+            # With anchors, the target is the anchors' mean and only the other streams move towards it.
+            anchors = [s for s in streams if s in align_anchor] or streams
+            pulled = [s for s in streams if s not in anchors] or streams
             with torch.no_grad():
-                target = torch.stack([enc.align_logits[s] for s in streams]).mean(0)
+                target = torch.stack([enc.align_logits[s] for s in anchors]).mean(0)
                 align_energy = target.pow(2).sum().clamp_min(1e-6)
-            align_err = torch.stack([(enc.align_logits[s] - target).pow(2).sum() for s in streams]).mean()
+            align_err = torch.stack([(enc.align_logits[s] - target).pow(2).sum() for s in pulled]).mean()
         fired, l0_alone = self._fired_alone(sel)
         return SparcOutput(
             codes=enc.codes, self_loss=self_loss, cross_loss=cross_loss, auxk_loss=aux,

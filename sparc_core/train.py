@@ -137,6 +137,7 @@ def train_step(
         alone_select=alone_select,
         cross=cfg.cross_coef > 0,
         align=cfg.align_coef > 0,
+        align_anchor=tuple(cfg.align_anchor),
     )
     align_w = cfg.align_coef * min(1.0, step / max(1.0, cfg.align_ramp * cfg.steps))
     align = out.align_loss
@@ -242,6 +243,12 @@ class Trainer:
             raise ConfigError(
                 f"training needs paired features of at least 2 streams, got {len(cfg.features)} "
                 f"({sorted(cfg.features)}): pass --features NAME=PATH once per stream"
+            )
+        unknown = sorted(set(cfg.align_anchor) - set(cfg.features))
+        if unknown or (cfg.align_anchor and set(cfg.align_anchor) >= set(cfg.features)):
+            raise ConfigError(
+                f"align_anchor must name some, not all, of the streams {sorted(cfg.features)}; got "
+                f"{sorted(cfg.align_anchor)}" + (f" ({unknown} are not streams)" if unknown else "")
             )
         self.data = PairedFeatures(cfg.features, cfg.labels)
         self.data.validate(progress=cfg.progress and self.dist.is_main)

@@ -217,3 +217,17 @@ def test_decode_returns_the_streams_own_feature_space(small_cfg, batch):
         assert 10.0 < float(own.norm(dim=1).mean()) < 80.0
     with pytest.raises(ValueError, match="space"):
         model.decode(code, s, "latent")
+
+
+def test_an_anchored_alignment_moves_only_the_other_streams(small_model, batch):
+    anchor = ("dino", "clip_img")  # two anchors: each would move towards their mean if they were pulled
+
+    def align_grads(anchors: tuple[str, ...]) -> dict[str, float]:
+        small_model.zero_grad()
+        out = small_model(batch, align_anchor=anchors)
+        out.align_loss.backward()
+        return {s: 0.0 if c.W_enc.grad is None else float(c.W_enc.grad.abs().sum()) for s, c in small_model.codecs.items()}
+
+    free, anchored = align_grads(()), align_grads(anchor)
+    assert all(g > 0 for g in free.values()), free  # without anchors every stream is pulled
+    assert anchored["dino"] == anchored["clip_img"] == 0.0 and anchored["clip_txt"] > 0, anchored

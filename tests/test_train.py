@@ -315,6 +315,15 @@ def test_cli_errors_are_one_clear_line(synth_dir, trained_checkpoint, medium_syn
     assert main(["train", "--features", f"{one[0]}={one[1]}", "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs paired features of at least 2 streams" in err[0]
+    for anchors, why in ((["dinov2"], "are not streams"), (list(paths), "some, not all")):
+        out = tmp_path / "anchored"
+        argv = ["train", *[a for s, p in paths.items() for a in ("--features", f"{s}={p}")], "--out", str(out), "--quiet"]
+        config = tmp_path / "anchored.yaml"
+        config.write_text("align_anchor: [" + ", ".join(anchors) + "]\n")
+        assert main([*argv, "--config", str(config)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "align_anchor" in err[0] and why in err[0], err
+        assert not (out / "CURRENT").exists()
     # a stream the checkpoint does not have is an error, and the previous report is left alone
     report = Path(trained_checkpoint) / "eval_report.json"
     report.write_text("{}")

@@ -153,9 +153,11 @@ def run(
     work: Path,
     data: dict[str, Any] | None = None,
     progress: bool = False,
+    reuse: bool = False,
 ) -> dict[str, Any]:
-    """Train ``train_overrides`` (over the shipped defaults) on ``world`` under ``work``, then measure."""
-    from ..checkpoint import load_checkpoint
+    """Train ``train_overrides`` (over the shipped defaults) on ``world`` under ``work``, then measure.
+    ``reuse``: measure the checkpoint ``work`` already holds instead of training again (its train_s is 0)."""
+    from ..checkpoint import is_checkpoint, load_checkpoint
     from ..train import train
 
     data = data or world_data(world, work / "data")
@@ -168,7 +170,8 @@ def run(
     )
     cfg = cfg.model_copy(update={"save_every": cfg.steps})
     t0 = time.perf_counter()
-    train(cfg)
+    if not (reuse and is_checkpoint(cfg.out)):
+        train(cfg)
     seconds = time.perf_counter() - t0
     model = load_checkpoint(cfg.out)
     row = measure(model, data)
